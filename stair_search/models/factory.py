@@ -41,9 +41,14 @@ def create_model(spec: str | Path | StairConfig = DEFAULT_MODEL, pretrained: str
         if Path(text).suffix in CHECKPOINT_SUFFIXES:
             from stair_search.models.checkpoint import load_checkpoint
 
-            return load_checkpoint(text, device=device)
+            model = load_checkpoint(text, device=device)
+            model.spec = str(Path(text).expanduser().resolve())
+            return model
         config = resolve_config(text, pretrained)
     model = build_model(config)
+    if not isinstance(spec, StairConfig):
+        path = Path(str(spec)).expanduser()
+        model.spec = str(path.resolve()) if path.suffix == ".json" else str(spec)
     return model.to(device or default_device()).eval()
 
 

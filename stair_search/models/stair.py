@@ -46,6 +46,7 @@ class StairModel(nn.Module):
         embeddings, emittable = vocabulary.embedding_matrix(), vocabulary.emittable
         self.image_head = SparseHead(visual.ln_post.normalized_shape[0], embeddings, emittable)
         self.text_head = SparseHead(self._text_token_width(), embeddings, emittable)
+        self.spec = config.name  # how to load this model again; create_model records the path or name it used
         self.pad_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0)
 
     @property

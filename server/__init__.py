@@ -1,0 +1,1 @@
+"""HTTP retrieval service (FastAPI)."""

@@ -1,0 +1,108 @@
+"""The index directory's ``manifest.json``: what the index holds and which model it was built with.
+
+Layout of an index directory::
+
+    manifest.json
+    shards/<name>/sparse/{indptr,indices,values}.npy + lucene/   (SparseShard)
+    shards/<name>/dense.faiss                                    (DenseIndex)
+    shards/<name>/features.parquet                               (FeatureStore)
+
+The manifest is written last and atomically, so a reader sees either the previous complete index or the
+new one. A searcher refuses an encoder whose model or vocabulary differs, saying which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+
+
+class IndexMismatchError(ValueError):
+    """The encoder given to a searcher is not the one the index was built with."""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    count: int
+    dense: dict[str, Any]  # DenseSpec.to_dict() of this shard's FAISS index
+
+    def path(self, index_dir: Path) -> Path:
+        return Path(index_dir) / SHARDS / self.name
+
+
+@dataclass
+class Manifest:
+    model: dict[str, Any]  # {"name", "spec" (how to load it), "pretrained", "fingerprint"}
+    vocabulary: str  # where the word-piece vocabulary is read from (usually pkg://...)
+    vocabulary_sha256: str
+    scale: float
+    embed_dim: int
+    num_local: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["count"] = self.count
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        data = dict(data)
+        data.pop("count", None)
+        data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+        return cls(**data)
+
+    def save(self, index_dir: Path) -> None:
+        """Atomic write: a temp file in the same directory, then rename over the old manifest."""
+        index_dir = Path(index_dir)
+        index_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=index_dir, prefix=".manifest-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, index_dir / MANIFEST)
+
+    @classmethod
+    def load(cls, index_dir: Path) -> Manifest:
+        path = Path(index_dir) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{index_dir} is not a stair-search index: no {MANIFEST} there. "
+                                    f"Build one with: stair-search index SOURCE --out {index_dir}")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} has format v{data['format_version']}; this stair-search reads up to "
+                             f"v{FORMAT_VERSION}. Upgrade stair-search.")
+        return cls.from_dict(data)
+
+    def check_encoder(self, name: str, fingerprint: str, vocabulary_sha256: str, embed_dim: int) -> None:
+        """Raise IndexMismatchError naming every difference between the index's model and the encoder's."""
+        problems = []
+        if vocabulary_sha256 != self.vocabulary_sha256:
+            problems.append(f"vocabulary sha256 {vocabulary_sha256[:12]} != index {self.vocabulary_sha256[:12]}")
+        if embed_dim != self.embed_dim:
+            problems.append(f"embedding width {embed_dim} != index {self.embed_dim}")
+        if fingerprint != self.model["fingerprint"]:
+            problems.append(f"model weights {name} ({fingerprint[:12]}) != index model "
+                            f"{self.model['name']} ({self.model['fingerprint'][:12]})")
+        if problems:
+            raise IndexMismatchError(
+                "The encoder does not match the index: " + "; ".join(problems)
+                + f". Search with the model the index was built with ({self.model['spec']}) or rebuild the index."
+            )

@@ -1,0 +1,172 @@
+"""Sparse shard: a Lucene impact index (written and searched through Pyserini) + the same vectors as numpy CSR.
+
+Lucene impacts are integers, so weights are quantised: ``impact = max(1, round(weight * scale))`` — a weight
+that was non-zero never becomes 0 (Pyserini's own path truncates with ``asInt()``). Queries are quantised with
+the same scale, and scores are reported de-quantised (``lucene_score / scale**2``) so they stay comparable to
+the float dot product.
+
+Each Lucene document's id is its row in the shard; the CSR copy (``indptr``/``indices``/``values`` .npy files,
+memory-mapped) gives every hit's matched tokens without storing raw JSON in Lucene, is what tests compare
+Lucene against, and is the source for rebuilding a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stair_search.index.jvm import import_pyserini, java_class
+from stair_search.models.vocab import Vocabulary, spell
+
+DEFAULT_SCALE = 100.0
+MAX_IMPACT = np.iinfo(np.uint16).max
+LUCENE_DIR = "lucene"
+CSR_FILES = ("indptr", "indices", "values")
+
+
+@dataclass
+class SparseHit:
+    row: int
+    score: float
+    matched: dict[str, tuple[float, float]] | None = None  # token -> (query weight, document weight)
+
+
+def quantise(weights: np.ndarray, scale: float) -> np.ndarray:
+    """Float weights > 0 -> integer impacts >= 1 (uint16)."""
+    return np.clip(np.rint(np.asarray(weights, dtype=np.float64) * scale), 1, MAX_IMPACT).astype(np.uint16)
+
+
+def to_csr(vectors: Sequence[Mapping[str, float]], vocabulary: Vocabulary, scale: float) -> tuple[np.ndarray, ...]:
+    """Token dicts -> (indptr int64, indices int32 sorted per row, values uint16 impacts)."""
+    index = vocabulary.index
+    indptr = np.zeros(len(vectors) + 1, dtype=np.int64)
+    indices, values = [], []
+    for row, vector in enumerate(vectors):
+        unknown = [t for t in vector if t not in index]
+        if unknown:
+            raise ValueError(f"Row {row}: tokens {unknown[:5]} are not in the vocabulary {vocabulary.folder}.")
+        items = sorted((index[t], w) for t, w in vector.items() if w > 0)
+        indices.extend(i for i, _ in items)
+        values.extend(w for _, w in items)
+        indptr[row + 1] = len(indices)
+    return indptr, np.asarray(indices, dtype=np.int32), quantise(np.asarray(values, dtype=np.float64), scale)
+
+
+def concat_csr(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Stack per-batch CSR triples row-wise (batches are converted as they come, so a filling shard never
+    holds Python dicts for more than one batch)."""
+    offsets = np.cumsum([0] + [int(p[0][-1]) for p in parts])
+    indptr = np.concatenate([np.zeros(1, np.int64)] + [p[0][1:] + off for p, off in zip(parts, offsets, strict=False)])
+    return (indptr, np.concatenate([p[1] for p in parts]).astype(np.int32),
+            np.concatenate([p[2] for p in parts]).astype(np.uint16))
+
+
+def write_sparse_shard(shard_dir: Path, csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocabulary: Vocabulary,
+                       threads: int = 1) -> None:
+    """Write the CSR files and build the Lucene impact index for one shard."""
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(CSR_FILES, csr, strict=True):
+        np.save(shard_dir / f"{name}.npy", array)
+    build_lucene(shard_dir / LUCENE_DIR, *csr, vocabulary=vocabulary, threads=threads)
+
+
+def build_lucene(index_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                 vocabulary: Vocabulary, threads: int = 1) -> None:
+    """Anserini ``IndexCollection -impact -pretokenized`` over a JsonVectorCollection written from the CSR."""
+    terms = [spell(t) for t in vocabulary.tokens]
+    with tempfile.TemporaryDirectory(prefix="stair-collection-") as tmp:
+        with open(Path(tmp) / "part-0.jsonl", "w", encoding="utf-8") as out:
+            for row in range(len(indptr) - 1):
+                lo, hi = indptr[row], indptr[row + 1]
+                pairs = zip(indices[lo:hi].tolist(), values[lo:hi].tolist(), strict=True)
+                vector = {terms[i]: int(v) for i, v in pairs}
+                out.write(json.dumps({"id": str(row), "contents": "", "vector": vector}) + "\n")
+        if index_dir.exists():
+            shutil.rmtree(index_dir)
+        java_class("io.anserini.index.IndexCollection").main([
+            "-collection", "JsonVectorCollection", "-input", tmp, "-index", str(index_dir),
+            "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(max(1, threads)),
+            "-impact", "-pretokenized", "-quiet",
+        ])
+    if not any(index_dir.glob("segments_*")):
+        raise RuntimeError(f"Anserini wrote no Lucene index at {index_dir}; see the Java log above.")
+
+
+class _PreEncoded:
+    """Pyserini query 'encoder' for queries that are already {term: impact} maps."""
+
+    def encode(self, query: dict[str, int]) -> dict[str, int]:
+        return query
+
+
+class SparseShard:
+    """Read side of one shard: Lucene impact search through Pyserini + CSR for explanations."""
+
+    def __init__(self, shard_dir: Path, vocabulary: Vocabulary, scale: float):
+        shard_dir = Path(shard_dir)
+        missing = [str(p) for p in self.required_files(shard_dir) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"Sparse shard {shard_dir} is incomplete, missing: {missing}. "
+                                    f"Rebuild the index (stair-search index ...) or restore the files.")
+        self.vocabulary, self.scale = vocabulary, scale
+        self.indptr, self.indices, self.values = (np.load(shard_dir / f"{n}.npy", mmap_mode="r") for n in CSR_FILES)
+        lucene = import_pyserini("pyserini.search.lucene")
+        # min_idf=-1: Pyserini drops query terms with idf <= min_idf, and a term present in every document
+        # has idf 0, so the default (0) would silently ignore it.
+        self.searcher = lucene.LuceneImpactSearcher(str(shard_dir / LUCENE_DIR), _PreEncoded(), min_idf=-1)
+        if self.searcher.num_docs != len(self.indptr) - 1:
+            raise ValueError(f"Sparse shard {shard_dir}: Lucene has {self.searcher.num_docs} documents but the "
+                             f"vector files have {len(self.indptr) - 1}; the shard is damaged, rebuild it.")
+        self._terms = [spell(t) for t in vocabulary.tokens]
+
+    @staticmethod
+    def required_files(shard_dir: Path) -> list[Path]:
+        return [shard_dir / f"{n}.npy" for n in CSR_FILES] + [shard_dir / LUCENE_DIR]
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def encode_query(self, query: Mapping[str, float]) -> dict[str, int]:
+        """Token weights -> {Lucene term: impact}; tokens outside the vocabulary are ignored."""
+        index = self.vocabulary.index
+        ids = [index[t] for t in query if t in index and query[t] > 0]
+        impacts = quantise(np.asarray([query[self.vocabulary.tokens[i]] for i in ids]), self.scale)
+        return {self._terms[i]: int(v) for i, v in zip(ids, impacts.tolist(), strict=True)}
+
+    def search(self, query: Mapping[str, float], k: int = 10) -> list[SparseHit]:
+        return self.batch_search([query], k, threads=1)[0]
+
+    def batch_search(self, queries: Sequence[Mapping[str, float]], k: int = 10,
+                     threads: int = 1) -> list[list[SparseHit]]:
+        """Top-k per query; Lucene runs the queries on ``threads`` Java threads."""
+        encoded = [self.encode_query(q) for q in queries]
+        if len(encoded) == 1:
+            results = {"0": self.searcher.search(encoded[0], k) if encoded[0] else []}
+        else:
+            live = {str(i): q for i, q in enumerate(encoded) if q}
+            results = self.searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
+        norm = self.scale * self.scale
+        return [[SparseHit(int(h.docid), float(h.score) / norm) for h in results.get(str(i), [])]
+                for i in range(len(encoded))]
+
+    def document_vector(self, row: int) -> dict[str, float]:
+        """The stored (de-quantised) sparse vector of a row."""
+        lo, hi = self.indptr[row], self.indptr[row + 1]
+        return {self.vocabulary.tokens[i]: v / self.scale
+                for i, v in zip(self.indices[lo:hi].tolist(), self.values[lo:hi].tolist(), strict=True)}
+
+    def explain(self, row: int, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+        """Matched tokens of a hit: token -> (query weight, document weight), largest contribution first."""
+        doc = self.document_vector(row)
+        matched = {t: (float(w), doc[t]) for t, w in query.items() if t in doc and w > 0}
+        return dict(sorted(matched.items(), key=lambda kv: -kv[1][0] * kv[1][1]))
+
+    def close(self) -> None:
+        self.searcher.close()

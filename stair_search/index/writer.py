@@ -1,0 +1,136 @@
+"""IndexWriter: encoded batches -> shards (sparse + dense + features) -> a published index directory.
+
+A new index is built in a hidden sibling directory and renamed into place when complete, so readers never
+see a half-written index. Appending writes new shards first and then swaps the manifest atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stair_search.encode import EncodedBatch, Encoder
+from stair_search.index.dense import DenseIndex, DenseSpec
+from stair_search.index.manifest import MANIFEST, Manifest, ShardInfo
+from stair_search.index.sparse import DEFAULT_SCALE, concat_csr, to_csr, write_sparse_shard
+from stair_search.index.store import FeatureRecord, write_features
+
+DENSE_FILE = "dense.faiss"
+FEATURES_FILE = "features.parquet"
+SPARSE_DIR = "sparse"
+# Rows per parquet row group: a lookup reads its whole group, so small groups keep reranking reads cheap
+# (~2 ms instead of ~24 ms for 1,024-row groups) for ~0.25% more disk.
+FEATURE_ROW_GROUP = 128
+
+
+class IndexWriter:
+    def __init__(self, index_dir: str | Path, encoder: Encoder, shard_size: int = 100_000,
+                 dense_spec: DenseSpec | None = None, scale: float = DEFAULT_SCALE, threads: int = 1,
+                 append: bool = False, overwrite: bool = False):
+        self.index_dir = Path(index_dir)
+        self.encoder, self.shard_size, self.dense_spec, self.threads = encoder, shard_size, dense_spec, threads
+        exists = (self.index_dir / MANIFEST).is_file()
+        if exists and not (append or overwrite):
+            raise FileExistsError(f"{self.index_dir} already holds an index: pass append=True (--append) to add "
+                                  f"to it or overwrite=True (--overwrite) to replace it.")
+        if append and exists:
+            self.manifest = Manifest.load(self.index_dir)
+            self.manifest.check_encoder(encoder.name, encoder.fingerprint, encoder.model.vocabulary.sha256,
+                                        encoder.model.embed_dim)
+            self.build_dir = self.index_dir
+        else:
+            self.manifest = self._new_manifest(encoder, scale)
+            self.build_dir = self.index_dir.parent / f".{self.index_dir.name}.building-{uuid.uuid4().hex[:8]}"
+        self._pending: list[tuple[list[FeatureRecord], EncodedBatch]] = []
+        self._pending_count = 0
+
+    @staticmethod
+    def _new_manifest(encoder: Encoder, scale: float) -> Manifest:
+        model = encoder.model
+        return Manifest(
+            model={"name": model.config.name, "spec": model.spec, "pretrained": model.config.pretrained,
+                   "fingerprint": encoder.fingerprint},
+            vocabulary=model.config.vocabulary, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
+            embed_dim=model.embed_dim, num_local=model.config.num_local,
+        )
+
+    def add(self, records: Sequence[FeatureRecord], encoded: EncodedBatch) -> None:
+        """Queue one encoded batch; a shard is written whenever ``shard_size`` documents are queued."""
+        if len(records) != len(encoded):
+            raise ValueError(f"{len(records)} records but {len(encoded)} encoded items.")
+        records = list(records)
+        for i, record in enumerate(records):
+            if encoded.local is not None:
+                record.local, record.local_positions = encoded.local[i], encoded.local_positions[i]
+        self._pending.append((records, encoded))
+        self._pending_count += len(records)
+        while self._pending_count >= self.shard_size:
+            self._write_shard(self._take(self.shard_size))
+
+    def close(self) -> Manifest:
+        """Write what is left, then publish: manifest last (atomic), new index renamed into place."""
+        if self._pending_count:
+            self._write_shard(self._take(self._pending_count))
+        if not self.manifest.shards:
+            raise ValueError("No documents were added: nothing to index.")
+        self.manifest.save(self.build_dir)
+        if self.build_dir != self.index_dir:
+            _publish(self.build_dir, self.index_dir)
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop a build that is not going to be published (an append keeps the previous manifest)."""
+        if self.build_dir != self.index_dir:
+            shutil.rmtree(self.build_dir, ignore_errors=True)
+
+    def _take(self, n: int) -> tuple[list[FeatureRecord], list[EncodedBatch]]:
+        records, batches, taken = [], [], 0
+        while taken < n:
+            recs, batch = self._pending.pop(0)
+            if taken + len(recs) > n:  # split the batch: the rest stays queued
+                cut = n - taken
+                self._pending.insert(0, (recs[cut:], _slice(batch, cut, len(recs))))
+                recs, batch = recs[:cut], _slice(batch, 0, cut)
+            records.extend(recs)
+            batches.append(batch)
+            taken += len(recs)
+        self._pending_count -= n
+        return records, batches
+
+    def _write_shard(self, chunk: tuple[list[FeatureRecord], list[EncodedBatch]]) -> None:
+        records, batches = chunk
+        vocab, scale = self.encoder.model.vocabulary, self.manifest.scale
+        name = f"{len(self.manifest.shards):05d}-{uuid.uuid4().hex[:6]}"
+        shard = ShardInfo(name=name, count=len(records), dense={})
+        shard_dir = shard.path(self.build_dir)
+        write_sparse_shard(shard_dir / SPARSE_DIR, concat_csr([to_csr(b.sparse, vocab, scale) for b in batches]),
+                           vocab, threads=self.threads)
+        dense = DenseIndex.build(np.concatenate([b.dense for b in batches]), self.dense_spec)
+        dense.save(shard_dir / DENSE_FILE)
+        shard.dense = dense.spec.to_dict()
+        write_features(shard_dir / FEATURES_FILE, records, row_group_size=FEATURE_ROW_GROUP)
+        self.manifest.shards.append(shard)
+
+
+def _slice(batch: EncodedBatch, start: int, stop: int) -> EncodedBatch:
+    def cut(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[start:stop]
+
+    return EncodedBatch(dense=batch.dense[start:stop], sparse=batch.sparse[start:stop], local=cut(batch.local),
+                        local_positions=cut(batch.local_positions))
+
+
+def _publish(build_dir: Path, index_dir: Path) -> None:
+    """Move a finished build into place; an existing index is swapped out, then removed."""
+    if not index_dir.exists():
+        os.replace(build_dir, index_dir)
+        return
+    retired = index_dir.parent / f".{index_dir.name}.retired-{uuid.uuid4().hex[:8]}"
+    os.replace(index_dir, retired)
+    os.replace(build_dir, index_dir)
+    shutil.rmtree(retired, ignore_errors=True)

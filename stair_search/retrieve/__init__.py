@@ -1,0 +1,1 @@
+"""Query routing and fusion of the sparse and dense result lists."""

@@ -1,0 +1,37 @@
+"""Opening an index for search with its recorded model, and printing responses for people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stair_search.retrieve.router import QueryRouter, SearchResponse
+
+
+def open_router(index_dir: str | Path, model: str | None = None, depth: int = 100) -> QueryRouter:
+    """Index + the encoder it was built with (or ``model``, which must match it)."""
+    from stair_search.encode import Encoder
+    from stair_search.index.reader import Index
+
+    index = Index(index_dir)
+    recorded = index.manifest.model
+    encoder = Encoder(model or recorded["spec"], pretrained=None if model else recorded.get("pretrained"))
+    return QueryRouter(index, encoder, depth=depth)
+
+
+def print_response(response: SearchResponse, explain: bool = False, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    heading = title or f"mode={response.mode}" + (f" fusion={response.fusion}" if response.fusion else "")
+    table = Table(title=heading, show_lines=False)
+    for column in ("rank", "id", "score", "caption", "parts"):
+        table.add_column(column, overflow="fold")
+    if explain:
+        table.add_column("matched", overflow="fold")
+    for hit in response.hits:
+        parts = " ".join(f"{route}={score:.3f}" for route, score in hit.parts.items())
+        row = [str(hit.rank), hit.id, f"{hit.score:.4f}", hit.caption[:40], parts]
+        if explain:
+            row.append(", ".join(f"{t} {q:.2f}x{d:.2f}" for t, (q, d) in list((hit.matched or {}).items())[:6]))
+        table.add_row(*row)
+    Console().print(table)

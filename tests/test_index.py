@@ -1,0 +1,138 @@
+"""End to end: encoder -> IndexWriter (several shards) -> Index / QueryRouter -> CLI, on images drawn here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stair_search.cli import app
+from stair_search.encode import Encoder
+from stair_search.index.manifest import IndexMismatchError, Manifest
+from stair_search.index.reader import Index
+from stair_search.index.store import FeatureRecord
+from stair_search.index.writer import IndexWriter
+from stair_search.models import StairConfig, create_model, save_checkpoint
+from stair_search.retrieve.router import QueryRouter
+from tests.conftest import COLOURS, TINY_CONFIG, draw_shape
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_records():
+    items = [(c, s, bg) for c in COLOURS for s in SHAPES for bg in ("white", "black")]
+    images = [draw_shape(c, s, background=bg) for c, s, bg in items]
+    records = [FeatureRecord(id=f"{c}-{s}-{bg}", source=f"drawn://{c}/{s}/{bg}", width=64, height=64,
+                             caption=f"a {c} {s} on {bg}", metadata={"colour": c}) for c, s, bg in items]
+    return records, images
+
+
+def build(index_dir, encoder, shard_size=10, **kwargs):
+    records, images = shape_records()
+    writer = IndexWriter(index_dir, encoder, shard_size=shard_size, **kwargs)
+    for start in range(0, len(records), 7):  # batches that do not line up with shards
+        writer.add(records[start : start + 7], encoder.encode_images(images[start : start + 7]))
+    return writer.close(), records, images
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_config_path):
+    encoder = Encoder(create_model(str(tiny_config_path), device="cpu"))
+    index_dir = tmp_path_factory.mktemp("idx") / "shapes"
+    return index_dir, encoder, *build(index_dir, encoder)
+
+
+def test_manifest_records_shards_model_and_counts(built):
+    index_dir, encoder, manifest, records, _ = built
+    loaded = Manifest.load(index_dir)
+    assert loaded.to_dict() == manifest.to_dict()
+    assert loaded.count == len(records) == 24
+    assert [s.count for s in loaded.shards] == [10, 10, 4]
+    assert loaded.model["fingerprint"] == encoder.fingerprint
+    assert loaded.shards[0].dense["kind"] == "flat"
+    assert not any(p.name.startswith(".shapes") for p in index_dir.parent.iterdir())  # build dir was renamed
+
+
+def test_each_image_finds_itself_first_by_dense_and_by_sparse(built):
+    index_dir, encoder, _, records, images = built
+    router = QueryRouter(Index(index_dir), encoder)
+    for record, image in list(zip(records, images, strict=True))[::5]:
+        for mode in ("dense", "sparse", "hybrid"):
+            assert router.search(image=image, mode=mode, k=3).hits[0].id == record.id, mode
+
+
+def test_sharded_search_equals_a_single_shard_index(built, tmp_path):
+    index_dir, encoder, _, _, images = built
+    build(tmp_path / "one", encoder, shard_size=1000)
+    many, one = QueryRouter(Index(index_dir), encoder), QueryRouter(Index(tmp_path / "one"), encoder)
+    for image in images[:6]:
+        for mode in ("dense", "sparse"):
+            a, b = many.search(image=image, mode=mode, k=8).hits, one.search(image=image, mode=mode, k=8).hits
+            np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+            assert {h.id for h in a if h.score > a[-1].score} == {h.id for h in b if h.score > b[-1].score}
+
+
+def test_hits_carry_metadata_parts_and_explanations(built):
+    index_dir, encoder = built[:2]
+    response = QueryRouter(Index(index_dir), encoder).search(text="a red circle", mode="hybrid", k=5, explain=True)
+    assert response.fusion == "rrf" and len(response.hits) == 5
+    for hit in response.hits:
+        assert hit.source.startswith("drawn://") and hit.metadata["colour"] in COLOURS
+        assert set(hit.parts) <= {"sparse", "dense"} and hit.parts
+        if "sparse" in hit.parts:
+            assert hit.matched, "a sparse hit shares at least one token with the query"
+            assert sum(q * d for q, d in hit.matched.values()) == pytest.approx(hit.parts["sparse"], rel=0.05)
+    dense_only = QueryRouter(Index(index_dir), encoder).search(text="a red circle", mode="dense", k=3)
+    assert dense_only.fusion is None and dense_only.hits[0].parts["dense"] == dense_only.hits[0].score
+
+
+def test_an_encoder_with_other_weights_is_refused(built):
+    index_dir = built[0]
+    other = StairConfig.from_dict({**TINY_CONFIG, "seed": 99})
+    with pytest.raises(IndexMismatchError, match=r"model weights"):
+        QueryRouter(Index(index_dir), Encoder(create_model(other, device="cpu")))
+
+
+def test_a_deleted_shard_file_is_a_clear_error(built, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(built[0], copy)
+    shard = Manifest.load(copy).shards[1]
+    (shard.path(copy) / "dense.faiss").unlink()
+    with pytest.raises(FileNotFoundError, match=r"dense\.faiss"):
+        Index(copy)
+
+
+def test_existing_index_needs_append_or_overwrite(built, tmp_path):
+    encoder = built[1]
+    manifest, _, _ = build(tmp_path / "idx", encoder)
+    with pytest.raises(FileExistsError, match="--append"):
+        IndexWriter(tmp_path / "idx", encoder)
+    appended, _, _ = build(tmp_path / "idx", encoder, append=True)
+    assert appended.count == 2 * manifest.count and len(Index(tmp_path / "idx").shards) == 6
+    replaced, _, _ = build(tmp_path / "idx", encoder, shard_size=100, overwrite=True)
+    assert replaced.count == manifest.count and len(Index(tmp_path / "idx").shards) == 1
+
+
+def test_cli_search_prints_json_hits_and_image_queries(built, tmp_path):
+    index_dir, encoder, _, records, images = built
+    checkpoint = save_checkpoint(encoder.model, tmp_path / "tiny.pt")
+    runner = CliRunner()
+    path = tmp_path / "query.png"
+    images[3].save(path)
+    result = runner.invoke(app, ["search", str(index_dir), "--image", str(path), "--json", "-k", "4",
+                                 "--mode", "sparse", "--model", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert len(hits) == 4 and hits[0]["id"] == records[3].id
+    assert all(h["matched"] and h["parts"]["sparse"] == h["score"] for h in hits)
+    result = runner.invoke(app, ["search", str(index_dir), "blue square", "--mode", "dense", "--json",
+                                 "--model", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip().splitlines()) == 10
+    table = runner.invoke(app, ["search", str(index_dir), "circle", "--explain", "--model", str(checkpoint)])
+    assert table.exit_code == 0 and "matched" in table.output
+    bad = runner.invoke(app, ["search", str(index_dir), "--image", str(tmp_path / "nope.png")])
+    assert bad.exit_code != 0 and "cannot read image" in bad.output

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stair_search.index.dense import DenseIndex, DenseSpec
-from stair_search.index.sparse import DEFAULT_SCALE, SparseShard, quantise, write_sparse_shard
+from stair_search.index.sparse import DEFAULT_SCALE, SparseShard, index_dtype, quantise, write_sparse_shard
 from stair_search.models.vocab import Vocabulary
 
 
@@ -39,7 +39,7 @@ def zipf_csr(rng: np.random.Generator, vocab: Vocabulary, count: int, nnz: int, 
     keep = fresh & (np.cumsum(fresh, axis=1) <= nnz)
     lengths = keep.sum(axis=1)
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    indices = draws[keep].astype(np.int32)
+    indices = draws[keep].astype(index_dtype(len(vocab)))
     weights = rng.lognormal(mean=-0.3, sigma=0.6, size=len(indices))
     return indptr, indices, quantise(weights, scale)
 

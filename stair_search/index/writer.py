@@ -19,6 +19,7 @@ from stair_search.index.dense import DenseIndex, DenseSpec
 from stair_search.index.manifest import MANIFEST, Manifest, ShardInfo
 from stair_search.index.sparse import DEFAULT_SCALE, concat_csr, to_csr, write_sparse_shard
 from stair_search.index.store import FeatureRecord, write_features
+from stair_search.models.vocab import Vocabulary
 
 DENSE_FILE = "dense.faiss"
 FEATURES_FILE = "features.parquet"
@@ -34,30 +35,15 @@ class IndexWriter:
                  append: bool = False, overwrite: bool = False):
         self.index_dir = Path(index_dir)
         self.encoder, self.shard_size, self.dense_spec, self.threads = encoder, shard_size, dense_spec, threads
-        exists = (self.index_dir / MANIFEST).is_file()
-        if exists and not (append or overwrite):
-            raise FileExistsError(f"{self.index_dir} already holds an index: pass append=True (--append) to add "
-                                  f"to it or overwrite=True (--overwrite) to replace it.")
-        if append and exists:
-            self.manifest = Manifest.load(self.index_dir)
-            self.manifest.check_encoder(encoder.name, encoder.fingerprint, encoder.model.vocabulary.sha256,
-                                        encoder.model.embed_dim)
+        if append and (self.index_dir / MANIFEST).is_file():
+            self.manifest = open_for_append(self.index_dir, encoder)
             self.build_dir = self.index_dir
         else:
-            self.manifest = self._new_manifest(encoder, scale)
-            self.build_dir = self.index_dir.parent / f".{self.index_dir.name}.building-{uuid.uuid4().hex[:8]}"
+            check_target(self.index_dir, append, overwrite)
+            self.manifest = new_manifest(encoder, scale)
+            self.build_dir = building_dir(self.index_dir)
         self._pending: list[tuple[list[FeatureRecord], EncodedBatch]] = []
         self._pending_count = 0
-
-    @staticmethod
-    def _new_manifest(encoder: Encoder, scale: float) -> Manifest:
-        model = encoder.model
-        return Manifest(
-            model={"name": model.config.name, "spec": model.spec, "pretrained": model.config.pretrained,
-                   "fingerprint": encoder.fingerprint},
-            vocabulary=model.config.vocabulary, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
-            embed_dim=model.embed_dim, num_local=model.config.num_local,
-        )
 
     def add(self, records: Sequence[FeatureRecord], encoded: EncodedBatch) -> None:
         """Queue one encoded batch; a shard is written whenever ``shard_size`` documents are queued."""
@@ -80,7 +66,7 @@ class IndexWriter:
             raise ValueError("No documents were added: nothing to index.")
         self.manifest.save(self.build_dir)
         if self.build_dir != self.index_dir:
-            _publish(self.build_dir, self.index_dir)
+            publish(self.build_dir, self.index_dir)
         return self.manifest
 
     def abort(self) -> None:
@@ -105,16 +91,59 @@ class IndexWriter:
     def _write_shard(self, chunk: tuple[list[FeatureRecord], list[EncodedBatch]]) -> None:
         records, batches = chunk
         vocab, scale = self.encoder.model.vocabulary, self.manifest.scale
-        name = f"{len(self.manifest.shards):05d}-{uuid.uuid4().hex[:6]}"
-        shard = ShardInfo(name=name, count=len(records), dense={})
-        shard_dir = shard.path(self.build_dir)
-        write_sparse_shard(shard_dir / SPARSE_DIR, concat_csr([to_csr(b.sparse, vocab, scale) for b in batches]),
-                           vocab, threads=self.threads)
-        dense = DenseIndex.build(np.concatenate([b.dense for b in batches]), self.dense_spec)
-        dense.save(shard_dir / DENSE_FILE)
-        shard.dense = dense.spec.to_dict()
-        write_features(shard_dir / FEATURES_FILE, records, row_group_size=FEATURE_ROW_GROUP)
+        csr = concat_csr([to_csr(b.sparse, vocab, scale) for b in batches])
+        shard = write_shard(self.build_dir, shard_name(len(self.manifest.shards)), records,
+                            np.concatenate([b.dense for b in batches]), csr, vocab, self.dense_spec, self.threads)
         self.manifest.shards.append(shard)
+
+
+def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE) -> Manifest:
+    model = encoder.model
+    return Manifest(
+        model={"name": model.config.name, "spec": model.spec, "pretrained": model.config.pretrained,
+               "fingerprint": encoder.fingerprint},
+        vocabulary=model.config.vocabulary, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
+        embed_dim=model.embed_dim, num_local=model.config.num_local,
+    )
+
+
+def open_for_append(index_dir: Path, encoder: Encoder) -> Manifest:
+    """The manifest of an index that ``encoder`` may add to (same model, vocabulary and width)."""
+    manifest = Manifest.load(index_dir)
+    manifest.check_encoder(encoder.name, encoder.fingerprint, encoder.model.vocabulary.sha256,
+                           encoder.model.embed_dim)
+    return manifest
+
+
+def check_target(index_dir: Path, append: bool, overwrite: bool) -> None:
+    """Refuse to silently replace an existing index."""
+    if (Path(index_dir) / MANIFEST).is_file() and not (append or overwrite):
+        raise FileExistsError(f"{index_dir} already holds an index: pass append=True (--append) to add "
+                              f"to it or overwrite=True (--overwrite) to replace it.")
+
+
+def building_dir(index_dir: Path, key: str | None = None) -> Path:
+    """Hidden sibling where a new index is built before it is renamed into place."""
+    return index_dir.parent / f".{index_dir.name}.building-{key or uuid.uuid4().hex[:8]}"
+
+
+def shard_name(position: int) -> str:
+    """Unique even across appends, ordered by creation."""
+    return f"{position:05d}-{uuid.uuid4().hex[:6]}"
+
+
+def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: np.ndarray,
+                csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocabulary: Vocabulary,
+                dense_spec: DenseSpec | None = None, threads: int = 1) -> ShardInfo:
+    """Write one shard (sparse + dense + features) under ``root/shards/name``; rows = ``records`` order."""
+    shard = ShardInfo(name=name, count=len(records), dense={})
+    shard_dir = shard.path(root)
+    write_sparse_shard(shard_dir / SPARSE_DIR, csr, vocabulary, threads=threads)
+    index = DenseIndex.build(dense, dense_spec)
+    index.save(shard_dir / DENSE_FILE)
+    shard.dense = index.spec.to_dict()
+    write_features(shard_dir / FEATURES_FILE, records, row_group_size=FEATURE_ROW_GROUP)
+    return shard
 
 
 def _slice(batch: EncodedBatch, start: int, stop: int) -> EncodedBatch:
@@ -125,7 +154,7 @@ def _slice(batch: EncodedBatch, start: int, stop: int) -> EncodedBatch:
                         local_positions=cut(batch.local_positions))
 
 
-def _publish(build_dir: Path, index_dir: Path) -> None:
+def publish(build_dir: Path, index_dir: Path) -> None:
     """Move a finished build into place; an existing index is swapped out, then removed."""
     if not index_dir.exists():
         os.replace(build_dir, index_dir)

@@ -26,7 +26,8 @@ def demo(
 
 @app.command()
 def index(
-    source: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    source: Annotated[str, typer.Argument(help="Folder of images, .parquet, webdataset shards{000..009}.tar, "
+                                                "or a .txt/.csv list of paths.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to write.")],
     model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = "stair-tiny",
     pretrained: Annotated[str | None, typer.Option(help="open_clip tag or checkpoint file.")] = None,
@@ -36,12 +37,13 @@ def index(
     append: Annotated[bool, typer.Option(help="Add new shards to an existing index.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
 ) -> None:
-    """Index a folder of images."""
+    """Index images; unreadable ones are skipped and counted by reason."""
     import indexer
 
-    manifest = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
-                           shard_size=shard_size, dense=dense, append=append, overwrite=overwrite)
-    typer.echo(f"Indexed {manifest.count} documents in {len(manifest.shards)} shard(s) at {out}")
+    summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
+                          shard_size=shard_size, dense=dense, append=append, overwrite=overwrite)
+    typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
+               f"{len(summary.manifest.shards)} shard(s)")
 
 
 @app.command()

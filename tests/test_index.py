@@ -136,3 +136,27 @@ def test_cli_search_prints_json_hits_and_image_queries(built, tmp_path):
     assert table.exit_code == 0 and "matched" in table.output
     bad = runner.invoke(app, ["search", str(index_dir), "--image", str(tmp_path / "nope.png")])
     assert bad.exit_code != 0 and "cannot read image" in bad.output
+
+
+def test_cli_index_builds_from_a_folder_and_skips_bad_files(tmp_path, tiny_config_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for colour in ("red", "blue", "green"):
+        draw_shape(colour, "circle").save(folder / f"{colour}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "index"
+    result = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path)])
+    assert result.exit_code == 0, result.output
+    assert "indexed 3" in result.output and "skipped 2" in result.output
+    assert sorted(Index(out).documents([c for c in Index(out).search_dense(np.ones((1, 32)), 5)[0]], ["id"]),
+                  key=lambda d: d["id"]) == [{"id": "blue.png"}, {"id": "green.png"}, {"id": "red.png"}]
+    again = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path)])
+    assert again.exit_code != 0 and "--append" in str(again.exception)
+    (folder / "red.png").write_bytes(b"")
+    for name in ("blue.png", "green.png"):
+        (folder / name).unlink()
+    bad = CliRunner().invoke(app, ["index", str(folder), "--out", str(tmp_path / "none"),
+                                   "--model", str(tiny_config_path)])
+    assert bad.exit_code != 0 and "Nothing to index" in str(bad.exception)
+    assert not (tmp_path / "none").exists()

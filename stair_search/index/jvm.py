@@ -82,6 +82,8 @@ def start_jvm(heap: str | None = None) -> None:
         "-Djava.awt.headless=true",
         "--enable-native-access=ALL-UNNAMED",
         "-Dlog4j2.level=WARN",
+        "-Dslf4j.internal.verbosity=WARN",  # no "SLF4J(I): Connected with provider" banner
+        "--sun-misc-unsafe-memory-access=allow",  # Lucene's mmap cleaner: no deprecation warnings on Java 24+
     )
     jnius_config.set_classpath(str(anserini_jar()))
     try:

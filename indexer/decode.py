@@ -45,8 +45,7 @@ def read_bytes(item: Item) -> bytes:
         return f.read()
 
 
-def decode(item: Item, position: int, preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
-           target_size: int | None = None) -> Decoded:
+def decode(item: Item, position: int, preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Bytes -> RGB -> preprocess, or the reason it cannot be indexed."""
     try:
         data = read_bytes(item)
@@ -60,11 +59,10 @@ def decode(item: Item, position: int, preprocess: Callable, max_pixels: int = DE
         return Decoded(position, None, skip_reason=f"read failed: {exc}")
     if not data:
         return Decoded(position, None, skip_reason="empty file")
-    return _decode_bytes(data, position, preprocess, max_pixels, target_size)
+    return _decode_bytes(data, position, preprocess, max_pixels)
 
 
-def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: int,
-                  target_size: int | None) -> Decoded:
+def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: int) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -72,8 +70,6 @@ def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: 
                 width, height = image.size
                 if width * height > max_pixels:
                     return Decoded(position, None, width, height, f"too large: {width}x{height} > {max_pixels} pixels")
-                if target_size and image.format == "JPEG":
-                    image.draft("RGB", (target_size * 2, target_size * 2))  # decode at reduced scale: much faster
                 image.seek(0)  # animated GIF / WebP / APNG: the first frame
                 image.load()
                 rgb = to_rgb(image)

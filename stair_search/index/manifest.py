@@ -19,7 +19,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stair_search.encode import Encoder
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -91,8 +94,10 @@ class Manifest:
                              f"v{FORMAT_VERSION}. Upgrade stair-search.")
         return cls.from_dict(data)
 
-    def check_encoder(self, name: str, fingerprint: str, vocabulary_sha256: str, embed_dim: int) -> None:
+    def check_encoder(self, encoder: Encoder) -> None:
         """Raise IndexMismatchError naming every difference between the index's model and the encoder's."""
+        name, fingerprint = encoder.name, encoder.fingerprint
+        vocabulary_sha256, embed_dim = encoder.model.vocabulary.sha256, encoder.model.embed_dim
         problems = []
         if vocabulary_sha256 != self.vocabulary_sha256:
             problems.append(f"vocabulary sha256 {vocabulary_sha256[:12]} != index {self.vocabulary_sha256[:12]}")

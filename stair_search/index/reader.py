@@ -74,9 +74,6 @@ class Index:
     def __len__(self) -> int:
         return self.manifest.count
 
-    def check_encoder(self, encoder) -> None:
-        self.manifest.check_encoder(encoder.name, encoder.fingerprint, encoder.model.vocabulary.sha256,
-                                    encoder.model.embed_dim)
 
     def search_sparse(self, queries: Sequence[Mapping[str, float]], k: int, threads: int = 1) -> list[list[Candidate]]:
         per_shard = [shard.sparse.batch_search(queries, k, threads) for shard in self.shards]
@@ -110,9 +107,6 @@ class Index:
 
     def explain(self, candidate: Candidate, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
         return self.shards[candidate.shard].sparse.explain(candidate.row, query)
-
-    def document_vector(self, candidate: Candidate) -> dict[str, float]:
-        return self.shards[candidate.shard].sparse.document_vector(candidate.row)
 
 
 def _merge(lists: Sequence[Sequence[Candidate]], k: int) -> list[Candidate]:

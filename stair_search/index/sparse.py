@@ -34,7 +34,6 @@ CSR_FILES = ("indptr", "indices", "values")
 class SparseHit:
     row: int
     score: float
-    matched: dict[str, tuple[float, float]] | None = None  # token -> (query weight, document weight)
 
 
 def quantise(weights: np.ndarray, scale: float) -> np.ndarray:

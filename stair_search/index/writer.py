@@ -50,9 +50,9 @@ class IndexWriter:
         if len(records) != len(encoded):
             raise ValueError(f"{len(records)} records but {len(encoded)} encoded items.")
         records = list(records)
-        for i, record in enumerate(records):
-            if encoded.local is not None:
-                record.local, record.local_positions = encoded.local[i], encoded.local_positions[i]
+        if encoded.local is not None:
+            for record, local, positions in zip(records, encoded.local, encoded.local_positions, strict=True):
+                record.local, record.local_positions = local, positions
         self._pending.append((records, encoded))
         self._pending_count += len(records)
         while self._pending_count >= self.shard_size:
@@ -110,8 +110,7 @@ def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE) -> Manifest:
 def open_for_append(index_dir: Path, encoder: Encoder) -> Manifest:
     """The manifest of an index that ``encoder`` may add to (same model, vocabulary and width)."""
     manifest = Manifest.load(index_dir)
-    manifest.check_encoder(encoder.name, encoder.fingerprint, encoder.model.vocabulary.sha256,
-                           encoder.model.embed_dim)
+    manifest.check_encoder(encoder)
     return manifest
 
 
@@ -122,9 +121,9 @@ def check_target(index_dir: Path, append: bool, overwrite: bool) -> None:
                               f"to it or overwrite=True (--overwrite) to replace it.")
 
 
-def building_dir(index_dir: Path, key: str | None = None) -> Path:
+def building_dir(index_dir: Path) -> Path:
     """Hidden sibling where a new index is built before it is renamed into place."""
-    return index_dir.parent / f".{index_dir.name}.building-{key or uuid.uuid4().hex[:8]}"
+    return index_dir.parent / f".{index_dir.name}.building-{uuid.uuid4().hex[:8]}"
 
 
 def shard_name(position: int) -> str:

@@ -44,7 +44,7 @@ class SearchResponse:
 
 class QueryRouter:
     def __init__(self, index: Index, encoder: Encoder, depth: int = 100):
-        index.check_encoder(encoder)
+        index.manifest.check_encoder(encoder)
         self.index, self.encoder, self.depth = index, encoder, depth
 
     def encode_query(self, text: str | None = None, image: Image.Image | None = None) -> EncodedBatch:

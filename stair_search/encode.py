@@ -89,8 +89,9 @@ class Encoder:
             used = int((ids != self.model.pad_id).any(dim=0).nonzero().max()) + 1
             ids = ids[:, :used]
         out = self.model.encode_text(ids.to(self.device))
+        sparse = out.sparse * self.model.grounding_mask(texts) if self.model.config.ground_text else out.sparse
         return EncodedBatch(dense=F.normalize(out.dense.float(), dim=-1).cpu().numpy(),
-                            sparse=self._to_dicts(out.sparse, self.model.config.text_top_k))
+                            sparse=self._to_dicts(sparse, self.model.config.text_top_k))
 
     def _to_dicts(self, weights: torch.Tensor, top_k: int) -> list[dict[str, float]]:
         weights = top_k_sparse(weights.float(), top_k).cpu()

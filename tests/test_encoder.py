@@ -72,24 +72,25 @@ def test_minilm_text_tower_encodes_real_meaning():
 
 
 def test_sparse_head_equals_the_naive_formula_across_chunks():
+    """Chunked, max-pooled-first head over a token subset == log1p(relu(logits)) per position, pooled, scattered."""
     torch.manual_seed(0)
     vocab = torch.randn(50, 8)
-    emittable = torch.ones(50, dtype=torch.bool)
-    emittable[3] = False
-    head = SparseHead(6, vocab, emittable, bias_init=0.0)
+    token_ids = torch.tensor([i for i in range(50) if i not in (3, 17)])
+    head = SparseHead(6, vocab, token_ids, bias_init=0.0)
+    with torch.no_grad():
+        head.bias.uniform_(-1, 1)
     features, mask = torch.randn(5, 7, 6), torch.rand(5, 7) > 0.3
     mask[:, 0] = True
     import stair_search.models.heads as heads
 
-    budget, heads._LOGIT_BUDGET = heads._LOGIT_BUDGET, 7 * 50 * 2  # force chunks of 2 rows
+    budget, heads._LOGIT_BUDGET = heads._LOGIT_BUDGET, 7 * 48 * 2  # force chunks of 2 rows
     try:
         got = head(features, mask)
     finally:
         heads._LOGIT_BUDGET = budget
-    expected = torch.stack([
-        torch.log1p(torch.relu(head.logits(features[b : b + 1])[0][mask[b]])).amax(dim=0) for b in range(5)
-    ])
-    expected[:, 3] = 0
+    full_logits = head.transform(features) @ vocab.T + head.bias  # every vocabulary row, computed naively
+    expected = torch.stack([torch.log1p(torch.relu(full_logits[b][mask[b]])).amax(dim=0) for b in range(5)])
+    expected[:, [3, 17]] = 0  # tokens outside the head's subset never get weight
     torch.testing.assert_close(got, expected)
 
 

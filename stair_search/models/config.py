@@ -30,6 +30,13 @@ class StairConfig:
     # Hugging Face text towers loaded from a local folder and kept frozen are not stored in checkpoints:
     # the checkpoint records the folder's weight hash instead (keeps the shipped default model small).
     frozen_text: bool = False
+    # Word-pieces the sparse heads may emit (None: the whole vocabulary). A trained model lists the words of
+    # its training texts: heads then cost ~vocabulary-subset/30k of a full head, and never emit words they
+    # had no signal for.
+    emit_tokens: list[str] | None = None
+    # Mask a text's sparse vector to the word-pieces of the text itself (STAIR stage-1 grounding kept at
+    # query time): queries stay literal and explainable; images still expand to related words.
+    ground_text: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,9 +43,9 @@ class StairModel(nn.Module):
         self.vocabulary = vocabulary
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        embeddings, emittable = vocabulary.embedding_matrix(), vocabulary.emittable
-        self.image_head = SparseHead(visual.ln_post.normalized_shape[0], embeddings, emittable)
-        self.text_head = SparseHead(self._text_token_width(), embeddings, emittable)
+        embeddings, token_ids = vocabulary.embedding_matrix(), vocabulary.emit_ids(config.emit_tokens)
+        self.image_head = SparseHead(visual.ln_post.normalized_shape[0], embeddings, token_ids)
+        self.text_head = SparseHead(self._text_token_width(), embeddings, token_ids)
         self.spec = config.name  # how to load this model again; create_model records the path or name it used
         self.pad_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0)
 
@@ -79,6 +79,13 @@ class StairModel(nn.Module):
         # A CLS-pooled tower returns its tokens without the leading CLS position: align on the right.
         mask = token_ids[:, token_ids.shape[1] - tokens.shape[1] :] != self.pad_id
         return TowerOutput(dense=pooled, sparse=self.text_head(tokens, mask))
+
+    def grounding_mask(self, texts: list[str]) -> torch.Tensor:
+        """(B, V) bool: the word-pieces each text contains (STAIR's stage-1 mask, and ``ground_text``)."""
+        mask = torch.zeros((len(texts), len(self.vocabulary)), dtype=torch.bool)
+        for row, text in enumerate(texts):
+            mask[row, self.vocabulary.token_ids(text)] = True
+        return mask.to(self.image_head.bias.device)
 
     def _text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         text = getattr(self.clip, "text", None)

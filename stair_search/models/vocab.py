@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -82,6 +83,19 @@ class Vocabulary:
     def emittable(self) -> torch.Tensor:
         """Bool mask of tokens a sparse vector may use: special and [unusedN] tokens carry no meaning."""
         return torch.tensor([not _BLOCKED.match(t) for t in self.tokens], dtype=torch.bool)
+
+    def emit_ids(self, tokens: Sequence[str] | None = None) -> torch.Tensor:
+        """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None), never special ones."""
+        if tokens is None:
+            return torch.nonzero(self.emittable).flatten()
+        unknown = [t for t in tokens if t not in self.index]
+        if unknown:
+            raise ValueError(f"emit_tokens has {len(unknown)} token(s) not in the vocabulary {self.folder}: "
+                             f"{unknown[:5]}")
+        ids = sorted({self.index[t] for t in tokens if self.emittable[self.index[t]]})
+        if not ids:
+            raise ValueError("emit_tokens holds no emittable token: a sparse head needs at least one word.")
+        return torch.tensor(ids, dtype=torch.long)
 
     @cached_property
     def tokenizer(self):

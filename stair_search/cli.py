@@ -83,6 +83,38 @@ def info(index_dir: Annotated[Path, typer.Argument(metavar="INDEX")]) -> None:
     typer.echo(json.dumps(Manifest.load(index_dir).to_dict(), indent=2))
 
 
+@app.command()
+def train(
+    pairs: Annotated[Path, typer.Argument(help="Training pairs: parquet with image_path and caption columns.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (model.pt, train-state.pt).")],
+    model: Annotated[str, typer.Option(help="StairConfig name/JSON to train, or a checkpoint to go on from.")]
+    = "stair-tiny",
+    val: Annotated[Path | None, typer.Option(help="Validation pairs (same format): R@1 each epoch.")] = None,
+    epochs: Annotated[str, typer.Option(help="Epochs of the grounded,text,joint stages.")] = "6,2,2",
+    batch_size: Annotated[int, typer.Option(min=2)] = 128,
+    lr: Annotated[float, typer.Option()] = 5e-4,
+    flops: Annotated[float, typer.Option(help="FLOPS regularisation weight.")] = 2e-3,
+    ground_text: Annotated[bool, typer.Option(help="Keep queries grounded to their own words.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue a killed run from its train-state.pt.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a STAIR model (sparse + dense heads) on image-text pairs."""
+    from stair_search.train import TrainConfig, load_pairs
+    from stair_search.train import train as run_training
+
+    stages = tuple(int(n) for n in epochs.split(","))
+    if len(stages) != 3:
+        raise typer.BadParameter(f"--epochs takes three numbers (grounded,text,joint), got '{epochs}'")
+    config = TrainConfig(model=model, epochs=stages, batch_size=batch_size, lr=lr, flops=flops,
+                         ground_text=ground_text, seed=seed)
+    result = run_training(load_pairs(pairs), out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
+                          on_epoch=lambda e: typer.echo(
+                              f"{e.stage:8s} epoch {e.epoch:3d}  loss {e.loss:.3f}  non-zeros image "
+                              f"{e.image_nonzeros:.1f} text {e.text_nonzeros:.1f}  val R@1 sparse "
+                              f"{e.val_r1_sparse} dense {e.val_r1_dense}  {e.seconds:.0f} s"))
+    typer.echo(f"checkpoint: {result.checkpoint}")
+
+
 def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 

@@ -1,0 +1,242 @@
+"""STAIR training loop: image-text pairs -> a stair-search checkpoint.
+
+Three stages (design.md section 2), each a number of epochs:
+1. ``grounded``: both towers learn; the text vector is masked to the word-pieces of its own text, so the
+   image side is taught to emit the real words that describe it.
+2. ``text``: the image tower and head are frozen as a teacher; the text side, unmasked, learns the space.
+3. ``joint``: both fine-tuned together.
+The loss is sparse InfoNCE (raw dot products of the sparse vectors) + dense InfoNCE (CLIP's logit scale)
++ FLOPS on both sides with a quadratic warm-up. A frozen text tower's parameters never get gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stair_search.images import to_rgb
+from stair_search.models import StairModel, save_checkpoint
+from stair_search.models.factory import build_model, resolve_config
+from stair_search.train.losses import flops, flops_weight, info_nce
+
+STAGES = ("grounded", "text", "joint")
+STATE_FILE = "train-state.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "stair-tiny"  # a StairConfig name/JSON (trained from its seed) or a checkpoint to go on from
+    epochs: Sequence[int] = (6, 2, 2)  # epochs of the grounded, text and joint stages
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    flops: float = 2e-3  # LexLIP's weight
+    flops_warmup: float = 0.5  # fraction of all steps over which the FLOPS weight ramps up
+    dense_weight: float = 1.0
+    emit_from_data: bool = True  # limit the heads to the word-pieces of the training texts
+    ground_text: bool = False  # keep queries grounded to their own words at search time
+    seed: int = 0
+    device: str | None = None
+
+
+@dataclass
+class EpochLog:
+    stage: str
+    epoch: int
+    loss: float
+    image_nonzeros: float
+    text_nonzeros: float
+    val_r1_sparse: float | None
+    val_r1_dense: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    log: list[EpochLog] = field(default_factory=list)
+
+
+def load_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(image path, caption) pairs from a parquet file with ``image_path`` (or ``path``) and ``caption``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    column = next((c for c in ("image_path", "path") if c in table.column_names), None)
+    if column is None or "caption" not in table.column_names:
+        raise ValueError(f"{path}: training pairs need an 'image_path' (or 'path') and a 'caption' column; "
+                         f"it has {table.column_names}.")
+    return list(zip(table[column].to_pylist(), table["caption"].to_pylist(), strict=True))
+
+
+def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainConfig | None = None,
+          val_pairs: Sequence[tuple[str, str]] = (), resume: bool = False,
+          on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
+    """Train on ``pairs``; writes ``out_dir/model.pt`` (fp16, the shippable checkpoint) after each epoch
+    and ``out_dir/train-state.pt`` (optimizer + position) so that ``resume=True`` continues a killed run."""
+    config = config or TrainConfig()
+    if not pairs:
+        raise ValueError("No training pairs given.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed(config.seed)
+    model = _initial_model(config, [c for _, c in pairs])
+    images = _load_images(model, [p for p, _ in pairs])
+    captions = [c for _, c in pairs]
+    val = (_load_images(model, [p for p, _ in val_pairs]), [c for _, c in val_pairs]) if val_pairs else None
+    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
+    total_steps = steps_per_epoch * sum(config.epochs)
+    optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
+    done_epochs, log = 0, []
+    state_path = out / STATE_FILE
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        done_epochs, log = state["epochs_done"], [EpochLog(**e) for e in json.loads(state["log"])]
+    schedule = [stage for stage, n in zip(STAGES, config.epochs, strict=True) for _ in range(n)]
+    for epoch in range(done_epochs, len(schedule)):
+        started = time.perf_counter()
+        stats = _train_epoch(model, optimizer, images, captions, schedule[epoch], epoch, config,
+                             total_steps, steps_per_epoch)
+        r1 = _validate(model, *val) if val else (None, None)
+        entry = EpochLog(schedule[epoch], epoch + 1, *stats, *r1, round(time.perf_counter() - started, 1))
+        log.append(entry)
+        save_checkpoint(model, out / "model.pt", half=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epochs_done": epoch + 1,
+                    "log": json.dumps([asdict(e) for e in log])}, state_path)
+        if on_epoch:
+            on_epoch(entry)
+    return TrainResult(out / "model.pt", log)
+
+
+def _initial_model(config: TrainConfig, captions: Sequence[str]) -> StairModel:
+    from stair_search.models import create_model
+    from stair_search.models.factory import CHECKPOINT_SUFFIXES
+
+    if Path(config.model).suffix in CHECKPOINT_SUFFIXES:  # go on from a trained model
+        return create_model(config.model, device=config.device).train()
+    stair_config = resolve_config(config.model)
+    stair_config.ground_text = config.ground_text
+    if config.emit_from_data:
+        from stair_search.models.vocab import Vocabulary
+
+        vocabulary = Vocabulary.load(stair_config.vocabulary)
+        stair_config.emit_tokens = sorted({vocabulary.tokens[i] for c in captions for i in vocabulary.token_ids(c)})
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return build_model(stair_config).to(device).train()
+
+
+def _trainable(model: StairModel) -> list[torch.nn.Parameter]:
+    frozen_prefix = "clip.text.transformer." if model.config.frozen_text else None
+    params = []
+    for name, param in model.named_parameters():
+        if frozen_prefix and name.startswith(frozen_prefix):
+            param.requires_grad_(False)
+        else:
+            params.append(param)
+    return params
+
+
+def _load_images(model: StairModel, paths: Sequence[str]) -> torch.Tensor:
+    """All images pre-processed once (small data sets: the emoji set is ~60 MB as fp32 tensors)."""
+    from PIL import Image
+
+    tensors = []
+    for path in paths:
+        with Image.open(path) as image:
+            tensors.append(model.preprocess(to_rgb(image)))
+    return torch.stack(tensors)
+
+
+def _set_stage(model: StairModel, stage: str) -> None:
+    teacher = stage == "text"
+    for module in (model.clip.visual, model.image_head):
+        for param in module.parameters():
+            param.requires_grad_(not teacher)
+
+
+def _train_epoch(model: StairModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, captions: list[str],
+                 stage: str, epoch: int, config: TrainConfig, total_steps: int,
+                 steps_per_epoch: int) -> tuple[float, float, float]:
+    _set_stage(model, stage)
+    model.train()
+    device = model.image_head.bias.device
+    order = torch.randperm(len(captions)).tolist()
+    losses, image_nnz, text_nnz = [], [], []
+    for step_in_epoch, start in enumerate(range(0, len(order), config.batch_size)):
+        batch = _distinct_captions(order[start : start + config.batch_size], captions)
+        if len(batch) < 2:
+            continue
+        texts = [captions[i] for i in batch]
+        image_out = model.encode_image(images[batch].to(device))
+        text_out = model.encode_text(model.tokenizer(texts).to(device))
+        image_sparse, text_sparse = image_out.sparse, text_out.sparse
+        if stage == "grounded":
+            text_sparse = text_sparse * model.grounding_mask(texts)
+        ids = model.image_head.token_ids  # work in the heads' compact token space
+        image_sparse, text_sparse = image_sparse[:, ids], text_sparse[:, ids]
+        dense_logits = model.clip.logit_scale.exp() * F.normalize(image_out.dense, dim=-1) @ \
+            F.normalize(text_out.dense, dim=-1).T
+        step = epoch * steps_per_epoch + step_in_epoch
+        lam = flops_weight(step, int(config.flops_warmup * total_steps), config.flops)
+        loss = info_nce(image_sparse @ text_sparse.T) + config.dense_weight * info_nce(dense_logits) \
+            + lam * (flops(image_sparse) + flops(text_sparse))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        image_nnz.append(float((image_sparse > 0).sum(1).float().mean()))
+        text_nnz.append(float((text_sparse > 0).sum(1).float().mean()))
+    return float(np.mean(losses)), float(np.mean(image_nnz)), float(np.mean(text_nnz))
+
+
+def _distinct_captions(batch: list[int], captions: list[str]) -> list[int]:
+    """Drop repeats of a caption within a batch: two identical texts would be each other's false negative."""
+    seen: set[str] = set()
+    kept = []
+    for i in batch:
+        if captions[i] not in seen:
+            seen.add(captions[i])
+            kept.append(i)
+    return kept
+
+
+@torch.inference_mode()
+def _validate(model: StairModel, images: torch.Tensor, captions: list[str]) -> tuple[float, float]:
+    """Text -> image R@1 over the validation pairs (sparse dot product, dense cosine)."""
+    from stair_search.encode import Encoder
+
+    model.eval()
+    encoder = Encoder(model, batch_size=128)
+    img, txt = encoder.encode_pixels(images), encoder.encode_texts(captions)
+    sparse = _sparse_matrix(txt.sparse, model) @ _sparse_matrix(img.sparse, model).T
+    dense = txt.dense @ img.dense.T
+    target = np.arange(len(captions))
+    return (float((sparse.argmax(1) == target).mean()), float((dense.argmax(1) == target).mean()))
+
+
+def _sparse_matrix(vectors: list[dict[str, float]], model: StairModel) -> np.ndarray:
+    index = model.vocabulary.index
+    matrix = np.zeros((len(vectors), len(index)), np.float32)
+    for row, vector in enumerate(vectors):
+        for token, weight in vector.items():
+            matrix[row, index[token]] = weight
+    return matrix
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

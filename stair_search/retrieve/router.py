@@ -1,19 +1,39 @@
-"""QueryRouter: encode the query, run the chosen routes over the index, fuse, and describe each hit."""
+"""QueryRouter: encode the query, run the chosen routes over the index, fuse, rerank the top candidates, and
+describe each hit.
+
+The query path: decide the routes (``mode``, or ``auto``: :func:`decide`) -> one text-encoder call for the query
+and every phrase the rerankers need (cached per router) -> sparse (optionally S^3-expanded) and/or dense search,
+``depth`` candidates each -> fusion (RRF or convex) -> rerankers over the top ``depth`` fused candidates, using
+the vectors stored in the index (never the image files) -> the top k, each hit with its per-route and
+per-reranker score parts.
+
+Reranked order: every requested reranker scores the same candidates (its score lands in ``hit.parts[name]``);
+the final score and order are the last reranker's. Candidates below ``depth`` (when k > depth) follow, in fused
+order.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from stair_search.encode import EncodedBatch, Encoder
 from stair_search.index.reader import Candidate, Index
+from stair_search.rerank import check_names, make_reranker
+from stair_search.rerank.base import RerankInput, candidate_vectors
+from stair_search.rerank.parse import STOP_WORDS, parse_query, words
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 
-MODES = ("sparse", "dense", "hybrid")
+MODES = ("auto", "sparse", "dense", "hybrid")
 FUSIONS = ("rrf", "convex")
+KEYWORD_MAX_WORDS = 3  # "red car", "grinning face": a few words and no function words lean sparse
+PHRASE_CACHE_SIZE = 10_000
 
 
 @dataclass
@@ -24,7 +44,7 @@ class SearchHit:
     source: str
     caption: str
     metadata: dict[str, Any]
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)  # route or reranker name -> its score
     matched: dict[str, tuple[float, float]] | None = None  # token -> (query weight, document weight)
 
     def to_dict(self) -> dict[str, Any]:
@@ -40,18 +60,77 @@ class SearchResponse:
     fusion: str | None
     hits: list[SearchHit]
     query_tokens: dict[str, float] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=dict)  # {"mode", "rerank", "reason"} (+ "expanded" for S^3)
+
+
+@dataclass(frozen=True)
+class Decision:
+    mode: str
+    rerank: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "rerank": list(self.rerank), "reason": self.reason}
+
+
+def decide(text: str | None, image: Image.Image | None) -> Decision:
+    """The ``auto`` routing rule, from the query alone.
+
+    - an image (with or without text) -> dense: appearance lives in the dense space;
+    - a relational phrase ("a red circle left of a blue square", "a man holding a cup") -> hybrid + ComCLIP,
+      the reranker that reads who is where;
+    - a short keyword-like query (at most 3 words, no function words) -> sparse: exact word matches are what
+      the user typed, and the sparse route can say which matched;
+    - anything longer (descriptive) -> hybrid.
+    """
+    if image is not None:
+        return Decision("dense", (), "image query: compared by appearance in the dense space")
+    if not text or not text.strip():
+        raise ValueError("A query needs a text, an image, or both.")
+    parsed = parse_query(text)
+    if parsed.relations:
+        subject, predicate, obj = parsed.triples()[0]
+        return Decision("hybrid", ("comclip",),
+                        f"relational phrase ({subject!r} {predicate} {obj!r}): hybrid + compositional reranker")
+    tokens = words(text)
+    if len(tokens) <= KEYWORD_MAX_WORDS and not STOP_WORDS.intersection(tokens):
+        return Decision("sparse", (), f"keyword-like query ({len(tokens)} word(s), no function words)")
+    return Decision("hybrid", (), f"descriptive query ({len(tokens)} words)")
 
 
 class QueryRouter:
-    def __init__(self, index: Index, encoder: Encoder, depth: int = 100):
+    def __init__(self, index: Index, encoder: Encoder, depth: int = 100,
+                 reranker_knobs: dict[str, dict[str, Any]] | None = None):
+        """``depth``: candidates per route and how many fused candidates are reranked (the issue's N).
+        ``reranker_knobs``: name -> keyword arguments of that reranker (see ``stair_search.rerank``)."""
         index.manifest.check_encoder(encoder)
         self.index, self.encoder, self.depth = index, encoder, depth
+        with torch.no_grad():  # BSAP's temperature: read once, outside autograd
+            self.logit_scale = float(encoder.model.logit_scale)
+        self.rerankers = {name: make_reranker(name, **(reranker_knobs or {}).get(name, {}))
+                          for name in ("bsap", "ssp", "comclip", "s3")}
+        self._phrases: dict[str, np.ndarray] = {}  # phrase -> unit embedding; auxiliary prompts stay cached
+        self._lock = threading.Lock()
 
     def encode_query(self, text: str | None = None, image: Image.Image | None = None) -> EncodedBatch:
         """Text, image, or both (their vectors added: a text-refined image query)."""
+        return self._encode(text, image, ())[0]
+
+    def _encode(self, text: str | None, image: Image.Image | None, phrases: Sequence[str]
+                ) -> tuple[EncodedBatch, dict[str, np.ndarray]]:
+        """The query, plus the embeddings of ``phrases``: those not cached yet are embedded in the same
+        text-encoder call as the query text."""
+        with self._lock:
+            known = {p: self._phrases[p] for p in phrases if p in self._phrases}
+        todo = [p for p in dict.fromkeys(phrases) if p not in known]
         parts = []
-        if text:
-            parts.append(self.encoder.encode_texts([text]))
+        if text or todo:
+            texts = self.encoder.encode_texts([text, *todo] if text else todo)
+            fresh = dict(zip(todo, np.asarray(texts.dense[1:] if text else texts.dense, np.float32), strict=True))
+            self._remember(fresh)
+            known.update(fresh)
+            if text:
+                parts.append(EncodedBatch(dense=texts.dense[:1], sparse=texts.sparse[:1]))
         if image is not None:
             parts.append(self.encoder.encode_images([image]))
         if not parts:
@@ -61,33 +140,86 @@ class QueryRouter:
         for p in parts:
             for token, weight in p.sparse[0].items():
                 sparse[token] = sparse.get(token, 0.0) + weight
-        return EncodedBatch(dense=(dense / np.linalg.norm(dense))[None].astype(np.float32), sparse=[sparse])
+        query = EncodedBatch(dense=(dense / np.linalg.norm(dense))[None].astype(np.float32), sparse=[sparse])
+        return query, known
 
     def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "hybrid",
                k: int = 10, fusion: str = "rrf", alpha: float = 0.5, rrf_k: int = RRF_K,
-               explain: bool = False) -> SearchResponse:
+               explain: bool = False, rerank: Sequence[str] = (), depth: int | None = None) -> SearchResponse:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got '{fusion}'")
-        query = self.encode_query(text, image)
-        depth = max(k, self.depth) if mode == "hybrid" else k
+        if depth is not None and depth < 1:
+            raise ValueError(f"depth must be a positive number of candidates, got {depth}")
+        names = check_names(rerank)
+        if mode == "auto":
+            decision = decide(text, image)
+            names = list(dict.fromkeys([*names, *decision.rerank]))
+            decision = Decision(decision.mode, tuple(names), decision.reason)
+        else:
+            decision = Decision(mode, tuple(names), "requested")
+        depth = depth or self.depth
+        phrases = [p for name in names for p in self.rerankers[name].phrases(text)]
+        query, embedded = self._encode(text, image, phrases)
+        query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
+        fused = self._retrieve(query, query_sparse, decision.mode, k, depth, fusion, alpha, rrf_k, bool(names))
+        if names:
+            fused = self._rerank(fused, depth, names, query.dense[0], text, embedded)
+        info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
+        hits = self._describe(fused[:k], query_sparse, explain)
+        return SearchResponse(mode=decision.mode, fusion=fusion if decision.mode == "hybrid" else None, hits=hits,
+                              query_tokens=query_sparse, decision=info)
+
+    def _expand(self, query_sparse: dict[str, float], text: str | None, mode: str, names: list[str]
+                ) -> tuple[dict[str, float], dict[str, str]]:
+        """S^3 query expansion on the sparse route (synonym tokens, down-weighted), when S^3 is enabled."""
+        s3 = self.rerankers["s3"]
+        if "s3" not in names or not text or mode not in ("sparse", "hybrid") or not s3.expansion:
+            return query_sparse, {}
+        from stair_search.rerank.s3 import expand_sparse
+
+        return expand_sparse(query_sparse, text, self.index.vocabulary, s3.expansion, source=s3.source)
+
+    def _retrieve(self, query: EncodedBatch, query_sparse: dict[str, float], mode: str, k: int, depth: int,
+                  fusion: str, alpha: float, rrf_k: int, reranking: bool) -> list[Fused]:
+        fetch = max(k, depth) if mode == "hybrid" or reranking else k
         lists: dict[str, list[Candidate]] = {}
         if mode in ("sparse", "hybrid"):
-            lists["sparse"] = self.index.search_sparse(query.sparse, depth)[0]
+            lists["sparse"] = self.index.search_sparse([query_sparse], fetch)[0]
         if mode in ("dense", "hybrid"):
-            lists["dense"] = self.index.search_dense(query.dense, depth)[0]
+            lists["dense"] = self.index.search_dense(query.dense, fetch)[0]
         keyed = {route: [((c.shard, c.row), c.score) for c in cands] for route, cands in lists.items()}
-        used_fusion = fusion if mode == "hybrid" else None
-        if used_fusion is None:  # one route: keep its own scores
+        if mode != "hybrid":  # one route: keep its own scores
             (route, ranked), = keyed.items()
-            fused = [Fused(key, score, {route: score}) for key, score in ranked]
-        elif fusion == "convex":
-            fused = convex(keyed, alpha)
-        else:
-            fused = rrf(keyed, rrf_k)
-        hits = self._describe(fused[:k], query.sparse[0], explain)
-        return SearchResponse(mode=mode, fusion=used_fusion, hits=hits, query_tokens=query.sparse[0])
+            return [Fused(key, score, {route: score}) for key, score in ranked]
+        return convex(keyed, alpha) if fusion == "convex" else rrf(keyed, rrf_k)
+
+    def _rerank(self, fused: list[Fused], depth: int, names: list[str], query: np.ndarray, text: str | None,
+                phrases: dict[str, np.ndarray]) -> list[Fused]:
+        """Score the top ``depth`` candidates with each reranker; order them by the last one."""
+        head, tail = fused[:depth], fused[depth:]
+        if not head:
+            return fused
+        candidates = [Candidate(shard, row, f.score) for f in head for shard, row in [f.key]]
+        local, positions = self.index.local_features(candidates)
+        inputs = RerankInput(query=np.asarray(query, np.float32), vectors=candidate_vectors(self.index, candidates),
+                             local=local.astype(np.float32), positions=positions.astype(np.float32),
+                             logit_scale=self.logit_scale, text=text, phrases=phrases)
+        for name in names:
+            scores = self.rerankers[name].score(inputs)
+            for f, score in zip(head, scores, strict=True):
+                f.parts[name] = float(score)
+        for f in head:
+            f.score = f.parts[names[-1]]
+        return sorted(head, key=lambda f: -f.score) + tail
+
+    def _remember(self, fresh: dict[str, np.ndarray]) -> None:
+        """Cache phrase embeddings (bounded: emptied when full; the auxiliary prompts come back at once)."""
+        with self._lock:
+            if len(self._phrases) + len(fresh) > PHRASE_CACHE_SIZE:
+                self._phrases.clear()
+            self._phrases.update(fresh)
 
     def _describe(self, fused: list[Fused], query_sparse: dict[str, float], explain: bool) -> list[SearchHit]:
         candidates = [Candidate(shard, row, f.score) for f in fused for shard, row in [f.key]]

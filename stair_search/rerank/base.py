@@ -1,0 +1,79 @@
+"""What every reranker gets: the query, the candidates' stored vectors, and the embedded phrases it asked for.
+
+The candidates' global embeddings come back out of FAISS (``reconstruct``; approximate for IVF-PQ, then
+re-normalised) and their local patch features out of the feature store, so reranking never reopens an image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class RerankInput:
+    query: np.ndarray  # (D,) unit float32: the query's dense embedding
+    vectors: np.ndarray  # (N, D) unit float32: the candidates' global embeddings
+    local: np.ndarray  # (N, m, D) float32: each candidate's stored local (patch) features, unit or zero rows
+    positions: np.ndarray  # (N, m, 2) float32: patch centres (x, y) in [0, 1]
+    logit_scale: float  # the model's CLIP temperature 1/τ
+    text: str | None = None  # the query text, when there is one
+    phrases: Mapping[str, np.ndarray] = field(default_factory=dict)  # phrase -> (D,) unit embedding
+
+    @property
+    def raw(self) -> np.ndarray:
+        """(N,) the plain cosine similarity of each candidate to the query."""
+        return self.vectors @ self.query
+
+    def embed(self, phrases: Sequence[str]) -> np.ndarray:
+        """(len, D) embeddings of phrases the reranker asked for; a missing one is a programming error."""
+        missing = [p for p in phrases if p not in self.phrases]
+        if missing:
+            raise KeyError(f"phrases {missing} were not embedded: list them in the reranker's phrases()")
+        dim = self.query.shape[0]
+        return np.stack([self.phrases[p] for p in phrases]) if phrases else np.zeros((0, dim), np.float32)
+
+
+class Reranker(Protocol):
+    name: str
+
+    def phrases(self, text: str | None) -> list[str]:
+        """Texts this reranker needs embedded for a query (auxiliary prompts, entities, synonyms)."""
+
+    def score(self, inputs: RerankInput) -> np.ndarray:
+        """(N,) new scores, higher is better."""
+
+
+def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``x`` scaled to unit length along ``axis``; zero vectors stay zero (no NaN)."""
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def candidate_vectors(index, candidates) -> np.ndarray:
+    """(N, D) unit float32 global embeddings of ``candidates`` (``reader.Candidate``), read back from FAISS."""
+    out = np.zeros((len(candidates), index.manifest.embed_dim), np.float32)
+    by_shard: dict[int, list[int]] = {}
+    for i, c in enumerate(candidates):
+        by_shard.setdefault(c.shard, []).append(i)
+    for shard, positions in by_shard.items():
+        rows = np.array([candidates[i].row for i in positions], dtype=np.int64)
+        out[positions] = _reconstruct(index.shards[shard].dense, rows)
+    return unit(out)
+
+
+def _reconstruct(dense, rows: np.ndarray) -> np.ndarray:
+    """Stored vectors of ``rows``. DenseIndex has no public reconstruct yet, so this reaches its FAISS index.
+
+    IVF-PQ needs a direct map (row -> list, offset) before it can reconstruct; it is built once, in memory.
+    """
+    import faiss
+
+    raw = dense._cpu_index() if dense._on_gpu else dense._index
+    ivf = faiss.try_extract_index_ivf(raw) if dense.spec.kind == "ivfpq" else None
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
+    return np.asarray(raw.reconstruct_batch(rows), dtype=np.float32).reshape(len(rows), -1)

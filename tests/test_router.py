@@ -1,0 +1,125 @@
+"""Query router: the ``auto`` decision, fusion against hand-computed examples, and reranking over a real index
+(Lucene + FAISS + feature store) built from images drawn here with a real tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stair_search.index.reader import Candidate, Index
+from stair_search.index.store import FeatureRecord
+from stair_search.index.writer import IndexWriter
+from stair_search.rerank import RERANKERS
+from stair_search.rerank.base import candidate_vectors
+from stair_search.retrieve.fusion import convex, rrf
+from stair_search.retrieve.router import QueryRouter, decide
+from tests.conftest import COLOURS, draw_shape
+
+SHAPES = ("circle", "square", "triangle")
+
+
+@pytest.mark.parametrize(("text", "mode", "rerank"), [
+    ("dog", "sparse", ()),
+    ("red car", "sparse", ()),
+    ("a fluffy white dog and a sleepy cat", "hybrid", ()),
+    ("a dog playing on the beach", "hybrid", ("comclip",)),
+    ("a red circle left of a blue square", "hybrid", ("comclip",)),
+    ("a man holding a cup", "hybrid", ("comclip",)),
+])
+def test_auto_decides_from_the_query(text, mode, rerank):
+    decision = decide(text, None)
+    assert (decision.mode, decision.rerank) == (mode, rerank) and decision.reason
+
+
+def test_auto_sends_image_queries_to_the_dense_route():
+    assert decide(None, draw_shape("red", "circle")).mode == "dense"
+    assert decide("red", draw_shape("red", "circle")).mode == "dense"
+    with pytest.raises(ValueError, match="text, an image"):
+        decide("  ", None)
+
+
+def test_rrf_matches_the_hand_computed_sums():
+    fused = rrf({"sparse": [("a", 5.0), ("b", 3.0)], "dense": [("b", 0.9), ("c", 0.8)]}, k=60)
+    assert [(f.key, f.score) for f in fused] == [("b", 1 / 62 + 1 / 61), ("a", 1 / 61), ("c", 1 / 62)]
+    assert fused[0].parts == {"sparse": 3.0, "dense": 0.9} and fused[2].parts == {"dense": 0.8}
+
+
+def test_convex_matches_the_hand_computed_min_max_mix():
+    fused = convex({"sparse": [("a", 5.0), ("b", 3.0), ("c", 1.0)], "dense": [("b", 0.9), ("c", 0.5)]}, alpha=0.25)
+    # sparse normalised: a 1, b 0.5, c 0; dense: b 1, c 0.
+    assert {f.key: pytest.approx(f.score) for f in fused} == {"a": 0.25, "b": 0.25 * 0.5 + 0.75, "c": 0.0}
+    assert fused[0].key == "b"
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory, tiny_encoder):
+    items = [(c, s) for c in COLOURS for s in SHAPES]
+    images = [draw_shape(c, s) for c, s in items]
+    records = [FeatureRecord(id=f"{c}-{s}", source=f"drawn://{c}/{s}", width=64, height=64, caption=f"a {c} {s}")
+               for c, s in items]  # sources are not files: reranking must not need them
+    index_dir = tmp_path_factory.mktemp("router") / "shapes"
+    writer = IndexWriter(index_dir, tiny_encoder, shard_size=5)
+    writer.add(records, tiny_encoder.encode_images(images))
+    writer.close()
+    return QueryRouter(Index(index_dir), tiny_encoder), images
+
+
+def test_stored_vectors_come_back_from_faiss(router):
+    router, images = router
+    candidates = [Candidate(shard, row, 0.0) for shard in range(3) for row in range(2)]
+    expected = router.encoder.encode_images([images[shard * 5 + row] for shard in range(3) for row in range(2)])
+    np.testing.assert_allclose(candidate_vectors(router.index, candidates), expected.dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", RERANKERS)
+def test_each_reranker_reorders_the_fused_candidates_by_its_score(router, name):
+    router, _ = router
+    plain = router.search(text="a red circle", mode="hybrid", k=12, depth=12)
+    reranked = router.search(text="a red circle", mode="hybrid", k=12, depth=12, rerank=[name])
+    assert {h.id for h in reranked.hits} == {h.id for h in plain.hits}  # reranking only reorders
+    scores = [h.parts[name] for h in reranked.hits]
+    assert scores == sorted(scores, reverse=True) and [h.score for h in reranked.hits] == scores
+    assert reranked.decision == {"mode": "hybrid", "rerank": [name], "reason": "requested"} | (
+        {"expanded": reranked.decision["expanded"]} if "expanded" in reranked.decision else {})
+
+
+def test_only_the_top_depth_candidates_are_reranked_and_the_last_reranker_orders(router):
+    router, _ = router
+    response = router.search(text="a blue square", mode="dense", k=8, depth=4, rerank=["bsap", "ssp"])
+    head, tail = response.hits[:4], response.hits[4:]
+    assert all({"bsap", "ssp", "dense"} <= set(h.parts) for h in head)
+    assert all(set(h.parts) == {"dense"} for h in tail)
+    assert [h.score for h in head] == sorted((h.parts["ssp"] for h in head), reverse=True)
+    plain = router.search(text="a blue square", mode="dense", k=8)
+    assert [h.id for h in tail] == [h.id for h in plain.hits[4:]]
+
+
+def test_auto_mode_reports_its_decision_and_applies_comclip(router):
+    router, images = router
+    response = router.search(text="a red circle left of a blue square", mode="auto", k=5)
+    assert response.mode == "hybrid" and response.decision["rerank"] == ["comclip"]
+    assert "relational" in response.decision["reason"] and all("comclip" in h.parts for h in response.hits)
+    keyword = router.search(text="yellow", mode="auto", k=3)
+    assert keyword.mode == "sparse" and keyword.fusion is None
+    by_image = router.search(image=images[0], mode="auto", k=1)
+    assert by_image.mode == "dense" and by_image.hits[0].id == "red-circle"
+
+
+def test_s3_expands_the_sparse_query_with_synonym_tokens(router, tiny_encoder):
+    index = router[0].index
+    s3_router = QueryRouter(index, tiny_encoder, reranker_knobs={"s3": {"source": lambda w: ["automobile"]}})
+    response = s3_router.search(text="car", mode="sparse", k=3, rerank=["s3"])
+    assert response.decision["expanded"] == {"automobile": "car"}
+    base = tiny_encoder.encode_texts(["car"]).sparse[0]
+    expected = 0.3 * base.get("car", max(base.values()))
+    assert response.query_tokens["automobile"] == pytest.approx(expected)
+
+
+def test_bad_router_arguments_are_clear_errors(router):
+    router, _ = router
+    with pytest.raises(ValueError, match="choose from bsap, ssp, comclip, s3"):
+        router.search(text="red", rerank=["colbert"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        router.search(text="red", mode="lexical")
+    with pytest.raises(ValueError, match="depth"):
+        router.search(text="red", depth=0)

@@ -6,6 +6,7 @@ Layout of an index directory::
     shards/<name>/sparse/{indptr,indices,values}.npy + lucene/   (SparseShard)
     shards/<name>/dense.faiss                                    (DenseIndex)
     shards/<name>/features.parquet                               (FeatureStore)
+    shards/<name>/deleted-<id>.npy                               (tombstones: deleted rows, optional)
 
 The manifest is written last and atomically, so a reader sees either the previous complete index or the
 new one. A searcher refuses an encoder whose model or vocabulary differs, saying which.
@@ -38,9 +39,18 @@ class ShardInfo:
     name: str
     count: int
     dense: dict[str, Any]  # DenseSpec.to_dict() of this shard's FAISS index
+    # Deleted documents stay in the shard's files (no rebuild); their rows are listed in this tombstone file
+    # (relative to the shard directory). A new file name per change keeps the manifest swap atomic.
+    deleted: str | None = None
+    deleted_count: int = 0
 
     def path(self, index_dir: Path) -> Path:
         return Path(index_dir) / SHARDS / self.name
+
+    @property
+    def live(self) -> int:
+        """Documents a search can return: rows written minus rows deleted."""
+        return self.count - self.deleted_count
 
 
 @dataclass
@@ -57,7 +67,8 @@ class Manifest:
 
     @property
     def count(self) -> int:
-        return sum(s.count for s in self.shards)
+        """Live documents (deleted ones are not counted)."""
+        return sum(s.live for s in self.shards)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

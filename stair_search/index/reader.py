@@ -3,6 +3,9 @@
 Opening checks that every file the manifest promises is there (a deleted file is a clear error, never a
 silently smaller answer), but loads parts lazily: the JVM starts only on the first sparse search, FAISS
 only on the first dense one.
+
+Deleted documents (tombstones, see ``writer.delete_documents``) stay in the shard files: each shard
+over-fetches by its number of deleted rows and drops them, so a search still returns k live documents.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from stair_search.index.dense import DenseIndex, DenseSpec
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
 from stair_search.index.store import FeatureStore
-from stair_search.index.writer import DENSE_FILE, FEATURES_FILE, SPARSE_DIR
+from stair_search.index.writer import DENSE_FILE, FEATURES_FILE, SPARSE_DIR, delete_documents, read_tombstone
 from stair_search.models.vocab import Vocabulary
 
 
@@ -39,7 +42,12 @@ class _Shard:
         if missing:
             raise FileNotFoundError(f"Index shard {info.name} is incomplete, missing {missing}. Restore the files "
                                     f"or rebuild the index; searching it would silently lose documents.")
+        self.deleted = frozenset(read_tombstone(index_dir, info).tolist())  # loaded now: a later delete replaces it
         self._lock = threading.Lock()
+
+    def fetch_depth(self, k: int) -> int:
+        """How many rows to ask this shard for so that k live ones remain after dropping deleted rows."""
+        return k + len(self.deleted)
 
     @cached_property
     def store(self) -> FeatureStore:
@@ -65,6 +73,9 @@ class _Shard:
 class Index:
     def __init__(self, index_dir: str | Path):
         self.dir = Path(index_dir)
+        self._load()
+
+    def _load(self) -> None:
         self.manifest = Manifest.load(self.dir)
         self.vocabulary = Vocabulary.load(self.manifest.vocabulary)
         if self.vocabulary.sha256 != self.manifest.vocabulary_sha256:
@@ -74,27 +85,44 @@ class Index:
     def __len__(self) -> int:
         return self.manifest.count
 
-
     def search_sparse(self, queries: Sequence[Mapping[str, float]], k: int, threads: int = 1) -> list[list[Candidate]]:
-        per_shard = [shard.sparse.batch_search(queries, k, threads) for shard in self.shards]
-        return [_merge([[Candidate(s, h.row, h.score) for h in per_shard[s][q]] for s in range(len(self.shards))], k)
+        per_shard = [shard.sparse.batch_search(queries, shard.fetch_depth(k), threads) for shard in self.shards]
+        return [_merge([[Candidate(s, h.row, h.score) for h in per_shard[s][q] if h.row not in self.shards[s].deleted]
+                        for s in range(len(self.shards))], k)
                 for q in range(len(queries))]
 
     def search_dense(self, vectors: np.ndarray, k: int) -> list[list[Candidate]]:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        per_shard = [shard.dense.search(vectors, k) for shard in self.shards]
-        return [_merge([[Candidate(s, int(r), float(sc)) for sc, r in zip(scores[q], rows[q], strict=True) if r >= 0]
+        per_shard = [shard.dense.search(vectors, shard.fetch_depth(k)) for shard in self.shards]
+        return [_merge([[Candidate(s, int(r), float(sc)) for sc, r in zip(scores[q], rows[q], strict=True)
+                         if r >= 0 and int(r) not in self.shards[s].deleted]
                         for s, (scores, rows) in enumerate(per_shard)], k)
                 for q in range(len(vectors))]
 
-    def documents(self, candidates: Sequence[Candidate], columns: Sequence[str] | None = None) -> list[dict]:
-        """Stored fields of each candidate, in order (grouped by shard so each parquet is read once)."""
+    def documents(self, candidates: Sequence[Candidate], columns: Sequence[str] | None = None) -> list[dict | None]:
+        """Stored fields of each candidate, in order (grouped by shard so each parquet is read once).
+
+        A deleted document is never returned: its place holds None (searches never yield deleted rows).
+        """
         out: list[dict | None] = [None] * len(candidates)
         for shard, positions in _by_shard(candidates).items():
-            rows = self.shards[shard].store.rows([candidates[i].row for i in positions], columns)
-            for i, row in zip(positions, rows, strict=True):
+            live = [i for i in positions if candidates[i].row not in self.shards[shard].deleted]
+            rows = self.shards[shard].store.rows([candidates[i].row for i in live], columns) if live else []
+            for i, row in zip(live, rows, strict=True):
                 out[i] = row
-        return out  # type: ignore[return-value]
+        return out
+
+    def ids(self) -> list[str]:
+        """Ids of every live document, shard by shard in row order."""
+        return [doc_id for shard in self.shards
+                for row, doc_id in enumerate(shard.store.ids) if row not in shard.deleted]
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete documents by id (no rebuild); returns how many were deleted. Unknown ids are ignored:
+        ``writer.delete_documents`` also says which they were. This Index sees the change at once."""
+        result = delete_documents(self.dir, ids)
+        self._load()  # re-read the manifest and tombstones
+        return len(result.deleted)
 
     def local_features(self, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         """(N, m, D) local features and (N, m, 2) positions of the candidates, in order."""

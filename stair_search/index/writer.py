@@ -2,6 +2,7 @@
 
 A new index is built in a hidden sibling directory and renamed into place when complete, so readers never
 see a half-written index. Appending writes new shards first and then swaps the manifest atomically.
+Deleting documents writes per-shard tombstone files and swaps the manifest (``delete_documents``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from stair_search.encode import EncodedBatch, Encoder
 from stair_search.index.dense import DenseIndex, DenseSpec
 from stair_search.index.manifest import MANIFEST, Manifest, ShardInfo
 from stair_search.index.sparse import DEFAULT_SCALE, concat_csr, to_csr, write_sparse_shard
-from stair_search.index.store import FeatureRecord, write_features
+from stair_search.index.store import FeatureRecord, FeatureStore, write_features
 from stair_search.models.vocab import Vocabulary
 
 DENSE_FILE = "dense.faiss"
@@ -162,3 +164,73 @@ def publish(build_dir: Path, index_dir: Path) -> None:
     os.replace(index_dir, retired)
     os.replace(build_dir, index_dir)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ deleting documents
+
+
+@dataclass
+class DeleteResult:
+    deleted: list[str]  # ids that were live and are now deleted
+    unknown: list[str]  # ids the index does not hold (or that were deleted before)
+
+
+def read_tombstone(index_dir: Path, shard: ShardInfo) -> np.ndarray:
+    """Sorted rows of ``shard`` that are deleted (empty when none); a listed file that is gone is an error."""
+    if not shard.deleted:
+        return np.zeros(0, dtype=np.int64)
+    path = shard.path(index_dir) / shard.deleted
+    if not path.is_file():
+        raise FileNotFoundError(f"Index shard {shard.name}: its tombstone file {path} is missing, so deleted "
+                                f"documents would come back. Restore the file or rebuild the index.")
+    return np.load(path)
+
+
+def delete_documents(index_dir: str | Path, ids: Iterable[str]) -> DeleteResult:
+    """Delete documents by id without a rebuild: their rows go into per-shard tombstone files.
+
+    Why tombstones: a Lucene, FAISS and parquet rewrite per delete would cost a rebuild of the shard. New
+    tombstone files get fresh names and only the atomic manifest swap makes them count, so a reader (or a
+    kill mid-way) sees either the old or the new set of deleted documents; old files are removed afterwards.
+    """
+    index_dir = Path(index_dir)
+    manifest = Manifest.load(index_dir)
+    pending = list(dict.fromkeys(str(i) for i in ids))
+    deleted: list[str] = []
+    retired: list[Path] = []
+    for shard in manifest.shards:
+        if not pending:
+            break
+        dead = read_tombstone(index_dir, shard)
+        rows_here = _live_rows_of(index_dir, shard, pending, set(dead.tolist()))
+        if not rows_here:
+            continue
+        if shard.deleted:
+            retired.append(shard.path(index_dir) / shard.deleted)
+        all_dead = np.union1d(dead, np.fromiter(rows_here.values(), dtype=np.int64))
+        shard.deleted = _write_tombstone(shard.path(index_dir), all_dead)
+        shard.deleted_count = len(all_dead)
+        deleted.extend(rows_here)
+        pending = [i for i in pending if i not in rows_here]
+    if deleted:
+        manifest.save(index_dir)
+        for path in retired:
+            path.unlink(missing_ok=True)
+    return DeleteResult(deleted=deleted, unknown=pending)
+
+
+def _live_rows_of(index_dir: Path, shard: ShardInfo, ids: Sequence[str], dead: set[int]) -> dict[str, int]:
+    with FeatureStore.open(shard.path(index_dir) / FEATURES_FILE) as store:
+        rows = {doc_id: store.row_of(doc_id) for doc_id in ids}
+    return {doc_id: row for doc_id, row in rows.items() if row is not None and row not in dead}
+
+
+def _write_tombstone(shard_dir: Path, rows: np.ndarray) -> str:
+    name = f"deleted-{uuid.uuid4().hex[:8]}.npy"
+    tmp = shard_dir / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(rows, dtype=np.int64))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, shard_dir / name)
+    return name

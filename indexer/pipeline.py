@@ -1,0 +1,171 @@
+"""The local runner: decode in worker processes, encode in this process, in source order, in chunks.
+
+Why processes: PIL decoding and the model's resize/normalise hold the GIL, so threads would serialise them
+with the encoder. Workers start with ``forkserver`` (a forked copy of a process that already runs torch
+threads can deadlock), use one torch thread each, and die with the job (``PR_SET_PDEATHSIG``), so a
+``kill -9`` of the job leaves no orphans. At most ``workers * PREFETCH_PER_WORKER`` items are in flight:
+the source is read lazily, and a tar or parquet of image bytes is never pulled into memory at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode
+from indexer.journal import Chunk, Skip
+from indexer.sources import Item
+from stair_search.encode import EncodedBatch, Encoder
+from stair_search.index.sparse import to_csr
+from stair_search.index.store import FeatureRecord
+from stair_search.models.vocab import Vocabulary
+
+PREFETCH_PER_WORKER = 16
+DUPLICATE = "duplicate id (already taken by an earlier item of this job)"
+# (position in the source, item, reason to skip it without decoding or None)
+NumberedItem = tuple[int, Item, str | None]
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def default_workers() -> int:
+    return min(4, available_cores())
+
+
+# ------------------------------------------------------------------------------------------ worker processes
+
+_worker_preprocess: Callable | None = None
+_worker_max_pixels = DEFAULT_MAX_PIXELS
+
+
+def _init_worker(preprocess: Callable, max_pixels: int) -> None:
+    global _worker_preprocess, _worker_max_pixels
+    _worker_preprocess, _worker_max_pixels = preprocess, max_pixels
+    torch.set_num_threads(1)  # the main process's encoder needs the cores
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with our parent (the job or its forkserver)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _decode_in_worker(item: Item, position: int) -> Decoded:
+    decoded = decode(item, position, _worker_preprocess, _worker_max_pixels)
+    if decoded.pixels is not None:  # plain bytes through the pipe, not torch's shared-memory file handles
+        decoded.pixels = decoded.pixels.numpy()
+    return decoded
+
+
+class DecodePool:
+    """Ordered, bounded parallel decoding; ``workers=0`` decodes inline (no processes)."""
+
+    def __init__(self, workers: int, preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.workers, self.preprocess, self.max_pixels = workers, preprocess, max_pixels
+        self._pool = None
+        if workers > 0:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = context.Pool(workers, initializer=_init_worker, initargs=(preprocess, max_pixels))
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def map(self, items: Iterable[NumberedItem]) -> Iterator[tuple[int, Item, Decoded]]:
+        if self._pool is None:
+            for position, item, reason in items:
+                yield position, item, _skipped(position, reason) or decode(item, position, self.preprocess,
+                                                                            self.max_pixels)
+            return
+        in_flight: deque = deque()
+        limit = self.workers * PREFETCH_PER_WORKER
+        for position, item, reason in items:
+            result = _skipped(position, reason) or self._pool.apply_async(_decode_in_worker, (item, position))
+            in_flight.append((position, item, result))
+            if len(in_flight) >= limit:
+                yield _ready(*in_flight.popleft())
+        while in_flight:
+            yield _ready(*in_flight.popleft())
+
+
+def _skipped(position: int, reason: str | None) -> Decoded | None:
+    return Decoded(position, None, skip_reason=reason) if reason else None
+
+
+def _ready(position: int, item: Item, result: Any) -> tuple[int, Item, Decoded]:
+    return position, item, result if isinstance(result, Decoded) else result.get()
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+class ChunkBuilder:
+    """Collects decoded (or already encoded) items into batches of ``batch_size`` and turns each into a
+    :class:`Chunk`; shared by the local and the Ray runner so both write exactly the same documents."""
+
+    def __init__(self, batch_size: int, seen_ids: set[str], encode: Callable[[list[Any]], EncodedBatch],
+                 vocabulary: Vocabulary, scale: float):
+        self.batch_size, self.seen_ids, self.encode = batch_size, seen_ids, encode
+        self.vocabulary, self.scale = vocabulary, scale
+        self.records: list[FeatureRecord] = []
+        self.payloads: list[Any] = []
+        self.skipped: list[Skip] = []
+
+    def add(self, position: int, item: Item, skip_reason: str | None, width: int, height: int,
+            payload: Any) -> Chunk | None:
+        """Take one item; returns a chunk when a batch is full."""
+        if skip_reason is None and item.id in self.seen_ids:
+            skip_reason = DUPLICATE
+        if skip_reason:
+            self.skipped.append((item.id, item.source, skip_reason))
+            return None
+        self.seen_ids.add(item.id)
+        self.records.append(FeatureRecord(id=item.id, source=item.source, width=width, height=height,
+                                          caption=item.caption, metadata=item.metadata))
+        self.payloads.append(payload)
+        return self.flush(position + 1) if len(self.records) >= self.batch_size else None
+
+    def flush(self, end: int) -> Chunk | None:
+        """The batch so far as a chunk accounting for positions below ``end`` (None if there is nothing)."""
+        if not self.records and not self.skipped:
+            return None
+        chunk = Chunk(end=end, records=self.records, skipped=self.skipped)
+        if self.records:
+            chunk.encoded = self.encode(self.payloads)
+            chunk.csr = to_csr(chunk.encoded.sparse, self.vocabulary, self.scale)
+            if chunk.encoded.local is not None:
+                for record, local, positions in zip(chunk.records, chunk.encoded.local,
+                                                    chunk.encoded.local_positions, strict=True):
+                    record.local, record.local_positions = local, positions
+        self.records, self.payloads, self.skipped = [], [], []
+        return chunk
+
+
+def local_chunks(items: Iterable[NumberedItem], encoder: Encoder, builder_args: dict[str, Any], workers: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Chunk]:
+    """Decode (in ``workers`` processes) and encode (here) every item, yielding chunks in source order."""
+
+    def encode(pixels: list[np.ndarray | torch.Tensor]) -> EncodedBatch:
+        return encoder.encode_pixels(torch.stack([torch.as_tensor(p) for p in pixels]))
+
+    builder = ChunkBuilder(encode=encode, **builder_args)
+    end = None
+    with DecodePool(workers, encoder.model.preprocess, max_pixels) as pool:
+        for position, item, decoded in pool.map(items):
+            end = position + 1
+            chunk = builder.add(position, item, decoded.skip_reason, decoded.width, decoded.height, decoded.pixels)
+            if chunk is not None:
+                yield chunk
+    if end is not None and (chunk := builder.flush(end)) is not None:
+        yield chunk

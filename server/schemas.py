@@ -1,0 +1,156 @@
+"""Request and response bodies of the HTTP API (pydantic), which also make up the OpenAPI schema at /docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_K = 100
+MAX_QUERY_CHARS = 1000
+MAX_FILTERS = 16
+MAX_LABELS = 100
+MAX_LABEL_CHARS = 100
+
+Mode = Literal["auto", "sparse", "dense", "hybrid"]
+Fusion = Literal["rrf", "convex"]
+RerankerName = Literal["bsap", "ssp", "comclip", "s3"]
+FilterValue = str | int | float | bool
+
+
+class SearchRequest(BaseModel):
+    """One search. Give ``query``, ``image`` or both (a text-refined image query)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str | None = Field(None, max_length=MAX_QUERY_CHARS, description="Text query.")
+    image: str | None = Field(None, description="Query image as base64 or a data: URL (or use a multipart upload).")
+    index: str | None = Field(None, description="Index name; default: the first index the server was started with.")
+    k: int = Field(10, ge=1, le=MAX_K)
+    mode: Mode = "hybrid"
+    fusion: Fusion = "rrf"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Convex fusion: weight of the sparse route.")
+    rerank: list[RerankerName] = Field(default_factory=list, max_length=4)
+    explain: bool = Field(True, description="Return the matched word-pieces of each hit.")
+    filters: dict[str, FilterValue | list[FilterValue]] = Field(
+        default_factory=dict, max_length=MAX_FILTERS,
+        description="Metadata equality filters (a list means any of); applied to an over-fetched candidate list.")
+
+    @field_validator("query")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("rerank")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _needs_query_or_image(self, info: ValidationInfo) -> SearchRequest:
+        uploaded = _uploaded(info)
+        if self.query is None and not self.image and not uploaded:
+            raise ValueError("give a text 'query', an 'image', or both")
+        if self.image and uploaded:
+            raise ValueError("give the image once: as base64 'image' or as a multipart upload, not both")
+        return self
+
+
+def _uploaded(info: ValidationInfo) -> bool:
+    """Whether the image came as a multipart file (the request parser says so through the context)."""
+    return bool(info.context and info.context.get("uploaded_image"))
+
+
+class MatchedToken(BaseModel):
+    token: str
+    query: float = Field(description="Weight of the word-piece in the query.")
+    document: float = Field(description="Weight of the word-piece in the document.")
+
+
+class Hit(BaseModel):
+    rank: int
+    id: str
+    score: float
+    parts: dict[str, float] = Field(description="Score of each route / reranker.")
+    caption: str
+    metadata: dict[str, Any]
+    thumbnail: str = Field(description="URL of the thumbnail, served from the index's stored source.")
+    document: str = Field(description="URL of the stored document.")
+    matched: list[MatchedToken] = Field(default_factory=list)
+
+
+class SearchResult(BaseModel):
+    index: str
+    version: int = Field(description="Increases each time the server swaps in a newly published index.")
+    mode: str
+    fusion: str | None
+    decision: dict[str, Any] | None = Field(None, description="What mode=auto chose and why (when the router says).")
+    took_ms: float
+    query_tokens: dict[str, float] = Field(description="The query's largest word-piece weights.")
+    hits: list[Hit]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="Image as base64 or a data: URL (or use a multipart upload).")
+    labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
+    index: str | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _clean_labels(cls, value: list[str]) -> list[str]:
+        labels = list(dict.fromkeys(label.strip() for label in value if label.strip()))
+        too_long = [label[:20] for label in labels if len(label) > MAX_LABEL_CHARS]
+        if too_long:
+            raise ValueError(f"labels longer than {MAX_LABEL_CHARS} characters: {too_long}")
+        if len(labels) < 2:
+            raise ValueError("give at least two distinct, non-blank labels")
+        return labels
+
+    @model_validator(mode="after")
+    def _needs_one_image(self, info: ValidationInfo) -> ClassifyRequest:
+        if bool(self.image) == _uploaded(info):
+            raise ValueError("give exactly one image: as base64 'image' or as a multipart upload")
+        return self
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    index: str
+    labels: list[LabelScore]
+
+
+class Document(BaseModel):
+    id: str
+    index: str
+    caption: str
+    metadata: dict[str, Any]
+    width: int
+    height: int
+    thumbnail: str
+
+
+class IndexInfo(BaseModel):
+    name: str
+    documents: int
+    shards: int
+    model: str
+    version: int
+    opened: str
+    created: str
+
+
+class ServiceInfo(BaseModel):
+    indexes: list[IndexInfo]
+    modes: list[str]
+    rerankers: list[str]
+    classify: bool
+    max_k: int = MAX_K
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_image_bytes: int
+    auth: bool

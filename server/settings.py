@@ -1,0 +1,31 @@
+"""Server settings: every limit the service enforces, in one place, so the CLI, tests and docs agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what one request may ask of the server.
+
+    Why these exist: a search service is exposed to whatever clients send. Without caps a single request can
+    make the process decode a gigapixel image, hold a huge body in memory or ask for every document at once.
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024  # whole request body (JSON with base64, or multipart): 413 above
+    max_image_bytes: int = 5 * 1024 * 1024  # one encoded image after base64 decoding: 413 above
+    max_image_pixels: int = 16_000_000  # width x height of a query image (checked before decoding): 413 above
+    max_source_pixels: int = 64_000_000  # a stored image opened for a thumbnail
+    search_timeout_s: float = 20.0  # a search or classify that takes longer answers 504
+    max_in_flight: int = 64  # searches queued or running at once; more answer 503 instead of piling up
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    limits: Limits = field(default_factory=Limits)
+    api_key: str | None = None  # when set, every API route needs the header X-API-Key (health probes do not)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API from other sites
+    search_threads: int = 4  # worker threads running searches (the encoder itself runs one call at a time)
+    reload_interval_s: float = 2.0  # how often the registry looks for a newly published index; 0 = never
+    thumbnail_size: int = 128  # default longest side of a thumbnail, in pixels

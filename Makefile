@@ -6,7 +6,7 @@ VENV ?= .venv
 FAISS ?= cpu# cpu | gpu (faiss-gpu wheel; needs CUDA 12)
 BIN := $(VENV)/bin
 
-.PHONY: install install-test demo test lint bench
+.PHONY: install install-test system-test-deps demo test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,15 @@ install-test: $(VENV)/.installed-test-$(FAISS)
 demo: install
 	$(BIN)/stair-search demo
 
-lint: install-test
+# Debian packages the tests use: Chromium for the web page test, WordNet for S^3 synonyms.
+SYSTEM_TEST_DEPS := chromium chromium-driver wordnet-base
+system-test-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/wordnet ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_TEST_DEPS) >/dev/null; \
+	  else echo "note: install $(SYSTEM_TEST_DEPS) (Debian) for the browser and WordNet tests"; fi; fi
+
+lint: install-test system-test-deps
 	$(BIN)/ruff check .
 
 test: lint

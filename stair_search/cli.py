@@ -16,12 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo index.")] = Path("indexes/demo"),
     model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = "stair-tiny",
-    limit: Annotated[int, typer.Option(help="How many emoji images to index.")] = 400,
+    split: Annotated[str, typer.Option(help="Which split of the emoji data set to index: test | val | train.")]
+    = "test",
 ) -> None:
-    """Fetch real emoji images, index them with the embedded default model and search them."""
+    """Build the emoji data set, index a split with the embedded default model, search and evaluate it."""
     from stair_search.demo import run_demo
 
-    run_demo(out=out, model=model, limit=limit)
+    run_demo(out=out, model=model, split=split)
 
 
 @app.command()
@@ -113,6 +114,134 @@ def train(
                               f"{e.image_nonzeros:.1f} text {e.text_nonzeros:.1f}  val R@1 sparse "
                               f"{e.val_r1_sparse} dense {e.val_r1_dense}  {e.seconds:.0f} s"))
     typer.echo(f"checkpoint: {result.checkpoint}")
+
+
+@app.command()
+def dataset(
+    name: Annotated[str, typer.Argument(help="emoji | compositional")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the data set into.")],
+    styles: Annotated[str, typer.Option(help="emoji: comma-separated styles.")] = "google,twitter",
+    seed: Annotated[int, typer.Option(help="Seed of the splits (emoji) or the scenes (compositional).")] = 0,
+    cache: Annotated[Path | None, typer.Option(help="emoji: npm cache folder (default $STAIR_DATA).")] = None,
+    tarball: Annotated[list[str] | None, typer.Option(help="emoji: local package, KEY=PATH.tgz with KEY "
+                                                            "google, twitter or tags; repeatable.")] = None,
+    n: Annotated[int, typer.Option("-n", min=1, help="compositional: number of examples.")] = 2000,
+) -> None:
+    """Build a data set: `emoji` (records, splits, queries, qrels) or `compositional` (synthetic scenes)."""
+    if name == "compositional":
+        from stair_search.eval.datasets.synthetic import write_compositional
+
+        typer.echo(f"wrote {n} examples (and their negatives) to {write_compositional(out, n, seed)}")
+        return
+    if name != "emoji":
+        raise typer.BadParameter(f"unknown data set '{name}'; expected 'emoji' or 'compositional'")
+    from stair_search.eval.datasets.emoji import build_emoji_dataset
+
+    tarballs = {}
+    for item in tarball or []:
+        key, sep, path = item.partition("=")
+        if not sep or not path:
+            raise typer.BadParameter(f"--tarball expects KEY=PATH (e.g. google=emoji-datasource-google-16.0.0.tgz), "
+                                     f"got '{item}'")
+        tarballs[key.strip()] = Path(path)
+    built = build_emoji_dataset(out, styles=[s.strip() for s in styles.split(",") if s.strip()], seed=seed,
+                                cache=cache, tarballs=tarballs)
+    summary = built.summary
+    typer.echo(f"{built.root}: {summary['images']} images of {summary['concepts']} concepts")
+    for split, counts in summary["splits"].items():
+        queries = {kind: summary["queries"][f"{split}.{kind}"]["queries"] for kind in ("label", "tag")}
+        typer.echo(f"  {split}: {counts['concepts']} concepts, images {counts['images']}, "
+                   f"{queries['label']} label and {queries['tag']} tag queries")
+
+
+@app.command("eval")
+def evaluate_index(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
+    queries: Annotated[Path, typer.Argument(help="Queries file: qid<TAB>text per line.")],
+    qrels: Annotated[Path, typer.Argument(help="TREC qrels file: qid 0 docid grade per line.")],
+    mode: Annotated[list[str] | None, typer.Option(help="sparse | dense | hybrid-rrf | hybrid-convex | auto; "
+                                                        "repeatable (default: the first four).")] = None,
+    rerank: Annotated[list[str] | None, typer.Option(help="none | each | names joined by ',' (a chain); "
+                                                          "repeatable (default: none).")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="convex weight of the sparse route")] = 0.5,
+    depth: Annotated[int | None, typer.Option(min=1, help="Candidates before fusion/reranking.")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Write one TREC run file per configuration here.")] = None,
+    model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Evaluate search modes (and rerankers) on judged queries: R@1/5/10, MRR@10, nDCG@10, ms/query."""
+    from stair_search.eval.runner import DEFAULT_MODES, evaluate, parse_rerank_sets
+
+    try:
+        report = evaluate(index_dir, queries, qrels, modes=mode or DEFAULT_MODES,
+                          rerank_sets=parse_rerank_sets(rerank or ["none"]), k=k, model=model, alpha=alpha,
+                          depth=depth, runs_dir=runs_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(report.to_markdown())
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+@app.command()
+def serve(
+    indexes: Annotated[list[str], typer.Argument(metavar="INDEX...", help="Index directories to serve, each "
+                                                 "as PATH or NAME=PATH; the first is the default.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="STAIR_API_KEY",
+                                                help="Require this key in the X-API-Key header.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin "
+                                                          "(repeatable).")] = None,
+    threads: Annotated[int, typer.Option(min=1, max=64, help="Search worker threads.")] = 4,
+    reload_interval: Annotated[float, typer.Option(min=0, help="Seconds between checks for a newly "
+                                                   "published index (0: never).")] = 2.0,
+    model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve indexes over HTTP: search API (OpenAPI at /docs) and a search page at /."""
+    import uvicorn
+
+    from server import ServerSettings, create_app
+
+    named = {}
+    for spec in indexes:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).name, spec)
+        if name in named:
+            raise typer.BadParameter(f"two indexes are named '{name}'; name them with NAME=PATH")
+        named[name] = Path(path)
+    settings = ServerSettings(api_key=api_key, cors_origins=tuple(cors_origin or ()), search_threads=threads,
+                              reload_interval_s=reload_interval)
+    uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def classify(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file to classify.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated class labels, e.g. cat,dog,red car.")],
+    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = "stair-tiny",
+    pretrained: Annotated[str | None, typer.Option(help="open_clip tag or checkpoint file.")] = None,
+    template: Annotated[str, typer.Option(help="Prompt around each synonym; {} is the synonym.")] = "{}",
+    k: Annotated[int, typer.Option("-k", min=1, help="Synonyms in the local centre.")] = 3,
+    epsilon: Annotated[float | None, typer.Option(help="Vietoris-Rips radius (default: median distance).")] = None,
+    wordnet: Annotated[bool, typer.Option(help="Add WordNet synonyms (else the label alone).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per label.")] = False,
+) -> None:
+    """Zero-shot classification with S^3 synonym spaces: labels best first, with their scores."""
+    from stair_search.encode import Encoder
+    from stair_search.rerank.s3 import classify as classify_image
+
+    pil = _open_image(image)
+    names = [label.strip() for label in labels.split(",") if label.strip()]
+    if not names:
+        raise typer.BadParameter("give at least one label, e.g. --labels cat,dog", param_hint="--labels")
+    encoder = Encoder(model, pretrained=pretrained)
+    ranked = classify_image(encoder, pil, names, epsilon=epsilon, k=k, template=template,
+                            source=None if wordnet else (lambda _label: []))
+    for label, score in ranked:
+        typer.echo(json.dumps({"label": label, "score": round(score, 6)}) if as_json else f"{score:8.4f}  {label}")
 
 
 def _open_image(path: Path):

@@ -24,6 +24,7 @@ from stair_search.models.stair import StairModel
 from stair_search.models.vocab import Vocabulary, resolve_path
 
 DEFAULT_MODEL = "stair-tiny"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".stair")
 
 
@@ -44,12 +45,28 @@ def create_model(spec: str | Path | StairConfig = DEFAULT_MODEL, pretrained: str
             model = load_checkpoint(text, device=device)
             model.spec = str(Path(text).expanduser().resolve())
             return model
+        shipped = shipped_checkpoint(text)
+        if shipped is not None and pretrained is None:
+            from stair_search.models.checkpoint import load_checkpoint
+
+            model = load_checkpoint(shipped, device=device)
+            model.spec = text
+            return model
         config = resolve_config(text, pretrained)
     model = build_model(config)
     if not isinstance(spec, StairConfig):
         path = Path(str(spec)).expanduser()
         model.spec = str(path.resolve()) if path.suffix == ".json" else str(spec)
     return model.to(device or default_device()).eval()
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """The trained weights that ship with the package for a built-in config name (``stair-tiny``), if any.
+
+    ``create_model("stair-tiny")`` loads them; training starts from the config (``resolve_config``) instead.
+    """
+    path = WEIGHTS_DIR / f"{name}.pt"
+    return path if name in builtin_configs() and path.is_file() else None
 
 
 def resolve_config(spec: str, pretrained: str | None = None) -> StairConfig:

@@ -37,12 +37,19 @@ def index(
     dense: Annotated[str | None, typer.Option(help="flat | hnsw | ivfpq (default: by size)")] = None,
     append: Annotated[bool, typer.Option(help="Add new shards to an existing index.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (default min(4, cores); 0: inline).")]
+    = None,
+    runner: Annotated[str, typer.Option(help="local | ray")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (--runner ray; default: local).")]
+    = None,
+    resume: Annotated[bool, typer.Option(help="Continue a killed job with the same arguments.")] = True,
 ) -> None:
-    """Index images; unreadable ones are skipped and counted by reason."""
+    """Index images; unreadable ones are skipped and counted by reason (skipped.parquet in the index)."""
     import indexer
 
     summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
-                          shard_size=shard_size, dense=dense, append=append, overwrite=overwrite)
+                          shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
+                          runner=runner, ray_address=ray_address, resume=resume)
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
 
@@ -77,6 +84,21 @@ def search(
 
 
 @app.command()
+def delete(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
+    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Ids of the documents to delete.")],
+) -> None:
+    """Delete documents from every part of an index (no rebuild); exits 1 if an id was not found."""
+    from stair_search.index.writer import delete_documents
+
+    result = delete_documents(index_dir, ids)
+    typer.echo(f"{index_dir}: deleted {len(result.deleted)} document(s)")
+    if result.unknown:
+        typer.echo(f"not in the index (or deleted before): {', '.join(result.unknown)}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def info(index_dir: Annotated[Path, typer.Argument(metavar="INDEX")]) -> None:
     """Print an index's manifest."""
     from stair_search.index.manifest import Manifest
@@ -86,14 +108,15 @@ def info(index_dir: Annotated[Path, typer.Argument(metavar="INDEX")]) -> None:
 
 @app.command()
 def train(
-    pairs: Annotated[Path, typer.Argument(help="Training pairs: parquet with image_path and caption columns.")],
+    pairs: Annotated[list[Path], typer.Argument(help="Training pairs: parquet file(s) with image_path and caption "
+                                                     "columns (several files are concatenated).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (model.pt, train-state.pt).")],
     model: Annotated[str, typer.Option(help="StairConfig name/JSON to train, or a checkpoint to go on from.")]
     = "stair-tiny",
     val: Annotated[Path | None, typer.Option(help="Validation pairs (same format): R@1 each epoch.")] = None,
     epochs: Annotated[str, typer.Option(help="Epochs of the grounded,text,joint stages.")] = "6,2,2",
     batch_size: Annotated[int, typer.Option(min=2)] = 128,
-    lr: Annotated[float, typer.Option()] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then cosine decay).")] = 5e-4,
     flops: Annotated[float, typer.Option(help="FLOPS regularisation weight.")] = 2e-3,
     ground_text: Annotated[bool, typer.Option(help="Keep queries grounded to their own words.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its train-state.pt.")] = False,
@@ -108,7 +131,7 @@ def train(
         raise typer.BadParameter(f"--epochs takes three numbers (grounded,text,joint), got '{epochs}'")
     config = TrainConfig(model=model, epochs=stages, batch_size=batch_size, lr=lr, flops=flops,
                          ground_text=ground_text, seed=seed)
-    result = run_training(load_pairs(pairs), out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
+    result = run_training([pair for path in pairs for pair in load_pairs(path)], out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
                           on_epoch=lambda e: typer.echo(
                               f"{e.stage:8s} epoch {e.epoch:3d}  loss {e.loss:.3f}  non-zeros image "
                               f"{e.image_nonzeros:.1f} text {e.text_nonzeros:.1f}  val R@1 sparse "

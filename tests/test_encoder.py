@@ -120,3 +120,17 @@ def test_to_rgb_composites_transparency_on_white_and_handles_odd_modes():
     sixteen = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
     assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
     assert to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).mode == "RGB"
+
+
+def test_trimming_padding_columns_leaves_text_outputs_unchanged():
+    from stair_search.models import create_model
+
+    model = create_model("stair-tiny", device="cpu")  # a Hugging Face text tower: the one that trims
+    ids = model.tokenizer(TEXTS)
+    assert (ids == model.pad_id).all(dim=0).any()  # the batch has columns that are padding everywhere
+    with torch.no_grad():
+        pooled, tokens = model._text_tokens(ids)  # the full context length, untrimmed
+        reference = model.text_head(tokens, ids[:, ids.shape[1] - tokens.shape[1] :] != model.pad_id)
+        trimmed = model.encode_text(ids)
+    torch.testing.assert_close(trimmed.dense, pooled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trimmed.sparse, reference, atol=1e-5, rtol=1e-4)

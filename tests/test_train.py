@@ -68,3 +68,25 @@ def test_a_killed_run_resumes_where_it_stopped(pairs, tiny_config_path, tmp_path
     resumed = train(pairs, tmp_path / "run", TrainConfig(**{**first.__dict__, "epochs": (2, 0, 1)}), resume=True)
     assert [e.epoch for e in resumed.log] == [1, 2, 3]
     assert [e.stage for e in resumed.log] == ["grounded", "grounded", "joint"]
+
+
+def test_the_frozen_text_cache_gives_the_transformers_outputs():
+    from stair_search.train.trainer import FrozenTextCache
+
+    model = create_model("stair-tiny", device="cpu")  # the frozen Hugging Face MiniLM tower it caches
+    texts = ["a red circle", "two blue squares on a yellow background"]
+    ids = model.tokenizer(texts)
+    text_tower = model.clip.text
+    with torch.no_grad():
+        reference = model.encode_text(ids)
+        text_tower.transformer = FrozenTextCache(text_tower.transformer, ids, model.pad_id)
+        try:
+            assert len(text_tower.transformer.hidden) == 2
+            cached = model.encode_text(ids)
+            unseen = model.encode_text(model.tokenizer(["a green dog"]))  # not cached: the real transformer
+        finally:
+            text_tower.transformer = text_tower.transformer.transformer
+        direct = model.encode_text(model.tokenizer(["a green dog"]))
+    torch.testing.assert_close(cached.dense, reference.dense, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached.sparse, reference.sparse, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unseen.sparse, direct.sparse)

@@ -75,10 +75,20 @@ class StairModel(nn.Module):
         return TowerOutput(dense=pooled, sparse=self.image_head(tokens), local=tokens @ visual.proj)
 
     def encode_text(self, token_ids: torch.Tensor) -> TowerOutput:
+        token_ids = self._trim_padding(token_ids)
         pooled, tokens = self._text_tokens(token_ids)
         # A CLS-pooled tower returns its tokens without the leading CLS position: align on the right.
         mask = token_ids[:, token_ids.shape[1] - tokens.shape[1] :] != self.pad_id
         return TowerOutput(dense=pooled, sparse=self.text_head(tokens, mask))
+
+    def _trim_padding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Drop the columns that are padding in every row. A Hugging Face tower masks padding anyway, so the
+        output is the same, but a batch of short queries costs ~4x less than at the full context length.
+        (open_clip's own towers pool at a fixed position and keep their input as given.)"""
+        if not hasattr(getattr(self.clip, "text", None), "transformer"):
+            return token_ids
+        used = (token_ids != self.pad_id).any(dim=0).nonzero()
+        return token_ids[:, : int(used.max()) + 1] if len(used) else token_ids
 
     def grounding_mask(self, texts: list[str]) -> torch.Tensor:
         """(B, V) bool: the word-pieces each text contains (STAIR's stage-1 mask, and ``ground_text``)."""

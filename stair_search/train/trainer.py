@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,11 +38,13 @@ class TrainConfig:
     model: str = "stair-tiny"  # a StairConfig name/JSON (trained from its seed) or a checkpoint to go on from
     epochs: Sequence[int] = (6, 2, 2)  # epochs of the grounded, text and joint stages
     batch_size: int = 128
-    lr: float = 5e-4
+    lr: float = 5e-4  # peak: linear warm-up over ``warmup`` of the steps, then cosine decay to zero
+    warmup: float = 0.05
     weight_decay: float = 0.05
     flops: float = 2e-3  # LexLIP's weight
     flops_warmup: float = 0.5  # fraction of all steps over which the FLOPS weight ramps up
     dense_weight: float = 1.0
+    augment: bool = True  # random zoom and shift of the images (no flips: "left of" must stay left)
     emit_from_data: bool = True  # limit the heads to the word-pieces of the training texts
     ground_text: bool = False  # keep queries grounded to their own words at search time
     seed: int = 0
@@ -92,31 +95,88 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
     model = _initial_model(config, [c for _, c in pairs])
     images = _load_images(model, [p for p, _ in pairs])
     captions = [c for _, c in pairs]
+    if model.config.frozen_text and hasattr(getattr(model.clip, "text", None), "transformer"):
+        model.clip.text.transformer = FrozenTextCache(model.clip.text.transformer, model.tokenizer(captions),
+                                                      model.pad_id)
     val = (_load_images(model, [p for p, _ in val_pairs]), [c for _, c in val_pairs]) if val_pairs else None
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * sum(config.epochs)
     optimizer = torch.optim.AdamW(_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(int(config.warmup * total_steps),
+                                                                            total_steps))
     done_epochs, log = 0, []
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         done_epochs, log = state["epochs_done"], [EpochLog(**e) for e in json.loads(state["log"])]
     schedule = [stage for stage, n in zip(STAGES, config.epochs, strict=True) for _ in range(n)]
     for epoch in range(done_epochs, len(schedule)):
         started = time.perf_counter()
-        stats = _train_epoch(model, optimizer, images, captions, schedule[epoch], epoch, config,
+        stats = _train_epoch(model, (optimizer, scheduler), images, captions, schedule[epoch], epoch, config,
                              total_steps, steps_per_epoch)
         r1 = _validate(model, *val) if val else (None, None)
         entry = EpochLog(schedule[epoch], epoch + 1, *stats, *r1, round(time.perf_counter() - started, 1))
         log.append(entry)
-        save_checkpoint(model, out / "model.pt", half=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epochs_done": epoch + 1,
+        _save(model, out / "model.pt")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epochs_done": epoch + 1,
                     "log": json.dumps([asdict(e) for e in log])}, state_path)
         if on_epoch:
             on_epoch(entry)
     return TrainResult(out / "model.pt", log)
+
+
+class FrozenTextCache(torch.nn.Module):
+    """Stands in for a frozen Hugging Face text transformer during training: the hidden states of every
+    training caption are computed once (in eval mode, no dropout) and looked up by token ids, so each step
+    skips the text transformer, the largest forward cost of ``stair-tiny`` (MiniLM is 22 M parameters).
+    Unknown inputs (validation texts) go through the real transformer."""
+
+    def __init__(self, transformer: torch.nn.Module, token_ids: torch.Tensor, pad_id: int, batch_size: int = 256):
+        super().__init__()
+        self.transformer, self.pad_id = transformer, pad_id
+        self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
+        keys = list(dict.fromkeys(self._key(row) for row in token_ids))
+        with torch.inference_mode():
+            for start in range(0, len(keys), batch_size):
+                chunk = keys[start : start + batch_size]
+                ids = torch.full((len(chunk), max(map(len, chunk))), pad_id, dtype=torch.long)
+                for i, key in enumerate(chunk):
+                    ids[i, : len(key)] = torch.tensor(key)
+                ids = ids.to(next(transformer.parameters()).device)
+                states = transformer.eval()(input_ids=ids, attention_mask=(ids != pad_id).long()).last_hidden_state
+                self.hidden.update({key: states[i, : len(key)].clone() for i, key in enumerate(chunk)})
+
+    def _key(self, row: torch.Tensor) -> tuple[int, ...]:
+        used = (row != self.pad_id).nonzero()
+        return tuple(row[: int(used.max()) + 1].tolist()) if len(used) else ()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        keys = [self._key(row) for row in input_ids]
+        if not all(key in self.hidden for key in keys):
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        first = self.hidden[keys[0]]
+        states = first.new_zeros((len(keys), input_ids.shape[1], first.shape[-1]))
+        for i, key in enumerate(keys):
+            states[i, : len(key)] = self.hidden[key]
+        return SimpleNamespace(last_hidden_state=states)
+
+
+def _save(model: StairModel, path: Path) -> None:
+    """The shippable checkpoint, with the real text transformer in place of the training cache."""
+    text = getattr(model.clip, "text", None)
+    cache = getattr(text, "transformer", None)
+    if not isinstance(cache, FrozenTextCache):
+        save_checkpoint(model, path, half=True)
+        return
+    text.transformer = cache.transformer
+    try:
+        save_checkpoint(model, path, half=True)
+    finally:
+        text.transformer = cache
 
 
 def _initial_model(config: TrainConfig, captions: Sequence[str]) -> StairModel:
@@ -165,9 +225,34 @@ def _set_stage(model: StairModel, stage: str) -> None:
             param.requires_grad_(not teacher)
 
 
-def _train_epoch(model: StairModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, captions: list[str],
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up (a from-scratch ViT diverges under a full LR at step 0), then cosine."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _augment(pixels: torch.Tensor, max_zoom: float = 0.2, max_shift: float = 0.1) -> torch.Tensor:
+    """Random zoom-out/in and shift per image, edges replicated: the same picture at another size and place.
+    Small images (64 px emoji) otherwise let a ViT memorise exact pixel positions."""
+    n = pixels.shape[0]
+    scale = 1 + (torch.rand(n) * 2 - 1) * max_zoom
+    shift = (torch.rand(n, 2) * 2 - 1) * max_shift
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+
+
+def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+                 images: torch.Tensor, captions: list[str],
                  stage: str, epoch: int, config: TrainConfig, total_steps: int,
                  steps_per_epoch: int) -> tuple[float, float, float]:
+    optimizer, scheduler = optimizers
     _set_stage(model, stage)
     model.train()
     device = model.image_head.bias.device
@@ -178,7 +263,8 @@ def _train_epoch(model: StairModel, optimizer: torch.optim.Optimizer, images: to
         if len(batch) < 2:
             continue
         texts = [captions[i] for i in batch]
-        image_out = model.encode_image(images[batch].to(device))
+        pixels = images[batch].to(device)
+        image_out = model.encode_image(_augment(pixels) if config.augment else pixels)
         text_out = model.encode_text(model.tokenizer(texts).to(device))
         image_sparse, text_sparse = image_out.sparse, text_out.sparse
         if stage == "grounded":
@@ -194,6 +280,7 @@ def _train_epoch(model: StairModel, optimizer: torch.optim.Optimizer, images: to
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         with torch.no_grad():
             model.clip.logit_scale.clamp_(0, math.log(100))
         losses.append(float(loss.detach()))

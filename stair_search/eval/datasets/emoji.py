@@ -257,7 +257,10 @@ def build_emoji_dataset(out_dir: str | Path, styles: Sequence[str] = STYLES, see
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    return EmojiDataset(out_dir)
+    dataset = EmojiDataset(out_dir)
+    for split in SPLITS:  # per-split files: what `stair-search train` and `stair-search index` take
+        dataset.write_split(split)
+    return dataset
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from server.imaging import ImageRejected, decode_base64, open_query_image, stored_image, thumbnail_png
+from server.imaging import (
+    ImageRejected,
+    decode_base64,
+    open_query_image,
+    source_state,
+    stored_image,
+    thumbnail_png,
+)
 from server.limits import BodySizeLimit, require_api_key
 from server.metrics import Metrics, MetricsMiddleware
 from server.registry import IndexRegistry, IndexVersion
@@ -180,7 +187,8 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
         version = checkout(index)
         try:
             row = _find(version, doc_id)
-            data = _cached_thumbnail(version.name, version.number, row["id"], row["source"], size,
+            source = row["source"]
+            data = _cached_thumbnail(version.name, version.number, row["id"], source, source_state(source), size,
                                      limits.max_source_pixels)
         finally:
             version.release()
@@ -249,7 +257,9 @@ def _body_doc(name: str) -> dict:
 async def _parse_body(request: Request, model: type[T], max_image_bytes: int) -> tuple[T, bytes | None]:
     """JSON body, or multipart with an ``image`` file and the other fields -> (validated model, image bytes).
 
-    Validation problems become 422 with pydantic's messages (malformed JSON included), never a 500.
+    Validation problems become 422 with pydantic's messages (malformed JSON included), never a 500. The
+    offending input is not echoed back: it may be megabytes of base64, or NaN, inf or undecodable bytes that
+    JSON cannot carry; the location and message name the field.
     """
     content_type = request.headers.get("content-type", "")
     try:
@@ -262,7 +272,7 @@ async def _parse_body(request: Request, model: type[T], max_image_bytes: int) ->
             raise HTTPException(422, 'the request body is empty: send a JSON object, e.g. {"query": "a red circle"}')
         return model.model_validate_json(raw), None
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False)
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from exc
 
 
@@ -361,7 +371,9 @@ def _find(version: IndexVersion, doc_id: str) -> dict:
 
 
 @functools.lru_cache(maxsize=2048)
-def _cached_thumbnail(index: str, version: int, doc_id: str, source: str, size: int, max_pixels: int) -> bytes:
+def _cached_thumbnail(index: str, version: int, doc_id: str, source: str, state: tuple | None, size: int,
+                      max_pixels: int) -> bytes:
+    """PNG thumbnail, cached per index version and per state of the source file (``state`` is only a key)."""
     try:
         return thumbnail_png(stored_image(source, max_pixels), size)
     except (FileNotFoundError, KeyError, OSError) as exc:

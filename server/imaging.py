@@ -78,8 +78,7 @@ def stored_image(source: str, max_pixels: int) -> Image.Image:
     """
     if "://" in source:
         raise FileNotFoundError("the stored source is remote; the server does not fetch remote images")
-    path_text, _, member = source.partition("#") if ".tar#" in source else (source, "", "")
-    path = Path(path_text)
+    path, member = _split_source(source)
     _check_local_file(path)
     if member:
         with tarfile.open(path) as tar:
@@ -93,6 +92,25 @@ def stored_image(source: str, max_pixels: int) -> Image.Image:
         return _decode(io.BytesIO(data), max_pixels, "stored image")
     except ImageRejected as exc:
         raise FileNotFoundError(str(exc)) from exc
+
+
+def source_state(source: str) -> tuple[int, int, int, int] | None:
+    """What changes when a stored source file is replaced (also by a symlink): its lstat identity and time.
+
+    Part of the thumbnail cache key, so a file swapped after it was first served is checked again instead of
+    its old thumbnail being served from the cache. None when there is no such local file.
+    """
+    try:
+        stat = os.lstat(_split_source(source)[0])
+    except (OSError, ValueError):
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _split_source(source: str) -> tuple[Path, str]:
+    """``/data/a.tar#img/1.png`` -> (tar path, member); a plain file -> (path, "")."""
+    path_text, _, member = source.partition("#") if ".tar#" in source else (source, "", "")
+    return Path(path_text), member
 
 
 def _check_local_file(path: Path) -> None:

@@ -26,7 +26,10 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not declared.isdigit():
+            await _answer(send, 400, f"Content-Length {declared.decode('latin-1')[:20]!r} is not a byte count")
+            return
+        if declared is not None and int(declared) > self.max_bytes:
             await self._refuse(send, declared.decode("latin-1"))
             return
         chunks, size = [], 0
@@ -44,11 +47,16 @@ class BodySizeLimit:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send, size: str) -> None:
-        body = json.dumps({"detail": f"request body of {size} bytes is over the limit of {self.max_bytes} bytes; "
-                                     f"send a smaller image or query"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, f"request body of {size} bytes is over the limit of {self.max_bytes} bytes; "
+                                 f"send a smaller image or query")
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    """A JSON error answered by the middleware itself (the app below never runs)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

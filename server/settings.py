@@ -20,6 +20,15 @@ class Limits:
     search_timeout_s: float = 20.0  # a search or classify that takes longer answers 504
     max_in_flight: int = 64  # searches queued or running at once; more answer 503 instead of piling up
 
+    def __post_init__(self) -> None:
+        """A zero or negative cap would refuse every request (or none); say which setting is wrong at start-up."""
+        bad = {name: value for name, value in vars(self).items() if not value > 0}
+        if bad:
+            raise ValueError(f"server limits must be positive, got {bad}; leave a limit out to use its default")
+        if self.max_image_bytes > self.max_body_bytes:
+            raise ValueError(f"max_image_bytes ({self.max_image_bytes}) is over max_body_bytes ({self.max_body_bytes}):"
+                             f" such an image could never arrive; raise max_body_bytes too")
+
 
 @dataclass(frozen=True)
 class ServerSettings:

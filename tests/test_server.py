@@ -5,8 +5,10 @@ hot swap of a newly published index while requests keep arriving."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,7 @@ from PIL import Image
 import indexer
 from indexer.sources import SourceOptions
 from server import IndexRegistry, Limits, ServerSettings, create_app
+from server.background import serve_in_background
 from stair_search.index.reader import Index
 from stair_search.retrieve import router as router_module
 from stair_search.retrieve.router import QueryRouter
@@ -231,12 +234,22 @@ def test_a_stored_source_that_is_a_symlink_out_of_its_folder_is_not_served(clien
 
 
 def test_a_source_replaced_by_a_symlink_to_a_system_file_is_not_served(client, shapes_index):
+    assert client.get("/thumbnails/swapped").status_code == 200  # served (and cached) while it is a real file
     swapped = shapes_index.parent / "images" / "swapped.png"
     swapped.unlink()
     swapped.symlink_to("/etc/passwd")
     response = client.get("/thumbnails/swapped")
     assert response.status_code == 404
     assert b"root:" not in response.content
+
+
+@pytest.mark.parametrize("index", ["../shapes", "/etc", "%2e%2e%2fshapes", "shapes/../shapes", "shapes%00"])
+def test_index_names_are_looked_up_never_opened_as_paths(client, index):
+    for response in (client.get(f"/documents/red/circle?index={index}"),
+                     client.get(f"/thumbnails/red/circle?index={index}"),
+                     client.post("/search", json={"query": "x", "index": index})):
+        assert response.status_code == 404, (index, response.text)
+        assert "no index named" in response.json()["detail"]
 
 
 # ------------------------------------------------------------------------------------------------- limits
@@ -265,11 +278,27 @@ def test_invalid_requests_answer_422_naming_the_field(client, payload, needle):
     (b'{"query": "x", "k": ', "json"),
     (b"[1, 2]", "should be an object"),
     (b"", "empty"),
+    (b"\xff\xfe\x00", "json"),  # not UTF-8
+    (b'{"query": "x", "k": 1e309}', "finite number"),  # inf, which a JSON error answer could not echo back
+    (b'{"query": "x", "alpha": NaN}', "alpha"),
+    (b"[" * 5000 + b"]" * 5000, "recursion limit"),
 ])
 def test_malformed_json_answers_422(client, content, needle):
     response = client.post("/search", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert needle.lower() in response.text.lower()
+
+
+def test_validation_errors_do_not_echo_the_input_back(client):
+    response = client.post("/search", json={"query": "x", "image": 12345, "filters": {"a": ["x" * 50_000]}})
+    assert response.status_code == 422
+    assert "12345" not in response.text and len(response.content) < 2_000
+
+
+def test_a_content_length_that_is_not_a_number_answers_400(client):
+    response = client.post("/search", content=b"{}", headers={"content-type": "application/json",
+                                                                "content-length": "-5"})
+    assert response.status_code == 400 and "Content-Length" in response.json()["detail"]
 
 
 def test_wrong_content_type_answers_415(client):
@@ -292,6 +321,59 @@ def test_bad_images_answer_422_with_a_message(client, image, needle):
 def test_upload_that_is_not_an_image_answers_422(client):
     response = client.post("/search", files={"image": ("q.png", b"GIF89a broken", "image/gif")})
     assert response.status_code == 422 and "not a readable image" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(("form", "file_field", "needle"), [
+    ({"k": "101"}, "image", "k"),
+    ({"query": "x" * 1001}, "image", "query"),
+    ({"mode": "fast"}, "image", "mode"),
+    ({"request": "{not json"}, "image", "request"),
+    ({"filters": "{broken"}, "image", "filters"),
+    ({}, "picture", "picture"),
+])
+def test_invalid_multipart_fields_answer_422_naming_the_field(client, form, file_field, needle):
+    image = png_bytes(draw_shape("red", "circle"))
+    response = client.post("/search", data=form, files={file_field: ("q.png", image, "image/png")})
+    assert response.status_code == 422, response.text
+    assert needle in response.text
+
+
+def test_a_broken_multipart_body_answers_4xx_not_500(client):
+    body = b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n\r\nabc"  # no end
+    response = client.post("/search", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert 400 <= response.status_code < 500, response.text
+
+
+@pytest.mark.parametrize(("payload", "needle"), [
+    ({"labels": ["red circle", "blue square"]}, "exactly one image"),
+    ({"image": "AAAA", "labels": ["only one"]}, "labels"),
+    ({"image": "AAAA", "labels": ["same", " same "]}, "two distinct"),
+    ({"image": "AAAA", "labels": ["x" * 101, "y"]}, "longer than 100"),
+    ({"image": "not base64!!", "labels": ["a", "b"]}, "base64"),
+])
+def test_invalid_classify_requests_answer_422(client, payload, needle):
+    response = client.post("/classify", json=payload)
+    assert response.status_code == 422, response.text
+    assert needle in response.text
+
+
+def test_classify_accepts_a_multipart_upload(client):
+    if not client.get("/info").json()["classify"]:
+        pytest.skip("this build has no zero-shot classifier")
+    response = client.post("/classify", files={"image": ("q.png", png_bytes(draw_shape("red", "circle")), "image/png")},
+                           data={"labels": "red circle,blue square"})
+    assert response.status_code == 200, response.text
+    assert sorted(entry["label"] for entry in response.json()["labels"]) == ["blue square", "red circle"]
+
+
+@pytest.mark.parametrize(("limits", "needle"), [
+    ({"max_body_bytes": 0}, "max_body_bytes"),
+    ({"search_timeout_s": -1}, "search_timeout_s"),
+    ({"max_image_bytes": 10, "max_body_bytes": 5}, "raise max_body_bytes"),
+])
+def test_limits_that_would_refuse_everything_are_refused_at_start(limits, needle):
+    with pytest.raises(ValueError, match=needle):
+        Limits(**limits)
 
 
 @pytest.fixture(scope="module")
@@ -472,3 +554,66 @@ def test_a_broken_new_version_is_reported_and_the_old_one_keeps_serving(tmp_path
         ready = c.get("/readyz").json()
         assert ready["indexes"]["live"]["version"] == 1 and "gone" in ready["reload_errors"]["live"]
         assert c.post("/search", json={"query": "x", "k": 1}).json()["hits"][0]["id"] == "red/circle"
+
+
+# ------------------------------------------------------------------------------------------------ load test
+
+
+def load_benchmark_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_load_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_the_load_test_measures_a_real_server_and_counts_failures(registry):
+    load_test = load_benchmark_module()
+    with serve_in_background(create_app(registry, ServerSettings(reload_interval_s=0))) as url:
+        requests = load_test.query_mix(url, ["a red circle", "blue", "a square", "green"], k=3)
+        good = load_test.run_load(url, requests, "hybrid", clients=3, seconds=1.0)
+        bad = load_test.run_load(url, requests, "no-such-mode", clients=2, seconds=0.3)
+    assert [sorted(body) for body in requests] == [["k", "query"]] * 3 + [["image", "k"], ["k", "query"]]
+    assert good.errors == [] and good.requests >= 3 and len(good.latencies_s) == good.requests
+    assert bad.latencies_s == [] and bad.requests >= 2 and all(e.startswith("422") for e in bad.errors)
+    table = load_test.format_table([good, bad]).splitlines()
+    assert table[0].startswith("| mode | clients") and table[2].split(" | ")[0] == "| hybrid"
+    assert table[3].split(" | ")[-1] == f"{bad.requests} |"
+
+
+def test_serve_refuses_contradictory_limits_before_opening_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from stair_search.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-index"), "--max-body-bytes", "1000",
+                                      "--max-image-bytes", "5000"])
+    assert result.exit_code == 2
+    assert "Invalid value" in result.output and "max_body_bytes" in result.output
+
+
+def test_more_searches_than_the_in_flight_cap_answer_503_not_a_growing_queue(registry):
+    """The encoder's own lock is held, so the first search waits inside the pool holding the only slot."""
+    encoder_lock = registry.current().router.encoder._lock
+    statuses: list[int] = []
+    with make_client(registry, limits=Limits(max_in_flight=1)) as c:
+        def search(query: str) -> None:
+            response = c.post("/search", json={"query": query, "mode": "dense", "k": 1})
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                assert response.headers["retry-after"] == "1" and "busy" in response.json()["detail"]
+
+        encoder_lock.acquire()
+        try:
+            workers = [threading.Thread(target=search, args=(f"in flight {i}",)) for i in range(2)]
+            for worker in workers:
+                worker.start()
+            deadline = time.monotonic() + 30
+            while not statuses and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            encoder_lock.release()
+        for worker in workers:
+            worker.join()
+    assert statuses == [503, 200]

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from server import ServerSettings, create_app
+from server.background import serve_in_background
 from stair_search.index.reader import Index
 from stair_search.retrieve.router import QueryRouter
 from tests.conftest import draw_shape
@@ -29,29 +27,10 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (the test extra)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(registry):  # noqa: F811 - the fixture imported above
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, ServerSettings(reload_interval_s=0)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_background(create_app(registry, ServerSettings(reload_interval_s=0))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

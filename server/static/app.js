@@ -100,6 +100,7 @@ function card(hit) {
   const caption = document.createElement("figcaption");
   caption.append(
     Object.assign(document.createElement("div"), { className: "id", textContent: `${hit.rank}. ${hit.id}` }),
+    Object.assign(document.createElement("div"), { className: "caption", textContent: hit.caption }),
     Object.assign(document.createElement("div"), { className: "score", textContent: `score ${hit.score.toFixed(4)}` }),
     Object.assign(document.createElement("div"), { className: "muted", textContent: parts }),
   );

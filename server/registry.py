@@ -48,6 +48,10 @@ class LockedEncoder:
         with self._lock:
             return self._encoder.encode_texts(texts)
 
+    def embed_texts(self, texts):
+        with self._lock:
+            return self._encoder.embed_texts(texts)
+
     def encode_images(self, images):
         with self._lock:
             return self._encoder.encode_images(images)

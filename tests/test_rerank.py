@@ -67,6 +67,19 @@ def test_ssp_projector_is_idempotent_symmetric_and_equals_least_squares(rng):
     np.testing.assert_allclose(project(x, subspace_basis(features)), p @ x, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 7), (12, 4)])  # n < D (Gram F Fᵀ) and n > D (Fᵀ F)
+def test_ssp_basis_from_the_gram_matrix_equals_the_svd_projector(rng, shape):
+    features = rng.normal(size=shape)
+    _, _, vt = np.linalg.svd(features, full_matrices=False)
+    for rank in (None, 2):
+        r = choose_rank(shape[-2], shape[-1], rank)
+        basis = subspace_basis(features, rank)
+        np.testing.assert_allclose(np.swapaxes(basis, -1, -2) @ basis,
+                                   np.swapaxes(vt[..., :r, :], -1, -2) @ vt[..., :r, :], atol=1e-10)
+        identity = np.broadcast_to(np.eye(r), (*basis.shape[:-2], r, r))  # orthonormal rows
+        np.testing.assert_allclose(basis @ np.swapaxes(basis, -1, -2), identity, atol=1e-10)
+
+
 def test_ssp_rank_rule_and_rank_deficient_stacks():
     assert choose_rank(9, 256) == 9 and choose_rank(2000, 1024) == 950 and choose_rank(9, 256, rank=4) == 4
     stacked = np.array([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0]])  # a zero row (a document without local features)
@@ -133,6 +146,28 @@ def test_comclip_spatial_check_separates_a_relation_swap_only_when_enabled():
     np.testing.assert_allclose(agreement, [math.tanh(10 * 0.6), -math.tanh(10 * 0.6)])
 
 
+def test_comclip_score_on_a_hand_computed_example():
+    inputs = _two_object_input("a red circle left of a blue square", mirrored=False)
+    comclip = ComCLIP(patches_per_entity=1)
+    # The relation is the whole query: its key text is the query's own embedding, not a re-embedded phrase.
+    assert comclip.phrases(inputs.text) == ["red circle", "blue square"]
+    q, v = inputs.query, inputs.vectors[0]
+    relation = (E[0] + E[1]) / math.sqrt(2)  # union of the subject's patch e1 and the object's patch e2
+    sims = np.array([1.0, 1.0, relation @ q])  # red circle . e1, blue square . e2, relation sub-image . query
+    weights = sims / sims.sum()
+    composed = v + weights[0] * E[0] + weights[1] * E[1] + weights[2] * relation
+    expected = composed @ q / np.linalg.norm(composed)
+    np.testing.assert_allclose(comclip.score(inputs), [expected, expected])
+
+
+def test_comclip_one_entity_query_needs_no_phrase_embedding():
+    assert ComCLIP().phrases("a red circle") == []  # the entity is the whole query
+    v = (E[0] + E[3]) / math.sqrt(2)
+    inputs = RerankInput(E[0], v[None], np.stack([[E[1], E[0]]]), np.zeros((1, 2, 2)), 100.0, "a red circle", {})
+    composed = v + E[0]  # the one entity's best patch (e1) with weight 1
+    np.testing.assert_allclose(ComCLIP(patches_per_entity=1).score(inputs), [composed[0] / np.linalg.norm(composed)])
+
+
 def test_comclip_without_entities_keeps_the_raw_similarity():
     inputs = _two_object_input("the", mirrored=False)
     np.testing.assert_allclose(ComCLIP().score(inputs), inputs.raw)
@@ -171,10 +206,26 @@ def test_s3_local_centre_score_on_known_vectors():
     assert local_centre_scores(E[None, 0], space, k=2)[0] == pytest.approx(centre[0] / np.linalg.norm(centre))
 
 
-def test_s3_query_variants_replace_one_content_word_at_a_time():
-    source = {"red": ["crimson"], "car": ["auto", "automobile"]}.get
-    assert query_variants("A red car", source=lambda w: source(w) or []) == [
-        "A red car", "a crimson car", "a red auto", "a red automobile"]
+def test_s3_query_variants_replace_one_content_word_at_a_time_round_robin():
+    table = {"red": ["crimson", "scarlet"], "car": ["auto", "automobile", "motorcar"]}
+    source = lambda word: table.get(word, [])  # noqa: E731
+    assert query_variants("A red car", limit=8, source=source) == [
+        "A red car", "a crimson car", "a red auto", "a scarlet car", "a red automobile", "a red motorcar"]
+    # A short limit still varies every word: the first synonym of each comes before any second one.
+    assert query_variants("A red car", limit=2, source=source) == ["A red car", "a crimson car", "a red auto"]
+    assert query_variants("of the", source=source) == ["of the"]
+
+
+def test_s3_reranker_scores_against_the_component_of_the_query_and_its_variants():
+    crimson = (E[0] + 0.2 * E[1]) / math.sqrt(1.04)  # close to the query e1; "bolshevik" (e4) is another sense
+    s3 = make_reranker("s3", epsilon=0.5, k=3, weight=0.5, source=lambda w: ["crimson", "bolshevik"])
+    assert s3.phrases("red") == ["crimson", "bolshevik"]  # the query itself is inputs.query, not re-embedded
+    vectors = np.stack([E[0], E[1]])
+    inputs = RerankInput(E[0], vectors, np.zeros((2, 1, 4)), np.zeros((2, 1, 2)), 100.0, "red",
+                         {"crimson": crimson, "bolshevik": E[3]})
+    centre = (E[0] + crimson) / 2  # the kept component {query, crimson}; k = 3 takes both
+    cosines = vectors @ centre / np.linalg.norm(centre)
+    np.testing.assert_allclose(s3.score(inputs), 0.5 * (vectors @ E[0]) + 0.5 * cosines)
 
 
 def test_s3_sparse_expansion_adds_single_piece_synonyms_down_weighted(tiny_encoder):

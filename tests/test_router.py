@@ -1,17 +1,20 @@
-"""Query router: the ``auto`` decision, fusion against hand-computed examples, and reranking over a real index
-(Lucene + FAISS + feature store) built from images drawn here with a real tiny model."""
+"""Query router: the ``auto`` decision, and fusion + reranking over a real index (Lucene + FAISS + feature store)
+built from images drawn here with a real tiny model. The fusion formulas themselves: tests/test_fusion.py."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from stair_search.cli import app
 from stair_search.index.reader import Candidate, Index
 from stair_search.index.store import FeatureRecord
 from stair_search.index.writer import IndexWriter
 from stair_search.rerank import RERANKERS
 from stair_search.rerank.base import candidate_vectors
-from stair_search.retrieve.fusion import convex, rrf
 from stair_search.retrieve.router import QueryRouter, decide
 from tests.conftest import COLOURS, draw_shape
 
@@ -36,19 +39,6 @@ def test_auto_sends_image_queries_to_the_dense_route():
     assert decide("red", draw_shape("red", "circle")).mode == "dense"
     with pytest.raises(ValueError, match="text, an image"):
         decide("  ", None)
-
-
-def test_rrf_matches_the_hand_computed_sums():
-    fused = rrf({"sparse": [("a", 5.0), ("b", 3.0)], "dense": [("b", 0.9), ("c", 0.8)]}, k=60)
-    assert [(f.key, f.score) for f in fused] == [("b", 1 / 62 + 1 / 61), ("a", 1 / 61), ("c", 1 / 62)]
-    assert fused[0].parts == {"sparse": 3.0, "dense": 0.9} and fused[2].parts == {"dense": 0.8}
-
-
-def test_convex_matches_the_hand_computed_min_max_mix():
-    fused = convex({"sparse": [("a", 5.0), ("b", 3.0), ("c", 1.0)], "dense": [("b", 0.9), ("c", 0.5)]}, alpha=0.25)
-    # sparse normalised: a 1, b 0.5, c 0; dense: b 1, c 0.
-    assert {f.key: pytest.approx(f.score) for f in fused} == {"a": 0.25, "b": 0.25 * 0.5 + 0.75, "c": 0.0}
-    assert fused[0].key == "b"
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +103,33 @@ def test_s3_expands_the_sparse_query_with_synonym_tokens(router, tiny_encoder):
     base = tiny_encoder.encode_texts(["car"]).sparse[0]
     expected = 0.3 * base.get("car", max(base.values()))
     assert response.query_tokens["automobile"] == pytest.approx(expected)
+
+
+def test_reranker_phrases_get_the_full_encoders_dense_vectors_and_stay_cached(router, tiny_encoder):
+    router, _ = router
+    texts = ["a red circle", "a blue square left of a green triangle", "an icon"]
+    np.testing.assert_allclose(tiny_encoder.embed_texts(texts), tiny_encoder.encode_texts(texts).dense, atol=1e-6)
+    assert tiny_encoder.embed_texts([]).shape == (0, tiny_encoder.model.embed_dim)
+    router.search(text="a red circle", mode="dense", k=3, rerank=["bsap", "comclip"])
+    wanted = [*router.rerankers["bsap"].phrases("a red circle"), *router.rerankers["comclip"].phrases("a red circle")]
+    cached = np.stack([router._phrases[p] for p in wanted])
+    np.testing.assert_allclose(cached, tiny_encoder.encode_texts(wanted).dense, atol=1e-6)
+
+
+def test_cli_search_reports_the_auto_decision_and_reranks(router):
+    index_dir = str(router[0].index.dir)
+    result = CliRunner().invoke(app, ["search", index_dir, "a red circle left of a blue square", "--mode", "auto",
+                                      "-k", "3", "--depth", "6"])
+    assert result.exit_code == 0, result.output
+    assert "auto: hybrid, rerank ['comclip'] (relational phrase" in result.output
+    hits = CliRunner().invoke(app, ["search", index_dir, "a red circle", "--rerank", "bsap, ssp", "--depth", "6",
+                                    "-k", "6", "--json"])
+    assert hits.exit_code == 0, hits.output
+    parts = [json.loads(line)["parts"] for line in hits.output.splitlines() if line.startswith("{")]
+    assert len(parts) == 6 and all({"bsap", "ssp"} <= set(p) for p in parts)
+    assert [p["ssp"] for p in parts] == sorted((p["ssp"] for p in parts), reverse=True)
+    bad = CliRunner().invoke(app, ["search", index_dir, "red", "--rerank", "colbert"])
+    assert bad.exit_code != 0 and "unknown reranker(s) ['colbert']" in bad.output
 
 
 def test_bad_router_arguments_are_clear_errors(router):

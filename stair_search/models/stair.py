@@ -81,6 +81,12 @@ class StairModel(nn.Module):
         mask = token_ids[:, token_ids.shape[1] - tokens.shape[1] :] != self.pad_id
         return TowerOutput(dense=pooled, sparse=self.text_head(tokens, mask))
 
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) dense text embedding only, without the sparse head (most of a text encode): for texts that
+        are never searched sparsely, such as the rerankers' prompts and phrases."""
+        pooled = self.clip.encode_text(self._trim_padding(token_ids))
+        return pooled[0] if isinstance(pooled, tuple) else pooled  # a tower left returning its tokens too
+
     def _trim_padding(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Drop the columns that are padding in every row. A Hugging Face tower masks padding anyway, so the
         output is the same, but a batch of short queries costs ~4x less than at the full context length.

@@ -9,7 +9,8 @@ sub-images that match each part of the query, weighted by how well they match it
 - Entity sub-image (training-free stand-in for the authors' detector boxes): the mean of the candidate's
   ``patches_per_entity`` stored local features most similar to the entity phrase. Predicate sub-image: the
   union of its subject's and object's patches; its key text is the whole relation phrase ("red circle left of
-  blue square"), a sharper key than the bare verb the authors used.
+  blue square"), a sharper key than the bare verb the authors used. A key text that is the whole query (up to
+  stop words) is the query's own embedding: one text fewer to embed per query.
 - s_k = cos(key text, sub-image vector); w_k = s_k / Σ_j s_j as in the authors' code (negative similarities are
   clamped to 0, all-zero gives equal weights), or a softmax at ``temperature`` (``weighting="softmax"``).
 - v = normalise(v_global + Σ_k w_k v_k); score = cos(full query embedding, v).
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stair_search.rerank.base import RerankInput, unit
-from stair_search.rerank.parse import ParsedQuery, parse_query
+from stair_search.rerank.parse import STOP_WORDS, ParsedQuery, parse_query, words
 
 WEIGHTINGS = ("normalise", "softmax")
 # predicate -> (axis, sign): the subject's centroid minus the object's, along x (0) or y (1, downwards), times
@@ -97,21 +98,29 @@ class ComCLIP:
             raise ValueError(f"ComCLIP weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
     def phrases(self, text: str | None) -> list[str]:
+        """Entity and relation key texts to embed. A key that is the whole query (a one-word query's entity, or
+        "red circle left of blue square" for "a red circle left of a blue square") uses the query's own embedding
+        instead: one text fewer to embed per query."""
         if not text:
             return []
         parsed = parse_query(text)
-        return list(dict.fromkeys([e.phrase for e in parsed.entities]
-                                  + [parsed.relation_phrase(r) for r in parsed.relations]))
+        keys = [e.phrase for e in parsed.entities] + [parsed.relation_phrase(r) for r in parsed.relations]
+        return list(dict.fromkeys(k for k in keys if _content(k) != _content(text)))
 
     def score(self, inputs: RerankInput) -> np.ndarray:
         parsed = parse_query(inputs.text or "")
         if not parsed.entities:
             return inputs.raw
-        entity_text = inputs.embed([e.phrase for e in parsed.entities])
+        whole = _content(inputs.text or "")
+
+        def key_vectors(phrases: list[str]) -> np.ndarray:
+            return np.stack([inputs.query if _content(p) == whole else inputs.embed([p])[0] for p in phrases])
+
+        entity_text = key_vectors([e.phrase for e in parsed.entities])
         chosen, entity_vectors = entity_subimages(inputs.local, entity_text, self.patches_per_entity)
         keys, vectors = [entity_text], [entity_vectors]
         if parsed.relations:
-            keys.append(inputs.embed([parsed.relation_phrase(r) for r in parsed.relations]))
+            keys.append(key_vectors([parsed.relation_phrase(r) for r in parsed.relations]))
             vectors.append(unit(np.stack([entity_vectors[:, r.subject] + entity_vectors[:, r.object]
                                           for r in parsed.relations], axis=1)))
         key_text, components = np.concatenate(keys), np.concatenate(vectors, axis=1)
@@ -122,3 +131,8 @@ class ComCLIP:
             score = score + self.spatial_weight * spatial_agreement(inputs.positions, chosen, parsed,
                                                                     self.spatial_gain)
         return score
+
+
+def _content(text: str) -> str:
+    """A text's words without stop words: "a red circle to the left of a square" -> "red circle left square"."""
+    return " ".join(w for w in words(text) if w not in STOP_WORDS)

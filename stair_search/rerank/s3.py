@@ -80,12 +80,20 @@ def concept_synonyms(label: str, tags: Sequence[str] = (), limit: int = 8,
     return list(dict.fromkeys([label, *found, *tags]))
 
 
-def query_variants(text: str, limit: int = 8, per_word: int = 3, source: SynonymSource | None = None) -> list[str]:
-    """The query, then copies with one content word replaced by one of its synonyms (up to ``limit`` in all)."""
+def query_variants(text: str, limit: int = 4, per_word: int = 3, source: SynonymSource | None = None) -> list[str]:
+    """The query, then up to ``limit`` copies with one content word replaced by one of its synonyms.
+
+    Round-robin over the words (each word's first synonym, then each word's second, ...), so a short ``limit``
+    still covers every word instead of spending itself on the first one. Each variant is one more text to
+    embed per query, so ``limit`` is the S^3 reranker's latency knob.
+    """
+    lists = [(word, list(source(word) if source else wordnet.synonyms(word, limit=per_word))[:per_word])
+             for word in content_words(text)]
     variants = [text]
-    for word in content_words(text):
-        for synonym in list(source(word) if source else wordnet.synonyms(word, limit=per_word))[:per_word]:
-            variants.append(" ".join(synonym if w == word else w for w in words(text)))
+    for rank in range(per_word):
+        for word, synonyms in lists:
+            if rank < len(synonyms):
+                variants.append(" ".join(synonyms[rank] if w == word else w for w in words(text)))
     return list(dict.fromkeys(variants))[: limit + 1]
 
 
@@ -103,7 +111,7 @@ def classify(encoder, image, labels: Sequence[str], tags: Mapping[str, Sequence[
         raise ValueError(f"template must contain '{{}}' where the label goes, got {template!r}")
     sets = [concept_synonyms(label, (tags or {}).get(label, ()), limit, source) for label in labels]
     texts = [template.format(s) for synonyms in sets for s in synonyms]
-    embedded = encoder.encode_texts(texts).dense
+    embedded = encoder.embed_texts(texts)
     image_vector = encoder.encode_images([image]).dense
     scores, start = [], 0
     for synonyms in sets:
@@ -145,17 +153,18 @@ class S3:
     weight: float = 0.5
     k: int = 3
     epsilon: float | None = None
-    limit: int = 8
+    limit: int = 4
     expansion: float = 0.3
     source: SynonymSource | None = None
     name: str = "s3"
 
     def phrases(self, text: str | None) -> list[str]:
-        return query_variants(text, self.limit, source=self.source) if text else []
+        """The query's synonym variants, without the query itself: its embedding is already ``inputs.query``."""
+        return query_variants(text, self.limit, source=self.source)[1:] if text else []
 
     def score(self, inputs: RerankInput) -> np.ndarray:
         if not inputs.text:
             return inputs.raw
-        space = inputs.embed(self.phrases(inputs.text))
+        space = np.concatenate([inputs.query[None], inputs.embed(self.phrases(inputs.text))])
         kept = space[rips_component(space, self.epsilon)]
         return (1.0 - self.weight) * inputs.raw + self.weight * local_centre_scores(inputs.vectors, kept, self.k)

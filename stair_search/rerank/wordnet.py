@@ -98,9 +98,15 @@ def _copy(source: Path, dest: Path) -> None:
 def synonyms(term: str, limit: int = 8, senses: int = 3, pos: str | None = None) -> list[str]:
     """Up to ``limit`` WordNet synonyms of ``term`` (lemmas of its first ``senses`` synsets, most frequent
     sense first), without ``term`` itself; [] when WordNet is missing or does not know the term."""
+    return list(_synonyms(term, limit, senses, pos))
+
+
+@lru_cache(maxsize=65_536)
+def _synonyms(term: str, limit: int, senses: int, pos: str | None) -> tuple[str, ...]:
+    """Cached: a query asks for the same words several times (variants, sparse expansion), and so do users."""
     wn = reader()
     if wn is None or not term.strip():
-        return []
+        return ()
     key = "_".join(term.lower().split())
     found: list[str] = []
     for synset in wn.synsets(key, pos=pos)[:senses]:
@@ -108,4 +114,4 @@ def synonyms(term: str, limit: int = 8, senses: int = 3, pos: str | None = None)
             name = lemma.replace("_", " ").lower()
             if name != term.lower() and name not in found:
                 found.append(name)
-    return found[:limit]
+    return tuple(found[:limit])

@@ -1,8 +1,8 @@
 """QueryRouter: encode the query, run the chosen routes over the index, fuse, rerank the top candidates, and
 describe each hit.
 
-The query path: decide the routes (``mode``, or ``auto``: :func:`decide`) -> one text-encoder call for the query
-and every phrase the rerankers need (cached per router) -> sparse (optionally S^3-expanded) and/or dense search,
+The query path: decide the routes (``mode``, or ``auto``: :func:`decide`) -> embed (dense only, cached per router)
+every phrase the rerankers need, and encode the query -> sparse (optionally S^3-expanded) and/or dense search,
 ``depth`` candidates each -> fusion (RRF or convex) -> rerankers over the top ``depth`` fused candidates, using
 the vectors stored in the index (never the image files) -> the top k, each hit with its per-route and
 per-reranker score parts.
@@ -114,23 +114,7 @@ class QueryRouter:
 
     def encode_query(self, text: str | None = None, image: Image.Image | None = None) -> EncodedBatch:
         """Text, image, or both (their vectors added: a text-refined image query)."""
-        return self._encode(text, image, ())[0]
-
-    def _encode(self, text: str | None, image: Image.Image | None, phrases: Sequence[str]
-                ) -> tuple[EncodedBatch, dict[str, np.ndarray]]:
-        """The query, plus the embeddings of ``phrases``: those not cached yet are embedded in the same
-        text-encoder call as the query text."""
-        with self._lock:
-            known = {p: self._phrases[p] for p in phrases if p in self._phrases}
-        todo = [p for p in dict.fromkeys(phrases) if p not in known]
-        parts = []
-        if text or todo:
-            texts = self.encoder.encode_texts([text, *todo] if text else todo)
-            fresh = dict(zip(todo, np.asarray(texts.dense[1:] if text else texts.dense, np.float32), strict=True))
-            self._remember(fresh)
-            known.update(fresh)
-            if text:
-                parts.append(EncodedBatch(dense=texts.dense[:1], sparse=texts.sparse[:1]))
+        parts = [self.encoder.encode_texts([text])] if text else []
         if image is not None:
             parts.append(self.encoder.encode_images([image]))
         if not parts:
@@ -140,8 +124,20 @@ class QueryRouter:
         for p in parts:
             for token, weight in p.sparse[0].items():
                 sparse[token] = sparse.get(token, 0.0) + weight
-        query = EncodedBatch(dense=(dense / np.linalg.norm(dense))[None].astype(np.float32), sparse=[sparse])
-        return query, known
+        return EncodedBatch(dense=(dense / np.linalg.norm(dense))[None].astype(np.float32), sparse=[sparse])
+
+    def _embed_phrases(self, phrases: Sequence[str]) -> dict[str, np.ndarray]:
+        """phrase -> unit embedding for the rerankers' phrases; those not cached yet are embedded in one call,
+        dense only (``Encoder.embed_texts``: they are never searched sparsely, and the sparse head is most of a
+        text encode)."""
+        with self._lock:
+            known = {p: self._phrases[p] for p in phrases if p in self._phrases}
+        todo = [p for p in dict.fromkeys(phrases) if p not in known]
+        if todo:
+            fresh = dict(zip(todo, self.encoder.embed_texts(todo), strict=True))
+            self._remember(fresh)
+            known.update(fresh)
+        return known
 
     def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "hybrid",
                k: int = 10, fusion: str = "rrf", alpha: float = 0.5, rrf_k: int = RRF_K,
@@ -160,12 +156,12 @@ class QueryRouter:
         else:
             decision = Decision(mode, tuple(names), "requested")
         depth = depth or self.depth
-        phrases = [p for name in names for p in self.rerankers[name].phrases(text)]
-        query, embedded = self._encode(text, image, phrases)
+        phrases = self._embed_phrases([p for name in names for p in self.rerankers[name].phrases(text)])
+        query = self.encode_query(text, image)
         query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
         fused = self._retrieve(query, query_sparse, decision.mode, k, depth, fusion, alpha, rrf_k, bool(names))
         if names:
-            fused = self._rerank(fused, depth, names, query.dense[0], text, embedded)
+            fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
         info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
         hits = self._describe(fused[:k], query_sparse, explain)
         return SearchResponse(mode=decision.mode, fusion=fusion if decision.mode == "hybrid" else None, hits=hits,

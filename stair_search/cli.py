@@ -43,13 +43,24 @@ def index(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (--runner ray; default: local).")]
     = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed job with the same arguments.")] = True,
+    id_column: Annotated[str | None, typer.Option(help="parquet/CSV column with document ids.")] = None,
+    path_column: Annotated[str | None, typer.Option(help="parquet/CSV column with image paths or URLs.")] = None,
+    bytes_column: Annotated[str | None, typer.Option(help="parquet column with encoded image bytes.")] = None,
+    caption_column: Annotated[str | None, typer.Option(help="parquet/CSV column with captions.")] = None,
+    metadata_column: Annotated[list[str] | None, typer.Option(help="Column to keep as metadata (repeatable).")]
+    = None,
+    hash_ids: Annotated[bool, typer.Option(help="Id = SHA-1 of the image bytes (duplicates indexed once).")] = False,
 ) -> None:
     """Index images; unreadable ones are skipped and counted by reason (skipped.parquet in the index)."""
     import indexer
+    from indexer.sources import SourceOptions
 
+    options = SourceOptions(id_column=id_column, path_column=path_column, bytes_column=bytes_column,
+                            caption_column=caption_column, metadata_columns=tuple(metadata_column or ()),
+                            hash_ids=hash_ids)
     summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
                           shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
-                          runner=runner, ray_address=ray_address, resume=resume)
+                          runner=runner, ray_address=ray_address, resume=resume, options=options)
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
 
@@ -59,10 +70,13 @@ def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
     query: Annotated[str | None, typer.Argument(help="Text query.")] = None,
     image: Annotated[Path | None, typer.Option(help="Image query (image-to-image).")] = None,
-    mode: Annotated[str, typer.Option(help="sparse | dense | hybrid")] = "hybrid",
+    mode: Annotated[str, typer.Option(help="sparse | dense | hybrid | auto (decided from the query)")] = "hybrid",
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
     fusion: Annotated[str, typer.Option(help="rrf | convex (hybrid only)")] = "rrf",
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="convex weight of the sparse route")] = 0.5,
+    rerank: Annotated[str, typer.Option(help="Rerankers over the top --depth, comma-separated: bsap, ssp, "
+                                             "comclip, s3 (the last one orders).")] = "",
+    depth: Annotated[int, typer.Option(min=1, help="Candidates per route, fused and reranked.")] = 100,
     explain: Annotated[bool, typer.Option(help="Show the matched tokens of each hit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per hit.")] = False,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
@@ -74,8 +88,15 @@ def search(
         raise typer.BadParameter("give a text QUERY, --image PATH, or both")
     router = open_router(index_dir, model)
     pil = _open_image(image) if image else None
-    response = router.search(text=query, image=pil, mode=mode, k=k, fusion=fusion, alpha=alpha,
-                             explain=explain or as_json)
+    try:
+        response = router.search(text=query, image=pil, mode=mode, k=k, fusion=fusion, alpha=alpha,
+                                 explain=explain or as_json, depth=depth,
+                                 rerank=[name.strip() for name in rerank.split(",") if name.strip()])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if mode == "auto" and not as_json:
+        typer.echo(f"auto: {response.decision['mode']}, rerank {response.decision['rerank'] or 'none'} "
+                   f"({response.decision['reason']})")
     if as_json:
         for hit in response.hits:
             typer.echo(json.dumps(hit.to_dict()))
@@ -131,7 +152,8 @@ def train(
         raise typer.BadParameter(f"--epochs takes three numbers (grounded,text,joint), got '{epochs}'")
     config = TrainConfig(model=model, epochs=stages, batch_size=batch_size, lr=lr, flops=flops,
                          ground_text=ground_text, seed=seed)
-    result = run_training([pair for path in pairs for pair in load_pairs(path)], out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
+    training_pairs = [pair for path in pairs for pair in load_pairs(path)]
+    result = run_training(training_pairs, out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
                           on_epoch=lambda e: typer.echo(
                               f"{e.stage:8s} epoch {e.epoch:3d}  loss {e.loss:.3f}  non-zeros image "
                               f"{e.image_nonzeros:.1f} text {e.text_nonzeros:.1f}  val R@1 sparse "
@@ -222,11 +244,20 @@ def serve(
                                                    "published index (0: never).")] = 2.0,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    max_body_bytes: Annotated[int | None, typer.Option(help="Largest request body; 413 above (default 8 MiB).")]
+    = None,
+    max_image_bytes: Annotated[int | None, typer.Option(help="Largest query image after base64 decoding; 413 above "
+                                                        "(default 5 MiB).")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(help="Largest query image width x height; 413 above "
+                                                         "(default 16000000).")] = None,
+    search_timeout: Annotated[float | None, typer.Option(help="Seconds before a search answers 504 (default 20).")]
+    = None,
 ) -> None:
     """Serve indexes over HTTP: search API (OpenAPI at /docs) and a search page at /."""
     import uvicorn
 
-    from server import ServerSettings, create_app
+    from server.app import create_app
+    from server.settings import Limits, ServerSettings
 
     named = {}
     for spec in indexes:
@@ -235,8 +266,14 @@ def serve(
         if name in named:
             raise typer.BadParameter(f"two indexes are named '{name}'; name them with NAME=PATH")
         named[name] = Path(path)
-    settings = ServerSettings(api_key=api_key, cors_origins=tuple(cors_origin or ()), search_threads=threads,
-                              reload_interval_s=reload_interval)
+    given = {"max_body_bytes": max_body_bytes, "max_image_bytes": max_image_bytes,
+             "max_image_pixels": max_image_pixels, "search_timeout_s": search_timeout}
+    try:
+        limits = Limits(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    settings = ServerSettings(limits=limits, api_key=api_key, cors_origins=tuple(cors_origin or ()),
+                              search_threads=threads, reload_interval_s=reload_interval)
     uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
 
 

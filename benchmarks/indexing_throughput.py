@@ -1,0 +1,98 @@
+"""Indexing throughput: the whole job against the bare encoder, on the same images and model, in one run.
+
+- bare encoder: model forward + sparse head + local features on pre-decoded, pre-processed tensors;
+- pipeline: ``indexer.run`` on the image files: decode (worker processes) + encode + spool + shards
+  (Lucene, FAISS, parquet) + publish, timed end to end after a small warm-up job (JVM and model warm);
+
+and their ratio: how much of the encoder's speed survives the rest of the job (target >= 0.9).
+
+    python benchmarks/indexing_throughput.py [--model ViT-S-32] [--images 256] [--batch-size 32] [--workers N]
+
+ViT-S-32 is open_clip's ViT-S class config (random weights: speed does not depend on them). The images
+are 256x256 JPEGs drawn here, each a few coloured shapes, so decoding costs what a small photo costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import indexer
+from indexer.pipeline import default_workers
+from stair_search.encode import Encoder
+
+
+def draw_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
+    """``count`` different JPEGs with a few random ellipses and rectangles each."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+            box = (x0, y0, x0 + rng.randrange(16, size // 2), y0 + rng.randrange(16, size // 2))
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        path = folder / f"{i:06d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bare_encoder_rate(encoder: Encoder, paths: list[Path]) -> float:
+    """images/s of the model alone: every image decoded and pre-processed before the clock starts."""
+    pixels = torch.stack([encoder.preprocess(Image.open(p)) for p in paths])
+    encoder.encode_pixels(pixels[: encoder.batch_size])  # warm-up
+    start = time.perf_counter()
+    encoder.encode_pixels(pixels)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def pipeline_rate(encoder: Encoder, folder: Path, work: Path, batch_size: int, workers: int) -> float:
+    """images/s of a whole indexing job on the files, from the call to the published index."""
+    start = time.perf_counter()
+    summary = indexer.run(folder, work / "index", encoder=encoder, batch_size=batch_size, workers=workers,
+                          progress=False)
+    seconds = time.perf_counter() - start
+    if summary.indexed != len(list(folder.iterdir())):
+        raise RuntimeError(f"the job indexed {summary.indexed} images: {summary.describe()}")
+    return summary.indexed / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-S-32", help="model spec (open_clip name, config JSON, checkpoint)")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="side of the drawn JPEGs in pixels")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default min(4, cores))")
+    args = parser.parse_args()
+    workers = default_workers() if args.workers is None else args.workers
+    encoder = Encoder(args.model, batch_size=args.batch_size)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {encoder.device}, model "
+          f"{args.model}, {args.images} images of {args.image_size} px, batch {args.batch_size}, {workers} workers")
+    work = Path(tempfile.mkdtemp(prefix="indexing-bench-"))
+    try:
+        paths = draw_images(work / "images", args.images, args.image_size)
+        draw_images(work / "warm-up", args.batch_size, args.image_size, seed=1)
+        pipeline_rate(encoder, work / "warm-up", work / "warm", args.batch_size, workers)  # JVM, model, caches
+        bare = bare_encoder_rate(encoder, paths)
+        pipeline = pipeline_rate(encoder, work / "images", work, args.batch_size, workers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| bare encoder images/s | pipeline images/s | pipeline / bare |")
+    print("|---|---|---|")
+    print(f"| {bare:.1f} | {pipeline:.1f} | {pipeline / bare:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PIL import Image
-
 DEMO_QUERIES = ("dog", "red heart", "smiling face", "flag")
 
 
@@ -23,34 +21,21 @@ def open_dataset(folder: Path | None = None):
         return build_emoji_dataset(folder)
 
 
-def index_records(out: Path, records: list[dict], model: str) -> None:
-    from stair_search.encode import Encoder
-    from stair_search.index.store import FeatureRecord
-    from stair_search.index.writer import IndexWriter
-
-    encoder = Encoder(model)
-    writer = IndexWriter(out, encoder, overwrite=True)
-    for start in range(0, len(records), encoder.batch_size):
-        batch = records[start : start + encoder.batch_size]
-        images = [Image.open(r["image_path"]) for r in batch]
-        features = [FeatureRecord(id=r["id"], source=r["image_path"], width=im.width, height=im.height,
-                                  caption=r["label"], metadata={"tags": r["tags"], "group": r["group"]})
-                    for r, im in zip(batch, images, strict=True)]
-        writer.add(features, encoder.encode_images(images))
-    writer.close()
-
-
 def run_demo(out: Path, model: str = "stair-tiny", split: str = "test") -> None:
+    import indexer
+    from indexer.sources import SourceOptions
     from stair_search.eval.runner import evaluate
     from stair_search.search import open_router, print_response
 
     started = time.perf_counter()
     dataset = open_dataset()
-    records = dataset.records(split)
-    print(f"Emoji data set at {dataset.root}: indexing the {len(records)} images of its '{split}' split "
-          f"(concepts never seen in training)")
-    index_records(out, records, model)
-    print(f"Index at {out}: built in {time.perf_counter() - started:.1f} s")
+    split_file = dataset.write_split(split)
+    print(f"Emoji data set at {dataset.root}: indexing the {len(dataset.records(split))} images of its '{split}' "
+          f"split (concepts never seen in training)")
+    options = SourceOptions(id_column="id", path_column="image_path", caption_column="label",
+                            metadata_columns=("tags", "group", "style"))
+    summary = indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False)
+    print(f"Index at {out}: {summary.describe()}; built in {time.perf_counter() - started:.1f} s")
     router = open_router(out, model)
     for query in DEMO_QUERIES:
         print_response(router.search(text=query, mode="hybrid", k=5, explain=True), explain=True,

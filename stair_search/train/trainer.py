@@ -267,7 +267,7 @@ def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, tor
         image_out = model.encode_image(_augment(pixels) if config.augment else pixels)
         text_out = model.encode_text(model.tokenizer(texts).to(device))
         image_sparse, text_sparse = image_out.sparse, text_out.sparse
-        if stage == "grounded":
+        if stage == "grounded" or model.config.ground_text:  # a grounded model is searched with masked queries
             text_sparse = text_sparse * model.grounding_mask(texts)
         ids = model.image_head.token_ids  # work in the heads' compact token space
         image_sparse, text_sparse = image_sparse[:, ids], text_sparse[:, ids]

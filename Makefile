@@ -44,3 +44,7 @@ test: lint
 bench: install
 	$(BIN)/python benchmarks/encoder_throughput.py
 	$(BIN)/python benchmarks/search_latency.py
+	$(BIN)/python benchmarks/indexing_throughput.py
+	$(BIN)/python benchmarks/rerank_quality.py
+	$(BIN)/python benchmarks/load_test.py --seconds 15
+	$(BIN)/python benchmarks/emoji_eval.py

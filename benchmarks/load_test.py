@@ -175,9 +175,7 @@ def _wait_until_ready(base_url: str, process: subprocess.Popen, timeout_s: float
 
 def emoji_index(work_dir: Path, model: str) -> tuple[Path, list[str]]:
     """The emoji test split indexed with ``model`` (built on first use) and the split's label queries."""
-    import indexer
-    from indexer.sources import SourceOptions
-    from stair_search.demo import open_dataset
+    from stair_search.demo import index_split, open_dataset
 
     dataset = open_dataset()
     texts = sorted(set(dataset.queries("test", "label").values()))
@@ -185,11 +183,8 @@ def emoji_index(work_dir: Path, model: str) -> tuple[Path, list[str]]:
     if (index_dir / "manifest.json").is_file():
         print(f"reusing {index_dir}")
         return index_dir, texts
-    split_file = dataset.write_split("test", path=work_dir / "emoji-test.parquet")
-    options = SourceOptions(id_column="id", path_column="image_path", caption_column="label",
-                            metadata_columns=("tags", "group", "style"))
     print(f"indexing the emoji test split into {index_dir} ...")
-    summary = indexer.run(split_file, index_dir, model=model, options=options, overwrite=True, progress=False)
+    summary = index_split(dataset, "test", index_dir, model)
     print(f"{index_dir}: {summary.describe()}")
     return index_dir, texts
 

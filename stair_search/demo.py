@@ -4,6 +4,7 @@ search it, and evaluate every route on the split's label and tag queries."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 DEMO_QUERIES = ("dog", "red heart", "smiling face", "flag")
@@ -21,20 +22,27 @@ def open_dataset(folder: Path | None = None):
         return build_emoji_dataset(folder)
 
 
-def run_demo(out: Path, model: str = "stair-tiny", split: str = "test") -> None:
+def index_split(dataset, split: str, out: Path, model: str, styles: Sequence[str] | None = None):
+    """Index one split of the emoji data set with the public indexing job: ids are the records' ids (the ones
+    the qrels name), captions their CLDR labels, metadata their tags, group and style."""
     import indexer
     from indexer.sources import SourceOptions
+
+    options = SourceOptions(id_column="id", path_column="image_path", caption_column="label",
+                            metadata_columns=("tags", "group", "style"))
+    split_file = dataset.write_split(split, styles)
+    return indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False)
+
+
+def run_demo(out: Path, model: str = "stair-tiny", split: str = "test") -> None:
     from stair_search.eval.runner import evaluate
     from stair_search.search import open_router, print_response
 
     started = time.perf_counter()
     dataset = open_dataset()
-    split_file = dataset.write_split(split)
     print(f"Emoji data set at {dataset.root}: indexing the {len(dataset.records(split))} images of its '{split}' "
           f"split (concepts never seen in training)")
-    options = SourceOptions(id_column="id", path_column="image_path", caption_column="label",
-                            metadata_columns=("tags", "group", "style"))
-    summary = indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False)
+    summary = index_split(dataset, split, out, model)
     print(f"Index at {out}: {summary.describe()}; built in {time.perf_counter() - started:.1f} s")
     router = open_router(out, model)
     for query in DEMO_QUERIES:

@@ -61,6 +61,16 @@ def test_a_token_present_in_every_document_still_counts(tmp_path, vocab):
     assert [h.row for h in SparseShard(tmp_path, vocab, 100.0).search({"dog": 1.0})] == [1, 2, 0]
 
 
+def test_documents_without_tokens_keep_the_shard_readable_and_the_row_numbers(tmp_path, vocab):
+    """An image whose sparse vector is all zeros: Anserini drops empty documents, the shard must still open."""
+    docs = [{}, {"dog": 1.0}, {}, {"dog": 0.5, "cat": 2.0}, {}]
+    write_sparse_shard(tmp_path, to_csr(docs, vocab, 100.0), vocab)
+    shard = SparseShard(tmp_path, vocab, 100.0)
+    assert [(h.row, round(h.score, 2)) for h in shard.search({"dog": 1.0, "cat": 1.0}, 10)] == [(3, 2.5), (1, 1.0)]
+    write_sparse_shard(tmp_path / "none", to_csr([{}, {}], vocab, 100.0), vocab)  # no document has a token
+    assert SparseShard(tmp_path / "none", vocab, 100.0).batch_search([{"dog": 1.0}, {"cat": 1.0}], 5) == [[], []]
+
+
 def test_lucene_top10_equals_numpy_brute_force(tmp_path, vocab):
     rng = np.random.default_rng(42)
     docs = random_vectors(rng, vocab, 3000, 64)

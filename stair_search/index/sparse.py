@@ -82,12 +82,17 @@ def write_sparse_shard(shard_dir: Path, csr: tuple[np.ndarray, np.ndarray, np.nd
 
 def build_lucene(index_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
                  vocabulary: Vocabulary, threads: int = 1) -> None:
-    """Anserini ``IndexCollection -impact -pretokenized`` over a JsonVectorCollection written from the CSR."""
+    """Anserini ``IndexCollection -impact -pretokenized`` over a JsonVectorCollection written from the CSR.
+
+    Rows without a token (an image whose sparse vector is all zeros) are left out: Anserini drops empty
+    documents anyway, and such a row can never match a sparse query. Lucene ids stay the CSR row numbers."""
     terms = [spell(t) for t in vocabulary.tokens]
     with tempfile.TemporaryDirectory(prefix="stair-collection-") as tmp:
         with open(Path(tmp) / "part-0.jsonl", "w", encoding="utf-8") as out:
             for row in range(len(indptr) - 1):
                 lo, hi = indptr[row], indptr[row + 1]
+                if lo == hi:
+                    continue
                 pairs = zip(indices[lo:hi].tolist(), values[lo:hi].tolist(), strict=True)
                 vector = {terms[i]: int(v) for i, v in pairs}
                 out.write(json.dumps({"id": str(row), "contents": "", "vector": vector}) + "\n")
@@ -120,14 +125,18 @@ class SparseShard:
                                     f"Rebuild the index (stair-search index ...) or restore the files.")
         self.vocabulary, self.scale = vocabulary, scale
         self.indptr, self.indices, self.values = (np.load(shard_dir / f"{n}.npy", mmap_mode="r") for n in CSR_FILES)
+        self._terms = [spell(t) for t in vocabulary.tokens]
+        with_tokens = int(np.count_nonzero(np.diff(self.indptr)))
+        self.searcher = None  # a shard whose documents all lack tokens has no terms for Pyserini to open
+        if with_tokens == 0:
+            return
         lucene = import_pyserini("pyserini.search.lucene")
         # min_idf=-1: Pyserini drops query terms with idf <= min_idf, and a term present in every document
         # has idf 0, so the default (0) would silently ignore it.
         self.searcher = lucene.LuceneImpactSearcher(str(shard_dir / LUCENE_DIR), _PreEncoded(), min_idf=-1)
-        if self.searcher.num_docs != len(self.indptr) - 1:
+        if self.searcher.num_docs != with_tokens:
             raise ValueError(f"Sparse shard {shard_dir}: Lucene has {self.searcher.num_docs} documents but the "
-                             f"vector files have {len(self.indptr) - 1}; the shard is damaged, rebuild it.")
-        self._terms = [spell(t) for t in vocabulary.tokens]
+                             f"vector files have {with_tokens} with tokens; the shard is damaged, rebuild it.")
 
     @staticmethod
     def required_files(shard_dir: Path) -> list[Path]:
@@ -150,6 +159,8 @@ class SparseShard:
                      threads: int = 1) -> list[list[SparseHit]]:
         """Top-k per query; Lucene runs the queries on ``threads`` Java threads."""
         encoded = [self.encode_query(q) for q in queries]
+        if self.searcher is None:
+            return [[] for _ in encoded]
         if len(encoded) == 1:
             results = {"0": self.searcher.search(encoded[0], k) if encoded[0] else []}
         else:
@@ -172,4 +183,5 @@ class SparseShard:
         return dict(sorted(matched.items(), key=lambda kv: -kv[1][0] * kv[1][1]))
 
     def close(self) -> None:
-        self.searcher.close()
+        if self.searcher is not None:
+            self.searcher.close()

@@ -75,7 +75,7 @@ def search(
     fusion: Annotated[str, typer.Option(help="rrf | convex (hybrid only)")] = "rrf",
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="convex weight of the sparse route")] = 0.5,
     rerank: Annotated[str, typer.Option(help="Rerankers over the top --depth, comma-separated: bsap, ssp, "
-                                             "comclip, s3 (the last one orders).")] = "",
+                                             "comclip, s3 (fused with the first stage by RRF).")] = "",
     depth: Annotated[int, typer.Option(min=1, help="Candidates per route, fused and reranked.")] = 100,
     explain: Annotated[bool, typer.Option(help="Show the matched tokens of each hit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per hit.")] = False,
@@ -97,6 +97,8 @@ def search(
     if mode == "auto" and not as_json:
         typer.echo(f"auto: {response.decision['mode']}, rerank {response.decision['rerank'] or 'none'} "
                    f"({response.decision['reason']})")
+    if "note" in response.decision:
+        typer.echo(f"note: {response.decision['note']}", err=True)
     if as_json:
         for hit in response.hits:
             typer.echo(json.dumps(hit.to_dict()))
@@ -205,8 +207,8 @@ def evaluate_index(
     queries: Annotated[Path, typer.Argument(help="Queries file: qid<TAB>text per line.")],
     qrels: Annotated[Path, typer.Argument(help="TREC qrels file: qid 0 docid grade per line.")],
     mode: Annotated[list[str] | None, typer.Option(help="sparse | dense | hybrid-rrf | hybrid-convex | auto; "
-                                                        "repeatable (default: the first four).")] = None,
-    rerank: Annotated[list[str] | None, typer.Option(help="none | each | names joined by ',' (a chain); "
+                                                        "repeatable (default: all five).")] = None,
+    rerank: Annotated[list[str] | None, typer.Option(help="none | each | names joined by ',' (fused together); "
                                                           "repeatable (default: none).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="convex weight of the sparse route")] = 0.5,

@@ -4,6 +4,7 @@ built from images drawn here with a real tiny model. The fusion formulas themsel
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,15 +16,15 @@ from stair_search.index.store import FeatureRecord
 from stair_search.index.writer import IndexWriter
 from stair_search.rerank import RERANKERS
 from stair_search.rerank.base import candidate_vectors
-from stair_search.retrieve.router import QueryRouter, decide
-from tests.conftest import COLOURS, draw_shape
+from stair_search.retrieve.router import KEYWORD_ALPHA, QueryRouter, decide
+from tests.conftest import COLOURS, TINY_CONFIG, draw_shape
 
 SHAPES = ("circle", "square", "triangle")
 
 
 @pytest.mark.parametrize(("text", "mode", "rerank"), [
-    ("dog", "sparse", ()),
-    ("red car", "sparse", ()),
+    ("dog", "hybrid", ()),
+    ("red car", "hybrid", ()),
     ("a fluffy white dog and a sleepy cat", "hybrid", ()),
     ("a dog playing on the beach", "hybrid", ("comclip",)),
     ("a red circle left of a blue square", "hybrid", ("comclip",)),
@@ -32,6 +33,8 @@ SHAPES = ("circle", "square", "triangle")
 def test_auto_decides_from_the_query(text, mode, rerank):
     decision = decide(text, None)
     assert (decision.mode, decision.rerank) == (mode, rerank) and decision.reason
+    keyword = len(text.split()) <= 2
+    assert (decision.fusion, decision.alpha) == (("convex", KEYWORD_ALPHA) if keyword else (None, None))
 
 
 def test_auto_sends_image_queries_to_the_dense_route():
@@ -61,26 +64,34 @@ def test_stored_vectors_come_back_from_faiss(router):
     np.testing.assert_allclose(candidate_vectors(router.index, candidates), expected.dense, atol=1e-5)
 
 
+def expected_rrf(first_stage: list[str], hits, names: list[str]) -> dict[str, float]:
+    """Hand-computed reranked score: 1/(60 + rank) summed over the first-stage order and each reranker's."""
+    orders = [first_stage] + [[h.id for h in sorted(hits, key=lambda h: -h.parts[n])] for n in names]
+    return {doc: sum(1.0 / (60 + order.index(doc) + 1) for order in orders) for doc in first_stage}
+
+
 @pytest.mark.parametrize("name", RERANKERS)
-def test_each_reranker_reorders_the_fused_candidates_by_its_score(router, name):
+def test_each_reranker_is_fused_with_the_first_stage_order_by_rrf(router, name):
     router, _ = router
     plain = router.search(text="a red circle", mode="hybrid", k=12, depth=12)
     reranked = router.search(text="a red circle", mode="hybrid", k=12, depth=12, rerank=[name])
     assert {h.id for h in reranked.hits} == {h.id for h in plain.hits}  # reranking only reorders
-    scores = [h.parts[name] for h in reranked.hits]
-    assert scores == sorted(scores, reverse=True) and [h.score for h in reranked.hits] == scores
+    expected = expected_rrf([h.id for h in plain.hits], reranked.hits, [name])
+    assert [h.score for h in reranked.hits] == pytest.approx([expected[h.id] for h in reranked.hits])
+    assert [h.score for h in reranked.hits] == sorted(expected.values(), reverse=True)
     assert reranked.decision == {"mode": "hybrid", "rerank": [name], "reason": "requested"} | (
         {"expanded": reranked.decision["expanded"]} if "expanded" in reranked.decision else {})
 
 
-def test_only_the_top_depth_candidates_are_reranked_and_the_last_reranker_orders(router):
+def test_only_the_top_depth_candidates_are_reranked_and_every_reranker_votes(router):
     router, _ = router
     response = router.search(text="a blue square", mode="dense", k=8, depth=4, rerank=["bsap", "ssp"])
     head, tail = response.hits[:4], response.hits[4:]
     assert all({"bsap", "ssp", "dense"} <= set(h.parts) for h in head)
     assert all(set(h.parts) == {"dense"} for h in tail)
-    assert [h.score for h in head] == sorted((h.parts["ssp"] for h in head), reverse=True)
     plain = router.search(text="a blue square", mode="dense", k=8)
+    expected = expected_rrf([h.id for h in plain.hits[:4]], head, ["bsap", "ssp"])
+    assert [h.score for h in head] == pytest.approx(sorted(expected.values(), reverse=True))
     assert [h.id for h in tail] == [h.id for h in plain.hits[4:]]
 
 
@@ -90,9 +101,37 @@ def test_auto_mode_reports_its_decision_and_applies_comclip(router):
     assert response.mode == "hybrid" and response.decision["rerank"] == ["comclip"]
     assert "relational" in response.decision["reason"] and all("comclip" in h.parts for h in response.hits)
     keyword = router.search(text="yellow", mode="auto", k=3)
-    assert keyword.mode == "sparse" and keyword.fusion is None
+    leaning = router.search(text="yellow", mode="hybrid", fusion="convex", alpha=KEYWORD_ALPHA, k=3)
+    assert keyword.mode == "hybrid" and keyword.fusion == "convex" and keyword.decision["alpha"] == KEYWORD_ALPHA
+    assert [(h.id, h.score) for h in keyword.hits] == [(h.id, h.score) for h in leaning.hits]
     by_image = router.search(image=images[0], mode="auto", k=1)
     assert by_image.mode == "dense" and by_image.hits[0].id == "red-circle"
+
+
+def test_a_query_whose_words_the_model_never_emits_goes_dense_in_auto_and_is_explained(tmp_path):
+    """A grounded model limited to a few emitted word-pieces: 'xylophone' has an empty sparse vector."""
+    from stair_search.encode import Encoder
+    from stair_search.models import create_model
+
+    config = tmp_path / "grounded.json"
+    config.write_text(json.dumps(TINY_CONFIG | {"ground_text": True, "emit_tokens": ["red", "blue", "circle"]}))
+    encoder = Encoder(create_model(str(config), device="cpu"), batch_size=4)
+    writer = IndexWriter(tmp_path / "index", encoder)
+    records = [FeatureRecord(id=f"{c}-{s}", source="", width=64, height=64) for c in ("red", "blue") for s in SHAPES]
+    writer.add(records, encoder.encode_images([draw_shape(c, s) for c in ("red", "blue") for s in SHAPES]))
+    writer.close()
+    router = QueryRouter(Index(tmp_path / "index"), encoder)
+    assert router.encoder.encode_texts(["xylophone"]).sparse == [{}]
+    sparse = router.search(text="xylophone", mode="sparse", k=3)
+    assert sparse.hits == [] and "none of the query's word-pieces" in sparse.decision["note"]
+    auto = router.search(text="xylophone", mode="auto", k=3)
+    dense = router.search(text="xylophone", mode="dense", k=3)
+    assert auto.mode == "dense" and "dense only" in auto.decision["note"]
+    assert [(h.id, h.score) for h in auto.hits] == [(h.id, h.score) for h in dense.hits] and len(auto.hits) == 3
+    for words in ("red", "blue", "circle", "red circle", "blue circle"):  # auto goes dense exactly when empty
+        has_tokens = bool(encoder.encode_texts([words]).sparse[0])
+        response = router.search(text=words, mode="auto", k=3)
+        assert (response.mode, "note" in response.decision) == (("hybrid", False) if has_tokens else ("dense", True))
 
 
 def test_s3_expands_the_sparse_query_with_synonym_tokens(router, tiny_encoder):
@@ -125,9 +164,13 @@ def test_cli_search_reports_the_auto_decision_and_reranks(router):
     hits = CliRunner().invoke(app, ["search", index_dir, "a red circle", "--rerank", "bsap, ssp", "--depth", "6",
                                     "-k", "6", "--json"])
     assert hits.exit_code == 0, hits.output
-    parts = [json.loads(line)["parts"] for line in hits.output.splitlines() if line.startswith("{")]
-    assert len(parts) == 6 and all({"bsap", "ssp"} <= set(p) for p in parts)
-    assert [p["ssp"] for p in parts] == sorted((p["ssp"] for p in parts), reverse=True)
+    plain = CliRunner().invoke(app, ["search", index_dir, "a red circle", "--depth", "6", "-k", "6", "--json"])
+    rows, first_stage = ([json.loads(line) for line in out.output.splitlines() if line.startswith("{")]
+                         for out in (hits, plain))
+    assert len(rows) == 6 and all({"bsap", "ssp"} <= set(row["parts"]) for row in rows)
+    reranked = [SimpleNamespace(id=row["id"], parts=row["parts"]) for row in rows]
+    expected = expected_rrf([row["id"] for row in first_stage], reranked, ["bsap", "ssp"])
+    assert [row["score"] for row in rows] == pytest.approx([expected[row["id"]] for row in rows])
     bad = CliRunner().invoke(app, ["search", index_dir, "red", "--rerank", "colbert"])
     assert bad.exit_code != 0 and "unknown reranker(s) ['colbert']" in bad.output
 

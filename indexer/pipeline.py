@@ -3,8 +3,13 @@
 Why processes: PIL decoding and the model's resize/normalise hold the GIL, so threads would serialise them
 with the encoder. Workers start with ``forkserver`` (a forked copy of a process that already runs torch
 threads can deadlock), use one torch thread each, and die with the job (``PR_SET_PDEATHSIG``), so a
-``kill -9`` of the job leaves no orphans. At most ``workers * PREFETCH_PER_WORKER`` items are in flight:
-the source is read lazily, and a tar or parquet of image bytes is never pulled into memory at once.
+``kill -9`` of the job leaves no orphans. Like every non-fork start method, a worker first imports the
+caller's main script again; a script that calls ``indexer.run`` without an ``if __name__ == "__main__":``
+guard would index again inside each worker. ``run`` refuses to start there, the worker dies, and the job
+stops with :data:`WORKERS_DIED` (a ``concurrent.futures`` pool reports a dead worker; a
+``multiprocessing.Pool`` would replace it forever and hang). At most ``workers * PREFETCH_PER_WORKER`` items
+are in flight: the source is read lazily, and a tar or parquet of image bytes is never pulled into memory at
+once.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -33,6 +41,11 @@ PREFETCH_PER_WORKER = 16
 DUPLICATE = "duplicate id (already taken by an earlier item of this job)"
 # (position in the source, item, reason to skip it without decoding or None)
 NumberedItem = tuple[int, Item, str | None]
+WORKERS_DIED = ("The image decoding worker processes died (their error is printed above). A worker imports the "
+                "main script again: if you call indexer.run from a script, put the call under "
+                "`if __name__ == \"__main__\":`, or pass workers=0 to decode in this process.")
+REIMPORTED_MAIN = ("indexer.run was called while a decode worker re-imported the main script. Put the call "
+                   "under `if __name__ == \"__main__\":` (workers import the script again), or pass workers=0.")
 
 
 def available_cores() -> int:
@@ -64,6 +77,16 @@ def _decode_in_worker(item: Item, position: int) -> Decoded:
     return decoded
 
 
+def check_not_reimporting_main() -> None:
+    """Refuse to run inside a worker process's re-import of the main script (see the module docstring):
+    the call comes from the module-level code of a script being run as ``__mp_main__``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
+            raise RuntimeError(REIMPORTED_MAIN)
+        frame = frame.f_back
+
+
 def modules_to_preload(preprocess: Callable) -> list[str]:
     """This module plus the packages that define ``preprocess`` and its steps: unpickling it in a worker
     imports them (open_clip's transforms pull in the whole package, seconds per worker and job)."""
@@ -83,15 +106,15 @@ class DecodePool:
             # The server imports torch, PIL and the preprocessing code once; each worker is a fork of it and
             # starts in milliseconds instead of importing them again (seconds per worker, per job).
             context.set_forkserver_preload(modules_to_preload(preprocess))
-            self._pool = context.Pool(workers, initializer=_init_worker, initargs=(preprocess, max_pixels))
+            self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                             initargs=(preprocess, max_pixels))
 
     def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def map(self, items: Iterable[NumberedItem]) -> Iterator[tuple[int, Item, Decoded]]:
         if self._pool is None:
@@ -102,7 +125,7 @@ class DecodePool:
         in_flight: deque = deque()
         limit = self.workers * PREFETCH_PER_WORKER
         for position, item, reason in items:
-            result = _skipped(position, reason) or self._pool.apply_async(_decode_in_worker, (item, position))
+            result = _skipped(position, reason) or self._pool.submit(_decode_in_worker, item, position)
             in_flight.append((position, item, result))
             if len(in_flight) >= limit:
                 yield _ready(*in_flight.popleft())
@@ -114,8 +137,13 @@ def _skipped(position: int, reason: str | None) -> Decoded | None:
     return Decoded(position, None, skip_reason=reason) if reason else None
 
 
-def _ready(position: int, item: Item, result: Any) -> tuple[int, Item, Decoded]:
-    return position, item, result if isinstance(result, Decoded) else result.get()
+def _ready(position: int, item: Item, result: Decoded | Future) -> tuple[int, Item, Decoded]:
+    if isinstance(result, Decoded):
+        return position, item, result
+    try:
+        return position, item, result.result()
+    except BrokenProcessPool as error:
+        raise RuntimeError(WORKERS_DIED) from error
 
 
 # ------------------------------------------------------------------------------------------ batching

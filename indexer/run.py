@@ -19,7 +19,7 @@ import torch
 
 from indexer.decode import DEFAULT_MAX_PIXELS
 from indexer.journal import Chunk, JobDir, JournalState, job_dir_for, job_key
-from indexer.pipeline import NumberedItem, default_workers, local_chunks
+from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
 from indexer.report import JobProgress, JobSummary, write_skipped_report
 from indexer.sources import SourceOptions, iter_items
 from stair_search.encode import Encoder
@@ -48,6 +48,7 @@ def run(source: str | Path, out: str | Path, model: str = "stair-tiny", pretrain
     ``torch_threads`` sizes the encoder's threads here. ``runner="ray"`` decodes and encodes on Ray
     (``ray_address``: an existing cluster; default a local one) and writes the same shards.
     """
+    check_not_reimporting_main()
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     started, out = time.perf_counter(), Path(out)
@@ -76,8 +77,7 @@ def run(source: str | Path, out: str | Path, model: str = "stair-tiny", pretrain
             builder_args = {"batch_size": batch_size, "seen_ids": job_run.seen_ids,
                             "vocabulary": encoder.model.vocabulary, "scale": scale}
             with JobProgress(str(source), job_run.start, progress) as bar:
-                for chunk in _chunks(runner, items, encoder, builder_args, workers, ray_address, max_pixels,
-                                     str(source), options):
+                for chunk in _chunks(runner, items, encoder, builder_args, workers, ray_address, max_pixels):
                     job_run.add(chunk)
                     bar.advance_to(chunk.end)
             job_run.finish()
@@ -90,7 +90,7 @@ def run(source: str | Path, out: str | Path, model: str = "stair-tiny", pretrain
 
 
 def _chunks(runner: str, items: Iterator[NumberedItem], encoder: Encoder, builder_args: dict, workers: int | None,
-            ray_address: str | None, max_pixels: int, source: str, options: SourceOptions) -> Iterator[Chunk]:
+            ray_address: str | None, max_pixels: int) -> Iterator[Chunk]:
     workers = default_workers() if workers is None else workers
     if runner == "local":
         return local_chunks(items, encoder, builder_args, workers, max_pixels)

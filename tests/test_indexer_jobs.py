@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from indexer.journal import read_chunk
 from indexer.pipeline import PREFETCH_PER_WORKER
 from indexer.report import SKIPPED_REPORT
 from stair_search.cli import app
+from stair_search.encode import Encoder
 from stair_search.index.manifest import MANIFEST, Manifest
 from stair_search.index.reader import Candidate, Index
 from stair_search.index.writer import DENSE_FILE, FEATURES_FILE, SPARSE_DIR
@@ -189,6 +191,33 @@ def test_a_job_killed_mid_run_resumes_without_losing_or_repeating_documents(tmp_
     assert_same_documents(index_contents(out), index_contents(clean))
 
 
+class CtrlCAfter(Encoder):
+    """The real encoder, interrupted by a Ctrl-C (KeyboardInterrupt) once ``batches`` batches are encoded."""
+
+    def __init__(self, model, batches: int):
+        super().__init__(model, batch_size=4)
+        self.left = batches
+
+    def encode_pixels(self, pixels):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return super().encode_pixels(pixels)
+
+
+def test_ctrl_c_keeps_the_spool_for_a_resume_and_no_resume_starts_over(tmp_path, tiny_encoder):
+    images = draw_images(tmp_path / "images", 12)
+    options = {"batch_size": 4, "shard_size": 100, "workers": 0, "progress": False}
+    for resume, out in ((True, tmp_path / "resumed"), (False, tmp_path / "restarted")):
+        with pytest.raises(KeyboardInterrupt):
+            indexer.run(tmp_path / "images", out, encoder=CtrlCAfter(tiny_encoder.model, batches=2), **options)
+        assert not out.exists() and list((job_dir_of(out) / "chunks").glob("*.npz"))  # 2 batches spooled
+        summary = indexer.run(tmp_path / "images", out, encoder=tiny_encoder, resume=resume, **options)
+        assert (summary.resumed_from, summary.encoded_now) == ((8, 4) if resume else (0, 12))
+        assert sorted(Index(out).ids()) == sorted(p.name for p in images) and job_dir_of(out) is None
+    assert_same_documents(index_contents(tmp_path / "resumed"), index_contents(tmp_path / "restarted"))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -290,6 +319,25 @@ def test_nothing_usable_is_a_clear_error_that_leaves_nothing_behind(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no index, no job directory
 
 
+def test_a_script_without_a_main_guard_gets_a_clear_error_instead_of_a_hang(tmp_path, tiny_config_path):
+    """Decode workers import the caller's script again; unguarded, it would index again in every worker."""
+    draw_images(tmp_path / "photos", 4)
+    call = (f"indexer.run({str(tmp_path / 'photos')!r}, {str(tmp_path / 'index')!r}, "
+            f"model={str(tiny_config_path)!r}, workers=1, progress=False)")
+    for name, body in (("unguarded", f"import indexer\n{call}\n"),
+                       ("guarded", f"import indexer\nif __name__ == '__main__':\n    {call}\n")):
+        script = tmp_path / f"{name}.py"
+        script.write_text(body)
+        done = subprocess.run([sys.executable, str(script)], env={**JOB_ENV, "PYTHONPATH": str(REPO_ROOT)},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=DEADLINE_S)
+        if name == "unguarded":
+            assert done.returncode == 1 and "put the call under `if __name__ == \"__main__\":`" in done.stderr
+            assert not (tmp_path / "index").exists()
+        else:
+            assert done.returncode == 0, done.stderr
+            assert sorted(Index(tmp_path / "index").ids()) == sorted(p.name for p in (tmp_path / "photos").iterdir())
+
+
 def test_progress_bar_shows_rate_and_eta_and_the_summary_counts_skips_by_reason(tmp_path, tiny_encoder, capsys):
     folder = tmp_path / "photos"
     draw_images(folder, 5)
@@ -318,6 +366,35 @@ def test_cli_takes_ids_captions_and_metadata_from_the_columns_it_is_given(tmp_pa
     rows = index.documents([Candidate(0, 0, 1.0), Candidate(0, 1, 1.0)], ["id", "caption", "metadata"])
     assert [(r["id"], r["caption"], r["metadata"]) for r in rows] == [
         ("k1", "a red circle", {"colour": "red"}), ("k2", "a blue square", {"colour": "blue"})]
+
+
+def test_a_webdataset_shard_set_is_indexed_through_worker_processes(tmp_path, tiny_encoder):
+    """``{000..001}.tar`` shards: members grouped by key, .txt captions and .json metadata, bytes decoded in
+    real worker processes; the vectors equal encoding the same pictures directly."""
+    pictures = {}
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard:03d}.tar", "w") as tar:
+            for key, (colour, shape) in enumerate([("red", "circle"), ("blue", "square")][: shard + 1]):
+                pictures[f"shard-{shard:03d}.tar/{colour}{key}"] = draw_shape(colour, shape)
+                members = {f"{colour}{key}.png": encoded_bytes(draw_shape(colour, shape), "PNG"),
+                           f"{colour}{key}.txt": f"a {colour} {shape}".encode(),
+                           f"{colour}{key}.json": json.dumps({"colour": colour}).encode()}
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    summary = indexer.run(str(tmp_path / "shard-{000..001}.tar"), tmp_path / "index", encoder=tiny_encoder,
+                          workers=1, progress=False)
+    assert summary.indexed == 3 and not summary.skipped
+    index = Index(tmp_path / "index")
+    rows = index.documents([Candidate(0, row, 0.0) for row in range(3)], ["id", "caption", "metadata"])
+    assert [(r["id"], r["caption"], r["metadata"]["colour"]) for r in rows] == [
+        ("shard-000.tar/red0", "a red circle", "red"), ("shard-001.tar/red0", "a red circle", "red"),
+        ("shard-001.tar/blue1", "a blue square", "blue")]
+    expected = tiny_encoder.encode_images(list(pictures.values()))
+    got = index_contents(tmp_path / "index")
+    for doc_id, dense in zip(pictures, expected.dense, strict=True):
+        np.testing.assert_allclose(got[doc_id][0], dense, atol=1e-5, err_msg=doc_id)
 
 
 # ------------------------------------------------------------------------------------------------ append, delete

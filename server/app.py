@@ -52,6 +52,9 @@ from server.schemas import (
 )
 from server.settings import ServerSettings
 from stair_search.index.reader import Candidate
+from stair_search.rerank import RERANKERS
+from stair_search.rerank.s3 import classify as classify_image
+from stair_search.retrieve.router import MODES
 
 log = logging.getLogger("stair_search.server")
 STATIC = Path(__file__).with_name("static")
@@ -75,7 +78,6 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
     limits, metrics = settings.limits, Metrics()
     pool = ThreadPoolExecutor(max_workers=settings.search_threads, thread_name_prefix="search")
     in_flight = asyncio.Semaphore(limits.max_in_flight)
-    modes, rerankers = registry.capabilities()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -137,7 +139,6 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
             image_bytes = decode_base64(body.image, limits.max_image_bytes)
         image = open_query_image(image_bytes, limits.max_image_bytes, limits.max_image_pixels) \
             if image_bytes is not None else None
-        _check_supported(body, modes, rerankers)
         refuse_when_busy("search")
         version = checkout(body.index)  # released by the worker, so a timed-out search still finishes cleanly
         return await run_limited(functools.partial(_search, version, body, image, metrics), "search")
@@ -146,10 +147,6 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
               openapi_extra={"requestBody": _body_doc("ClassifyRequest")})
     async def classify(request: Request) -> ClassifyResult:
         """Zero-shot classification of an image over the given labels (S^3)."""
-        classifier = _classifier()
-        if classifier is None:
-            raise HTTPException(501, "zero-shot classification is not available: this build has no "
-                                     "stair_search.rerank.s3.classify yet")
         body, image_bytes = await _parse_body(request, ClassifyRequest, limits.max_image_bytes)
         data = decode_base64(body.image, limits.max_image_bytes) if body.image else image_bytes
         image = open_query_image(data or b"", limits.max_image_bytes, limits.max_image_pixels)
@@ -158,7 +155,7 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
 
         def run() -> ClassifyResult:
             try:
-                scores = classifier(version.router.encoder, image, body.labels)
+                scores = classify_image(version.router.encoder, image, body.labels)
             finally:
                 version.release()
             return ClassifyResult(index=version.name, labels=[LabelScore(label=k, score=v) for k, v in scores])
@@ -230,8 +227,8 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
             m = v.index.manifest
             described.append(IndexInfo(name=name, documents=len(v.index), shards=len(m.shards), model=m.model["name"],
                                        version=v.number, opened=v.opened, created=m.created))
-        return ServiceInfo(indexes=described, modes=list(modes), rerankers=list(rerankers),
-                           classify=_classifier() is not None, max_image_bytes=limits.max_image_bytes,
+        return ServiceInfo(indexes=described, modes=list(MODES), rerankers=list(RERANKERS),
+                           classify=True, max_image_bytes=limits.max_image_bytes,
                            auth=settings.api_key is not None)
 
     # -------------------------------------------------------------------------------------------- web page
@@ -312,16 +309,6 @@ async def _parse_multipart(request: Request, model: type[T], max_image_bytes: in
     return model.model_validate(fields, context={"uploaded_image": data is not None}), data
 
 
-def _check_supported(body: SearchRequest, modes: tuple[str, ...], rerankers: tuple[str, ...]) -> None:
-    """422 for options the schema allows but the installed router does not implement yet."""
-    if body.mode not in modes:
-        raise HTTPException(422, f"mode '{body.mode}' is not supported by this server's router; use one of {modes}")
-    missing = [name for name in body.rerank if name not in rerankers]
-    if missing:
-        raise HTTPException(422, f"rerankers {missing} are not available in this build"
-                                 + (f"; available: {list(rerankers)}" if rerankers else " (none are)"))
-
-
 def _search(version: IndexVersion, body: SearchRequest, image: Any, metrics: Metrics) -> SearchResult:
     """Runs on a worker thread, holding a lease on ``version`` that it releases when done."""
     started = time.perf_counter()
@@ -386,11 +373,3 @@ def _thumbnail_url(index: str, doc_id: str) -> str:
 
 def _document_url(index: str, doc_id: str) -> str:
     return f"/documents/{quote(doc_id, safe='')}?index={quote(index, safe='')}"
-
-
-def _classifier() -> Callable | None:
-    try:
-        from stair_search.rerank.s3 import classify
-    except ImportError:
-        return None
-    return classify

@@ -10,7 +10,6 @@ version is closed only when its last lease ends.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -155,20 +154,6 @@ class IndexRegistry:
             yield version
         finally:
             version.release()
-
-    def capabilities(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(modes, rerankers) the installed QueryRouter supports, read from the router itself so the API
-        offers exactly what the library can do (``auto`` and rerankers arrive with the reranker work)."""
-        from stair_search.retrieve import router as router_module
-
-        modes = tuple(router_module.MODES)
-        if "rerank" not in inspect.signature(QueryRouter.search).parameters:
-            return modes, ()
-        try:
-            from stair_search.rerank import RERANKERS
-        except ImportError:
-            return modes, ()
-        return modes, tuple(RERANKERS)
 
     # ------------------------------------------------------------------------------------------- hot swap
 

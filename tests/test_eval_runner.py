@@ -15,7 +15,6 @@ from stair_search.eval.runner import (
     ROUTES,
     evaluate_router,
     parse_rerank_sets,
-    supports_rerank,
 )
 from stair_search.index.reader import Index
 from stair_search.index.store import FeatureRecord
@@ -83,14 +82,10 @@ def test_every_mode_writes_the_run_users_get(router, tmp_path):
     assert f"| hybrid-rrf | {100 * hybrid.metrics['R@1']:.1f} |" in table
 
 
-def test_rerank_sets_run_or_are_skipped_with_a_reason(router):
+def test_rerank_sets_each_run_as_a_configuration(router):
     report = evaluate_router(router, QUERIES, COLOUR_QRELS, modes=["dense"], rerank_sets=[(), ("bsap",)])
     assert report.row("dense").rerank == ()
-    if not supports_rerank(router):
-        assert [row.config for row in report.rows] == ["dense"]
-        assert "rerank" in report.skipped["dense+bsap"]
-    else:
-        assert report.row("dense+bsap").rerank == ("bsap",)
+    assert report.row("dense+bsap").rerank == ("bsap",)
     assert parse_rerank_sets(["none", "bsap, ssp", "none"]) == [(), ("bsap", "ssp")]
     assert ("comclip",) in parse_rerank_sets(["each"])
 

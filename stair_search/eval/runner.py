@@ -2,9 +2,8 @@
 
 Every query goes through :meth:`QueryRouter.search`, exactly as a user's would (encoding, routes, fusion,
 rerankers, document lookup), so the figures are what users get, latency included. A *configuration* is a
-route setting (``sparse``, ``dense``, ``hybrid-rrf``, ``hybrid-convex``, or ``auto`` where the router has it)
-combined with a set of rerankers (none, or names from ``stair_search.rerank.RERANKERS``). Configurations the
-router cannot run yet (a reranker or mode it lacks) are skipped with the reason in the report, not failed.
+route setting (``sparse``, ``dense``, ``hybrid-rrf``, ``hybrid-convex`` or ``auto``) combined with a set of
+rerankers (none, or names from ``stair_search.rerank.RERANKERS``).
 
 Latency: one untimed warm-up query per configuration (first-use costs such as JVM start and lazy loading are
 not per-query costs), then the mean wall time of ``search`` over all judged queries.
@@ -12,14 +11,14 @@ not per-query costs), then the mean wall time of ``search`` over all judged quer
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stair_search.eval import metrics as m
+from stair_search.rerank import RERANKERS, check_names
 
 ROUTES: dict[str, dict[str, str]] = {
     "sparse": {"mode": "sparse"},
@@ -28,9 +27,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "hybrid-convex": {"mode": "hybrid", "fusion": "convex"},
     "auto": {"mode": "auto"},
 }
-DEFAULT_MODES = ("sparse", "dense", "hybrid-rrf", "hybrid-convex")
-# The reranker names agreed for stair_search.rerank; used only to name configurations when that package is absent.
-CONTRACT_RERANKERS = ("bsap", "ssp", "comclip", "s3")
+DEFAULT_MODES = ("sparse", "dense", "hybrid-rrf", "hybrid-convex", "auto")
 METRICS = ("R@1", "R@5", "R@10", "MRR@10", "nDCG@10")
 
 
@@ -39,15 +36,6 @@ def compute_metrics(run: m.Run, qrels: m.Qrels) -> dict[str, float]:
     return {"R@1": m.recall_at_k(run, qrels, 1), "R@5": m.recall_at_k(run, qrels, 5),
             "R@10": m.recall_at_k(run, qrels, 10), "MRR@10": m.mrr_at_k(run, qrels, 10),
             "nDCG@10": m.ndcg_at_k(run, qrels, 10)}
-
-
-def available_rerankers() -> tuple[str, ...] | None:
-    """Reranker names the installed library offers, or ``None`` while ``stair_search.rerank`` does not exist."""
-    try:
-        from stair_search.rerank import RERANKERS
-    except ImportError:
-        return None
-    return tuple(RERANKERS)
 
 
 @dataclass
@@ -64,7 +52,6 @@ class EvalRow:
 @dataclass
 class EvalReport:
     rows: list[EvalRow]
-    skipped: dict[str, str] = field(default_factory=dict)  # configuration -> why it was not run
     k: int = 10
     queries: int = 0  # judged queries evaluated per configuration
     title: str = ""
@@ -76,7 +63,7 @@ class EvalReport:
         raise KeyError(f"no configuration {config!r} in this report; it has {[r.config for r in self.rows]}")
 
     def to_markdown(self) -> str:
-        """A markdown table (metrics in %, latency in ms per query), skipped configurations listed below it."""
+        """A markdown table (metrics in %, latency in ms per query)."""
         lines = [f"**{self.title}**", ""] if self.title else []
         lines += ["| configuration | " + " | ".join(METRICS) + " | ms/query |",
                   "|---|" + "---:|" * (len(METRICS) + 1)]
@@ -84,24 +71,24 @@ class EvalReport:
             values = " | ".join(f"{100 * row.metrics[name]:.1f}" for name in METRICS)
             lines.append(f"| {row.config} | {values} | {row.ms_per_query:.1f} |")
         lines += ["", f"{self.queries} judged queries, k = {self.k}; metrics in %."]
-        lines += [f"- skipped {config}: {reason}" for config, reason in self.skipped.items()]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "k": self.k, "queries": self.queries, "skipped": self.skipped,
+        return {"title": self.title, "k": self.k, "queries": self.queries,
                 "rows": [{"config": r.config, "mode": r.mode, "rerank": list(r.rerank), "metrics": r.metrics,
                           "ms_per_query": r.ms_per_query, "queries": r.queries,
                           "run_path": str(r.run_path) if r.run_path else None} for r in self.rows]}
 
 
 def parse_rerank_sets(values: Sequence[str]) -> list[tuple[str, ...]]:
-    """CLI spelling of rerank sets: ``none`` (no reranker), ``each`` (every reranker alone) or ``a,b`` (a chain)."""
+    """CLI spelling of rerank sets: ``none`` (no reranker), ``each`` (every reranker alone) or ``a,b`` (several,
+    fused together)."""
     sets: list[tuple[str, ...]] = []
     for value in values:
         if value.strip().lower() == "none":
             sets.append(())
         elif value.strip().lower() == "each":
-            sets += [(name,) for name in available_rerankers() or CONTRACT_RERANKERS]
+            sets += [(name,) for name in RERANKERS]
         else:
             sets.append(tuple(name.strip() for name in value.split(",") if name.strip()))
     return list(dict.fromkeys(sets)) or [()]
@@ -111,34 +98,12 @@ def _config_name(route: str, rerank: Sequence[str]) -> str:
     return "+".join([route, *rerank])
 
 
-def _skip_reason(router: Any, route: str, rerank: tuple[str, ...]) -> str | None:
-    """Why this router cannot run the configuration, or ``None`` when it can."""
-    parameters = inspect.signature(router.search).parameters
-    if route == "auto":
-        from stair_search.retrieve import router as router_module
-
-        if "auto" not in getattr(router_module, "MODES", ()):
-            return "this version of QueryRouter has no 'auto' mode"
-    if rerank and available_rerankers() is None:
-        return "stair_search.rerank is not installed in this version"
-    if rerank and "rerank" not in parameters:
-        return "this version of QueryRouter.search takes no rerank argument"
-    return None
-
-
-def supports_rerank(router: Any) -> bool:
-    """Whether ``router.search`` can rerank (the rerankers and the router's argument both exist)."""
-    return available_rerankers() is not None and "rerank" in inspect.signature(router.search).parameters
-
-
 def _check_configurations(modes: Sequence[str], rerank_sets: Sequence[Sequence[str]]) -> None:
     unknown = [route for route in modes if route not in ROUTES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; expected some of {list(ROUTES)}")
-    known = available_rerankers() or CONTRACT_RERANKERS
-    bad = sorted({name for names in rerank_sets for name in names if name not in known})
-    if bad:
-        raise ValueError(f"unknown reranker(s) {bad}; expected some of {list(known)}")
+    for names in rerank_sets:
+        check_names(names)
 
 
 def _judged_texts(queries: Mapping[str, str], qrels: m.Qrels) -> dict[str, str]:
@@ -185,9 +150,6 @@ def evaluate_router(router: Any, queries: Mapping[str, str], qrels: m.Qrels, mod
     texts = _judged_texts(queries, qrels)
     options: dict[str, Any] = {"alpha": alpha}
     if depth is not None:
-        if "depth" not in inspect.signature(router.search).parameters:
-            raise ValueError("this QueryRouter.search takes no depth; open the router with "
-                             "open_router(index, depth=N) instead")
         options["depth"] = depth
     if runs_dir is not None:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
@@ -195,10 +157,6 @@ def evaluate_router(router: Any, queries: Mapping[str, str], qrels: m.Qrels, mod
     for route in modes:
         for rerank in rerank_sets:
             name = _config_name(route, rerank)
-            reason = _skip_reason(router, route, rerank)
-            if reason:
-                report.skipped[name] = reason
-                continue
             run_options = options if ROUTES[route].get("fusion") == "convex" else _without_alpha(options)
             scored, ms = _run_configuration(router, texts, route, rerank, k, run_options)
             run_path = m.write_trec_run(Path(runs_dir) / f"{name}.trec", scored, tag=name) if runs_dir else None

@@ -22,17 +22,15 @@ from stair_search.demo import index_split, open_dataset
 from stair_search.eval.runner import evaluate
 
 
-def sparsity(dataset, split: str, style: str, model: str) -> tuple[float, float]:
-    """Mean non-zeros per image of the split and per query over its label + tag queries."""
-    from PIL import Image
-
+def sparsity(dataset, split: str, index_dir: Path, model: str) -> tuple[float, float]:
+    """Mean non-zeros per image (read from the index's stored vectors, not encoded again) and per query over
+    the split's label + tag queries."""
     from stair_search.encode import Encoder
+    from stair_search.index.reader import Index
 
-    encoder = Encoder(model)
-    images = [Image.open(r["image_path"]) for r in dataset.records(split, [style])]
+    per_image = np.concatenate([np.diff(shard.sparse.indptr) for shard in Index(index_dir).shards]).mean()
     queries = [*dataset.queries(split, "label").values(), *dataset.queries(split, "tag").values()]
-    per_image = np.mean([len(v) for v in encoder.encode_images(images).sparse])
-    per_query = np.mean([len(v) for v in encoder.encode_texts(queries).sparse])
+    per_query = np.mean([len(v) for v in Encoder(model).encode_texts(queries).sparse])
     return float(per_image), float(per_query)
 
 
@@ -53,7 +51,7 @@ def main() -> None:
                               model=args.model)
             report.title = f"{style}, {args.split} split, {kind} queries ({report.queries})"
             print(report.to_markdown(), "\n", flush=True)
-        per_image, per_query = sparsity(dataset, args.split, style, args.model)
+        per_image, per_query = sparsity(dataset, args.split, index_dir, args.model)
         print(f"{style}: mean non-zeros per image {per_image:.1f}, per query {per_query:.1f}\n", flush=True)
 
 

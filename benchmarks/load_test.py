@@ -181,8 +181,13 @@ def emoji_index(work_dir: Path, model: str) -> tuple[Path, list[str]]:
     texts = sorted(set(dataset.queries("test", "label").values()))
     index_dir = work_dir / f"emoji-test-{model}"
     if (index_dir / "manifest.json").is_file():
-        print(f"reusing {index_dir}")
-        return index_dir, texts
+        from stair_search.encode import Encoder
+        from stair_search.index.manifest import Manifest
+
+        if Manifest.load(index_dir).model["fingerprint"] == Encoder(model).fingerprint:
+            print(f"reusing {index_dir}")
+            return index_dir, texts
+        print(f"{index_dir} was built with other weights of {model}: rebuilding it")
     print(f"indexing the emoji test split into {index_dir} ...")
     summary = index_split(dataset, "test", index_dir, model)
     print(f"{index_dir}: {summary.describe()}")

@@ -46,13 +46,13 @@ from stair_search.rerank import RERANKERS
 from stair_search.retrieve.router import QueryRouter
 
 ROUTE = "hybrid-rrf"
-# (row name, reranker chain, knobs): the chain's last reranker orders the candidates.
+# (row name, rerankers, knobs): the reranked order is RRF over the first stage and each reranker's order.
 CONFIGURATIONS: tuple[tuple[str, tuple[str, ...], dict], ...] = (
     ("none (hybrid RRF)", (), {}),
     *((name, (name,), {}) for name in RERANKERS),
     ("s3, 2 variants (limit=2)", ("s3",), {"s3": {"limit": 2}}),
     ("comclip + spatial check", ("comclip",), {"comclip": {"spatial_weight": 0.5}}),
-    ("all four (latency; order = s3)", RERANKERS, {}),
+    ("all four", RERANKERS, {}),
 )
 
 
@@ -129,17 +129,17 @@ def run_configurations(index: Index, encoder: Encoder, queries: dict[str, str], 
     hits all of them alike; the first pass over a few queries is an untimed warm-up (JVM JIT, page cache,
     WordNet, the rerankers' cached prompts).
     """
-    routers = [(name, QueryRouter(index, encoder, depth=depth, reranker_knobs=knobs), chain)
-               for name, chain, knobs in CONFIGURATIONS]
+    routers = [(name, QueryRouter(index, encoder, depth=depth, reranker_knobs=knobs), rerankers)
+               for name, rerankers, knobs in CONFIGURATIONS]
     for text in list(queries.values())[:3]:
-        for _, router, chain in routers:
-            router.search(text=text, mode="hybrid", k=depth, depth=depth, rerank=chain)
+        for _, router, rerankers in routers:
+            router.search(text=text, mode="hybrid", k=depth, depth=depth, rerank=rerankers)
     runs: dict[str, dict[str, list[str]]] = {name: {} for name, *_ in routers}
     times: dict[str, list[float]] = {name: [] for name, *_ in routers}
     for turn, (qid, text) in enumerate(queries.items()):
-        for name, router, chain in routers[turn % len(routers):] + routers[: turn % len(routers)]:
+        for name, router, rerankers in routers[turn % len(routers):] + routers[: turn % len(routers)]:
             started = time.perf_counter()
-            response = router.search(text=text, mode="hybrid", k=depth, depth=depth, rerank=chain)
+            response = router.search(text=text, mode="hybrid", k=depth, depth=depth, rerank=rerankers)
             times[name].append(1000.0 * (time.perf_counter() - started))
             runs[name][qid] = [hit.id for hit in response.hits]
     return {name: Measured(compute_metrics(runs[name], qrels), runs[name], times[name]) for name in runs}

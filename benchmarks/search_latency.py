@@ -4,7 +4,11 @@ Synthetic documents with realistic sparsity: ~64 non-zero word-pieces per docume
 token frequencies Zipf-distributed over the 30,522-token vocabulary, weights log-normal like trained STAIR
 vectors; queries carry ~16 tokens. Dense vectors are random unit vectors of the same count.
 
-    python benchmarks/search_latency.py --sizes 100000 1000000 [--dim 512] [--queries 300]
+    python benchmarks/search_latency.py --sizes 100000 1000000 [--dim 512] [--queries 300] [--like INDEX]
+
+``--like INDEX`` draws the documents from a real index instead (each one a stored document's tokens, weights
+jittered by ±30% so copies do not tie) and the queries from its captions encoded by its own model: the token
+statistics of trained vectors and real queries (``indexes/demo``: CLDR labels, ~1.6 tokens each).
 
 Prints, per size: p50/p95 ms per query (one query at a time, k=10) for each index, the sparse/Flat latency
 ratio and index bytes per document.
@@ -44,6 +48,31 @@ def zipf_csr(rng: np.random.Generator, vocab: Vocabulary, count: int, nnz: int, 
     return indptr, indices, quantise(weights, scale)
 
 
+def like_csr(rng: np.random.Generator, source: tuple, count: int, scale: float):
+    """CSR of ``count`` documents, each a random row of ``source`` (a real index's CSR) with jittered weights."""
+    indptr, indices, values = source
+    rows = rng.integers(0, len(indptr) - 1, count)
+    starts, lengths = indptr[rows], np.diff(indptr)[rows]
+    out_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    gather = np.repeat(starts - out_ptr[:-1], lengths) + np.arange(out_ptr[-1])
+    weights = values[gather] / scale * rng.lognormal(0.0, 0.3, len(gather))
+    return out_ptr, indices[gather], quantise(weights, scale)
+
+
+def like_source(index_dir: Path, count: int, rng: np.random.Generator) -> tuple[tuple, list[dict[str, float]]]:
+    """A real index's sparse rows (first shard) and ``count`` queries: its captions encoded by its own model."""
+    from stair_search.encode import Encoder
+    from stair_search.index.reader import Candidate, Index
+
+    index = Index(index_dir)
+    sparse = index.shards[0].sparse
+    source = (np.asarray(sparse.indptr), np.asarray(sparse.indices), np.asarray(sparse.values))
+    rows = rng.choice(len(index.shards[0].store), count)
+    docs = index.documents([Candidate(0, int(row), 0.0) for row in rows], ["caption"])
+    encoder = Encoder(index.manifest.model["spec"])
+    return source, [q for q in encoder.encode_texts([d["caption"] for d in docs]).sparse if q]
+
+
 def to_queries(indptr, indices, values, vocab, scale):
     return [{vocab.tokens[i]: v / scale for i, v in zip(indices[lo:hi], values[lo:hi], strict=True)}
             for lo, hi in itertools.pairwise(indptr)]
@@ -67,12 +96,14 @@ def folder_bytes(path: Path) -> int:
 def run_size(n: int, args, vocab: Vocabulary, workdir: Path) -> dict:
     rng = np.random.default_rng(n)
     started = time.perf_counter()
-    csr = zipf_csr(rng, vocab, n, args.nnz, DEFAULT_SCALE)
+    csr = like_csr(rng, args.source, n, DEFAULT_SCALE) if args.like else zipf_csr(rng, vocab, n, args.nnz,
+                                                                                    DEFAULT_SCALE)
     shard_dir = workdir / f"sparse-{n}"
     write_sparse_shard(shard_dir, csr, vocab, threads=args.threads)
     sparse_build = time.perf_counter() - started
     sparse = SparseShard(shard_dir, vocab, DEFAULT_SCALE)
-    queries = to_queries(*zipf_csr(rng, vocab, args.queries, args.query_nnz, DEFAULT_SCALE), vocab, DEFAULT_SCALE)
+    queries = args.like_queries or to_queries(*zipf_csr(rng, vocab, args.queries, args.query_nnz, DEFAULT_SCALE),
+                                              vocab, DEFAULT_SCALE)
     result = {"n": n, "sparse_build_s": sparse_build, "sparse_ms": percentiles(lambda q: sparse.search(q, 10), queries),
               "sparse_bytes": folder_bytes(shard_dir / "lucene") / n,
               "csr_bytes": sum((shard_dir / f"{f}.npy").stat().st_size for f in ("indptr", "indices", "values")) / n}
@@ -101,8 +132,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2, help="Lucene indexing threads")
     parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--like", type=Path, help="draw documents and queries from this index (see above)")
     args = parser.parse_args()
     vocab = Vocabulary.load()
+    args.source, args.like_queries = like_source(args.like, args.queries, np.random.default_rng(0)) if args.like \
+        else (None, None)
     workdir = Path(tempfile.mkdtemp(prefix="stair-bench-"))
     rows = []
     try:
@@ -111,7 +145,9 @@ def main() -> None:
             print(f"done n={n}: {rows[-1]}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{args.nnz} tokens/doc, {args.query_nnz} tokens/query, dense dim {args.dim}, k=10, one query at a time")
+    shape = (f"documents and {len(args.like_queries)} caption queries like {args.like}" if args.like
+             else f"{args.nnz} Zipf tokens/doc, {args.query_nnz} tokens/query")
+    print(f"\n{shape}, dense dim {args.dim}, k=10, one query at a time")
     print("| docs | sparse p50/p95 ms | Flat p50/p95 ms | HNSW p50/p95 ms | sparse/Flat p50 | "
           "bytes/doc sparse (+CSR) | Flat | HNSW | sparse/Flat bytes |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -8,16 +8,21 @@ BIN := $(VENV)/bin
 
 .PHONY: install install-test system-test-deps demo test lint bench
 
+# pip's Linux torch wheels bring their CUDA libraries: the venv takes about 7.5 GB.
+NEEDED_GB := 8
 $(BIN)/python:
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(NEEDED_GB) ]; then \
+	  echo "error: $(VENV) needs about $(NEEDED_GB) GB of free disk and $$(pwd) has $$free GB: free some space and rerun make" >&2; \
+	  exit 1; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed-$(FAISS): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[$(FAISS)]"
+	$(BIN)/pip install -q --no-cache-dir -e ".[$(FAISS)]"
 	touch $@
 
 $(VENV)/.installed-test-$(FAISS): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[$(FAISS),test]"
+	$(BIN)/pip install -q --no-cache-dir -e ".[$(FAISS),test]"
 	touch $@ $(VENV)/.installed-$(FAISS)
 
 install: $(VENV)/.installed-$(FAISS)
@@ -44,6 +49,8 @@ test: lint
 bench: install
 	$(BIN)/python benchmarks/encoder_throughput.py
 	$(BIN)/python benchmarks/search_latency.py
+	test -f indexes/demo/manifest.json || $(BIN)/stair-search demo
+	$(BIN)/python benchmarks/search_latency.py --like indexes/demo
 	$(BIN)/python benchmarks/indexing_throughput.py
 	$(BIN)/python benchmarks/rerank_quality.py
 	$(BIN)/python benchmarks/load_test.py --seconds 15

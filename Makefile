@@ -52,6 +52,7 @@ bench: install
 	test -f indexes/demo/manifest.json || $(BIN)/stair-search demo
 	$(BIN)/python benchmarks/search_latency.py --like indexes/demo
 	$(BIN)/python benchmarks/indexing_throughput.py
+	$(BIN)/python benchmarks/lucene_build.py
 	$(BIN)/python benchmarks/rerank_quality.py
 	$(BIN)/python benchmarks/load_test.py --seconds 15
 	$(BIN)/python benchmarks/emoji_eval.py

@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--nnz", type=int, default=64, help="non-zero tokens per document")
     parser.add_argument("--query-nnz", type=int, default=16, help="non-zero tokens per query")
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=2, help="Lucene indexing threads")
+    parser.add_argument("--threads", type=int, default=None, help="Lucene indexing threads (default: one per core)")
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--like", type=Path, help="draw documents and queries from this index (see above)")
     args = parser.parse_args()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
-import os
 import signal
 import sys
 from collections import deque
@@ -33,7 +32,7 @@ from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode
 from indexer.journal import Chunk, Skip
 from indexer.sources import Item
 from stair_search.encode import EncodedBatch, Encoder
-from stair_search.index.sparse import to_csr
+from stair_search.index.sparse import available_cores, to_csr
 from stair_search.index.store import FeatureRecord
 from stair_search.models.vocab import Vocabulary
 
@@ -46,10 +45,6 @@ WORKERS_DIED = ("The image decoding worker processes died (their error is printe
                 "`if __name__ == \"__main__\":`, or pass workers=0 to decode in this process.")
 REIMPORTED_MAIN = ("indexer.run was called while a decode worker re-imported the main script. Put the call "
                    "under `if __name__ == \"__main__\":` (workers import the script again), or pass workers=0.")
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def default_workers() -> int:

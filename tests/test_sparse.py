@@ -61,10 +61,11 @@ def test_a_token_present_in_every_document_still_counts(tmp_path, vocab):
     assert [h.row for h in SparseShard(tmp_path, vocab, 100.0).search({"dog": 1.0})] == [1, 2, 0]
 
 
-def test_documents_without_tokens_keep_the_shard_readable_and_the_row_numbers(tmp_path, vocab):
+@pytest.mark.parametrize("threads", [1, 5])  # 5: one collection file per row, three of them empty
+def test_documents_without_tokens_keep_the_shard_readable_and_the_row_numbers(tmp_path, vocab, threads):
     """An image whose sparse vector is all zeros: Anserini drops empty documents, the shard must still open."""
     docs = [{}, {"dog": 1.0}, {}, {"dog": 0.5, "cat": 2.0}, {}]
-    write_sparse_shard(tmp_path, to_csr(docs, vocab, 100.0), vocab)
+    write_sparse_shard(tmp_path, to_csr(docs, vocab, 100.0), vocab, threads=threads)
     shard = SparseShard(tmp_path, vocab, 100.0)
     assert [(h.row, round(h.score, 2)) for h in shard.search({"dog": 1.0, "cat": 1.0}, 10)] == [(3, 2.5), (1, 1.0)]
     write_sparse_shard(tmp_path / "none", to_csr([{}, {}], vocab, 100.0), vocab)  # no document has a token
@@ -77,7 +78,7 @@ def test_lucene_top10_equals_numpy_brute_force(tmp_path, vocab):
     scale = 100.0
     # built from two batches, as the writer does
     csr = concat_csr([to_csr(docs[:1700], vocab, scale), to_csr(docs[1700:], vocab, scale)])
-    write_sparse_shard(tmp_path, csr, vocab, threads=2)
+    write_sparse_shard(tmp_path, csr, vocab, threads=3)  # three collection files, indexed in parallel
     shard = SparseShard(tmp_path, vocab, scale)
     matrix = sp.csr_matrix((csr[2].astype(np.int64), csr[1], csr[0]), shape=(len(docs), len(vocab)))
     queries = random_vectors(rng, vocab, 40, 12)

@@ -13,6 +13,7 @@ Lucene against, and is the source for rebuilding a shard.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -71,7 +72,7 @@ def concat_csr(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tu
 
 
 def write_sparse_shard(shard_dir: Path, csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocabulary: Vocabulary,
-                       threads: int = 1) -> None:
+                       threads: int | None = None) -> None:
     """Write the CSR files and build the Lucene impact index for one shard."""
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -80,27 +81,38 @@ def write_sparse_shard(shard_dir: Path, csr: tuple[np.ndarray, np.ndarray, np.nd
     build_lucene(shard_dir / LUCENE_DIR, *csr, vocabulary=vocabulary, threads=threads)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
 def build_lucene(index_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                 vocabulary: Vocabulary, threads: int = 1) -> None:
+                 vocabulary: Vocabulary, threads: int | None = None) -> None:
     """Anserini ``IndexCollection -impact -pretokenized`` over a JsonVectorCollection written from the CSR.
 
-    Rows without a token (an image whose sparse vector is all zeros) are left out: Anserini drops empty
-    documents anyway, and such a row can never match a sparse query. Lucene ids stay the CSR row numbers."""
+    Anserini spells each term out ``impact`` times (~6,000 words per image at the default scale), about 1 ms
+    per document and thread; it runs one thread per collection file, so the rows are split into ``threads``
+    files (default: one per available core). Rows without a token (an image whose sparse vector is all
+    zeros) are left out: Anserini drops empty documents anyway, and such a row can never match a sparse
+    query. Lucene ids stay the CSR row numbers, whatever order the threads add them in."""
     terms = [spell(t) for t in vocabulary.tokens]
+    rows = len(indptr) - 1
+    threads = max(1, min(threads or available_cores(), rows))
     with tempfile.TemporaryDirectory(prefix="stair-collection-") as tmp:
-        with open(Path(tmp) / "part-0.jsonl", "w", encoding="utf-8") as out:
-            for row in range(len(indptr) - 1):
-                lo, hi = indptr[row], indptr[row + 1]
-                if lo == hi:
-                    continue
-                pairs = zip(indices[lo:hi].tolist(), values[lo:hi].tolist(), strict=True)
-                vector = {terms[i]: int(v) for i, v in pairs}
-                out.write(json.dumps({"id": str(row), "contents": "", "vector": vector}) + "\n")
+        for part, block in enumerate(np.array_split(np.arange(rows), threads)):
+            with open(Path(tmp) / f"part-{part}.jsonl", "w", encoding="utf-8") as out:
+                for row in block.tolist():
+                    lo, hi = indptr[row], indptr[row + 1]
+                    if lo == hi:
+                        continue
+                    pairs = zip(indices[lo:hi].tolist(), values[lo:hi].tolist(), strict=True)
+                    vector = {terms[i]: int(v) for i, v in pairs}
+                    out.write(json.dumps({"id": str(row), "contents": "", "vector": vector}) + "\n")
         if index_dir.exists():
             shutil.rmtree(index_dir)
         java_class("io.anserini.index.IndexCollection").main([
             "-collection", "JsonVectorCollection", "-input", tmp, "-index", str(index_dir),
-            "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(max(1, threads)),
+            "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(threads),
             "-impact", "-pretokenized", "-quiet",
         ])
     if not any(index_dir.glob("segments_*")):

@@ -33,7 +33,7 @@ FEATURE_ROW_GROUP = 128
 
 class IndexWriter:
     def __init__(self, index_dir: str | Path, encoder: Encoder, shard_size: int = 100_000,
-                 dense_spec: DenseSpec | None = None, scale: float = DEFAULT_SCALE, threads: int = 1,
+                 dense_spec: DenseSpec | None = None, scale: float = DEFAULT_SCALE, threads: int | None = None,
                  append: bool = False, overwrite: bool = False):
         self.index_dir = Path(index_dir)
         self.encoder, self.shard_size, self.dense_spec, self.threads = encoder, shard_size, dense_spec, threads
@@ -135,7 +135,7 @@ def shard_name(position: int) -> str:
 
 def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: np.ndarray,
                 csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocabulary: Vocabulary,
-                dense_spec: DenseSpec | None = None, threads: int = 1) -> ShardInfo:
+                dense_spec: DenseSpec | None = None, threads: int | None = None) -> ShardInfo:
     """Write one shard (sparse + dense + features) under ``root/shards/name``; rows = ``records`` order."""
     shard = ShardInfo(name=name, count=len(records), dense={})
     shard_dir = shard.path(root)

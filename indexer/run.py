@@ -114,6 +114,7 @@ class _JobRun:
         self.job, self.state, self.encoder = job, state, encoder
         self.shard_size, self.dense_spec, self.first_shard = shard_size, dense_spec, first_shard
         self.pending: list[tuple[int, Chunk]] = list(job.pending_chunks(state))
+        self.pending_docs = sum(len(c.records) for _, c in self.pending)
         self.seen_ids = set(job.shard_ids(state)) | {r.id for _, c in self.pending for r in c.records}
         self.start = max([state.end, *(c.end for _, c in self.pending)])
         self.next_seq = job.next_sequence(state)
@@ -124,7 +125,8 @@ class _JobRun:
         self.pending.append((self.next_seq, chunk))
         self.next_seq += 1
         self.encoded_now += len(chunk.records)
-        if sum(len(c.records) for _, c in self.pending) >= self.shard_size:
+        self.pending_docs += len(chunk.records)
+        if self.pending_docs >= self.shard_size:
             self._write_shard()
 
     def finish(self) -> None:
@@ -148,7 +150,7 @@ class _JobRun:
         self.state.skipped.extend(s for c in chunks for s in c.skipped)
         self.job.write_journal(self.state)  # the commit point of this shard
         self.job.drop_chunks(self.state.last_chunk)
-        self.pending = []
+        self.pending, self.pending_docs = [], 0
 
 
 def _check_something_usable(job: JobDir, state: JournalState, source: str | Path) -> None:

@@ -2,8 +2,8 @@
 
 Why processes: PIL decoding and the model's resize/normalise hold the GIL, so threads would serialise them
 with the encoder. Workers start with ``forkserver`` (a forked copy of a process that already runs torch
-threads can deadlock), use one torch thread each, and die with the job (``PR_SET_PDEATHSIG``), so a
-``kill -9`` of the job leaves no orphans. Like every non-fork start method, a worker first imports the
+threads can deadlock), use one torch thread each, and die with the job, so a ``kill -9`` of the job leaves
+no orphans (see :func:`_exit_with_the_job`). Like every non-fork start method, a worker first imports the
 caller's main script again; a script that calls ``indexer.run`` without an ``if __name__ == "__main__":``
 guard would index again inside each worker. ``run`` refuses to start there, the worker dies, and the job
 stops with :data:`WORKERS_DIED` (a ``concurrent.futures`` pool reports a dead worker; a
@@ -17,8 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import os
+import select
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -57,12 +60,34 @@ _worker_preprocess: Callable | None = None
 _worker_max_pixels = DEFAULT_MAX_PIXELS
 
 
-def _init_worker(preprocess: Callable, max_pixels: int) -> None:
+def _init_worker(preprocess: Callable, max_pixels: int, job_pid: int) -> None:
     global _worker_preprocess, _worker_max_pixels
     _worker_preprocess, _worker_max_pixels = preprocess, max_pixels
     torch.set_num_threads(1)  # the main process's encoder needs the cores
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with our parent (the job or its forkserver)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with our parent, the forkserver
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _exit_with_the_job(job_pid)
+
+
+def _exit_with_the_job(job_pid: int) -> None:
+    """End this worker when the job process ends, however it ends.
+
+    A worker is the forkserver's child, not the job's, so ``PR_SET_PDEATHSIG`` does not see the job die; and
+    every worker holds the forkserver's liveness pipe and its own task queue's write end, so after a
+    ``kill -9`` of the job neither the forkserver nor the worker ever reads an end of file: both would live on
+    (~1 GB each with torch loaded). A daemon thread waits on the job's pidfd instead (Linux 5.3+)."""
+    try:
+        job = os.pidfd_open(job_pid)
+    except ProcessLookupError:  # the job is already gone
+        os._exit(1)
+    except (OSError, AttributeError):  # no pidfd here: the pool's own shutdown still ends workers normally
+        return
+
+    def wait_for_the_job() -> None:
+        select.select([job], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait_for_the_job, name="exit-with-the-job", daemon=True).start()
 
 
 def _decode_in_worker(item: Item, position: int) -> Decoded:
@@ -102,7 +127,7 @@ class DecodePool:
             # starts in milliseconds instead of importing them again (seconds per worker, per job).
             context.set_forkserver_preload(modules_to_preload(preprocess))
             self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                             initargs=(preprocess, max_pixels))
+                                             initargs=(preprocess, max_pixels, os.getpid()))
 
     def __enter__(self) -> DecodePool:
         return self

@@ -8,6 +8,7 @@ spooled a further chunk, and kills it while it waits for the next line. No sleep
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -131,9 +132,31 @@ def job_dir_of(out: Path) -> Path | None:
     return found[0] if found else None
 
 
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (children, grandchildren, ...), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to read its status."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
 def kill_job_after_one_shard_and_one_spooled_chunk(args: list[str], fifo: Path, out: Path, lines: list[str],
                                                   log: Path) -> Path:
     """Start the job on ``fifo``, feed it part of ``lines``, kill -9 it mid-run; returns its job directory.
+    Its helper processes (the decode workers' forkserver, the workers, the resource tracker) must end too.
 
     One decode worker keeps ``PREFETCH_PER_WORKER`` items in flight, so after ``PREFETCH + 14`` lines the job
     has encoded items 0..13: chunks 0 and 1 (batch 4) made shard 0 (shard size 8), chunk 2 is spooled, and
@@ -153,9 +176,15 @@ def kill_job_after_one_shard_and_one_spooled_chunk(args: list[str], fifo: Path, 
                         and any((job / "chunks").glob("*.npz")))
 
         wait_for(shard_and_chunk_written, "a shard and a spooled chunk", process, log)
+        helpers = descendants(process.pid)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert helpers, "the job started no decode worker processes"
+    deadline = time.monotonic() + DEADLINE_S
+    while (orphans := {pid for pid in helpers if alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not orphans, f"processes of the killed job still run: {orphans}"
     os.close(fd)
     fifo.unlink()
     return job_dir_of(out)

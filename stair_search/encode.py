@@ -73,7 +73,7 @@ class Encoder:
         dense = F.normalize(out.dense.float(), dim=-1)
         local = F.normalize(out.local.float(), dim=-1)
         chosen = select_local(local, dense, self.model.config.num_local)
-        positions = _patch_centres(self.model.clip.visual.grid_size, chosen)
+        positions = _patch_centres(out.grid, chosen)
         return EncodedBatch(
             dense=dense.cpu().numpy(),
             sparse=self._to_dicts(out.sparse, self.model.config.image_top_k),
@@ -97,8 +97,9 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_text_batch(self, texts: list[str]) -> EncodedBatch:
-        out = self.model.encode_text(self.model.tokenizer(texts).to(self.device))
-        sparse = out.sparse * self.model.grounding_mask(texts) if self.model.config.ground_text else out.sparse
+        grounded = self.model.config.ground_text
+        out = self.model.encode_text(self.model.tokenizer(texts).to(self.device), ground=texts if grounded else None)
+        sparse = self.model.floor_query(out.sparse, texts) if grounded else out.sparse
         return EncodedBatch(dense=F.normalize(out.dense.float(), dim=-1).cpu().numpy(),
                             sparse=self._to_dicts(sparse, self.model.config.text_top_k))
 

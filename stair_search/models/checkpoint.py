@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> StairModel:
     if payload["version"] > VERSION:
         raise ValueError(f"{path} has checkpoint format v{payload['version']}; this stair-search reads "
                          f"up to v{VERSION}. Upgrade stair-search.")
-    model = build_model(StairConfig.from_dict(payload["config"]))
+    model = build_model(StairConfig.from_dict(payload["config"]), image_weights=False)
     if model.vocabulary.sha256 != payload["vocabulary_sha256"]:
         raise ValueError(f"{path} was trained with another vocabulary than {model.vocabulary.folder} "
                          f"(sha256 {payload['vocabulary_sha256'][:12]} vs {model.vocabulary.sha256[:12]}).")

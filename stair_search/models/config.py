@@ -33,10 +33,25 @@ class StairConfig:
     # Word-pieces the sparse heads may emit (None: the whole vocabulary). A trained model lists the words of
     # its training texts: heads then cost ~vocabulary-subset/30k of a full head, and never emit words they
     # had no signal for.
-    emit_tokens: list[str] | None = None
+    # ``"words"``: every whole-word word-piece of the vocabulary (open vocabulary: a query word never seen in
+    # training can still be matched, through the head's tie to the word-piece embeddings).
+    emit_tokens: list[str] | str | None = None
     # Mask a text's sparse vector to the word-pieces of the text itself (STAIR stage-1 grounding kept at
     # query time): queries stay literal and explainable; images still expand to related words.
     ground_text: bool = False
+    # A grounded query's own whole words (stop words aside) weigh at least this much, so a word the text head
+    # learned nothing about still reaches the index instead of leaving the query empty (0: off).
+    text_floor: float = 0.0
+    # Pretrained image network weights loaded when the model is built from this config (a ``pkg://`` or local
+    # file, in ``image_weights_format``); a checkpoint of the model carries them itself.
+    image_weights: str | None = None
+    image_weights_format: str = "efficientnet-pytorch"
+    # "imagenet": keep the image network's ImageNet classifier as a ConSE prior (models/prior.py).
+    image_prior: str | None = None
+    # Trainable top stages of a timm EfficientNet tower: the rest is the frozen stem that training caches.
+    unfrozen_blocks: int = 0
+    image_mean: list[float] | None = None  # preprocessing (None: open_clip's defaults)
+    image_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from stair_search import DEFAULT_MODEL
 from stair_search.models.config import CONFIG_DIR, StairConfig, builtin_configs
 from stair_search.models.stair import StairModel
 from stair_search.models.vocab import Vocabulary, resolve_path
 
-DEFAULT_MODEL = "stair-tiny"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".stair")
 
@@ -91,14 +91,34 @@ def resolve_config(spec: str, pretrained: str | None = None) -> StairConfig:
     return config
 
 
-def build_model(config: StairConfig) -> StairModel:
+def build_model(config: StairConfig, image_weights: bool = True) -> StairModel:
     """Backbone + heads from a config. Untrained parts are initialised from ``config.seed``, so two
-    processes building the same config get the same model (an index and its searcher must agree)."""
+    processes building the same config get the same model (an index and its searcher must agree).
+    ``image_weights=False`` skips loading ``config.image_weights`` (a checkpoint about to overwrite them)."""
     vocabulary = Vocabulary.load(config.vocabulary)
     with torch.random.fork_rng(devices=[]), _quiet_transformers():
         torch.manual_seed(config.seed)
         clip, preprocess, tokenizer = _build_clip(config)
-        return StairModel(clip, config, vocabulary, preprocess, tokenizer)
+        model = StairModel(clip, config, vocabulary, preprocess, tokenizer)
+    if config.image_weights and image_weights:
+        _load_image_weights(model)
+    return model
+
+
+def _load_image_weights(model: StairModel) -> None:
+    """The pretrained image network into open_clip's timm trunk (and its classifier into the ImageNet prior).
+    With a prior, the learned projection starts at zero: the untrained model is then ConSE's zero-shot one."""
+    from stair_search.models.image_weights import load_image_weights
+
+    trunk = getattr(model.clip.visual, "trunk", None)
+    if trunk is None:
+        raise ValueError(f"image_weights need a timm image tower; '{model.config.name}' has "
+                         f"{type(model.clip.visual).__name__}.")
+    prior = model.image_prior
+    load_image_weights(trunk, resolve_path(model.config.image_weights), model.config.image_weights_format,
+                       classifier=prior.classifier if prior is not None else None)
+    if prior is not None:
+        torch.nn.init.zeros_(model.clip.visual.head.proj.weight)
 
 
 @contextlib.contextmanager
@@ -143,8 +163,13 @@ def _build_clip(config: StairConfig) -> tuple[torch.nn.Module, Any, Any]:
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
     if config.pretrained:
         open_clip.load_checkpoint(clip, _existing_file(config.pretrained))
-    preprocess = open_clip.image_transform(model_cfg["vision_cfg"]["image_size"], is_train=False)
+    preprocess = open_clip.image_transform(model_cfg["vision_cfg"]["image_size"], is_train=False,
+                                           mean=_triple(config.image_mean), std=_triple(config.image_std))
     return clip, preprocess, tokenizer
+
+
+def _triple(values: list[float] | None) -> tuple[float, ...] | None:
+    return tuple(values) if values else None
 
 
 def _resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -30,26 +30,41 @@ class SparseHead(nn.Module):
         self.bias = nn.Parameter(torch.full((vocab_size,), bias_init))
         self.register_buffer("token_ids", token_ids.long(), persistent=False)
         self.register_buffer("emit_embeddings", vocab_embeddings[token_ids].contiguous(), persistent=False)
+        position = torch.full((vocab_size,), -1, dtype=torch.long)
+        position[token_ids.long()] = torch.arange(len(token_ids))
+        self.register_buffer("emit_position", position, persistent=False)
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-position logits over the head's tokens, (B, L, d) -> (B, L, n)."""
-        return self.transform(features) @ self.emit_embeddings.T + self.bias[self.token_ids]
+    def logits(self, features: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position logits over the head's tokens (or the emit ``rows`` given), (B, L, d) -> (B, L, n)."""
+        if rows is None:
+            return self.transform(features) @ self.emit_embeddings.T + self.bias[self.token_ids]
+        return self.transform(features) @ self.emit_embeddings[rows].T + self.bias[self.token_ids[rows]]
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, d) features and (B, L) bool mask of real positions -> (B, V) non-negative weights."""
-        weights = self.pooled(features, mask)
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                only: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) features and (B, L) bool mask of real positions -> (B, V) non-negative weights.
+
+        ``only`` (vocabulary ids) computes just those columns and leaves the rest 0: a grounded query needs
+        its own few word-pieces, not a 30k-wide logit row per token."""
+        rows = None
+        if only is not None:
+            rows = self.emit_position[only]
+            rows = rows[rows >= 0]
+        weights = self.pooled(features, mask, rows)
         full = weights.new_zeros((weights.shape[0], self.vocab_size))
-        return full.index_copy(1, self.token_ids, weights)
+        return full.index_copy(1, self.token_ids if rows is None else self.token_ids[rows], weights)
 
-    def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) weights over the head's own tokens (the compact form training works in)."""
         batch, length, _ = features.shape
-        rows = max(1, _LOGIT_BUDGET // max(1, length * len(self.token_ids)))
+        width = len(self.token_ids) if rows is None else len(rows)
+        step = max(1, _LOGIT_BUDGET // max(1, length * width))
         pooled = []
-        for start in range(0, batch, rows):
-            logits = self.logits(features[start : start + rows])
+        for start in range(0, batch, step):
+            logits = self.logits(features[start : start + step], rows)
             if mask is not None:
-                logits = logits.masked_fill(~mask[start : start + rows, :, None], float("-inf"))
+                logits = logits.masked_fill(~mask[start : start + step, :, None], float("-inf"))
             pooled.append(logits.amax(dim=1))
         return torch.log1p(torch.relu(torch.cat(pooled)))
 

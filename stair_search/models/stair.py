@@ -1,8 +1,9 @@
 """StairModel: an open_clip backbone with a STAIR sparse head on each tower.
 
-The backbone stays a plain open_clip model (any ViT image tower; built-in or Hugging Face text tower), so
-real open_clip checkpoints load unchanged. This module only adds what STAIR needs on top: the per-token
-features of both towers, the projected patch features (local features for the rerankers) and the heads.
+The backbone stays a plain open_clip model (a ViT, ModifiedResNet or timm image tower; built-in or Hugging Face
+text tower), so real open_clip checkpoints load unchanged. This module only adds what STAIR needs on top: the
+per-token features of both towers (read through an image-tower adapter, models/towers.py), the local features on
+the image grid (for the rerankers), the heads, and optionally the image network's ImageNet prior (models/prior.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from stair_search.models.config import StairConfig
 from stair_search.models.heads import SparseHead
-from stair_search.models.vocab import Vocabulary
+from stair_search.models.prior import ImageNetPrior
+from stair_search.models.towers import ImageFeatures, TimmTower, image_tower
+from stair_search.models.vocab import STOP_WORDS, Vocabulary
 
 
 @dataclass
@@ -23,6 +26,7 @@ class TowerOutput:
     dense: torch.Tensor  # (B, D) projected embedding, not normalised
     sparse: torch.Tensor  # (B, V) non-negative word-piece weights, before top-k
     local: torch.Tensor | None = None  # (B, N, D) projected patch features (images only)
+    grid: tuple[int, int] | None = None  # (rows, cols) of ``local`` on the image (images only)
 
 
 class StairModel(nn.Module):
@@ -36,22 +40,49 @@ class StairModel(nn.Module):
     ):
         super().__init__()
         visual = getattr(clip, "visual", None)
-        if visual is None or not hasattr(visual, "proj") or not hasattr(visual, "output_tokens"):
-            raise ValueError(f"Model '{config.name}': STAIR needs a ViT image tower (open_clip VisionTransformer).")
+        if visual is None:
+            raise ValueError(f"Model '{config.name}': STAIR needs an open_clip model with an image tower.")
         self.clip = clip
         self.config = config
         self.vocabulary = vocabulary
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         embeddings, token_ids = vocabulary.embedding_matrix(), vocabulary.emit_ids(config.emit_tokens)
-        self.image_head = SparseHead(visual.ln_post.normalized_shape[0], embeddings, token_ids)
+        # Not a registered submodule: the adapter only reads the network that ``clip.visual`` already owns.
+        object.__setattr__(self, "tower", image_tower(visual, config.unfrozen_blocks))
+        self.image_head = SparseHead(self.tower.token_width, embeddings, token_ids)
         self.text_head = SparseHead(self._text_token_width(), embeddings, token_ids)
+        self.image_prior = self._build_prior(config)
         self.spec = config.name  # how to load this model again; create_model records the path or name it used
         self.pad_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0)
+        floor_ids = vocabulary.whole_words & ~torch.tensor([t in STOP_WORDS for t in vocabulary.tokens])
+        self.register_buffer("floor_tokens", floor_ids, persistent=False)
+
+    def _build_prior(self, config: StairConfig) -> ImageNetPrior | None:
+        if config.image_prior is None:
+            return None
+        if config.image_prior != "imagenet":
+            raise ValueError(f"Unknown image_prior '{config.image_prior}'; known: 'imagenet' or none.")
+        if not isinstance(self.tower, TimmTower):
+            raise ValueError("image_prior 'imagenet' needs a timm CNN image tower (its pooled ImageNet features).")
+        return ImageNetPrior(self.tower.token_width, self.embed_dim)
+
+    def train(self, mode: bool = True) -> StairModel:
+        """As ``nn.Module.train``, but batch-norm statistics stay those the image network was trained with
+        (small fine-tuning batches of icons would otherwise overwrite ImageNet's)."""
+        super().train(mode)
+        for module in self.clip.visual.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     @property
     def embed_dim(self) -> int:
-        return int(self.clip.visual.proj.shape[1])
+        return self.tower.embed_dim
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.tower.image_size
 
     @property
     def logit_scale(self) -> float:
@@ -66,20 +97,43 @@ class StairModel(nn.Module):
         return int(text.ln_final.normalized_shape[0])
 
     def encode_image(self, pixels: torch.Tensor) -> TowerOutput:
-        visual = self.clip.visual
-        visual.output_tokens = True
-        try:
-            pooled, tokens = visual(pixels)
-        finally:
-            visual.output_tokens = False
-        return TowerOutput(dense=pooled, sparse=self.image_head(tokens), local=tokens @ visual.proj)
+        return self.encode_image_stem(self.tower.stem(pixels))
 
-    def encode_text(self, token_ids: torch.Tensor) -> TowerOutput:
+    def encode_image_stem(self, stem_out: torch.Tensor, local: bool = True) -> TowerOutput:
+        """The image side from the output of the tower's frozen stem (what cheap training caches);
+        ``local=False`` skips the prior's per-position part of the local features (training never reads it)."""
+        return self._image_output(self.tower.tail(stem_out), local)
+
+    def _image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
+        dense, local = features.pooled, features.local
+        sparse = self.image_head(features.head_tokens)
+        if self.image_prior is not None:
+            dense = dense + self.image_prior.dense(features.features)
+            if with_local:
+                local = local + self.image_prior.dense(features.tokens)
+            sparse = sparse + self.image_prior.sparse(features.features, sparse.shape[1])
+        return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid)
+
+    def floor_query(self, sparse: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Grounded query weights with each own whole word (stop words aside) raised to ``text_floor``."""
+        floor = self.config.text_floor
+        if floor <= 0:
+            return sparse
+        own = self.grounding_mask(texts) & self.floor_tokens
+        return torch.where(own, sparse.clamp(min=floor), sparse)
+
+    def encode_text(self, token_ids: torch.Tensor, ground: list[str] | None = None) -> TowerOutput:
+        """Dense + sparse text vectors; with ``ground`` (the texts themselves) each sparse vector is masked to
+        its own word-pieces (STAIR's grounding), and only those columns of the head are computed."""
         token_ids = self._trim_padding(token_ids)
         pooled, tokens = self._text_tokens(token_ids)
         # A CLS-pooled tower returns its tokens without the leading CLS position: align on the right.
         mask = token_ids[:, token_ids.shape[1] - tokens.shape[1] :] != self.pad_id
-        return TowerOutput(dense=pooled, sparse=self.text_head(tokens, mask))
+        if ground is None:
+            return TowerOutput(dense=pooled, sparse=self.text_head(tokens, mask))
+        own = self.grounding_mask(ground)
+        sparse = self.text_head(tokens, mask, only=own.any(dim=0).nonzero().flatten()) * own
+        return TowerOutput(dense=pooled, sparse=sparse)
 
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(B, D) dense text embedding only, without the sparse head (most of a text encode): for texts that

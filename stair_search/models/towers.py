@@ -1,0 +1,195 @@
+"""Image towers: one small adapter per open_clip / timm image network, one output shape for STAIR.
+
+STAIR needs three things from an image network: a pooled embedding in the joint space, the tokens its sparse
+head reads, and local features on the image's spatial grid (SSP and ComCLIP read them with their positions).
+ViTs give patch tokens, CNNs give a feature map; each adapter below turns its network's outputs into
+:class:`ImageFeatures` without changing the network itself, so real open_clip and timm weights load unchanged.
+
+Every adapter is split in two at a *freeze boundary*: ``stem`` (the part kept frozen in cheap training, whose
+outputs a trainer may cache once) and ``tail`` (the rest). ``forward(pixels) == tail(stem(pixels))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ImageFeatures:
+    pooled: torch.Tensor  # (B, D) embedding in the joint space, not normalised
+    head_tokens: torch.Tensor  # (B, L, C) what the sparse head reads
+    tokens: torch.Tensor  # (B, N, C) the network's own features on the grid, row-major over ``grid``
+    local: torch.Tensor  # (B, N, D) the same positions in the joint space
+    grid: tuple[int, int]  # (rows, cols) of the local features
+    features: torch.Tensor | None = None  # (B, C) pooled network features before the projection (CNNs)
+
+
+class ImageTower(nn.Module):
+    """Base adapter: subclasses set ``network`` and implement ``stem``, ``tail``, ``token_width``, ``embed_dim``."""
+
+    network: nn.Module
+
+    @property
+    def token_width(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.network, "image_size", 224)
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def stem(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> ImageFeatures:
+        return self.tail(self.stem(pixels))
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the frozen side of the boundary (empty when the stem is the identity)."""
+        return []
+
+
+class ViTTower(ImageTower):
+    """open_clip ``VisionTransformer``: patch tokens after ``ln_post``; local = tokens @ proj."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.network = visual
+
+    @property
+    def token_width(self) -> int:
+        return int(self.network.ln_post.normalized_shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.network.proj.shape[1])
+
+    def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
+        visual = self.network
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(stem_out)
+        finally:
+            visual.output_tokens = False
+        return ImageFeatures(pooled, tokens, tokens, tokens @ visual.proj, tuple(visual.grid_size))
+
+
+def _grid_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C), row-major."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+class ResNetTower(ImageTower):
+    """open_clip ``ModifiedResNet`` (CLIP RN50 & co.): the last feature map is the grid. Local features go
+    through the attention pool's value and output projections position by position (the pool's attention
+    averages exactly these vectors), so they live in the joint space like the pooled embedding."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.network = visual
+
+    @property
+    def token_width(self) -> int:
+        return int(self.network.attnpool.v_proj.in_features)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.network.attnpool.c_proj.out_features)
+
+    def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
+        net = self.network
+        x = net.layer4(net.layer3(net.layer2(net.layer1(net.stem(stem_out)))))
+        pooled = net.attnpool(x)
+        tokens = _grid_tokens(x)
+        pool = net.attnpool
+        local = pool.c_proj(pool.v_proj(tokens + pool.positional_embedding[1:].to(tokens.dtype)))
+        return ImageFeatures(pooled, tokens, tokens, local, (x.shape[2], x.shape[3]), features=x.mean(dim=(2, 3)))
+
+
+class TimmTower(ImageTower):
+    """open_clip ``TimmModel`` (ConvNeXt CLIPs, and any timm CNN used as a CLIP tower).
+
+    The trunk's feature map is the grid; local features are the trunk's own head norm (if any) and open_clip's
+    projection applied per position, the pooled embedding is the network's own forward. The sparse head reads
+    the globally pooled feature plus a 2x2 pooled grid: five positions instead of 49 keep a vocabulary-wide head
+    cheap on CPU. For timm EfficientNets the stem can end before the last ``unfrozen_blocks`` stages, so that
+    training caches the stem's outputs once and fine-tunes only the top of the trunk.
+    """
+
+    def __init__(self, visual: nn.Module, unfrozen_blocks: int = 0):
+        super().__init__()
+        self.network = visual
+        blocks = getattr(visual.trunk, "blocks", None)
+        if unfrozen_blocks and not (isinstance(blocks, nn.Sequential) and hasattr(visual.trunk, "conv_head")):
+            raise ValueError(f"unfrozen_blocks={unfrozen_blocks} needs a timm EfficientNet-style trunk "
+                             f"(blocks + conv_head); {type(visual.trunk).__name__} has none: use 0.")
+        self.split = len(blocks) - unfrozen_blocks if unfrozen_blocks else None
+
+    @property
+    def token_width(self) -> int:
+        return int(self.network.trunk.num_features)
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.network.head, "proj", None)
+        if proj is None:
+            raise ValueError("STAIR needs a timm tower with a linear projection (timm_proj 'linear').")
+        return int(proj.out_features)
+
+    def stem(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.split is None:
+            return pixels
+        trunk = self.network.trunk
+        return trunk.blocks[: self.split](trunk.bn1(trunk.conv_stem(pixels)))
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        if self.split is None:
+            return []
+        trunk = self.network.trunk
+        modules = [trunk.conv_stem, trunk.bn1, *trunk.blocks[: self.split]]
+        return [p for module in modules for p in module.parameters()]
+
+    def feature_map(self, stem_out: torch.Tensor) -> torch.Tensor:
+        trunk = self.network.trunk
+        if self.split is None:
+            return trunk.forward_features(stem_out)
+        return trunk.bn2(trunk.conv_head(trunk.blocks[self.split :](stem_out)))
+
+    def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
+        trunk, head = self.network.trunk, self.network.head
+        fmap = self.feature_map(stem_out)
+        pooled_features = trunk.forward_head(fmap, pre_logits=True)
+        norm = getattr(getattr(trunk, "head", None), "norm", None)
+        grid_map = norm(fmap) if isinstance(norm, nn.Module) else fmap
+        tokens = _grid_tokens(grid_map)
+        quadrants = _grid_tokens(F.adaptive_avg_pool2d(grid_map, 2))
+        head_tokens = torch.cat([pooled_features[:, None], quadrants], dim=1)
+        return ImageFeatures(head(pooled_features), head_tokens, tokens, head(tokens), (fmap.shape[2], fmap.shape[3]),
+                             features=pooled_features)
+
+
+def image_tower(visual: nn.Module, unfrozen_blocks: int = 0) -> ImageTower:
+    """The adapter for an open_clip image tower, or a clear error naming what is supported."""
+    kind = type(visual).__name__
+    if unfrozen_blocks and kind != "TimmModel":
+        raise ValueError(f"unfrozen_blocks={unfrozen_blocks} needs a timm EfficientNet-style trunk; {kind} has "
+                         f"none: use 0.")
+    if kind == "VisionTransformer":
+        return ViTTower(visual)
+    if kind == "ModifiedResNet":
+        return ResNetTower(visual)
+    if kind == "TimmModel":
+        return TimmTower(visual, unfrozen_blocks)
+    raise ValueError(f"No STAIR adapter for the image tower {kind}: supported are open_clip VisionTransformer, "
+                     f"ModifiedResNet and TimmModel (timm CNNs such as ConvNeXt or EfficientNet).")

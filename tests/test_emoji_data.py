@@ -118,7 +118,7 @@ def test_two_styles(tmp_path, tarballs):
     assert by_id["twitter/1f600"].path.parent.parts[-2:] == ("twitter", "64")
     assert by_id["twitter/1f600"].path.read_bytes() != by_id["google/1f600"].path.read_bytes()
     with pytest.raises(ValueError, match="unknown emoji style"):
-        load_emoji(("apple",), cache=tmp_path / "cache", tarballs=tarballs)
+        load_emoji(("samsung",), cache=tmp_path / "cache", tarballs=tarballs)
 
 
 def test_only_needed_members_are_unpacked(tmp_path, tarballs):

@@ -8,7 +8,10 @@ Sources (all pinned, so a result can be reproduced):
 
 * ``emoji-datasource-google`` / ``emoji-datasource-twitter``: the PNGs (``package/img/<style>/64/<image>``)
   and ``package/emoji.json`` (Unicode name, category, which styles have an image, skin-tone variations);
-* ``emojibase-data``: ``package/en/data.json`` with the CLDR label and keyword tags for each code.
+* ``emojibase-data``: ``package/en/data.json`` with the CLDR label and keyword tags for each code;
+* ``emoji-datasource-apple`` / ``emoji-datasource-facebook``: the same layout, loadable (:data:`ALL_STYLES`) for
+  the training corpus (:mod:`stair_search.data.corpus`) but not in the evaluation default :data:`STYLES`: the
+  evaluation set, and so its test split, stays the Google + Twitter one it always was.
 
 Packages are fetched with ``npm pack`` (which only needs registry access) or taken from local ``.tgz`` files the
 user gives; only the few members that are used are unpacked (the google tarball is 74 MB, mostly sprite sheets).
@@ -33,10 +36,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-STYLES = ("google", "twitter")
+STYLES = ("google", "twitter")  # the evaluation default
+ALL_STYLES = ("google", "twitter", "apple", "facebook")  # every style load_emoji can read
 PACKAGES = {
     "google": "emoji-datasource-google@16.0.0",
     "twitter": "emoji-datasource-twitter@16.0.0",
+    "apple": "emoji-datasource-apple@16.0.0",
+    "facebook": "emoji-datasource-facebook@16.0.0",
     "tags": "emojibase-data@17.0.0",
 }
 
@@ -82,7 +88,30 @@ def _member_filter(name: str) -> Callable[[str], bool]:
     if name == "emojibase-data":
         keep.add("package/en/data.json")
         return lambda m: m in keep
+    if name.startswith("@iconify-json/"):
+        keep |= {"package/icons.json", "package/info.json", "package/chars.json", "package/LICENSE"}
+        return lambda m: m in keep
+    folders = _ICON_SET_MEMBERS.get(name)
+    if folders is not None:
+        files, svg_dir = folders
+        keep |= {f"package/{f}" for f in files}
+        return lambda m: m in keep or _is_flat_member(m, f"package/{svg_dir}/", ".svg")
     return lambda m: True
+
+
+# Icon sets of the corpus: (metadata files, folder of the SVGs used); the other formats in them go unread.
+_ICON_SET_MEMBERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "@mdi/svg": (("meta.json", "LICENSE"), "svg"),
+    "@tabler/icons": (("icons.json", "LICENSE"), "icons/outline"),
+    "lucide-static": (("tags.json", "LICENSE"), "icons"),
+    "@phosphor-icons/core": (("dist/index.mjs", "LICENSE"), "assets/regular"),
+}
+
+
+def _is_flat_member(member: str, prefix: str, suffix: str) -> bool:
+    """A ``suffix`` file right inside ``prefix``, nothing deeper (and so no "..")."""
+    rest = member[len(prefix) :]
+    return member.startswith(prefix) and "/" not in rest and rest.endswith(suffix) and rest != suffix
 
 
 def _check_tarball_identity(package_dir: Path, name: str, version: str, source: Path) -> None:
@@ -263,19 +292,20 @@ def load_emoji(
 ) -> list[EmojiRecord]:
     """Emoji images of the given styles joined with their CLDR labels and keyword tags, sorted by id.
 
-    ``tarballs`` maps keys of :data:`PACKAGES` (``"google"``, ``"twitter"``, ``"tags"``) to local ``.tgz`` files
-    to use instead of npm. Entries without a PNG for a style (``has_img_<style>`` false or the file absent) are
-    skipped, as are skin-tone variations unless ``include_skin_tones``: they are near-duplicates of the base
-    image with the same keywords, which would flood search results and evaluation with ties.
+    ``styles`` are some of :data:`ALL_STYLES`. ``tarballs`` maps keys of :data:`PACKAGES` (a style or ``"tags"``)
+    to local ``.tgz`` files to use instead of npm. Entries without a PNG for a style (``has_img_<style>`` false
+    or the file absent) are skipped, as are skin-tone variations unless ``include_skin_tones``: they are
+    near-duplicates of the base image with the same keywords, which would flood search results and evaluation
+    with ties.
 
     ``hexcode`` and ``id`` use emoji-datasource's ``unified`` code (upper-cased), not the matched emojibase
     code: it is what names the image file, and it is unique per image even where two entries map to the same
     emojibase code once FE0F is ignored.
     """
     styles = list(dict.fromkeys(styles))
-    unknown = [s for s in styles if s not in STYLES]
+    unknown = [s for s in styles if s not in ALL_STYLES]
     if unknown:
-        raise ValueError(f"unknown emoji style(s) {unknown}; expected some of {STYLES}")
+        raise ValueError(f"unknown emoji style(s) {unknown}; expected some of {ALL_STYLES}")
     tarballs = tarballs or {}
     tags_dir = fetch_package(PACKAGES["tags"], cache, tarballs.get("tags"))
     index = _Emojibase(json.loads((tags_dir / "en" / "data.json").read_text(encoding="utf-8")))

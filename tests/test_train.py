@@ -90,3 +90,22 @@ def test_the_frozen_text_cache_gives_the_transformers_outputs():
     torch.testing.assert_close(cached.dense, reference.dense, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cached.sparse, reference.sparse, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(unseen.sparse, direct.sparse)
+
+
+def test_a_few_steps_on_the_pretrained_tower_train_only_its_top(pairs, tmp_path):
+    """stair-lite from its config: cached stem, trunk frozen in the grounded stage, last block tuned in joint."""
+    from stair_search.models.factory import build_model, resolve_config
+
+    start = build_model(resolve_config("stair-lite"))
+    config = TrainConfig(model="stair-lite", epochs=(1, 0, 1), batch_size=12, device="cpu",
+                         tower_frozen=("grounded",))
+    result = train(pairs, tmp_path / "lite", config)
+    assert [e.stage for e in result.log] == ["grounded", "joint"] and all(math.isfinite(e.loss) for e in result.log)
+    trained = create_model(str(result.checkpoint), device="cpu")
+    before, after = start.clip.visual.trunk, trained.clip.visual.trunk
+    assert torch.equal(before.conv_stem.weight.half(), after.conv_stem.weight.half())  # the cached stem is frozen
+    assert not torch.equal(before.blocks[-1][0].conv_pw.weight.half(), after.blocks[-1][0].conv_pw.weight.half())
+    # The ImageNet prior's class texts were embedded once and travel in the checkpoint.
+    assert float(trained.image_prior.class_embeddings.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-2)
+    assert int((trained.image_prior.class_tokens >= 0).sum()) > 1000
+    assert trained.config.emit_tokens == "words"  # open vocabulary: not limited to the training texts

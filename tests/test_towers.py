@@ -85,6 +85,9 @@ TOWERS = {
     "resnet": (ResNetTower, {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}, (2, 2)),
     "timm": (TimmTower, {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
                          "timm_pool": "avg", "timm_proj": "linear", "image_size": 64}, (2, 2)),
+    # open_clip's ConvNeXt CLIP layout (timm_pool "" keeps the trunk's own pool + norm head), at its smallest.
+    "convnext": (TimmTower, {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+                             "timm_pool": "", "timm_proj": "linear", "image_size": 64}, (2, 2)),
 }
 
 
@@ -101,6 +104,9 @@ def test_every_tower_gives_dense_sparse_and_local_features_on_its_grid(kind):
     with torch.inference_mode():
         out = model.encode_image(torch.stack([encoder.preprocess(im) for im in images]))
     assert out.grid == grid and out.local.shape[1] == grid[0] * grid[1]
+    with torch.inference_mode():  # the pooled embedding is the network's own forward, whatever the adapter
+        torch.testing.assert_close(model.tower(torch.stack([encoder.preprocess(im) for im in images])).pooled,
+                                   model.clip.visual(torch.stack([encoder.preprocess(im) for im in images])))
     # Stored positions are the centres of the chosen grid cells, row-major.
     local = torch.nn.functional.normalize(out.local.float(), dim=-1)
     chosen = select_local(local, torch.nn.functional.normalize(out.dense.float(), dim=-1), 3)
@@ -143,3 +149,33 @@ def test_unknown_tower_is_refused_by_name():
         image_tower(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unfrozen_blocks=1 needs a timm EfficientNet-style trunk"):
         build_model(StairConfig(name="vit", clip=_config("vit", TOWERS["vit"][1]).clip, unfrozen_blocks=1))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from stair_search.models import create_model
+
+    return Encoder(create_model("stair-lite", device="cpu"), batch_size=8)
+
+
+def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
+    """Open vocabulary: "missile" is in no caption of the training corpus. Through the tied heads (the word has a
+    column), the query floor (it is never dropped) and the ImageNet prior (a photo the classifier calls a
+    missile carries the word), the sparse route finds the rocket photo among drawings, and says why."""
+    import indexer
+    from stair_search.search import open_router
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("rocket.jpg", "chelsea.png", "coffee.png"):
+        _photo(name).save(folder / f"{name.split('.')[0]}.png")
+    for colour in ("red", "blue", "green"):
+        for shape in ("circle", "square", "triangle"):
+            draw_shape(colour, shape).save(folder / f"{colour}-{shape}.png")
+    indexer.run(folder, tmp_path / "index", encoder=shipped, workers=0, progress=False)
+    query = shipped.encode_texts(["missile", "harpsichord"]).sparse
+    assert set(query[0]) == {"missile"} and set(query[1]) == {"harpsichord"}  # never empty, only their own words
+    router = open_router(tmp_path / "index", "stair-lite")
+    hits = router.search(text="missile", mode="sparse", k=3, explain=True).hits
+    assert hits[0].id.endswith("rocket.png")
+    assert "missile" in hits[0].matched

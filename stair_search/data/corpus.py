@@ -35,8 +35,6 @@ import io
 import json
 import logging
 import re
-import shutil
-import tempfile
 import time
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -48,7 +46,8 @@ from typing import Any
 
 from PIL import Image
 
-from stair_search.data.emoji import ALL_STYLES, PACKAGES, _Emojibase, _strip_fe0f, fetch_package, load_emoji
+from stair_search.data.emoji import ALL_STYLES, PACKAGES, Emojibase, fetch_package, load_emoji, strip_fe0f
+from stair_search.data.folders import building as building_folder
 from stair_search.eval.datasets.emoji import SPLITS, caption_for, split_of
 
 log = logging.getLogger(__name__)
@@ -132,10 +131,10 @@ class _EmojiIndex:
     """Emoji codes, labels and splits: what maps an emoji icon to its concept and keeps eval concepts out."""
 
     def __init__(self, emojibase: list[dict[str, Any]], datasource: list[dict[str, Any]], seed: int) -> None:
-        self.base = _Emojibase(emojibase)
+        self.base = Emojibase(emojibase)
         self.seed = seed
         # The evaluation set names a concept by emoji-datasource's `unified` code: use it wherever it exists.
-        self.unified = {_strip_fe0f(str(e["unified"])): str(e["unified"]).upper() for e in datasource}
+        self.unified = {strip_fe0f(str(e["unified"])): str(e["unified"]).upper() for e in datasource}
         labels: dict[str, set[str]] = {}
         names: dict[str, set[str]] = {}
         for entry in emojibase:
@@ -151,7 +150,7 @@ class _EmojiIndex:
                          if any(self.split(c) != "train" for c in concepts)}
 
     def concept(self, code: str) -> str:
-        stripped = _strip_fe0f(code)
+        stripped = strip_fe0f(code)
         if stripped in self.unified:
             return self.unified[stripped]
         match = self.base.find(code)
@@ -484,9 +483,7 @@ def build_corpus(out_dir: str | Path, seed: int = 0, cache: str | Path | None = 
     out_dir = Path(out_dir).resolve()
     _prepare_target(out_dir)
     index = _load_index(cache_dir, local, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    with building_folder(out_dir) as building:
         rows: list[dict[str, str]] = []
         summary: dict[str, Any] = {}
         for source in sources:
@@ -499,12 +496,6 @@ def build_corpus(out_dir: str | Path, seed: int = 0, cache: str | Path | None = 
         meta = {"seed": seed, "images": len(rows), "emojibase": PACKAGES["tags"], "sources": summary,
                 "build_seconds": round(time.monotonic() - started, 1)}
         (building / _SOURCES_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        building.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return out_dir / _CORPUS
 
 

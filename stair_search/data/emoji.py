@@ -223,12 +223,12 @@ class EmojiRecord:
     group: str = ""  # emoji-datasource `category`, e.g. "Smileys & Emotion"
 
 
-def _strip_fe0f(code: str) -> str:
+def strip_fe0f(code: str) -> str:
     """Code without variation selector 16, which the two packages do not always spell the same way."""
     return "-".join(part for part in code.upper().split("-") if part != "FE0F")
 
 
-class _Emojibase:
+class Emojibase:
     """Lookup of emojibase entries (skin-tone entries included) by hexcode.
 
     Exact matches are tried before FE0F-stripped ones so that, where emojibase lists both a text-style and an
@@ -246,20 +246,20 @@ class _Emojibase:
                 if not code:
                     continue
                 self.exact.setdefault(code, item)
-                self.stripped.setdefault(_strip_fe0f(code), item)
+                self.stripped.setdefault(strip_fe0f(code), item)
                 # Skin-tone entries carry no tags of their own; they share the base emoji's keywords.
                 self.parent_tags.setdefault(code, list(entry.get("tags", [])))
 
     def find(self, code: str) -> dict[str, Any] | None:
         code = code.upper()
-        return self.exact.get(code) or self.stripped.get(_strip_fe0f(code))
+        return self.exact.get(code) or self.stripped.get(strip_fe0f(code))
 
     def tags(self, item: dict[str, Any]) -> list[str]:
         return list(item.get("tags") or self.parent_tags.get(str(item["hexcode"]).upper(), []))
 
 
 def _record(
-    style: str, img_dir: Path, item: dict[str, Any], base: dict[str, Any], index: _Emojibase
+    style: str, img_dir: Path, item: dict[str, Any], base: dict[str, Any], index: Emojibase
 ) -> EmojiRecord | None:
     """Record for one emoji-datasource entry (``item``; a skin variation of ``base``, or ``base`` itself)."""
     image = item.get("image")
@@ -308,7 +308,7 @@ def load_emoji(
         raise ValueError(f"unknown emoji style(s) {unknown}; expected some of {ALL_STYLES}")
     tarballs = tarballs or {}
     tags_dir = fetch_package(PACKAGES["tags"], cache, tarballs.get("tags"))
-    index = _Emojibase(json.loads((tags_dir / "en" / "data.json").read_text(encoding="utf-8")))
+    index = Emojibase(json.loads((tags_dir / "en" / "data.json").read_text(encoding="utf-8")))
 
     records: dict[str, EmojiRecord] = {}
     for style in styles:

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stair_search.data.emoji import PACKAGES, STYLES, EmojiRecord, load_emoji
+from stair_search.data.folders import building as building_folder
 from stair_search.eval.metrics import load_qrels, load_queries, write_qrels, write_queries
 
 SPLITS = ("train", "val", "test")
@@ -239,9 +238,7 @@ def build_emoji_dataset(out_dir: str | Path, styles: Sequence[str] = STYLES, see
                          tarballs={k: Path(v) for k, v in (tarballs or {}).items()})
     if not records:
         raise ValueError(f"no emoji image found for styles {list(styles)}; check the packages or tarballs")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    with building_folder(out_dir) as building:
         rows = []
         for record in records:
             relative = Path("images") / record.style / f"{record.hexcode.lower()}.png"
@@ -251,12 +248,6 @@ def build_emoji_dataset(out_dir: str | Path, styles: Sequence[str] = STYLES, see
         query_counts = _write_queries(building, rows, styles)
         summary = _summary(rows, styles, seed, fractions, query_counts)
         (building / _SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        building.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     dataset = EmojiDataset(out_dir)
     for split in SPLITS:  # per-split files: what `stair-search train` and `stair-search index` take
         dataset.write_split(split)

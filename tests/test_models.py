@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stair_search.encode import Encoder
-from stair_search.models import StairConfig, create_model, load_checkpoint, model_fingerprint, save_checkpoint
+from stair_search.models import StairConfig, create_model, model_fingerprint, save_checkpoint
 
 
 def encode_all(encoder: Encoder, images, texts):
@@ -61,7 +61,7 @@ def test_half_checkpoint_is_smaller_and_close(tiny_encoder, tmp_path, shape_imag
     full = save_checkpoint(tiny_encoder.model, tmp_path / "full.pt")
     half = save_checkpoint(tiny_encoder.model, tmp_path / "half.pt", half=True)
     assert half.stat().st_size < 0.6 * full.stat().st_size
-    reloaded = Encoder(load_checkpoint(half, device="cpu"))
+    reloaded = Encoder(create_model(str(half), device="cpu"))
     np.testing.assert_allclose(reloaded.encode_images(shape_images).dense,
                                tiny_encoder.encode_images(shape_images).dense, atol=2e-2)
 
@@ -69,15 +69,15 @@ def test_half_checkpoint_is_smaller_and_close(tiny_encoder, tmp_path, shape_imag
 def test_checkpoint_refuses_foreign_files_and_other_vocabularies(tiny_encoder, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a stair-search checkpoint"):
-        load_checkpoint(tmp_path / "plain.pt")
+        create_model(str(tmp_path / "plain.pt"))
     path = save_checkpoint(tiny_encoder.model, tmp_path / "tiny.pt")
     payload = torch.load(path, weights_only=True)
     payload["vocabulary_sha256"] = "0" * 64
     torch.save(payload, path)
     with pytest.raises(ValueError, match="another vocabulary"):
-        load_checkpoint(path)
+        create_model(str(path))
     with pytest.raises(FileNotFoundError, match="looked at"):
-        load_checkpoint(tmp_path / "nope.pt")
+        create_model(str(tmp_path / "nope.pt"))
 
 
 def test_frozen_minilm_text_tower_is_left_out_of_the_checkpoint(tmp_path):
@@ -85,7 +85,7 @@ def test_frozen_minilm_text_tower_is_left_out_of_the_checkpoint(tmp_path):
     model = create_model("stair-tiny", device="cpu")
     path = save_checkpoint(model, tmp_path / "default.pt", half=True)
     assert path.stat().st_size < 20e6  # MiniLM alone is 90 MB in fp32
-    reloaded = load_checkpoint(path, device="cpu")
+    reloaded = create_model(str(path), device="cpu")
     texts = ["a dog on the beach", "two cats"]
     a, b = Encoder(model).encode_texts(texts), Encoder(reloaded).encode_texts(texts)
     np.testing.assert_allclose(a.dense, b.dense, atol=2e-2)

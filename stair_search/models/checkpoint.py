@@ -70,9 +70,8 @@ def save_checkpoint(model: StairModel, path: str | Path, half: bool = False) -> 
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | None = None) -> StairModel:
-    from stair_search.models.factory import build_model, default_device
-
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's payload (config, weights, hashes), refusing what is not one or is too new."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint '{path}' not found (looked at {path.resolve()}).")
@@ -83,7 +82,21 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> StairModel:
     if payload["version"] > VERSION:
         raise ValueError(f"{path} has checkpoint format v{payload['version']}; this stair-search reads "
                          f"up to v{VERSION}. Upgrade stair-search.")
-    model = build_model(StairConfig.from_dict(payload["config"]), image_weights=False)
+    payload["path"] = str(path)
+    return payload
+
+
+def checkpoint_config(payload: dict[str, Any]) -> StairConfig:
+    """The config a checkpoint's model is built from (``factory.build_model``) before loading it."""
+    return StairConfig.from_dict(payload["config"])
+
+
+def load_checkpoint(model: StairModel, checkpoint: str | Path | dict[str, Any]) -> StairModel:
+    """Load a checkpoint (a path or a :func:`read_checkpoint` payload) into ``model``, built from its config.
+
+    The factory builds, this loads: the two never call each other (``create_model(path)`` does both)."""
+    payload = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    path = Path(payload.get("path", "checkpoint"))
     if model.vocabulary.sha256 != payload["vocabulary_sha256"]:
         raise ValueError(f"{path} was trained with another vocabulary than {model.vocabulary.folder} "
                          f"(sha256 {payload['vocabulary_sha256'][:12]} vs {model.vocabulary.sha256[:12]}).")
@@ -94,7 +107,7 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> StairModel:
     missing = [k for k in missing if not (prefix and k.startswith(prefix))]
     if missing or unexpected:
         raise ValueError(f"{path} does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device or default_device()).eval()
+    return model
 
 
 def _check_omitted(path: Path, model: StairModel, omitted: dict[str, Any] | None) -> None:

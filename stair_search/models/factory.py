@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from stair_search import DEFAULT_MODEL
+from stair_search.models.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from stair_search.models.config import CONFIG_DIR, StairConfig, builtin_configs
 from stair_search.models.stair import StairModel
 from stair_search.models.vocab import Vocabulary, resolve_path
@@ -40,16 +41,12 @@ def create_model(spec: str | Path | StairConfig = DEFAULT_MODEL, pretrained: str
     else:
         text = str(spec)
         if Path(text).suffix in CHECKPOINT_SUFFIXES:
-            from stair_search.models.checkpoint import load_checkpoint
-
-            model = load_checkpoint(text, device=device)
+            model = _from_checkpoint(text, device)
             model.spec = str(Path(text).expanduser().resolve())
             return model
         shipped = shipped_checkpoint(text)
         if shipped is not None and pretrained is None:
-            from stair_search.models.checkpoint import load_checkpoint
-
-            model = load_checkpoint(shipped, device=device)
+            model = _from_checkpoint(shipped, device)
             model.spec = text
             return model
         config = resolve_config(text, pretrained)
@@ -58,6 +55,13 @@ def create_model(spec: str | Path | StairConfig = DEFAULT_MODEL, pretrained: str
         path = Path(str(spec)).expanduser()
         model.spec = str(path.resolve()) if path.suffix == ".json" else str(spec)
     return model.to(device or default_device()).eval()
+
+
+def _from_checkpoint(path: str | Path, device: str | None) -> StairModel:
+    """Build the checkpoint's model from its config (no pretrained weights: the file has them), then load it."""
+    payload = read_checkpoint(path)
+    model = build_model(checkpoint_config(payload), image_weights=False)
+    return load_checkpoint(model, payload).to(device or default_device()).eval()
 
 
 def shipped_checkpoint(name: str) -> Path | None:

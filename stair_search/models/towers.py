@@ -59,6 +59,16 @@ class ImageTower(nn.Module):
         """Parameters of the frozen side of the boundary (empty when the stem is the identity)."""
         return []
 
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the projection into the joint space."""
+        raise NotImplementedError
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """The network's own parameters after the stem, without its projection (what a pretrained tower
+        fine-tunes gently, or keeps frozen)."""
+        skip = {id(p) for p in [*self.stem_parameters(), *self.projection_parameters()]}
+        return [p for p in self.network.parameters() if id(p) not in skip]
+
 
 class ViTTower(ImageTower):
     """open_clip ``VisionTransformer``: patch tokens after ``ln_post``; local = tokens @ proj."""
@@ -74,6 +84,9 @@ class ViTTower(ImageTower):
     @property
     def embed_dim(self) -> int:
         return int(self.network.proj.shape[1])
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        return [self.network.proj]
 
     def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
         visual = self.network
@@ -106,6 +119,9 @@ class ResNetTower(ImageTower):
     @property
     def embed_dim(self) -> int:
         return int(self.network.attnpool.c_proj.out_features)
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        return list(self.network.attnpool.parameters())
 
     def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
         net = self.network
@@ -146,6 +162,9 @@ class TimmTower(ImageTower):
         if proj is None:
             raise ValueError("STAIR needs a timm tower with a linear projection (timm_proj 'linear').")
         return int(proj.out_features)
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        return list(self.network.head.parameters())
 
     def stem(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.split is None:

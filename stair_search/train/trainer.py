@@ -216,8 +216,13 @@ def _fill_prior(model: StairModel) -> None:
     from stair_search.models.prior import fill_class_texts, imagenet_class_names
 
     encoder = Encoder(model, batch_size=128)
+    words = model.floor_tokens.cpu()  # whole words, no stop words: the pieces a query can match
+
+    def name_words(name: str) -> list[int]:
+        return [i for i in model.vocabulary.token_ids(name) if words[i]]
+
     fill_class_texts(model.image_prior, imagenet_class_names(),
-                     lambda texts: torch.from_numpy(encoder.embed_texts(texts)), model.vocabulary.token_ids)
+                     lambda texts: torch.from_numpy(encoder.embed_texts(texts)), name_words)
     model.train()
 
 
@@ -229,22 +234,11 @@ def _check_stages(config: TrainConfig) -> None:
 
 def _param_groups(model: StairModel, config: TrainConfig) -> list[dict]:
     """Trainable parameters, the pretrained trunk at ``tower_lr`` x the LR (it only needs to move a little)."""
-    trunk = {id(p) for p in _trunk_parameters(model)}
+    trunk = {id(p) for p in model.tower.trunk_parameters()}
     params = _trainable(model)
     groups = [{"params": [p for p in params if id(p) not in trunk]},
               {"params": [p for p in params if id(p) in trunk], "lr": config.lr * config.tower_lr}]
     return [g for g in groups if g["params"]]
-
-
-def _trunk_parameters(model: StairModel) -> list[torch.nn.Parameter]:
-    """The image network's own parameters, not its projection into the joint space nor the stem."""
-    projection = getattr(getattr(model.clip.visual, "head", None), "proj", None)
-    skip = {id(p) for p in model.tower.stem_parameters()}
-    if projection is not None:
-        skip |= {id(p) for p in projection.parameters()}
-    elif getattr(model.clip.visual, "proj", None) is not None:
-        skip.add(id(model.clip.visual.proj))
-    return [p for p in model.clip.visual.parameters() if id(p) not in skip]
 
 
 def _frozen(model: StairModel) -> set[int]:
@@ -318,7 +312,7 @@ def _set_stage(model: StairModel, stage: str, config: TrainConfig) -> None:
         for param in module.parameters():
             param.requires_grad_(not teacher and id(param) not in frozen)
     if stage in config.tower_frozen:
-        for param in _trunk_parameters(model):
+        for param in model.tower.trunk_parameters():
             param.requires_grad_(False)
     if model.image_prior is not None:
         for param in (model.image_prior.dense_weight, model.image_prior.sparse_weight):

@@ -37,6 +37,11 @@ def test_auto_decides_from_the_query(text, mode, rerank):
     assert (decision.fusion, decision.alpha) == (("convex", KEYWORD_ALPHA) if keyword else (None, None))
 
 
+def test_keyword_queries_lean_sparse_by_the_models_own_weight():
+    assert decide("red car", None, keyword_alpha=0.4).alpha == 0.4
+    assert decide("a red car parked by the sea", None, keyword_alpha=0.4).alpha is None
+
+
 def test_auto_sends_image_queries_to_the_dense_route():
     assert decide(None, draw_shape("red", "circle")).mode == "dense"
     assert decide("red", draw_shape("red", "circle")).mode == "dense"

@@ -50,6 +50,8 @@ class StairConfig:
     image_prior: str | None = None
     # Trainable top stages of a timm EfficientNet tower: the rest is the frozen stem that training caches.
     unfrozen_blocks: int = 0
+    # The sparse route's convex weight for keyword-like queries under ``auto`` (tuned per model on a val split).
+    keyword_alpha: float = 0.7
     image_mean: list[float] | None = None  # preprocessing (None: open_clip's defaults)
     image_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

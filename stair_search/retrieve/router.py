@@ -36,8 +36,9 @@ from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 MODES = ("auto", "sparse", "dense", "hybrid")
 FUSIONS = ("rrf", "convex")
 KEYWORD_MAX_WORDS = 3  # "red car", "grinning face": a few words and no function words lean sparse
-# How far keyword queries lean sparse: the convex weight of the sparse route. Tuned on the emoji val split
-# (test concepts unseen): sparse alone lost to every hybrid there (tag nDCG@10 19.4 vs 29.3 at 0.7).
+# How far keyword queries lean sparse: the convex weight of the sparse route, for a model that does not set its
+# own (StairConfig.keyword_alpha). Tuned for stair-tiny on the emoji val split (test concepts unseen): sparse
+# alone lost to every hybrid there (tag nDCG@10 19.4 vs 29.3 at 0.7).
 KEYWORD_ALPHA = 0.7
 NO_SPARSE_TOKENS = ("none of the query's word-pieces is one the model emits, so the sparse route matches "
                     "nothing")
@@ -87,14 +88,15 @@ class Decision:
             {"note": self.note} if self.note else {})
 
 
-def decide(text: str | None, image: Image.Image | None) -> Decision:
+def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = KEYWORD_ALPHA) -> Decision:
     """The ``auto`` routing rule, from the query alone.
 
     - an image (with or without text) -> dense: appearance lives in the dense space;
     - a relational phrase ("a red circle left of a blue square", "a man holding a cup") -> hybrid + ComCLIP,
       the reranker that reads who is where;
     - a short keyword-like query (at most 3 words, no function words) -> hybrid leaning sparse (convex,
-      alpha = KEYWORD_ALPHA): exact word matches are what the user typed and the sparse route says which
+      alpha = ``keyword_alpha``, the model's ``StairConfig.keyword_alpha``, tuned on the val split): exact word
+      matches are what the user typed and the sparse route says which
       matched, while the dense route rescues the images whose words the sparse head missed;
     - anything longer (descriptive) -> hybrid.
     """
@@ -110,7 +112,7 @@ def decide(text: str | None, image: Image.Image | None) -> Decision:
     tokens = words(text)
     if len(tokens) <= KEYWORD_MAX_WORDS and not STOP_WORDS.intersection(tokens):
         return Decision("hybrid", (), f"keyword-like query ({len(tokens)} word(s), no function words): "
-                        f"hybrid leaning sparse", fusion="convex", alpha=KEYWORD_ALPHA)
+                        f"hybrid, sparse weight {keyword_alpha}", fusion="convex", alpha=keyword_alpha)
     return Decision("hybrid", (), f"descriptive query ({len(tokens)} words)")
 
 
@@ -174,7 +176,7 @@ class QueryRouter:
             raise ValueError(f"depth must be a positive number of candidates, got {depth}")
         names = check_names(rerank)
         if mode == "auto":
-            decision = decide(text, image)
+            decision = decide(text, image, self.encoder.model.config.keyword_alpha)
             names = list(dict.fromkeys([*names, *decision.rerank]))
             decision = replace(decision, rerank=tuple(names))
             fusion, alpha = decision.fusion or fusion, decision.alpha if decision.alpha is not None else alpha

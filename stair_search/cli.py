@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from stair_search import DEFAULT_MODEL
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sparse (STAIR / Lucene) + dense (FAISS) image search.")
 
@@ -15,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo index.")] = Path("indexes/demo"),
-    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = "stair-tiny",
+    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = DEFAULT_MODEL,
     split: Annotated[str, typer.Option(help="Which split of the emoji data set to index: test | val | train.")]
     = "test",
 ) -> None:
@@ -30,7 +32,7 @@ def index(
     source: Annotated[str, typer.Argument(help="Folder of images, .parquet, webdataset shards{000..009}.tar, "
                                                 "or a .txt/.csv list of paths.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to write.")],
-    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = "stair-tiny",
+    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = DEFAULT_MODEL,
     pretrained: Annotated[str | None, typer.Option(help="open_clip tag or checkpoint file.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     shard_size: Annotated[int, typer.Option(min=1)] = 100_000,
@@ -135,13 +137,17 @@ def train(
                                                      "columns (several files are concatenated).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (model.pt, train-state.pt).")],
     model: Annotated[str, typer.Option(help="StairConfig name/JSON to train, or a checkpoint to go on from.")]
-    = "stair-tiny",
+    = DEFAULT_MODEL,
     val: Annotated[Path | None, typer.Option(help="Validation pairs (same format): R@1 each epoch.")] = None,
     epochs: Annotated[str, typer.Option(help="Epochs of the grounded,text,joint stages.")] = "6,2,2",
     batch_size: Annotated[int, typer.Option(min=2)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then cosine decay).")] = 5e-4,
     flops: Annotated[float, typer.Option(help="FLOPS regularisation weight.")] = 2e-3,
     ground_text: Annotated[bool, typer.Option(help="Keep queries grounded to their own words.")] = False,
+    tower_frozen: Annotated[str, typer.Option(help="Comma-separated stages in which the image tower's trunk stays "
+                                                   "frozen (e.g. grounded,text for a pretrained tower).")] = "",
+    stop_after: Annotated[int | None, typer.Option(min=1, help="Early stop: end after this many epochs of the "
+                                                              "schedule, keeping its learning-rate curve.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its train-state.pt.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -153,7 +159,8 @@ def train(
     if len(stages) != 3:
         raise typer.BadParameter(f"--epochs takes three numbers (grounded,text,joint), got '{epochs}'")
     config = TrainConfig(model=model, epochs=stages, batch_size=batch_size, lr=lr, flops=flops,
-                         ground_text=ground_text, seed=seed)
+                         ground_text=ground_text, seed=seed,
+                         tower_frozen=tuple(s for s in tower_frozen.split(",") if s), stop_after=stop_after)
     training_pairs = [pair for path in pairs for pair in load_pairs(path)]
     result = run_training(training_pairs, out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
                           on_epoch=lambda e: typer.echo(
@@ -165,7 +172,7 @@ def train(
 
 @app.command()
 def dataset(
-    name: Annotated[str, typer.Argument(help="emoji | compositional")],
+    name: Annotated[str, typer.Argument(help="emoji | corpus | compositional")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the data set into.")],
     styles: Annotated[str, typer.Option(help="emoji: comma-separated styles.")] = "google,twitter",
     seed: Annotated[int, typer.Option(help="Seed of the splits (emoji) or the scenes (compositional).")] = 0,
@@ -173,15 +180,21 @@ def dataset(
     tarball: Annotated[list[str] | None, typer.Option(help="emoji: local package, KEY=PATH.tgz with KEY "
                                                             "google, twitter or tags; repeatable.")] = None,
     n: Annotated[int, typer.Option("-n", min=1, help="compositional: number of examples.")] = 2000,
+    sources: Annotated[str, typer.Option(help="corpus: comma-separated sources, 'training' (what the shipped "
+                                              "model trains on) or 'all'.")] = "training",
 ) -> None:
-    """Build a data set: `emoji` (records, splits, queries, qrels) or `compositional` (synthetic scenes)."""
+    """Build a data set: `emoji` (records, splits, queries, qrels), `corpus` (the training corpus of emoji and
+    icon sets, split by concept) or `compositional` (synthetic scenes)."""
     if name == "compositional":
         from stair_search.eval.datasets.synthetic import write_compositional
 
         typer.echo(f"wrote {n} examples (and their negatives) to {write_compositional(out, n, seed)}")
         return
+    if name == "corpus":
+        _build_corpus(out, sources, seed, cache)
+        return
     if name != "emoji":
-        raise typer.BadParameter(f"unknown data set '{name}'; expected 'emoji' or 'compositional'")
+        raise typer.BadParameter(f"unknown data set '{name}'; expected 'emoji', 'corpus' or 'compositional'")
     from stair_search.eval.datasets.emoji import build_emoji_dataset
 
     tarballs = {}
@@ -199,6 +212,16 @@ def dataset(
         queries = {kind: summary["queries"][f"{split}.{kind}"]["queries"] for kind in ("label", "tag")}
         typer.echo(f"  {split}: {counts['concepts']} concepts, images {counts['images']}, "
                    f"{queries['label']} label and {queries['tag']} tag queries")
+
+
+def _build_corpus(out: Path, sources: str, seed: int, cache: Path | None) -> None:
+    from stair_search.data.corpus import SOURCES, TRAINING_SOURCES, build_corpus, write_splits
+
+    chosen = {"training": list(TRAINING_SOURCES), "all": list(SOURCES)}.get(
+        sources, [s.strip() for s in sources.split(",") if s.strip()])
+    build_corpus(out, seed=seed, cache=cache, sources=chosen)
+    for split, path in write_splits(out).items():
+        typer.echo(f"  {split}: {path}")
 
 
 @app.command("eval")
@@ -283,7 +306,7 @@ def serve(
 def classify(
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file to classify.")],
     labels: Annotated[str, typer.Option(help="Comma-separated class labels, e.g. cat,dog,red car.")],
-    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = "stair-tiny",
+    model: Annotated[str, typer.Option(help="Model: name, config JSON or checkpoint.")] = DEFAULT_MODEL,
     pretrained: Annotated[str | None, typer.Option(help="open_clip tag or checkpoint file.")] = None,
     template: Annotated[str, typer.Option(help="Prompt around each synonym; {} is the synonym.")] = "{}",
     k: Annotated[int, typer.Option("-k", min=1, help="Synonyms in the local centre.")] = 3,

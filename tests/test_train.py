@@ -97,10 +97,11 @@ def test_a_few_steps_on_the_pretrained_tower_train_only_its_top(pairs, tmp_path)
     from stair_search.models.factory import build_model, resolve_config
 
     start = build_model(resolve_config("stair-lite"))
-    config = TrainConfig(model="stair-lite", epochs=(1, 0, 1), batch_size=12, device="cpu",
-                         tower_frozen=("grounded",))
+    config = TrainConfig(model="stair-lite", epochs=(1, 0, 2), batch_size=12, device="cpu",
+                         tower_frozen=("grounded",), stop_after=2)
     result = train(pairs, tmp_path / "lite", config)
     assert [e.stage for e in result.log] == ["grounded", "joint"] and all(math.isfinite(e.loss) for e in result.log)
+    assert list((tmp_path / "lite" / "stem-cache").glob("*.pt"))  # a rerun reads the stem features back
     trained = create_model(str(result.checkpoint), device="cpu")
     before, after = start.clip.visual.trunk, trained.clip.visual.trunk
     assert torch.equal(before.conv_stem.weight.half(), after.conv_stem.weight.half())  # the cached stem is frozen

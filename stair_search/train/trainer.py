@@ -56,6 +56,7 @@ class TrainConfig:
     ground_text: bool = False  # keep queries grounded to their own words at search time
     tower_frozen: Sequence[str] = ()  # stages in which the image tower's trunk stays frozen (not its projection)
     tower_lr: float = 0.1  # LR multiplier of the image tower's pretrained trunk
+    stop_after: int | None = None  # early stop: end after this many epochs of the schedule (its LR curve kept)
     seed: int = 0
     device: str | None = None
 
@@ -124,7 +125,7 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
         scheduler.load_state_dict(state["scheduler"])
         done_epochs, log = state["epochs_done"], [EpochLog(**e) for e in json.loads(state["log"])]
     schedule = [stage for stage, n in zip(STAGES, config.epochs, strict=True) for _ in range(n)]
-    for epoch in range(done_epochs, len(schedule)):
+    for epoch in range(done_epochs, min(len(schedule), config.stop_after or len(schedule))):
         started = time.perf_counter()
         stats = _train_epoch(model, (optimizer, scheduler), images, captions, schedule[epoch], epoch, config,
                              total_steps, steps_per_epoch)
@@ -215,6 +216,7 @@ def _fill_prior(model: StairModel) -> None:
     from stair_search.encode import Encoder
     from stair_search.models.prior import fill_class_texts, imagenet_class_names
 
+    model.eval()  # no dropout in the text tower: the class texts' embeddings are kept for good
     encoder = Encoder(model, batch_size=128)
     words = model.floor_tokens.cpu()  # whole words, no stop words: the pieces a query can match
 

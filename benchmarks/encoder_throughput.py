@@ -31,7 +31,7 @@ def rate(fn, items: int, repeats: int = 2) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["stair-tiny", "ViT-S-32"])
+    parser.add_argument("--models", nargs="+", default=["stair-tiny", "stair-lite", "ViT-S-32"])
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--texts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -41,8 +41,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         encoder = Encoder(name, batch_size=args.batch_size)
-        size = encoder.model.clip.visual.image_size
-        pixels = torch.randn(args.images, 3, *(size if isinstance(size, tuple) else (size, size)))
+        pixels = torch.randn(args.images, 3, *encoder.model.image_size)
         texts = (TEXTS * (args.texts // len(TEXTS) + 1))[: args.texts]
         params = sum(p.numel() for p in encoder.model.parameters()) / 1e6
         rows.append((name, params, rate(lambda e=encoder, p=pixels: e.encode_pixels(p), args.images),

@@ -22,6 +22,7 @@ from indexer.journal import Chunk, JobDir, JournalState, job_dir_for, job_key
 from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
 from indexer.report import JobProgress, JobSummary, write_skipped_report
 from indexer.sources import SourceOptions, iter_items
+from stair_search import DEFAULT_MODEL
 from stair_search.encode import Encoder
 from stair_search.index.dense import DenseSpec
 from stair_search.index.manifest import MANIFEST, Manifest
@@ -35,7 +36,7 @@ ALREADY_INDEXED = "already in the index"
 __all__ = ["JobSummary", "run"]
 
 
-def run(source: str | Path, out: str | Path, model: str = "stair-tiny", pretrained: str | None = None,
+def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrained: str | None = None,
         batch_size: int = 32, shard_size: int = 100_000, dense: str | None = None, append: bool = False,
         overwrite: bool = False, device: str | None = None, encoder: Encoder | None = None,
         options: SourceOptions | None = None, workers: int | None = None, runner: str = "local",

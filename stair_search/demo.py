@@ -7,7 +7,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-DEMO_QUERIES = ("dog", "red heart", "smiling face", "flag")
+from stair_search import DEFAULT_MODEL
+
+DEMO_QUERIES = ("dog", "red heart", "smiling face", "flag", "tabby cat", "cup of coffee")
 
 
 def open_dataset(folder: Path | None = None):
@@ -22,27 +24,45 @@ def open_dataset(folder: Path | None = None):
         return build_emoji_dataset(folder)
 
 
-def index_split(dataset, split: str, out: Path, model: str, styles: Sequence[str] | None = None):
+def index_split(dataset, split: str, out: Path, model: str, styles: Sequence[str] | None = None,
+                photos: bool = False):
     """Index one split of the emoji data set with the public indexing job: ids are the records' ids (the ones
-    the qrels name), captions their CLDR labels, metadata their tags, group and style."""
+    the qrels name), captions their CLDR labels, metadata their tags, group and style. ``photos`` adds
+    scikit-image's real sample photos (``photo/<name>`` ids, group "Photos")."""
     import indexer
     from indexer.sources import SourceOptions
 
     options = SourceOptions(id_column="id", path_column="image_path", caption_column="label",
                             metadata_columns=("tags", "group", "style"))
     split_file = dataset.write_split(split, styles)
+    if photos:
+        split_file = _with_photos(split_file, dataset.root / "photos")
     return indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False)
 
 
-def run_demo(out: Path, model: str = "stair-tiny", split: str = "test") -> None:
+def _with_photos(split_file: Path, photo_dir: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stair_search.data.photos import copy_photos
+
+    table = pq.read_table(split_file)
+    rows = table.to_pylist() + [{name: record.get(name) for name in table.column_names}
+                                for record in copy_photos(photo_dir)]
+    target = split_file.with_suffix(".photos.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), target)
+    return target
+
+
+def run_demo(out: Path, model: str = DEFAULT_MODEL, split: str = "test") -> None:
     from stair_search.eval.runner import evaluate
     from stair_search.search import open_router, print_response
 
     started = time.perf_counter()
     dataset = open_dataset()
     print(f"Emoji data set at {dataset.root}: indexing the {len(dataset.records(split))} images of its '{split}' "
-          f"split (concepts never seen in training)")
-    summary = index_split(dataset, split, out, model)
+          f"split (concepts never seen in training) and scikit-image's real sample photos")
+    summary = index_split(dataset, split, out, model, photos=True)
     print(f"Index at {out}: {summary.describe()}; built in {time.perf_counter() - started:.1f} s")
     router = open_router(out, model)
     for query in DEMO_QUERIES:

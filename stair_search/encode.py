@@ -76,7 +76,7 @@ class Encoder:
         positions = _patch_centres(out.grid, chosen)
         return EncodedBatch(
             dense=dense.cpu().numpy(),
-            sparse=self._to_dicts(out.sparse, self.model.config.image_top_k),
+            sparse=self._to_dicts(out.sparse, self.model.config.image_top_k, out.keep),
             local=torch.gather(local, 1, chosen[..., None].expand(-1, -1, local.shape[-1])).half().cpu().numpy(),
             local_positions=positions.half().cpu().numpy(),
         )
@@ -103,8 +103,10 @@ class Encoder:
         return EncodedBatch(dense=F.normalize(out.dense.float(), dim=-1).cpu().numpy(),
                             sparse=self._to_dicts(sparse, self.model.config.text_top_k))
 
-    def _to_dicts(self, weights: torch.Tensor, top_k: int) -> list[dict[str, float]]:
-        weights = top_k_sparse(weights.float(), top_k).cpu()
+    def _to_dicts(self, weights: torch.Tensor, top_k: int, keep: torch.Tensor | None = None) -> list[dict[str, float]]:
+        """Top-k weights per row (plus the ``keep`` ones, whatever their rank) as token dicts."""
+        cut = top_k_sparse(weights.float(), top_k)
+        weights = (cut if keep is None else torch.where(keep, weights.float(), cut)).cpu()
         tokens = self.model.vocabulary.tokens
         rows: list[dict[str, float]] = [{} for _ in range(weights.shape[0])]
         for row, col in weights.nonzero().tolist():

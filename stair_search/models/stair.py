@@ -27,6 +27,12 @@ class TowerOutput:
     sparse: torch.Tensor  # (B, V) non-negative word-piece weights, before top-k
     local: torch.Tensor | None = None  # (B, N, D) projected patch features (images only)
     grid: tuple[int, int] | None = None  # (rows, cols) of ``local`` on the image (images only)
+    # (B, V) bool: tokens kept past the top-k cut (the ImageNet prior's class words: a classifier trained on real
+    # photos is surer of them than a head trained on drawings)
+    keep: torch.Tensor | None = None
+
+
+PRIOR_KEEP = 0.1  # a class word weighing at least this much (about p >= 0.1) stays past the image top-k cut
 
 
 class StairModel(nn.Module):
@@ -105,14 +111,15 @@ class StairModel(nn.Module):
         return self._image_output(self.tower.tail(stem_out), local)
 
     def _image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
-        dense, local = features.pooled, features.local
+        dense, local, keep = features.pooled, features.local, None
         sparse = self.image_head(features.head_tokens)
         if self.image_prior is not None:
             dense = dense + self.image_prior.dense(features.features)
             if with_local:
                 local = local + self.image_prior.dense(features.tokens)
-            sparse = sparse + self.image_prior.sparse(features.features, sparse.shape[1])
-        return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid)
+            prior = self.image_prior.sparse(features.features, sparse.shape[1])
+            sparse, keep = sparse + prior, prior >= PRIOR_KEEP
+        return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid, keep=keep)
 
     def floor_query(self, sparse: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Grounded query weights with each own whole word (stop words aside) raised to ``text_floor``."""

@@ -173,8 +173,10 @@ def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
         for shape in ("circle", "square", "triangle"):
             draw_shape(colour, shape).save(folder / f"{colour}-{shape}.png")
     indexer.run(folder, tmp_path / "index", encoder=shipped, workers=0, progress=False)
-    query = shipped.encode_texts(["missile", "harpsichord"]).sparse
+    query = shipped.encode_texts(["missile", "harpsichord", "orangutan", "the of"]).sparse
     assert set(query[0]) == {"missile"} and set(query[1]) == {"harpsichord"}  # never empty, only their own words
+    assert query[2] and set(query[2]) <= {"or", "##ang", "##uta", "##n", "##utan"}  # a word the vocabulary splits
+    assert not query[3]  # stop words alone are not raised
     router = open_router(tmp_path / "index", "stair-lite")
     hits = router.search(text="missile", mode="sparse", k=3, explain=True).hits
     assert hits[0].id.endswith("rocket.png")

@@ -8,6 +8,7 @@ the image grid (for the rerankers), the heads, and optionally the image network'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class TowerOutput:
     keep: torch.Tensor | None = None
 
 
+_WORDS = re.compile(r"[a-z0-9]+")
 PRIOR_KEEP = 0.1  # a class word weighing at least this much (about p >= 0.1) stays past the image top-k cut
 
 
@@ -122,11 +124,18 @@ class StairModel(nn.Module):
         return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid, keep=keep)
 
     def floor_query(self, sparse: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Grounded query weights with each own whole word (stop words aside) raised to ``text_floor``."""
+        """Grounded query weights with each word of the text (stop words aside) raised to at least ``text_floor``
+        on its first word-piece: the whole word itself, or the piece a longer word starts with ("orangutan" ->
+        ``or``), which is the one an image vector can hold (the heads emit whole-word pieces only)."""
         floor = self.config.text_floor
         if floor <= 0:
             return sparse
-        own = self.grounding_mask(texts) & self.floor_tokens
+        own = torch.zeros_like(sparse, dtype=torch.bool)
+        for row, text in enumerate(texts):
+            for word in _WORDS.findall(text.lower()):
+                ids = self.vocabulary.token_ids(word) if word not in STOP_WORDS else []
+                if ids and self.vocabulary.whole_words[ids[0]]:
+                    own[row, ids[0]] = True
         return torch.where(own, sparse.clamp(min=floor), sparse)
 
     def encode_text(self, token_ids: torch.Tensor, ground: list[str] | None = None) -> TowerOutput:

@@ -63,8 +63,6 @@ class StairModel(nn.Module):
         self.image_prior = self._build_prior(config)
         self.spec = config.name  # how to load this model again; create_model records the path or name it used
         self.pad_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0)
-        floor_ids = vocabulary.whole_words & ~torch.tensor([t in STOP_WORDS for t in vocabulary.tokens])
-        self.register_buffer("floor_tokens", floor_ids, persistent=False)
 
     def _build_prior(self, config: StairConfig) -> ImageNetPrior | None:
         if config.image_prior is None:

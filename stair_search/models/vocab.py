@@ -96,6 +96,11 @@ class Vocabulary:
         """Bool mask of whole-word tokens (``dog``, ``42``; not ``##ing``, ``,`` or ``[CLS]``)."""
         return torch.tensor([bool(_WORD.match(t)) for t in self.tokens], dtype=torch.bool)
 
+    @cached_property
+    def content_words(self) -> torch.Tensor:
+        """Bool mask of whole words that are not stop words: the pieces worth a sparse match on their own."""
+        return self.whole_words & torch.tensor([t not in STOP_WORDS for t in self.tokens], dtype=torch.bool)
+
     def emit_ids(self, tokens: Sequence[str] | str | None = None) -> torch.Tensor:
         """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None, every whole word for
         ``"words"``), never special ones."""

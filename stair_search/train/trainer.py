@@ -218,7 +218,7 @@ def _fill_prior(model: StairModel) -> None:
 
     model.eval()  # no dropout in the text tower: the class texts' embeddings are kept for good
     encoder = Encoder(model, batch_size=128)
-    words = model.floor_tokens.cpu()  # whole words, no stop words: the pieces a query can match
+    words = model.vocabulary.content_words  # whole words, no stop words: the pieces a query can match
 
     def name_words(name: str) -> list[int]:
         return [i for i in model.vocabulary.token_ids(name) if words[i]]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stair_search.images import to_rgb
-from stair_search.models import DEFAULT_MODEL, StairModel, create_model, model_fingerprint
+from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
 from stair_search.models.heads import top_k_sparse
 
 
@@ -62,6 +62,12 @@ class Encoder:
                  for i in range(0, len(pixels), self.batch_size)]
         return _concat(parts)
 
+    def encode_stem(self, stem_out: torch.Tensor) -> EncodedBatch:
+        """Outputs of the tower's frozen stem (what training caches) -> EncodedBatch, as ``encode_pixels``."""
+        parts = [self._encode_stem_batch(stem_out[i : i + self.batch_size])
+                 for i in range(0, len(stem_out), self.batch_size)]
+        return _concat(parts)
+
     def encode_texts(self, texts: Sequence[str]) -> EncodedBatch:
         parts = [self._encode_text_batch(list(texts[i : i + self.batch_size]))
                  for i in range(0, len(texts), self.batch_size)]
@@ -69,7 +75,13 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_pixel_batch(self, pixels: torch.Tensor) -> EncodedBatch:
-        out = self.model.encode_image(pixels.to(self.device))
+        return self._image_batch(self.model.encode_image(pixels.to(self.device)))
+
+    @torch.inference_mode()
+    def _encode_stem_batch(self, stem_out: torch.Tensor) -> EncodedBatch:
+        return self._image_batch(self.model.encode_image_stem(stem_out.to(self.device).float()))
+
+    def _image_batch(self, out: TowerOutput) -> EncodedBatch:
         dense = F.normalize(out.dense.float(), dim=-1)
         local = F.normalize(out.local.float(), dim=-1)
         chosen = select_local(local, dense, self.model.config.num_local)

@@ -73,6 +73,12 @@ def test_stem_and_tail_compose_to_the_network(lite):
         whole = lite.clip.visual(pixels)
     assert split.grid == (7, 7) and split.local.shape == (2, 49, lite.embed_dim)
     torch.testing.assert_close(split.pooled, whole, rtol=1e-4, atol=1e-5)
+    encoder = Encoder(lite)  # what training validates on (cached stem features) is what indexing writes
+    with torch.inference_mode():
+        from_stem = encoder.encode_stem(tower.stem(pixels).half())
+    from_pixels = encoder.encode_pixels(pixels)
+    assert [set(v) for v in from_stem.sparse] == [set(v) for v in from_pixels.sparse]
+    assert abs(from_stem.dense - from_pixels.dense).max() < 1e-2
 
 
 def _config(name: str, vision_cfg: dict, embed_dim: int = 32) -> StairConfig:

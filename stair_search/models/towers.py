@@ -55,6 +55,11 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
         return self.tail(self.stem(pixels))
 
+    @property
+    def has_stem(self) -> bool:
+        """Whether ``stem`` is more than the identity (then training caches its outputs)."""
+        return False
+
     def stem_parameters(self) -> list[nn.Parameter]:
         """Parameters of the frozen side of the boundary (empty when the stem is the identity)."""
         return []
@@ -165,6 +170,10 @@ class TimmTower(ImageTower):
 
     def projection_parameters(self) -> list[nn.Parameter]:
         return list(self.network.head.parameters())
+
+    @property
+    def has_stem(self) -> bool:
+        return self.split is not None
 
     def stem(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.split is None:

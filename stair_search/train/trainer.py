@@ -33,7 +33,6 @@ from stair_search import DEFAULT_MODEL
 from stair_search.images import to_rgb
 from stair_search.models import StairModel, TowerOutput, save_checkpoint
 from stair_search.models.factory import build_model, resolve_config
-from stair_search.models.heads import top_k_sparse
 from stair_search.train.losses import flops, flops_weight, info_nce
 
 STAGES = ("grounded", "text", "joint")
@@ -267,7 +266,7 @@ def _trainable(model: StairModel) -> list[torch.nn.Parameter]:
 def _cached_images(model: StairModel, paths: Sequence[str], folder: Path) -> torch.Tensor:
     """``_load_images``, kept in ``folder`` for a run with a frozen stem: a resumed or repeated run over the same
     images and stem weights reads the stem features back instead of recomputing them (minutes on CPU)."""
-    if not model.tower.stem_parameters():
+    if not model.tower.has_stem:
         return _load_images(model, paths)
     import hashlib
 
@@ -291,7 +290,6 @@ def _load_images(model: StairModel, paths: Sequence[str], batch_size: int = 64) 
     fp16 stem features: ~19 KB per image for EfficientNet-Lite0 at 224 px, instead of 600 KB of pixels)."""
     from PIL import Image
 
-    cached = bool(model.tower.stem_parameters())
     device = model.image_head.bias.device
     chunks = []
     for start in range(0, len(paths), batch_size):
@@ -300,7 +298,7 @@ def _load_images(model: StairModel, paths: Sequence[str], batch_size: int = 64) 
             with Image.open(path) as image:
                 tensors.append(model.preprocess(to_rgb(image)))
         pixels = torch.stack(tensors)
-        if cached:
+        if model.tower.has_stem:
             with torch.inference_mode():
                 pixels = model.tower.stem(pixels.to(device)).half().cpu()
         chunks.append(pixels)
@@ -323,7 +321,7 @@ def _set_stage(model: StairModel, stage: str, config: TrainConfig) -> None:
 
 def _encode_images(model: StairModel, images: torch.Tensor) -> TowerOutput:
     """Pixels, or cached stem features when the tower has a frozen stem."""
-    if model.tower.stem_parameters():
+    if model.tower.has_stem:
         return model.encode_image_stem(images.to(model.image_head.bias.device).float(), local=False)
     return model.encode_image(images)
 
@@ -357,7 +355,7 @@ def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, tor
                  steps_per_epoch: int) -> tuple[float, float, float]:
     optimizer, scheduler = optimizers
     _set_stage(model, stage, config)
-    cached = bool(model.tower.stem_parameters())
+    cached = model.tower.has_stem
     model.train()
     device = model.image_head.bias.device
     order = torch.randperm(len(captions)).tolist()
@@ -410,14 +408,10 @@ def _validate(model: StairModel, images: torch.Tensor, captions: list[str]) -> t
 
     model.eval()
     encoder = Encoder(model, batch_size=128)
+    img = encoder.encode_stem(images) if model.tower.has_stem else encoder.encode_pixels(images)
     txt = encoder.encode_texts(captions)
-    img_sparse, img_dense = [], []
-    for start in range(0, len(images), 128):
-        out = _encode_images(model, images[start : start + 128])
-        img_sparse.append(top_k_sparse(out.sparse.float(), model.config.image_top_k).cpu().numpy())
-        img_dense.append(F.normalize(out.dense.float(), dim=-1).cpu().numpy())
-    sparse = _sparse_matrix(txt.sparse, model) @ np.concatenate(img_sparse).T
-    dense = txt.dense @ np.concatenate(img_dense).T
+    sparse = _sparse_matrix(txt.sparse, model) @ _sparse_matrix(img.sparse, model).T
+    dense = txt.dense @ img.dense.T
     target = np.arange(len(captions))
     return (float((sparse.argmax(1) == target).mean()), float((dense.argmax(1) == target).mean()))
 

@@ -48,6 +48,7 @@ from PIL import Image
 
 from stair_search.data.emoji import ALL_STYLES, PACKAGES, Emojibase, fetch_package, load_emoji, strip_fe0f
 from stair_search.data.folders import building as building_folder
+from stair_search.data.folders import check_replaceable
 from stair_search.eval.datasets.emoji import SPLITS, caption_for, split_of
 
 log = logging.getLogger(__name__)
@@ -443,13 +444,6 @@ def _write_parquet(path: Path, rows: list[dict[str, str]]) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def _prepare_target(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not a corpus built here (it could hold the user's own files)."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / _SOURCES_JSON).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a corpus (no {_SOURCES_JSON}); choose an empty or new "
-                              f"out_dir")
-
-
 def _read_source(source: str, index: _EmojiIndex, cache: Path | None, tarballs: Mapping[str, Path]) -> _SourceResult:
     if source in EMOJI_SOURCES:
         return _emoji_source(source, index, cache, tarballs)
@@ -481,7 +475,7 @@ def build_corpus(out_dir: str | Path, seed: int = 0, cache: str | Path | None = 
     cache_dir = Path(cache) if cache else None
     local = {key: Path(path) for key, path in (tarballs or {}).items()}
     out_dir = Path(out_dir).resolve()
-    _prepare_target(out_dir)
+    check_replaceable(out_dir, _SOURCES_JSON, "a corpus", "an empty or new out_dir")
     index = _load_index(cache_dir, local, seed)
     with building_folder(out_dir) as building:
         rows: list[dict[str, str]] = []
@@ -521,9 +515,6 @@ def load_corpus_pairs(out_dir: str | Path, split: str = "train") -> list[tuple[s
 def write_splits(out_dir: str | Path, sources: Sequence[str] | None = None) -> dict[str, Path]:
     """``out_dir/splits/{split}.parquet`` for each split, holding the rows of ``sources`` (default: all built
     ones) in corpus order: the files ``stair-search train`` takes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = load_corpus_rows(out_dir)
     built = list(dict.fromkeys(r["source"] for r in rows))
     wanted = list(sources) if sources is not None else built
@@ -533,10 +524,8 @@ def write_splits(out_dir: str | Path, sources: Sequence[str] | None = None) -> d
                          f"with them")
     folder = Path(out_dir) / "splits"
     folder.mkdir(exist_ok=True)
-    schema = pa.schema([(name, pa.string()) for name in COLUMNS])
     paths = {}
     for split in SPLITS:
-        chosen = [r for r in rows if r["split"] == split and r["source"] in wanted]
         paths[split] = folder / f"{split}.parquet"
-        pq.write_table(pa.Table.from_pylist(chosen, schema=schema), paths[split])
+        _write_parquet(paths[split], [r for r in rows if r["split"] == split and r["source"] in wanted])
     return paths

@@ -13,6 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_replaceable(out_dir: Path, marker: str, kind: str, choose: str) -> None:
+    """Refuse to replace a non-empty folder without ``marker`` (not ``kind`` built here: it could hold the user's
+    own files); ``choose`` names what to pick instead in the error."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not {kind} (no {marker}); choose {choose}")
+
+
 @contextmanager
 def building(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh hidden sibling of ``out_dir``; on success it replaces ``out_dir``, on error it is removed."""

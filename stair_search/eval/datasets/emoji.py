@@ -37,6 +37,7 @@ from typing import Any
 
 from stair_search.data.emoji import PACKAGES, STYLES, EmojiRecord, load_emoji
 from stair_search.data.folders import building as building_folder
+from stair_search.data.folders import check_replaceable
 from stair_search.eval.metrics import load_qrels, load_queries, write_qrels, write_queries
 
 SPLITS = ("train", "val", "test")
@@ -214,13 +215,6 @@ def _summary(rows: list[dict[str, Any]], styles: Sequence[str], seed: int, fract
             "concepts": len({r["concept"] for r in rows}), "splits": per_split, "queries": query_counts}
 
 
-def _prepare_target(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not a data set built here (it could hold the user's own files)."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / _SUMMARY).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not an emoji data set (no {_SUMMARY}); "
-                              f"choose an empty or new --out folder")
-
-
 def build_emoji_dataset(out_dir: str | Path, styles: Sequence[str] = STYLES, seed: int = 0,
                         cache: str | Path | None = None, tarballs: Mapping[str, str | Path] | None = None,
                         fractions: Sequence[float] = DEFAULT_FRACTIONS) -> EmojiDataset:
@@ -233,7 +227,7 @@ def build_emoji_dataset(out_dir: str | Path, styles: Sequence[str] = STYLES, see
     styles = tuple(dict.fromkeys(styles))
     fractions = _check_fractions(fractions)
     out_dir = Path(out_dir).resolve()
-    _prepare_target(out_dir)
+    check_replaceable(out_dir, _SUMMARY, "an emoji data set", "an empty or new --out folder")
     records = load_emoji(styles, cache=Path(cache) if cache else None,
                          tarballs={k: Path(v) for k, v in (tarballs or {}).items()})
     if not records:

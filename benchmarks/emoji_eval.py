@@ -66,6 +66,12 @@ def run_model(dataset, model: str, split: str, out: Path) -> dict[tuple[str, str
     return results
 
 
+def hybrid_lift(tag: dict[str, dict[str, float]]) -> float:
+    """Best hybrid route's tag nDCG@10 minus the best single route's."""
+    single = max(tag["sparse"]["nDCG@10"], tag["dense"]["nDCG@10"])
+    return max(tag[h]["nDCG@10"] for h in HYBRIDS if h in tag) - single
+
+
 def summary(models: list[str], results: dict[str, dict], setting_names: list[str]) -> None:
     print("| setting | model | label R@1 sparse | dense | best | tag nDCG@10 sparse | dense | hybrid-rrf "
           "| hybrid-convex | auto | tag: best hybrid - best single |")
@@ -74,13 +80,12 @@ def summary(models: list[str], results: dict[str, dict], setting_names: list[str
         for model in models:
             label, tag = results[model][(name, "label")], results[model][(name, "tag")]
             best_label = max(m["R@1"] for m in label.values())
-            single = max(tag["sparse"]["nDCG@10"], tag["dense"]["nDCG@10"])
-            hybrid = max(tag[h]["nDCG@10"] for h in HYBRIDS if h in tag)
+            lift = hybrid_lift(tag)
             print(f"| {name} | {model} | {100 * label['sparse']['R@1']:.1f} | {100 * label['dense']['R@1']:.1f} "
                   f"| {100 * best_label:.1f} | {100 * tag['sparse']['nDCG@10']:.1f} "
                   f"| {100 * tag['dense']['nDCG@10']:.1f} | "
                   + " | ".join(f"{100 * tag[h]['nDCG@10']:.1f}" for h in HYBRIDS)
-                  + f" | {100 * (hybrid - single):+.1f} |")
+                  + f" | {100 * lift:+.1f} |")
     if len(models) < 2:
         return
     base, new = models[0], models[-1]
@@ -89,12 +94,11 @@ def summary(models: list[str], results: dict[str, dict], setting_names: list[str
         old_label, label = results[base][(name, "label")], results[new][(name, "label")]
         tag = results[new][(name, "tag")]
         ratio = label["dense"]["R@1"] / max(old_label["dense"]["R@1"], 1e-9)
-        single = max(tag["sparse"]["nDCG@10"], tag["dense"]["nDCG@10"])
-        hybrid = max(tag[h]["nDCG@10"] for h in HYBRIDS if h in tag)
+        lift = hybrid_lift(tag)
         empty = results[new][(name, "sparsity")]["empty"]["label"]
         print(f"- {name}: dense label R@1 {ratio:.2f}x {base}'s (target >= 2.5); sparse label R@1 "
               f"{100 * label['sparse']['R@1']:.1f} vs dense {100 * label['dense']['R@1']:.1f} (target sparse >= "
-              f"dense); best hybrid tag nDCG@10 {100 * (hybrid - single):+.1f} over the best single route "
+              f"dense); best hybrid tag nDCG@10 {100 * lift:+.1f} over the best single route "
               f"(target >= +2); label queries with an empty sparse vector: {empty} (target 0)")
 
 

@@ -143,3 +143,22 @@ def test_missing_tag_says_where_it_looked(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "not available offline" in result.stderr and str(tmp_path / "empty-hub") in result.stderr
+
+
+def test_trust_gate_passes_the_training_subspace_and_shrinks_what_lies_outside():
+    from stair_search.models.trust import TrustGate
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=generator)).Q.T  # a 4-d subspace of 32-d features
+
+    def inside(n: int) -> torch.Tensor:
+        return torch.randn(n, 4, generator=generator) @ basis * 3 + 0.05 * torch.randn(n, 32, generator=generator)
+
+    gate = TrustGate(32, 4)
+    assert torch.equal(gate(inside(3)), torch.ones(3, 1))  # not fitted: nothing changes
+    gate.fit(inside(200), inside(50))
+    assert float(gate(inside(100)).mean()) > 0.95
+    outside = torch.randn(100, 32, generator=generator)  # energy spread over all 32 directions: ~4/32 inside
+    assert float(gate(outside).max()) < 0.5 and float(gate(outside).min()) >= 0
+    with pytest.raises(ValueError, match="more than 4 training images"):
+        TrustGate(32, 4).fit(inside(4), inside(5))

@@ -110,3 +110,27 @@ def test_a_few_steps_on_the_pretrained_tower_train_only_its_top(pairs, tmp_path)
     assert float(trained.image_prior.class_embeddings.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-2)
     assert int((trained.image_prior.class_tokens >= 0).sum()) > 1000
     assert trained.config.emit_tokens == "words"  # open vocabulary: not limited to the training texts
+
+
+def test_training_fits_the_trust_gate_that_hands_unfamiliar_images_to_the_prior(pairs, tmp_path):
+    """A run of a model with a trust gate ends by fitting it on its own training images: they and drawings like
+    them keep the learned parts whole, while a real photo (nothing like 24 flat shapes) gets less of them."""
+    import json
+
+    from stair_search.models.config import CONFIG_DIR
+    from tests.test_towers import _photo
+
+    config = json.loads((CONFIG_DIR / "stair-lite.json").read_text())
+    config.update(name="lite-gated", trust_components=8)
+    path = tmp_path / "lite-gated.json"
+    path.write_text(json.dumps(config))
+    result = train(pairs, tmp_path / "run", TrainConfig(model=str(path), epochs=(1, 0, 0), batch_size=12,
+                                                        device="cpu", tower_frozen=("grounded",)))
+    model = create_model(str(result.checkpoint), device="cpu").eval()
+    assert model.trust.fitted and model.config.trust_components == 8
+    pixels = torch.stack([model.preprocess(draw_shape("red", "circle", background="black")),
+                          model.preprocess(_photo("chelsea.png"))])
+    with torch.inference_mode():
+        features = model.tower.tail(model.tower.stem(pixels)).features
+        weight = model.trust(features).flatten()
+    assert weight[0] > 0.9 and weight[1] < 0.6

@@ -50,6 +50,10 @@ class StairConfig:
     image_prior: str | None = None
     # Trainable top stages of a timm EfficientNet tower: the rest is the frozen stem that training caches.
     unfrozen_blocks: int = 0
+    # With the ImageNet prior: principal components of the training images' features that the trust gate
+    # (models/trust.py) measures an image against, scaling the learned parts down on images unlike the
+    # training data (0: no gate).
+    trust_components: int = 0
     # The sparse route's convex weight for keyword-like queries under ``auto`` (tuned per model on a val split).
     keyword_alpha: float = 0.7
     image_mean: list[float] | None = None  # preprocessing (None: open_clip's defaults)

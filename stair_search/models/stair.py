@@ -19,6 +19,7 @@ from stair_search.models.config import StairConfig
 from stair_search.models.heads import SparseHead
 from stair_search.models.prior import ImageNetPrior
 from stair_search.models.towers import ImageFeatures, TimmTower, image_tower
+from stair_search.models.trust import TrustGate
 from stair_search.models.vocab import STOP_WORDS, Vocabulary
 
 
@@ -61,6 +62,7 @@ class StairModel(nn.Module):
         self.image_head = SparseHead(self.tower.token_width, embeddings, token_ids)
         self.text_head = SparseHead(self._text_token_width(), embeddings, token_ids)
         self.image_prior = self._build_prior(config)
+        self.trust = self._build_trust(config)
         self.spec = config.name  # how to load this model again; create_model records the path or name it used
         self.pad_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0)
 
@@ -72,6 +74,14 @@ class StairModel(nn.Module):
         if not isinstance(self.tower, TimmTower):
             raise ValueError("image_prior 'imagenet' needs a timm CNN image tower (its pooled ImageNet features).")
         return ImageNetPrior(self.tower.token_width, self.embed_dim)
+
+    def _build_trust(self, config: StairConfig) -> TrustGate | None:
+        if not config.trust_components:
+            return None
+        if self.image_prior is None:
+            raise ValueError("trust_components needs image_prior 'imagenet': the gate hands an unfamiliar image "
+                             "over to the prior, so a model without one has nothing to hand it to.")
+        return TrustGate(self.tower.token_width, config.trust_components)
 
     def train(self, mode: bool = True) -> StairModel:
         """As ``nn.Module.train``, but batch-norm statistics stay those the image network was trained with
@@ -113,6 +123,10 @@ class StairModel(nn.Module):
     def _image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
         dense, local, keep = features.pooled, features.local, None
         sparse = self.image_head(features.head_tokens)
+        if self.trust is not None:  # the learned parts, scaled down on images unlike the training data
+            weight = self.trust(features.features)
+            dense, sparse = weight * dense, weight * sparse
+            local = weight.unsqueeze(2) * local
         if self.image_prior is not None:
             dense = dense + self.image_prior.dense(features.features)
             if with_local:

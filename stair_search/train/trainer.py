@@ -37,6 +37,7 @@ from stair_search.train.losses import flops, flops_weight, info_nce
 
 STAGES = ("grounded", "text", "joint")
 STATE_FILE = "train-state.pt"
+TRUST_SAMPLE = 4000  # training images the trust gate's subspace is fitted on (seeded sample)
 
 
 @dataclass
@@ -137,7 +138,41 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
                     "log": json.dumps([asdict(e) for e in log])}, state_path)
         if on_epoch:
             on_epoch(entry)
+    if model.trust is not None and len(images) > 2 * model.config.trust_components:  # else it stays 1 everywhere
+        fit_trust(model, images, val[0] if val else None, seed=config.seed)
+        _save(model, out / "model.pt")
     return TrainResult(out / "model.pt", log)
+
+
+def trust_sample(count: int, seed: int = 0) -> torch.Tensor:
+    """Which of ``count`` training images the trust gate is fitted on: a seeded sample of ``TRUST_SAMPLE``."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:TRUST_SAMPLE]
+
+
+@torch.inference_mode()
+def fit_trust(model: StairModel, images: torch.Tensor, val_images: torch.Tensor | None = None, seed: int = 0,
+              sampled: bool = False) -> None:
+    """Fit the model's trust gate (models/trust.py) on the training images (pixels, or stem features when the
+    tower has a stem; ``sampled``: already :func:`trust_sample`'s rows) against held-out ones: the validation
+    images, or without them a tenth of the sample."""
+    model.eval()
+    rows = torch.arange(len(images)) if sampled else trust_sample(len(images), seed)
+    if val_images is None or not len(val_images):
+        held_out = max(1, len(rows) // 10)
+        rows, val_images = rows[held_out:], images[rows[:held_out]]
+    model.trust.fit(_features(model, images[rows]), _features(model, val_images))
+    model.train()
+
+
+def _features(model: StairModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, C) pooled network features (what the prior and the trust gate read) of pixels or stem features."""
+    device = model.image_head.bias.device
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device).float()
+        stem = batch if model.tower.has_stem else model.tower.stem(batch)
+        chunks.append(model.tower.tail(stem).features.float().cpu())
+    return torch.cat(chunks)
 
 
 class FrozenTextCache(torch.nn.Module):

@@ -7,7 +7,7 @@ batch gives the same vectors as its items encoded one by one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,10 +36,27 @@ class Encoder:
     """Wraps a StairModel with batching, preprocessing and conversion to numpy / token dicts."""
 
     def __init__(self, model: StairModel | str = DEFAULT_MODEL, batch_size: int = 32,
-                 device: str | None = None, pretrained: str | None = None):
+                 device: str | None = None, pretrained: str | None = None, accelerate: bool = True):
+        """``accelerate``: encode images through the tower's faster inference copy where it has one (a CNN on
+        CPU: batch norm folded, channels-last), a snapshot taken at the first image batch; the model's weights
+        must not change after that (an Encoder is for inference; training builds a new one to validate)."""
         self.model = model if isinstance(model, StairModel) else create_model(model, pretrained, device)
         self.batch_size = batch_size
         self.device = next(self.model.parameters()).device
+        self._fast_tower: Callable | bool | None = None if accelerate else False  # False: none (or not wanted)
+
+    def __getstate__(self) -> dict:
+        """Pickled (to Ray, to worker processes) without the accelerated copy: it is rebuilt where it runs, for
+        that process's device."""
+        state = dict(self.__dict__)
+        if state.get("_fast_tower"):
+            state["_fast_tower"] = None
+        return state
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether image batches go through the tower's accelerated copy (known after the first batch)."""
+        return bool(self._fast_tower)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -75,7 +92,13 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_pixel_batch(self, pixels: torch.Tensor) -> EncodedBatch:
-        return self._image_batch(self.model.encode_image(pixels.to(self.device)))
+        pixels = pixels.to(self.device)
+        if self._fast_tower is None and not self.model.training:
+            with torch.inference_mode(False):
+                self._fast_tower = self.model.tower.accelerated(pixels[:2].clone()) or False
+        if self._fast_tower and not self.model.training and pixels.device.type == "cpu":
+            return self._image_batch(self.model.image_output(self._fast_tower(pixels)))
+        return self._image_batch(self.model.encode_image(pixels))
 
     @torch.inference_mode()
     def _encode_stem_batch(self, stem_out: torch.Tensor) -> EncodedBatch:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -187,3 +188,25 @@ def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
     hits = router.search(text="missile", mode="sparse", k=3, explain=True).hits
     assert hits[0].id.endswith("rocket.png")
     assert "missile" in hits[0].matched
+
+
+def test_the_accelerated_cpu_trunk_gives_the_networks_outputs(lite):
+    """Batch norm folded into the convolutions + channels-last layout: the same features as the eager network
+    (to float rounding), and the Encoder's vectors through it equal the eager path's."""
+    from stair_search.models.towers import fold_batch_norms
+
+    pixels = torch.stack([lite.preprocess(_photo(name)) for name in ("coffee.png", "chelsea.png", "rocket.jpg")])
+    fast = lite.tower.accelerated(pixels[:2])
+    assert fast is not None
+    with torch.inference_mode():
+        eager, quick = lite.tower(pixels), fast(pixels)
+    torch.testing.assert_close(quick.pooled, eager.pooled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(quick.local, eager.local, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(quick.features, eager.features, atol=1e-4, rtol=1e-4)
+    folded = fold_batch_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    encoder, reference = Encoder(lite, batch_size=2), Encoder(lite, batch_size=2, accelerate=False)
+    a, b = encoder.encode_pixels(pixels), reference.encode_pixels(pixels)
+    assert encoder.accelerated and not reference.accelerated
+    np.testing.assert_allclose(a.dense, b.dense, atol=1e-5)
+    assert [set(v) for v in a.sparse] == [set(v) for v in b.sparse]

@@ -118,9 +118,10 @@ class StairModel(nn.Module):
     def encode_image_stem(self, stem_out: torch.Tensor, local: bool = True) -> TowerOutput:
         """The image side from the output of the tower's frozen stem (what cheap training caches);
         ``local=False`` skips the prior's per-position part of the local features (training never reads it)."""
-        return self._image_output(self.tower.tail(stem_out), local)
+        return self.image_output(self.tower.tail(stem_out), local)
 
-    def _image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
+    def image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
+        """Dense, sparse and local outputs from the tower's features (what an accelerated tower hands back)."""
         dense, local, keep = features.pooled, features.local, None
         sparse = self.image_head(features.head_tokens)
         if self.trust is not None:  # the learned parts, scaled down on images unlike the training data

@@ -11,6 +11,9 @@ outputs a trainer may cache once) and ``tail`` (the rest). ``forward(pixels) == 
 
 from __future__ import annotations
 
+import copy
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,12 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
         return self.tail(self.stem(pixels))
+
+    def accelerated(self, example: torch.Tensor) -> Callable[[torch.Tensor], ImageFeatures] | None:
+        """A faster ``forward`` for CPU inference over a frozen snapshot of the current weights, or None when this
+        tower has none (then ``forward`` is used). The snapshot never sees later weight changes: build it for
+        inference only (the Encoder does, on its first image batch)."""
+        return None
 
     @property
     def has_stem(self) -> bool:
@@ -194,9 +203,26 @@ class TimmTower(ImageTower):
             return trunk.forward_features(stem_out)
         return trunk.bn2(trunk.conv_head(trunk.blocks[self.split :](stem_out)))
 
+    def accelerated(self, example: torch.Tensor) -> Callable[[torch.Tensor], ImageFeatures] | None:
+        """The trunk (pixels -> feature map) with every batch norm folded into the convolution before it and the
+        weights in channels-last layout, oneDNN's fast path for depthwise convolutions on CPU (measured 2.15x the
+        eager trunk at batch 32 on 2 cores, outputs equal to ~1e-5). The heads, prior and gate stay as they are."""
+        if example.device.type != "cpu":
+            return None
+        trunk = fold_batch_norms(copy.deepcopy(self.network.trunk).eval()).to(memory_format=torch.channels_last)
+
+        def forward(pixels: torch.Tensor) -> ImageFeatures:
+            fmap = trunk.forward_features(pixels.contiguous(memory_format=torch.channels_last))
+            return self.from_feature_map(fmap.contiguous())
+
+        return forward
+
     def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
+        return self.from_feature_map(self.feature_map(stem_out))
+
+    def from_feature_map(self, fmap: torch.Tensor) -> ImageFeatures:
+        """Everything after the trunk's last feature map: pooled features, grid tokens and their projections."""
         trunk, head = self.network.trunk, self.network.head
-        fmap = self.feature_map(stem_out)
         pooled_features = trunk.forward_head(fmap, pre_logits=True)
         norm = getattr(getattr(trunk, "head", None), "norm", None)
         grid_map = norm(fmap) if isinstance(norm, nn.Module) else fmap
@@ -205,6 +231,20 @@ class TimmTower(ImageTower):
         head_tokens = torch.cat([pooled_features[:, None], quadrants], dim=1)
         return ImageFeatures(head(pooled_features), head_tokens, tokens, head(tokens), (fmap.shape[2], fmap.shape[3]),
                              features=pooled_features)
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """Fold each eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` (siblings in order) into it, in place;
+    a norm with a fused activation (timm's ``BatchNormAct2d``) leaves its activation behind. Inference only."""
+    children = list(module.named_children())
+    for (prev_name, prev), (name, child) in itertools.pairwise(children):
+        if isinstance(prev, nn.Conv2d) and isinstance(child, nn.BatchNorm2d) and not child.training:
+            setattr(module, prev_name, torch.nn.utils.fusion.fuse_conv_bn_eval(prev, child))
+            rest = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if isinstance(m, nn.Module)]
+            setattr(module, name, nn.Sequential(*rest))
+    for _, child in module.named_children():
+        fold_batch_norms(child)
+    return module
 
 
 def image_tower(visual: nn.Module, unfrozen_blocks: int = 0) -> ImageTower:

@@ -33,7 +33,7 @@ def sparsity(dataset, split: str, index_dir: Path, model: str) -> tuple[float, f
     from stair_search.encode import Encoder
     from stair_search.index.reader import Index
 
-    per_image = np.concatenate([np.diff(shard.sparse.indptr) for shard in Index(index_dir).shards]).mean()
+    per_image = Index(index_dir).nonzeros_per_document()
     encoder = Encoder(model)
     labels = list(dataset.queries(split, "label").values())
     label_vectors = encoder.encode_texts(labels).sparse

@@ -39,9 +39,10 @@ from stair_search.encode import Encoder
 from stair_search.eval import metrics
 from stair_search.eval.datasets.synthetic import CompositionalExample, make_compositional
 from stair_search.eval.runner import compute_metrics
+from stair_search.index.layout import FEATURES_FILE
 from stair_search.index.reader import Index
 from stair_search.index.store import FeatureRecord
-from stair_search.index.writer import FEATURES_FILE, IndexWriter
+from stair_search.index.writer import IndexWriter
 from stair_search.rerank import RERANKERS
 from stair_search.retrieve.router import QueryRouter
 
@@ -65,13 +66,13 @@ class Document:
 
 def build_index(out: Path, encoder: Encoder, documents: Sequence[Document]) -> Index:
     """Encode and write ``documents`` (one shard) the way the indexer does, and open the index."""
-    writer = IndexWriter(out, encoder, overwrite=True)
-    for start in range(0, len(documents), encoder.batch_size):
-        batch = documents[start : start + encoder.batch_size]
-        records = [FeatureRecord(id=d.id, source=f"memory://{d.id}", width=d.image.width, height=d.image.height,
-                                 caption=d.caption) for d in batch]
-        writer.add(records, encoder.encode_images([d.image for d in batch]))
-    writer.close()
+    with IndexWriter(out, encoder, overwrite=True) as writer:
+        for start in range(0, len(documents), encoder.batch_size):
+            batch = documents[start : start + encoder.batch_size]
+            records = [FeatureRecord(id=d.id, source=f"memory://{d.id}", width=d.image.width, height=d.image.height,
+                                     caption=d.caption) for d in batch]
+            writer.add(records, encoder.encode_images([d.image for d in batch]))
+        writer.commit()
     return Index(out)
 
 

@@ -62,12 +62,14 @@ def like_csr(rng: np.random.Generator, source: tuple, count: int, scale: float):
 def like_source(index_dir: Path, count: int, rng: np.random.Generator) -> tuple[tuple, list[dict[str, float]]]:
     """A real index's sparse rows (first shard) and ``count`` queries: its captions encoded by its own model."""
     from stair_search.encode import Encoder
+    from stair_search.index.layout import SPARSE_DIR
     from stair_search.index.reader import Candidate, Index
+    from stair_search.index.sparse import CSR_FILES
 
     index = Index(index_dir)
-    sparse = index.shards[0].sparse
-    source = (np.asarray(sparse.indptr), np.asarray(sparse.indices), np.asarray(sparse.values))
-    rows = rng.choice(len(index.shards[0].store), count)
+    first = index.manifest.shards[0]
+    source = tuple(np.load(first.path(index_dir) / SPARSE_DIR / f"{part}.npy") for part in CSR_FILES)
+    rows = rng.choice(first.count, count)
     docs = index.documents([Candidate(0, int(row), 0.0) for row in rows], ["caption"])
     encoder = Encoder(index.manifest.model["spec"])
     return source, [q for q in encoder.encode_texts([d["caption"] for d in docs]).sparse if q]

@@ -6,7 +6,7 @@ Layout, next to the output index (``.{out}.job-<hash>``, same filesystem so rena
     lock                  flock'd while a job runs: two jobs never write one directory
     chunks/000042.npz     one encoded batch + the source positions it accounts for (temp file + rename)
     journal.json          shards written so far, the last chunk they consumed, skipped items (atomic)
-    build/shards/<name>/  finished shards (the same format IndexWriter writes)
+    build/shards/<name>/  finished shards (the IndexWriter builds them here, and publishes them)
 
 Why this shape: encoding is the expensive step, so every encoded batch is on disk before the next one
 starts, and a restart re-encodes at most one batch. A chunk file exists completely or not at all (written
@@ -20,9 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from stair_search.atomic import atomic_path, atomic_write
 from stair_search.encode import EncodedBatch
+from stair_search.index.layout import FEATURES_FILE
 from stair_search.index.manifest import ShardInfo
+from stair_search.index.skipped import Skip
 from stair_search.index.store import FeatureRecord, FeatureStore
-from stair_search.index.writer import FEATURES_FILE
 
-Skip = tuple[str, str, str]  # (id, source, reason)
 RECORD_FIELDS = ("id", "source", "width", "height", "caption", "metadata")
 
 
@@ -93,7 +92,7 @@ class JobDir:
         job_file = self.path / "job.json"
         if job_file.is_file() and json.loads(job_file.read_text()) != json.loads(json.dumps(self.identity)):
             raise RuntimeError(f"{self.path} belongs to another job; remove it or run with --no-resume.")
-        _atomic_write(job_file, json.dumps(self.identity, indent=2, default=str).encode())
+        atomic_write(job_file, json.dumps(self.identity, indent=2, default=str).encode())
         state = self.read_journal()
         self._remove_leftovers(state)
         return state
@@ -141,7 +140,7 @@ class JobDir:
 
     def write_journal(self, state: JournalState) -> None:
         data = asdict(state)
-        _atomic_write(self.path / "journal.json", json.dumps(data).encode())
+        atomic_write(self.path / "journal.json", json.dumps(data).encode())
 
     # ---------------------------------------------------------------------------------------------- chunks
 
@@ -167,12 +166,8 @@ class JobDir:
             if chunk.encoded.local is not None:
                 arrays.update(local=chunk.encoded.local, local_positions=chunk.encoded.local_positions)
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(dir=self.chunks_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(self.chunks_dir / f"{seq:06d}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.chunks_dir / f"{seq:06d}.npz")
 
     def drop_chunks(self, up_to: int) -> None:
         for seq, path in self._chunk_files():
@@ -200,12 +195,3 @@ def read_chunk(path: Path) -> Chunk:
                 for record, feats, pos in zip(records, local, positions, strict=True):
                     record.local, record.local_positions = feats, pos
     return chunk
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from indexer import sources
-from indexer.journal import Skip
 from stair_search.index.manifest import Manifest
-
-SKIPPED_REPORT = "skipped.parquet"
-SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+from stair_search.index.skipped import Skip
 
 
 @dataclass
@@ -47,22 +41,6 @@ class JobSummary:
             text += f", skipped {len(self.skipped)}: " + ", ".join(f"{n} {r}" for r, n in self.reasons().items())
             text += f" (listed in {self.report})" if self.report else ""
         return text
-
-
-def write_skipped_report(folder: Path, skipped: Sequence[Skip], merge: bool = False) -> Path | None:
-    """``folder/skipped.parquet`` (id, source, reason); ``merge`` keeps rows of earlier jobs (appends)."""
-    path = folder / SKIPPED_REPORT
-    rows = [tuple(s) for s in skipped]
-    if merge and path.is_file():
-        old = pq.read_table(path).to_pylist()
-        rows = list(dict.fromkeys([(r["id"], r["source"], r["reason"]) for r in old] + rows))
-    if not rows:
-        return None
-    table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(SKIPPED_SCHEMA.names)}, schema=SKIPPED_SCHEMA)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def count_items(spec: str) -> int | None:

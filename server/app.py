@@ -51,7 +51,7 @@ from server.schemas import (
     ServiceInfo,
 )
 from server.settings import ServerSettings
-from stair_search.index.reader import Candidate
+from stair_search.index.reader import STORED_FIELDS
 from stair_search.rerank import RERANKERS
 from stair_search.rerank.s3 import classify as classify_image
 from stair_search.retrieve.router import MODES
@@ -346,14 +346,9 @@ def _matches(metadata: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
 def _find(version: IndexVersion, doc_id: str) -> dict:
     """Stored fields of ``doc_id`` through the index's public read API (so deleted documents stay hidden)."""
     index = version.index
-    for position, shard in enumerate(index.shards):
-        row = shard.store.row_of(doc_id)
-        if row is None:
-            continue
-        found = index.documents([Candidate(position, row, 0.0)], ["id", "source", "width", "height", "caption",
-                                                                   "metadata"])
-        if found and found[0] is not None:
-            return found[0]
+    found = index.find(doc_id)
+    if found is not None:
+        return index.documents([found], STORED_FIELDS)[0]
     raise HTTPException(404, f"no document with id '{doc_id[:200]}' in index '{version.name}'")
 
 

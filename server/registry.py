@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from stair_search.encode import Encoder
-from stair_search.index.manifest import MANIFEST, IndexMismatchError
+from stair_search.index.layout import MANIFEST
+from stair_search.index.manifest import IndexMismatchError
 from stair_search.index.reader import Index
 from stair_search.retrieve.router import QueryRouter
 
@@ -107,11 +108,7 @@ class IndexVersion:
 
     def _close(self) -> None:
         """Release Lucene readers and parquet handles (only parts that were opened)."""
-        for shard in self.index.shards:
-            if "sparse" in shard.__dict__:
-                shard.sparse.close()
-            if "store" in shard.__dict__:
-                shard.store.close()
+        self.index.close()
         log.info("closed %s version %d", self.name, self.number)
 
 
@@ -226,5 +223,4 @@ class IndexRegistry:
 def _warm(index: Index) -> None:
     """Open every part now (Lucene searcher, FAISS, parquet), so the swap is instant for requests and the
     old files are no longer needed by the new version."""
-    for shard in index.shards:
-        _ = shard.store, shard.dense, shard.sparse
+    index.warm()

@@ -1,8 +1,15 @@
-"""``stair-search``: demo, index, search, info. Heavy imports live inside the commands."""
+"""``stair-search``: demo, index, search, info. Heavy imports live inside the commands.
+
+A user error (a wrong path, an index that exists, an index another command is changing, a bad option value)
+ends the command with one line on stderr and exit status 1 (:func:`main`); ``--debug`` before the command, or
+``STAIR_SEARCH_DEBUG=1``, shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +59,8 @@ def index(
     metadata_column: Annotated[list[str] | None, typer.Option(help="Column to keep as metadata (repeatable).")]
     = None,
     hash_ids: Annotated[bool, typer.Option(help="Id = SHA-1 of the image bytes (duplicates indexed once).")] = False,
+    wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
+                                            "stopping.")] = False,
 ) -> None:
     """Index images; unreadable ones are skipped and counted by reason (skipped.parquet in the index)."""
     import indexer
@@ -62,7 +71,7 @@ def index(
                             hash_ids=hash_ids)
     summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
                           shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
-                          runner=runner, ray_address=ray_address, resume=resume, options=options)
+                          runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait)
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
 
@@ -112,11 +121,13 @@ def search(
 def delete(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
     ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Ids of the documents to delete.")],
+    wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
+                                            "stopping.")] = False,
 ) -> None:
     """Delete documents from every part of an index (no rebuild); exits 1 if an id was not found."""
     from stair_search.index.writer import delete_documents
 
-    result = delete_documents(index_dir, ids)
+    result = delete_documents(index_dir, ids, wait=wait)
     typer.echo(f"{index_dir}: deleted {len(result.deleted)} document(s)")
     if result.unknown:
         typer.echo(f"not in the index (or deleted before): {', '.join(result.unknown)}", err=True)
@@ -340,5 +351,28 @@ def _open_image(path: Path):
         raise typer.BadParameter(f"cannot read image '{path}': {exc}") from exc
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from stair_search.index.lock import IndexLockedError
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IndexLockedError,
+            ModuleNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``stair-search`` entry point: the commands, with user errors as one line (see the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("STAIR_SEARCH_DEBUG", "") not in ("", "0")
+    if args[:1] == ["--debug"]:
+        debug, args = True, args[1:]
+    try:
+        app(args=args, prog_name="stair-search")
+    except _user_errors() as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"stair-search: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -35,9 +35,9 @@ def index_dir(tmp_path_factory, tiny_encoder):
     items = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     records = [FeatureRecord(id=f"{c}-{s}", source=f"drawn://{c}/{s}", width=64, height=64, caption=f"a {c} {s}")
                for c, s in items]
-    writer = IndexWriter(path, tiny_encoder, shard_size=100)
-    writer.add(records, tiny_encoder.encode_images([draw_shape(c, s) for c, s in items]))
-    writer.close()
+    with IndexWriter(path, tiny_encoder, shard_size=100) as writer:
+        writer.add(records, tiny_encoder.encode_images([draw_shape(c, s) for c, s in items]))
+        writer.commit()
     return path
 
 

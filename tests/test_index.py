@@ -32,10 +32,10 @@ def shape_records():
 
 def build(index_dir, encoder, shard_size=10, **kwargs):
     records, images = shape_records()
-    writer = IndexWriter(index_dir, encoder, shard_size=shard_size, **kwargs)
-    for start in range(0, len(records), 7):  # batches that do not line up with shards
-        writer.add(records[start : start + 7], encoder.encode_images(images[start : start + 7]))
-    return writer.close(), records, images
+    with IndexWriter(index_dir, encoder, shard_size=shard_size, **kwargs) as writer:
+        for start in range(0, len(records), 7):  # batches that do not line up with shards
+            writer.add(records[start : start + 7], encoder.encode_images(images[start : start + 7]))
+        return writer.commit(), records, images
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,12 @@ def test_manifest_records_shards_model_and_counts(built):
     loaded = Manifest.load(index_dir)
     assert loaded.to_dict() == manifest.to_dict()
     assert loaded.count == len(records) == 24
-    assert [s.count for s in loaded.shards] == [10, 10, 4]
+    # One shard-cutting rule: whole batches (7) queue until shard_size (10) is reached: 7 + 7, then 7 + 3.
+    assert [s.count for s in loaded.shards] == [14, 10]
     assert loaded.model["fingerprint"] == encoder.fingerprint
     assert loaded.shards[0].dense["kind"] == "flat"
-    assert not any(p.name.startswith(".shapes") for p in index_dir.parent.iterdir())  # build dir was renamed
+    # The build folder was renamed into place and the mutation lock removed: nothing stays beside the index.
+    assert not any(p.name.startswith(".shapes") for p in index_dir.parent.iterdir())
 
 
 def test_each_image_finds_itself_first_by_dense_and_by_sparse(built):
@@ -111,9 +113,9 @@ def test_existing_index_needs_append_or_overwrite(built, tmp_path):
     with pytest.raises(FileExistsError, match="--append"):
         IndexWriter(tmp_path / "idx", encoder)
     appended, _, _ = build(tmp_path / "idx", encoder, append=True)
-    assert appended.count == 2 * manifest.count and len(Index(tmp_path / "idx").shards) == 6
+    assert appended.count == 2 * manifest.count and Index(tmp_path / "idx").shard_count == 4
     replaced, _, _ = build(tmp_path / "idx", encoder, shard_size=100, overwrite=True)
-    assert replaced.count == manifest.count and len(Index(tmp_path / "idx").shards) == 1
+    assert replaced.count == manifest.count and Index(tmp_path / "idx").shard_count == 1
 
 
 def test_cli_search_prints_json_hits_and_image_queries(built, tmp_path):

@@ -30,12 +30,12 @@ from typer.testing import CliRunner
 import indexer
 from indexer.journal import read_chunk
 from indexer.pipeline import PREFETCH_PER_WORKER
-from indexer.report import SKIPPED_REPORT
 from stair_search.cli import app
 from stair_search.encode import Encoder
+from stair_search.index.layout import DENSE_FILE, FEATURES_FILE, SKIPPED_REPORT, SPARSE_DIR, read_tombstone
 from stair_search.index.manifest import MANIFEST, Manifest
 from stair_search.index.reader import Candidate, Index
-from stair_search.index.writer import DENSE_FILE, FEATURES_FILE, SPARSE_DIR
+from stair_search.index.store import FeatureStore
 from tests.conftest import COLOURS, draw_shape
 
 BACKGROUNDS = ("white", "black", "gray", "pink", "orange")
@@ -43,7 +43,7 @@ SHAPES = ("circle", "square", "triangle")
 DEADLINE_S = 240.0
 JOB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the job processes import this checkout's packages
-CLI = [sys.executable, "-c", "from stair_search.cli import app; app()"]
+CLI = [sys.executable, "-c", "from stair_search.cli import main; main()"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -65,15 +65,18 @@ def index_contents(index_dir: Path) -> dict[str, tuple[np.ndarray, dict[int, flo
     """Every live document's (dense vector, sparse {column: quantised weight}), read from the shard files."""
     import faiss
 
-    index = Index(index_dir)
     contents = {}
-    for shard in index.shards:
-        dense = faiss.read_index(str(shard.dir / DENSE_FILE))
+    for shard in Manifest.load(index_dir).shards:
+        folder = shard.path(index_dir)
+        dense = faiss.read_index(str(folder / DENSE_FILE))
         vectors = dense.reconstruct_n(0, dense.ntotal)
-        indptr, indices, values = (np.load(shard.dir / SPARSE_DIR / f"{part}.npy")
+        indptr, indices, values = (np.load(folder / SPARSE_DIR / f"{part}.npy")
                                    for part in ("indptr", "indices", "values"))
-        for row, doc_id in enumerate(shard.store.ids):
-            if row not in shard.deleted:
+        deleted = set(read_tombstone(folder, shard.deleted, shard.name).tolist())
+        with FeatureStore.open(folder / FEATURES_FILE) as store:
+            ids = store.ids
+        for row, doc_id in enumerate(ids):
+            if row not in deleted:
                 span = slice(indptr[row], indptr[row + 1])
                 contents[doc_id] = (vectors[row], dict(zip(indices[span].tolist(), values[span].tolist(), strict=True)))
     return contents
@@ -469,9 +472,9 @@ def test_cli_append_adds_new_images_and_delete_removes_them_from_every_part(tmp_
     for doc_id in doomed:
         dense_ids, sparse_ids = top_ids(index, doc_id)
         assert len(dense_ids) == 8 and sparse_ids and not set(doomed) & {*dense_ids, *sparse_ids}
-    shard, row = next((s, r) for s, shard in enumerate(index.shards) for r, i in enumerate(shard.store.ids)
-                      if i == doomed[0])
-    assert index.documents([Candidate(shard, row, 1.0)]) == [None]  # the store never hands it out
+    assert index.find(doomed[0]) is None  # the store never hands it out
+    survivor = next(doc_id for doc_id in everything if doc_id not in doomed)
+    assert index.find(survivor) is not None and index.documents([index.find(survivor)])[0]["id"] == survivor
     again = runner.invoke(app, ["delete", str(out), doomed[0]])
     assert again.exit_code == 1 and "deleted 0" in again.output
 

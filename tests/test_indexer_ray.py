@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import indexer
-from indexer.report import SKIPPED_REPORT
+from stair_search.index.layout import SKIPPED_REPORT
 from tests.test_indexer_jobs import JOB_ENV, REPO_ROOT, assert_same_documents, draw_images, index_contents
 
 pytest.importorskip("ray")

@@ -56,9 +56,10 @@ def router(tmp_path_factory, tiny_encoder):
     records = [FeatureRecord(id=f"{c}-{s}", source=f"drawn://{c}/{s}", width=64, height=64, caption=f"a {c} {s}")
                for c, s in items]  # sources are not files: reranking must not need them
     index_dir = tmp_path_factory.mktemp("router") / "shapes"
-    writer = IndexWriter(index_dir, tiny_encoder, shard_size=5)
-    writer.add(records, tiny_encoder.encode_images(images))
-    writer.close()
+    with IndexWriter(index_dir, tiny_encoder, shard_size=5) as writer:
+        for start in range(0, len(records), 5):  # three shards: 5 + 5 + 2
+            writer.add(records[start : start + 5], tiny_encoder.encode_images(images[start : start + 5]))
+        writer.commit()
     return QueryRouter(Index(index_dir), tiny_encoder), images
 
 
@@ -121,10 +122,10 @@ def test_a_query_whose_words_the_model_never_emits_goes_dense_in_auto_and_is_exp
     config = tmp_path / "grounded.json"
     config.write_text(json.dumps(TINY_CONFIG | {"ground_text": True, "emit_tokens": ["red", "blue", "circle"]}))
     encoder = Encoder(create_model(str(config), device="cpu"), batch_size=4)
-    writer = IndexWriter(tmp_path / "index", encoder)
     records = [FeatureRecord(id=f"{c}-{s}", source="", width=64, height=64) for c in ("red", "blue") for s in SHAPES]
-    writer.add(records, encoder.encode_images([draw_shape(c, s) for c in ("red", "blue") for s in SHAPES]))
-    writer.close()
+    with IndexWriter(tmp_path / "index", encoder) as writer:
+        writer.add(records, encoder.encode_images([draw_shape(c, s) for c in ("red", "blue") for s in SHAPES]))
+        writer.commit()
     router = QueryRouter(Index(tmp_path / "index"), encoder)
     assert router.encoder.encode_texts(["xylophone"]).sparse == [{}]
     sparse = router.search(text="xylophone", mode="sparse", k=3)

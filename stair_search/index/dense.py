@@ -191,6 +191,20 @@ class DenseIndex:
         rows[:, :kk] = found_rows
         return scores, rows
 
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        """(n, dim) float32 stored vectors of ``rows`` (exact for flat / HNSW, the PQ approximation for IVF-PQ).
+
+        IVF-PQ needs a direct map (row -> list, offset) before it can reconstruct; it is built once, in memory."""
+        faiss = _faiss()
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        raw = self._cpu_index()
+        ivf = faiss.try_extract_index_ivf(raw) if self.spec.kind == "ivfpq" else None
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()
+        if not len(rows):
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(raw.reconstruct_batch(rows), dtype=np.float32).reshape(len(rows), -1)
+
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change the speed/recall knobs at query time and record them in ``spec.params``.
 

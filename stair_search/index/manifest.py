@@ -1,33 +1,25 @@
 """The index directory's ``manifest.json``: what the index holds and which model it was built with.
 
-Layout of an index directory::
-
-    manifest.json
-    shards/<name>/sparse/{indptr,indices,values}.npy + lucene/   (SparseShard)
-    shards/<name>/dense.faiss                                    (DenseIndex)
-    shards/<name>/features.parquet                               (FeatureStore)
-    shards/<name>/deleted-<id>.npy                               (tombstones: deleted rows, optional)
-
-The manifest is written last and atomically, so a reader sees either the previous complete index or the
-new one. A searcher refuses an encoder whose model or vocabulary differs, saying which.
+The layout of the directory is in index/layout.py. The manifest is written last and atomically, so a reader sees
+either the previous complete index or the new one. A searcher refuses an encoder whose model or vocabulary differs,
+saying which.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stair_search.atomic import atomic_write
+from stair_search.index.layout import MANIFEST, shard_dir
+
 if TYPE_CHECKING:
     from stair_search.encode import Encoder
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARDS = "shards"
 
 
 class IndexMismatchError(ValueError):
@@ -45,7 +37,7 @@ class ShardInfo:
     deleted_count: int = 0
 
     def path(self, index_dir: Path) -> Path:
-        return Path(index_dir) / SHARDS / self.name
+        return shard_dir(index_dir, self.name)
 
     @property
     def live(self) -> int:
@@ -84,14 +76,7 @@ class Manifest:
 
     def save(self, index_dir: Path) -> None:
         """Atomic write: a temp file in the same directory, then rename over the old manifest."""
-        index_dir = Path(index_dir)
-        index_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=index_dir, prefix=".manifest-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, index_dir / MANIFEST)
+        atomic_write(Path(index_dir) / MANIFEST, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, index_dir: Path) -> Manifest:
@@ -99,7 +84,12 @@ class Manifest:
         if not path.is_file():
             raise FileNotFoundError(f"{index_dir} is not a stair-search index: no {MANIFEST} there. "
                                     f"Build one with: stair-search index SOURCE --out {index_dir}")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is damaged ({exc}): restore it from a backup or rebuild the index.") from exc
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} has format v{data['format_version']}; this stair-search reads up to "
                              f"v{FORMAT_VERSION}. Upgrade stair-search.")

@@ -1,10 +1,14 @@
-"""Index: the read side of an index directory. Fans each search out over the shards and merges the lists.
+"""Index: the read side of an index directory, behind public methods only.
 
-Opening checks that every file the manifest promises is there (a deleted file is a clear error, never a
-silently smaller answer), but loads parts lazily: the JVM starts only on the first sparse search, FAISS
-only on the first dense one.
+It fans each search out over the shards and merges the lists, and answers everything else a caller needs about
+documents (``find``, ``documents``, ``vectors``, ``local_features``, ``explain``, ``ids``), so that the router,
+the rerankers, the server and the registry never touch a shard's parts. Opening checks that every file the
+manifest promises is there (a deleted file is a clear error, never a silently smaller answer), but loads parts
+lazily and thread-safely: the JVM starts only on the first sparse search, FAISS only on the first dense one,
+and two requests arriving together open one Lucene searcher, not two (``warm`` opens everything now; ``close``
+releases what was opened).
 
-Deleted documents (tombstones, see ``writer.delete_documents``) stay in the shard files: each shard
+Deleted documents (tombstones, written by ``writer.IndexWriter.delete``) stay in the shard files: each shard
 over-fetches by its number of deleted rows and drops them, so a search still returns k live documents.
 """
 
@@ -12,19 +16,21 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from stair_search.index.dense import DenseIndex, DenseSpec
+from stair_search.index.layout import DENSE_FILE, FEATURES_FILE, SPARSE_DIR, read_tombstone
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
 from stair_search.index.store import FeatureStore
-from stair_search.index.writer import DENSE_FILE, FEATURES_FILE, SPARSE_DIR, delete_documents, read_tombstone
 from stair_search.models.vocab import Vocabulary
+
+STORED_FIELDS = ("id", "source", "width", "height", "caption", "metadata")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class Candidate:
 
 
 class _Shard:
+    """One shard's three parts, each opened on first use (once, under a lock) and checked against the manifest."""
+
     def __init__(self, index_dir: Path, info: ShardInfo, vocabulary: Vocabulary, scale: float):
         self.dir, self.info, self.vocabulary, self.scale = info.path(index_dir), info, vocabulary, scale
         required = [self.dir / DENSE_FILE, self.dir / FEATURES_FILE, *SparseShard.required_files(self.dir / SPARSE_DIR)]
@@ -42,32 +50,48 @@ class _Shard:
         if missing:
             raise FileNotFoundError(f"Index shard {info.name} is incomplete, missing {missing}. Restore the files "
                                     f"or rebuild the index; searching it would silently lose documents.")
-        self.deleted = frozenset(read_tombstone(index_dir, info).tolist())  # loaded now: a later delete replaces it
+        self.deleted = frozenset(read_tombstone(self.dir, info.deleted, info.name).tolist())
+        self._parts: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def fetch_depth(self, k: int) -> int:
         """How many rows to ask this shard for so that k live ones remain after dropping deleted rows."""
         return k + len(self.deleted)
 
-    @cached_property
+    @property
     def store(self) -> FeatureStore:
-        return self._checked(FeatureStore.open(self.dir / FEATURES_FILE))
+        return self._part("store", lambda: FeatureStore.open(self.dir / FEATURES_FILE))
 
-    @cached_property
+    @property
     def dense(self) -> DenseIndex:
-        return self._checked(DenseIndex.load(self.dir / DENSE_FILE, DenseSpec.from_dict(self.info.dense)))
+        return self._part("dense", lambda: DenseIndex.load(self.dir / DENSE_FILE, DenseSpec.from_dict(self.info.dense)))
 
-    @cached_property
+    @property
     def sparse(self) -> SparseShard:
-        with self._lock:  # one Lucene searcher per shard, even if two requests arrive together
-            return self._checked(SparseShard(self.dir / SPARSE_DIR, self.vocabulary, self.scale))
+        return self._part("sparse", lambda: SparseShard(self.dir / SPARSE_DIR, self.vocabulary, self.scale))
 
-    def _checked(self, part):
-        size = len(part) if not isinstance(part, DenseIndex) else part.ntotal
+    def _part(self, name: str, opener: Callable[[], Any]) -> Any:
+        part = self._parts.get(name)
+        if part is None:
+            with self._lock:
+                part = self._parts.get(name)
+                if part is None:
+                    part = self._parts[name] = self._checked(opener())
+        return part
+
+    def _checked(self, part: Any) -> Any:
+        size = part.ntotal if isinstance(part, DenseIndex) else len(part)
         if size != self.info.count:
             raise ValueError(f"Index shard {self.info.name}: {type(part).__name__} holds {size} documents, the "
                              f"manifest says {self.info.count}. The shard is damaged: rebuild the index.")
         return part
+
+    def close(self) -> None:
+        with self._lock:
+            parts, self._parts = self._parts, {}
+        for part in parts.values():
+            if hasattr(part, "close"):
+                part.close()
 
 
 class Index:
@@ -76,28 +100,54 @@ class Index:
         self._load()
 
     def _load(self) -> None:
-        self.manifest = Manifest.load(self.dir)
+        for attempt in range(3):
+            self.manifest = Manifest.load(self.dir)
+            try:
+                self._open_shards()
+                return
+            except FileNotFoundError:
+                # A delete committed between reading the manifest and its tombstones: read the new manifest.
+                if attempt == 2 or Manifest.load(self.dir).to_dict() == self.manifest.to_dict():
+                    raise
+
+    def _open_shards(self) -> None:
         self.vocabulary = Vocabulary.load(self.manifest.vocabulary)
         if self.vocabulary.sha256 != self.manifest.vocabulary_sha256:
             raise ValueError(f"{self.dir} was built with another vocabulary than {self.vocabulary.folder}.")
-        self.shards = [_Shard(self.dir, s, self.vocabulary, self.manifest.scale) for s in self.manifest.shards]
+        self._shards = [_Shard(self.dir, s, self.vocabulary, self.manifest.scale) for s in self.manifest.shards]
 
     def __len__(self) -> int:
         return self.manifest.count
 
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
+    # ---------------------------------------------------------------------------------------------- searching
+
     def search_sparse(self, queries: Sequence[Mapping[str, float]], k: int, threads: int = 1) -> list[list[Candidate]]:
-        per_shard = [shard.sparse.batch_search(queries, shard.fetch_depth(k), threads) for shard in self.shards]
-        return [_merge([[Candidate(s, h.row, h.score) for h in per_shard[s][q] if h.row not in self.shards[s].deleted]
-                        for s in range(len(self.shards))], k)
+        per_shard = [shard.sparse.batch_search(queries, shard.fetch_depth(k), threads) for shard in self._shards]
+        return [_merge([[Candidate(s, h.row, h.score) for h in per_shard[s][q] if h.row not in shard.deleted]
+                        for s, shard in enumerate(self._shards)], k)
                 for q in range(len(queries))]
 
     def search_dense(self, vectors: np.ndarray, k: int) -> list[list[Candidate]]:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        per_shard = [shard.dense.search(vectors, shard.fetch_depth(k)) for shard in self.shards]
+        per_shard = [shard.dense.search(vectors, shard.fetch_depth(k)) for shard in self._shards]
         return [_merge([[Candidate(s, int(r), float(sc)) for sc, r in zip(scores[q], rows[q], strict=True)
-                         if r >= 0 and int(r) not in self.shards[s].deleted]
+                         if r >= 0 and int(r) not in self._shards[s].deleted]
                         for s, (scores, rows) in enumerate(per_shard)], k)
                 for q in range(len(vectors))]
+
+    # ---------------------------------------------------------------------------------------------- documents
+
+    def find(self, doc_id: str) -> Candidate | None:
+        """The live document with this id (score 0), or None."""
+        for position, shard in enumerate(self._shards):
+            row = shard.store.row_of(doc_id)
+            if row is not None and row not in shard.deleted:
+                return Candidate(position, row, 0.0)
+        return None
 
     def documents(self, candidates: Sequence[Candidate], columns: Sequence[str] | None = None) -> list[dict | None]:
         """Stored fields of each candidate, in order (grouped by shard so each parquet is read once).
@@ -106,35 +156,73 @@ class Index:
         """
         out: list[dict | None] = [None] * len(candidates)
         for shard, positions in _by_shard(candidates).items():
-            live = [i for i in positions if candidates[i].row not in self.shards[shard].deleted]
-            rows = self.shards[shard].store.rows([candidates[i].row for i in live], columns) if live else []
+            live = [i for i in positions if candidates[i].row not in self._shards[shard].deleted]
+            rows = self._shards[shard].store.rows([candidates[i].row for i in live], columns) if live else []
             for i, row in zip(live, rows, strict=True):
                 out[i] = row
         return out
 
-    def ids(self) -> list[str]:
-        """Ids of every live document, shard by shard in row order."""
-        return [doc_id for shard in self.shards
-                for row, doc_id in enumerate(shard.store.ids) if row not in shard.deleted]
+    def vectors(self, candidates: Sequence[Candidate]) -> np.ndarray:
+        """(N, D) float32 stored dense embeddings of the candidates, in order (read back from FAISS)."""
+        out = np.zeros((len(candidates), self.manifest.embed_dim), np.float32)
+        for shard, positions in _by_shard(candidates).items():
+            out[positions] = self._shards[shard].dense.reconstruct([candidates[i].row for i in positions])
+        return out
 
-    def delete(self, ids: Sequence[str]) -> int:
-        """Delete documents by id (no rebuild); returns how many were deleted. Unknown ids are ignored:
-        ``writer.delete_documents`` also says which they were. This Index sees the change at once."""
-        result = delete_documents(self.dir, ids)
-        self._load()  # re-read the manifest and tombstones
-        return len(result.deleted)
+    def sparse_vectors(self, candidates: Sequence[Candidate]) -> list[dict[str, float]]:
+        """Stored (de-quantised) sparse vectors of the candidates, in order."""
+        return [self._shards[c.shard].sparse.document_vector(c.row) for c in candidates]
 
     def local_features(self, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         """(N, m, D) local features and (N, m, 2) positions of the candidates, in order."""
         m, dim = self.manifest.num_local, self.manifest.embed_dim
         feats, pos = np.zeros((len(candidates), m, dim), np.float16), np.zeros((len(candidates), m, 2), np.float16)
         for shard, positions in _by_shard(candidates).items():
-            f, p = self.shards[shard].store.local_features([candidates[i].row for i in positions])
+            f, p = self._shards[shard].store.local_features([candidates[i].row for i in positions])
             feats[positions], pos[positions] = f, p
         return feats, pos
 
     def explain(self, candidate: Candidate, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
-        return self.shards[candidate.shard].sparse.explain(candidate.row, query)
+        return self._shards[candidate.shard].sparse.explain(candidate.row, query)
+
+    def ids(self) -> list[str]:
+        """Ids of every live document, shard by shard in row order."""
+        return [doc_id for shard in self._shards
+                for row, doc_id in enumerate(shard.store.ids) if row not in shard.deleted]
+
+    def nonzeros_per_document(self) -> float:
+        """Mean stored sparse non-zeros per document (deleted rows included): the index's sparsity."""
+        counts = [np.diff(shard.sparse.indptr) for shard in self._shards]
+        return float(np.concatenate(counts).mean()) if counts else 0.0
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    def delete(self, ids: Sequence[str], wait: bool = False) -> int:
+        """Delete documents by id (no rebuild; the index's one writer does it under its lock); returns how many
+        were deleted, unknown ids are ignored (``writer.delete_documents`` also says which). This Index sees the
+        change at once."""
+        from stair_search.index.writer import delete_documents
+
+        result = delete_documents(self.dir, ids, wait=wait)
+        self.close()
+        self._load()
+        return len(result.deleted)
+
+    def warm(self) -> None:
+        """Open every part now (Lucene searchers, FAISS, parquet), so that the first request pays nothing."""
+        for shard in self._shards:
+            _ = shard.store, shard.dense, shard.sparse
+
+    def close(self) -> None:
+        """Release the Lucene readers, FAISS indexes and parquet handles opened so far (reopened if used again)."""
+        for shard in self._shards:
+            shard.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _merge(lists: Sequence[Sequence[Candidate]], k: int) -> list[Candidate]:

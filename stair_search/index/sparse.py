@@ -29,6 +29,7 @@ DEFAULT_SCALE = 100.0
 MAX_IMPACT = np.iinfo(np.uint16).max
 LUCENE_DIR = "lucene"
 CSR_FILES = ("indptr", "indices", "values")
+CSR = tuple[np.ndarray, np.ndarray, np.ndarray]  # (indptr, indices, values) of a shard's integer impacts
 
 
 @dataclass
@@ -42,7 +43,7 @@ def quantise(weights: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(np.asarray(weights, dtype=np.float64) * scale), 1, MAX_IMPACT).astype(np.uint16)
 
 
-def to_csr(vectors: Sequence[Mapping[str, float]], vocabulary: Vocabulary, scale: float) -> tuple[np.ndarray, ...]:
+def to_csr(vectors: Sequence[Mapping[str, float]], vocabulary: Vocabulary, scale: float) -> CSR:
     """Token dicts -> (indptr int64, token ids sorted per row, uint16 impacts)."""
     index = vocabulary.index
     indptr = np.zeros(len(vectors) + 1, dtype=np.int64)
@@ -63,7 +64,7 @@ def index_dtype(vocabulary_size: int) -> type[np.unsignedinteger]:
     return np.uint16 if vocabulary_size <= 1 << 16 else np.uint32
 
 
-def concat_csr(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+def concat_csr(parts: Sequence[CSR]) -> CSR:
     """Stack per-batch CSR triples row-wise (batches are converted as they come, so a filling shard never
     holds Python dicts for more than one batch)."""
     offsets = np.cumsum([0] + [int(p[0][-1]) for p in parts])
@@ -71,7 +72,7 @@ def concat_csr(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tu
     return indptr, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
-def write_sparse_shard(shard_dir: Path, csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocabulary: Vocabulary,
+def write_sparse_shard(shard_dir: Path, csr: CSR, vocabulary: Vocabulary,
                        threads: int | None = None) -> None:
     """Write the CSR files and build the Lucene impact index for one shard."""
     shard_dir = Path(shard_dir)

@@ -1,102 +1,268 @@
-"""IndexWriter: encoded batches -> shards (sparse + dense + features) -> a published index directory.
+"""IndexWriter: the one way an index changes (new build, append, overwrite, delete; the indexing job drives it).
 
-A new index is built in a hidden sibling directory and renamed into place when complete, so readers never
-see a half-written index. Appending writes new shards first and then swaps the manifest atomically.
-Deleting documents writes per-shard tombstone files and swaps the manifest (``delete_documents``).
+A writer takes the index's mutation lock (index/lock.py) before it reads the manifest and keeps it until the new
+manifest is in place, so concurrent mutations queue (``wait=True``) or stop at once naming the holder, and no
+mutation ever starts from a manifest another one is about to replace. Under the lock it first removes what an
+interrupted mutation left (layout.leftovers): shards no manifest lists, stray tombstones, temporary files.
+
+New shards are always built in a hidden sibling folder (or the job's own build folder) and become visible only
+at :meth:`IndexWriter.commit`: a new index is renamed into place whole, an append moves its shards in and then
+swaps the manifest. Deletes write fresh per-shard tombstone files that count only once the manifest names them.
+A reader therefore sees the previous complete index or the new one, never a mixture.
+
+One shard-cutting rule: whole batches are queued, and a shard is written as soon as ``shard_size`` documents are
+queued (so a shard holds up to ``shard_size + batch - 1`` documents; a resumed job cuts exactly where the first
+run did, since it replays the same batches).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
+from stair_search.atomic import atomic_path
 from stair_search.encode import EncodedBatch, Encoder
 from stair_search.index.dense import DenseIndex, DenseSpec
-from stair_search.index.manifest import MANIFEST, Manifest, ShardInfo
-from stair_search.index.sparse import DEFAULT_SCALE, concat_csr, to_csr, write_sparse_shard
+from stair_search.index.layout import (
+    DENSE_FILE,
+    FEATURES_FILE,
+    MANIFEST,
+    SPARSE_DIR,
+    building_dir,
+    leftovers,
+    read_tombstone,
+    retired_dir,
+    shard_name,
+    stale_builds,
+    tombstone_name,
+)
+from stair_search.index.lock import IndexLock
+from stair_search.index.manifest import Manifest, ShardInfo
+from stair_search.index.skipped import Skip, write_skipped_report
+from stair_search.index.sparse import CSR, DEFAULT_SCALE, concat_csr, to_csr, write_sparse_shard
 from stair_search.index.store import FeatureRecord, FeatureStore, write_features
-from stair_search.models.vocab import Vocabulary
 
-DENSE_FILE = "dense.faiss"
-FEATURES_FILE = "features.parquet"
-SPARSE_DIR = "sparse"
 # Rows per parquet row group: a lookup reads its whole group, so small groups keep reranking reads cheap
 # (~2 ms instead of ~24 ms for 1,024-row groups) for ~0.25% more disk.
 FEATURE_ROW_GROUP = 128
 
 
+@dataclass
+class DeleteResult:
+    deleted: list[str]  # ids that were live and are now deleted
+    unknown: list[str]  # ids the index does not hold (or that were deleted before)
+
+
 class IndexWriter:
-    def __init__(self, index_dir: str | Path, encoder: Encoder, shard_size: int = 100_000,
-                 dense_spec: DenseSpec | None = None, scale: float = DEFAULT_SCALE, threads: int | None = None,
-                 append: bool = False, overwrite: bool = False):
+    """``with IndexWriter(out, encoder) as writer: writer.add(...); writer.commit()``.
+
+    ``encoder`` None opens an existing index for deletes only. ``append`` adds to an existing index (or builds a
+    new one if there is none); ``overwrite`` replaces one. ``build_dir`` and ``resumed`` are for a resumable job:
+    the folder its shards are built in, and the shards an earlier run of it already wrote (kept, not cleaned up).
+    ``lock``: a lock the caller already holds (the job takes it before reading its journal).
+    """
+
+    def __init__(self, index_dir: str | Path, encoder: Encoder | None = None, *, append: bool = False,
+                 overwrite: bool = False, shard_size: int = 100_000, dense_spec: DenseSpec | None = None,
+                 scale: float = DEFAULT_SCALE, threads: int | None = None, wait: bool = False,
+                 build_dir: Path | None = None, resumed: Sequence[ShardInfo] = (), lock: IndexLock | None = None):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.index_dir = Path(index_dir)
         self.encoder, self.shard_size, self.dense_spec, self.threads = encoder, shard_size, dense_spec, threads
-        if append and (self.index_dir / MANIFEST).is_file():
-            self.manifest = open_for_append(self.index_dir, encoder)
-            self.build_dir = self.index_dir
-        else:
-            check_target(self.index_dir, append, overwrite)
-            self.manifest = new_manifest(encoder, scale)
-            self.build_dir = building_dir(self.index_dir)
-        self._pending: list[tuple[list[FeatureRecord], EncodedBatch]] = []
-        self._pending_count = 0
+        self._own_lock = lock is None
+        self.lock = (lock or IndexLock(self.index_dir, wait=wait)).acquire()
+        try:
+            self.manifest, self.appending = self._start(append, overwrite, scale)
+            self._remove_leftovers([s.name for s in resumed])
+        except BaseException:
+            self._release()
+            raise
+        self._own_build = build_dir is None
+        self.build_dir = Path(build_dir) if build_dir else building_dir(self.index_dir)
+        self.written: list[ShardInfo] = list(resumed)  # shards of this writer, not yet published
+        self._pending: list[tuple[list[FeatureRecord], np.ndarray, CSR]] = []
+        self._retired: list[Path] = []  # tombstone files the committed manifest no longer names
+        self._new_tombstones: list[Path] = []
+        self._edited = False
+        self.committed = False
 
-    def add(self, records: Sequence[FeatureRecord], encoded: EncodedBatch) -> None:
-        """Queue one encoded batch; a shard is written whenever ``shard_size`` documents are queued."""
+    # ------------------------------------------------------------------------------------------ opening
+
+    def _start(self, append: bool, overwrite: bool, scale: float) -> tuple[Manifest, bool]:
+        exists = (self.index_dir / MANIFEST).is_file()
+        if self.encoder is None:  # deletes: the index must exist
+            return Manifest.load(self.index_dir), True
+        if exists and append:
+            manifest = Manifest.load(self.index_dir)
+            manifest.check_encoder(self.encoder)
+            return manifest, True
+        if exists and not overwrite:
+            raise FileExistsError(f"{self.index_dir} already holds an index: pass append=True (--append) to add "
+                                  f"to it or overwrite=True (--overwrite) to replace it.")
+        return new_manifest(self.encoder, scale), False
+
+    def _remove_leftovers(self, keep: Sequence[str]) -> None:
+        """Under the lock nobody else is mid-mutation: whatever an earlier writer left unpublished is stale."""
+        for folder in stale_builds(self.index_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        if not self.appending:
+            return
+        listed = {s.name: s.deleted for s in self.manifest.shards}
+        for path in list(leftovers(self.index_dir, listed, keep)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------ adding
+
+    def add(self, records: Sequence[FeatureRecord], encoded: EncodedBatch) -> ShardInfo | None:
+        """Queue one encoded batch (its local features go into the records); returns the shard it completed."""
         if len(records) != len(encoded):
             raise ValueError(f"{len(records)} records but {len(encoded)} encoded items.")
         records = list(records)
         if encoded.local is not None:
             for record, local, positions in zip(records, encoded.local, encoded.local_positions, strict=True):
                 record.local, record.local_positions = local, positions
-        self._pending.append((records, encoded))
-        self._pending_count += len(records)
-        while self._pending_count >= self.shard_size:
-            self._write_shard(self._take(self.shard_size))
+        csr = to_csr(encoded.sparse, self._vocabulary(), self.manifest.scale)
+        return self.add_quantised(records, encoded.dense, csr)
 
-    def close(self) -> Manifest:
-        """Write what is left, then publish: manifest last (atomic), new index renamed into place."""
-        if self._pending_count:
-            self._write_shard(self._take(self._pending_count))
-        if not self.manifest.shards:
+    def add_quantised(self, records: Sequence[FeatureRecord], dense: np.ndarray, csr: CSR) -> ShardInfo | None:
+        """Queue a batch whose sparse vectors are already the index's integer impacts (a job's spooled chunk)."""
+        if len(records) != len(dense) or len(records) != len(csr[0]) - 1:
+            raise ValueError(f"{len(records)} records, {len(dense)} dense and {len(csr[0]) - 1} sparse vectors.")
+        if records:
+            self._pending.append((list(records), np.asarray(dense), csr))
+        if sum(len(r) for r, _, _ in self._pending) >= self.shard_size:
+            return self.flush()
+        return None
+
+    def flush(self) -> ShardInfo | None:
+        """Write the queued batches as one shard now (in the build folder: not visible before ``commit``)."""
+        if not self._pending:
+            return None
+        records = [r for recs, _, _ in self._pending for r in recs]
+        dense = np.concatenate([d for _, d, _ in self._pending])
+        csr = concat_csr([c for _, _, c in self._pending])
+        name = shard_name(len(self.manifest.shards if self.appending else ()) + len(self.written))
+        shard = write_shard(self.build_dir, name, records, dense, csr, self._vocabulary(), self.dense_spec,
+                            self.threads)
+        self.written.append(shard)
+        self._pending = []
+        return shard
+
+    def _vocabulary(self):
+        if self.encoder is None:
+            raise ValueError(f"{self.index_dir} was opened for deletes only: give the encoder to add documents.")
+        return self.encoder.model.vocabulary
+
+    # ------------------------------------------------------------------------------------------ deleting
+
+    def delete(self, ids: Iterable[str]) -> DeleteResult:
+        """Delete documents by id without a rebuild: their rows go into fresh per-shard tombstone files.
+
+        Why tombstones: a Lucene, FAISS and parquet rewrite per delete would cost a rebuild of the shard. The
+        new files count once ``commit`` swaps the manifest; a kill before that leaves files no manifest names,
+        which the next mutation removes."""
+        if not self.appending:
+            raise ValueError(f"{self.index_dir} is not published yet: nothing to delete from.")
+        pending = list(dict.fromkeys(str(i) for i in ids))
+        deleted: list[str] = []
+        for shard in self.manifest.shards:
+            if not pending:
+                break
+            folder = shard.path(self.index_dir)
+            dead = read_tombstone(folder, shard.deleted, shard.name)
+            rows_here = _live_rows_of(folder, pending, set(dead.tolist()))
+            if not rows_here:
+                continue
+            if shard.deleted:
+                self._retired.append(folder / shard.deleted)
+            all_dead = np.union1d(dead, np.fromiter(rows_here.values(), dtype=np.int64))
+            shard.deleted = _write_tombstone(folder, all_dead)
+            self._new_tombstones.append(folder / shard.deleted)
+            shard.deleted_count = len(all_dead)
+            deleted.extend(rows_here)
+            pending = [i for i in pending if i not in rows_here]
+        self._edited = self._edited or bool(deleted)
+        return DeleteResult(deleted=deleted, unknown=pending)
+
+    # ------------------------------------------------------------------------------------------ publishing
+
+    def commit(self, skipped: Sequence[Skip] = ()) -> Manifest:
+        """Publish everything (the manifest last, atomically) and release the lock. ``skipped``: items a job could
+        not index, kept in the index's ``skipped.parquet``."""
+        self.flush()
+        try:
+            if self.appending:
+                self._publish_into_index(skipped)
+            else:
+                self._publish_new(skipped)
+            for path in self._retired:
+                path.unlink(missing_ok=True)
+            self.committed = True
+            return self.manifest
+        finally:
+            self._release()
+
+    def _publish_new(self, skipped: Sequence[Skip]) -> None:
+        if not self.written:
             raise ValueError("No documents were added: nothing to index.")
+        self.manifest.shards = list(self.written)
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        write_skipped_report(self.build_dir, skipped)
         self.manifest.save(self.build_dir)
-        if self.build_dir != self.index_dir:
-            publish(self.build_dir, self.index_dir)
-        return self.manifest
+        publish(self.build_dir, self.index_dir)
 
-    def abort(self) -> None:
-        """Drop a build that is not going to be published (an append keeps the previous manifest)."""
-        if self.build_dir != self.index_dir:
+    def _publish_into_index(self, skipped: Sequence[Skip]) -> None:
+        known = {s.name for s in self.manifest.shards}
+        for shard in self.written:
+            built, target = shard.path(self.build_dir), shard.path(self.index_dir)
+            if built.exists():  # a resumed job's shard may have been moved in by a publish a kill interrupted
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(built, target)
+        if skipped:
+            write_skipped_report(self.index_dir, skipped, merge=True)
+        new = [s for s in self.written if s.name not in known]
+        if new or self._edited:
+            self.manifest.shards.extend(new)
+            self.manifest.save(self.index_dir)
+        if self._own_build:
             shutil.rmtree(self.build_dir, ignore_errors=True)
 
-    def _take(self, n: int) -> tuple[list[FeatureRecord], list[EncodedBatch]]:
-        records, batches, taken = [], [], 0
-        while taken < n:
-            recs, batch = self._pending.pop(0)
-            if taken + len(recs) > n:  # split the batch: the rest stays queued
-                cut = n - taken
-                self._pending.insert(0, (recs[cut:], _slice(batch, cut, len(recs))))
-                recs, batch = recs[:cut], _slice(batch, 0, cut)
-            records.extend(recs)
-            batches.append(batch)
-            taken += len(recs)
-        self._pending_count -= n
-        return records, batches
+    def abort(self) -> None:
+        """Give up: nothing is published; this writer's unpublished files go (a job keeps its own build folder)."""
+        try:
+            if self._own_build:
+                shutil.rmtree(self.build_dir, ignore_errors=True)
+            for path in self._new_tombstones:  # named by no manifest on disk
+                path.unlink(missing_ok=True)
+        finally:
+            self._release()
 
-    def _write_shard(self, chunk: tuple[list[FeatureRecord], list[EncodedBatch]]) -> None:
-        records, batches = chunk
-        vocab, scale = self.encoder.model.vocabulary, self.manifest.scale
-        csr = concat_csr([to_csr(b.sparse, vocab, scale) for b in batches])
-        shard = write_shard(self.build_dir, shard_name(len(self.manifest.shards)), records,
-                            np.concatenate([b.dense for b in batches]), csr, vocab, self.dense_spec, self.threads)
-        self.manifest.shards.append(shard)
+    def _release(self) -> None:
+        if self._own_lock:
+            self.lock.release()
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if not self.committed:
+            self.abort()
+
+
+def delete_documents(index_dir: str | Path, ids: Iterable[str], wait: bool = False) -> DeleteResult:
+    """Delete documents by id (the writer's ``delete`` + ``commit``): the CLI's and ``Index.delete``'s path."""
+    with IndexWriter(index_dir, wait=wait) as writer:
+        result = writer.delete(ids)
+        writer.commit()
+    return result
 
 
 def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE) -> Manifest:
@@ -109,50 +275,17 @@ def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE) -> Manifest:
     )
 
 
-def open_for_append(index_dir: Path, encoder: Encoder) -> Manifest:
-    """The manifest of an index that ``encoder`` may add to (same model, vocabulary and width)."""
-    manifest = Manifest.load(index_dir)
-    manifest.check_encoder(encoder)
-    return manifest
-
-
-def check_target(index_dir: Path, append: bool, overwrite: bool) -> None:
-    """Refuse to silently replace an existing index."""
-    if (Path(index_dir) / MANIFEST).is_file() and not (append or overwrite):
-        raise FileExistsError(f"{index_dir} already holds an index: pass append=True (--append) to add "
-                              f"to it or overwrite=True (--overwrite) to replace it.")
-
-
-def building_dir(index_dir: Path) -> Path:
-    """Hidden sibling where a new index is built before it is renamed into place."""
-    return index_dir.parent / f".{index_dir.name}.building-{uuid.uuid4().hex[:8]}"
-
-
-def shard_name(position: int) -> str:
-    """Unique even across appends, ordered by creation."""
-    return f"{position:05d}-{uuid.uuid4().hex[:6]}"
-
-
-def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: np.ndarray,
-                csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocabulary: Vocabulary,
+def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: np.ndarray, csr: CSR, vocabulary,
                 dense_spec: DenseSpec | None = None, threads: int | None = None) -> ShardInfo:
     """Write one shard (sparse + dense + features) under ``root/shards/name``; rows = ``records`` order."""
     shard = ShardInfo(name=name, count=len(records), dense={})
-    shard_dir = shard.path(root)
-    write_sparse_shard(shard_dir / SPARSE_DIR, csr, vocabulary, threads=threads)
+    folder = shard.path(root)
+    write_sparse_shard(folder / SPARSE_DIR, csr, vocabulary, threads=threads)
     index = DenseIndex.build(dense, dense_spec)
-    index.save(shard_dir / DENSE_FILE)
+    index.save(folder / DENSE_FILE)
     shard.dense = index.spec.to_dict()
-    write_features(shard_dir / FEATURES_FILE, records, row_group_size=FEATURE_ROW_GROUP)
+    write_features(folder / FEATURES_FILE, records, row_group_size=FEATURE_ROW_GROUP)
     return shard
-
-
-def _slice(batch: EncodedBatch, start: int, stop: int) -> EncodedBatch:
-    def cut(array: np.ndarray | None) -> np.ndarray | None:
-        return None if array is None else array[start:stop]
-
-    return EncodedBatch(dense=batch.dense[start:stop], sparse=batch.sparse[start:stop], local=cut(batch.local),
-                        local_positions=cut(batch.local_positions))
 
 
 def publish(build_dir: Path, index_dir: Path) -> None:
@@ -160,77 +293,20 @@ def publish(build_dir: Path, index_dir: Path) -> None:
     if not index_dir.exists():
         os.replace(build_dir, index_dir)
         return
-    retired = index_dir.parent / f".{index_dir.name}.retired-{uuid.uuid4().hex[:8]}"
+    retired = retired_dir(index_dir)
     os.replace(index_dir, retired)
     os.replace(build_dir, index_dir)
     shutil.rmtree(retired, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------ deleting documents
-
-
-@dataclass
-class DeleteResult:
-    deleted: list[str]  # ids that were live and are now deleted
-    unknown: list[str]  # ids the index does not hold (or that were deleted before)
-
-
-def read_tombstone(index_dir: Path, shard: ShardInfo) -> np.ndarray:
-    """Sorted rows of ``shard`` that are deleted (empty when none); a listed file that is gone is an error."""
-    if not shard.deleted:
-        return np.zeros(0, dtype=np.int64)
-    path = shard.path(index_dir) / shard.deleted
-    if not path.is_file():
-        raise FileNotFoundError(f"Index shard {shard.name}: its tombstone file {path} is missing, so deleted "
-                                f"documents would come back. Restore the file or rebuild the index.")
-    return np.load(path)
-
-
-def delete_documents(index_dir: str | Path, ids: Iterable[str]) -> DeleteResult:
-    """Delete documents by id without a rebuild: their rows go into per-shard tombstone files.
-
-    Why tombstones: a Lucene, FAISS and parquet rewrite per delete would cost a rebuild of the shard. New
-    tombstone files get fresh names and only the atomic manifest swap makes them count, so a reader (or a
-    kill mid-way) sees either the old or the new set of deleted documents; old files are removed afterwards.
-    """
-    index_dir = Path(index_dir)
-    manifest = Manifest.load(index_dir)
-    pending = list(dict.fromkeys(str(i) for i in ids))
-    deleted: list[str] = []
-    retired: list[Path] = []
-    for shard in manifest.shards:
-        if not pending:
-            break
-        dead = read_tombstone(index_dir, shard)
-        rows_here = _live_rows_of(index_dir, shard, pending, set(dead.tolist()))
-        if not rows_here:
-            continue
-        if shard.deleted:
-            retired.append(shard.path(index_dir) / shard.deleted)
-        all_dead = np.union1d(dead, np.fromiter(rows_here.values(), dtype=np.int64))
-        shard.deleted = _write_tombstone(shard.path(index_dir), all_dead)
-        shard.deleted_count = len(all_dead)
-        deleted.extend(rows_here)
-        pending = [i for i in pending if i not in rows_here]
-    if deleted:
-        manifest.save(index_dir)
-        for path in retired:
-            path.unlink(missing_ok=True)
-    return DeleteResult(deleted=deleted, unknown=pending)
-
-
-def _live_rows_of(index_dir: Path, shard: ShardInfo, ids: Sequence[str], dead: set[int]) -> dict[str, int]:
-    with FeatureStore.open(shard.path(index_dir) / FEATURES_FILE) as store:
+def _live_rows_of(shard_dir: Path, ids: Sequence[str], dead: set[int]) -> dict[str, int]:
+    with FeatureStore.open(shard_dir / FEATURES_FILE) as store:
         rows = {doc_id: store.row_of(doc_id) for doc_id in ids}
     return {doc_id: row for doc_id, row in rows.items() if row is not None and row not in dead}
 
 
 def _write_tombstone(shard_dir: Path, rows: np.ndarray) -> str:
-    name = f"deleted-{uuid.uuid4().hex[:8]}.npy"
-    tmp = shard_dir / f".{name}.tmp"
-    with open(tmp, "wb") as f:
+    name = tombstone_name()
+    with atomic_path(shard_dir / name) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(rows, dtype=np.int64))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, shard_dir / name)
     return name

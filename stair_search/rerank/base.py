@@ -55,25 +55,4 @@ def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def candidate_vectors(index, candidates) -> np.ndarray:
     """(N, D) unit float32 global embeddings of ``candidates`` (``reader.Candidate``), read back from FAISS."""
-    out = np.zeros((len(candidates), index.manifest.embed_dim), np.float32)
-    by_shard: dict[int, list[int]] = {}
-    for i, c in enumerate(candidates):
-        by_shard.setdefault(c.shard, []).append(i)
-    for shard, positions in by_shard.items():
-        rows = np.array([candidates[i].row for i in positions], dtype=np.int64)
-        out[positions] = _reconstruct(index.shards[shard].dense, rows)
-    return unit(out)
-
-
-def _reconstruct(dense, rows: np.ndarray) -> np.ndarray:
-    """Stored vectors of ``rows``. DenseIndex has no public reconstruct yet, so this reaches its FAISS index.
-
-    IVF-PQ needs a direct map (row -> list, offset) before it can reconstruct; it is built once, in memory.
-    """
-    import faiss
-
-    raw = dense._cpu_index() if dense._on_gpu else dense._index
-    ivf = faiss.try_extract_index_ivf(raw) if dense.spec.kind == "ivfpq" else None
-    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-        ivf.make_direct_map()
-    return np.asarray(raw.reconstruct_batch(rows), dtype=np.float32).reshape(len(rows), -1)
+    return unit(index.vectors(candidates))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stair_search.data.emoji import data_dir
 from stair_search.demo import index_split, open_dataset
 from stair_search.eval.runner import evaluate
+from stair_search.paths import data_dir
 
 HYBRIDS = ("hybrid-rrf", "hybrid-convex", "auto")
 

@@ -202,7 +202,7 @@ def spread(items: Sequence[str], count: int) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from stair_search.data.emoji import data_dir
+    from stair_search.paths import data_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("index", nargs="?", type=Path, help="Index directory (default: the emoji test split).")

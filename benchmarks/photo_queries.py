@@ -13,9 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from stair_search.data.emoji import data_dir
 from stair_search.data.photos import PHOTOS, photo_id
 from stair_search.demo import index_split, open_dataset
+from stair_search.paths import data_dir
 from stair_search.search import open_router
 
 ROUTES = ("sparse", "dense", "hybrid", "auto")

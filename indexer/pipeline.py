@@ -100,7 +100,7 @@ def _decode_in_worker(item: Item, position: int) -> Decoded:
 def check_not_reimporting_main() -> None:
     """Refuse to run inside a worker process's re-import of the main script (see the module docstring):
     the call comes from the module-level code of a script being run as ``__mp_main__``."""
-    frame = sys._getframe(1)
+    frame = sys._getframe(1)  # noqa: SLF001 - CPython's documented way to read the caller's frame
     while frame is not None:
         if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
             raise RuntimeError(REIMPORTED_MAIN)

@@ -47,7 +47,7 @@ def count_items(spec: str) -> int | None:
     """How many items a source holds, when that is cheap to know (for the ETA); None otherwise."""
     kind = sources.describe(spec)
     if kind == "folder":
-        return sum(1 for _ in sources._images(Path(spec)))
+        return sum(1 for _ in sources.image_files(Path(spec)))
     if kind == "parquet":
         path = Path(spec)
         files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]

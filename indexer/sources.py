@@ -73,7 +73,7 @@ def describe(spec: str) -> str:
     if _BRACES.search(spec) or spec.endswith(".tar"):
         return "webdataset"
     if path.is_dir():
-        return "parquet" if any(path.glob("*.parquet")) and not any(_images(path, limit=1)) else "folder"
+        return "parquet" if any(path.glob("*.parquet")) and not any(image_files(path, limit=1)) else "folder"
     if path.suffix == ".parquet":
         return "parquet"
     if path.suffix.lower() in (".txt", ".csv", ".tsv", ".lst"):
@@ -104,7 +104,8 @@ def _hashed(items: Iterator[Item]) -> Iterator[Item]:
         yield item
 
 
-def _images(root: Path, limit: int | None = None) -> Iterator[Path]:
+def image_files(root: Path, limit: int | None = None) -> Iterator[Path]:
+    """Image files under ``root`` (hidden folders and files skipped), sorted: the fixed order a job numbers."""
     count = 0
     visible = (p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
     for path in sorted(visible):
@@ -117,7 +118,7 @@ def _images(root: Path, limit: int | None = None) -> Iterator[Path]:
 
 def _folder(spec: str, options: SourceOptions) -> Iterator[Item]:
     root = Path(spec)
-    for path in _images(root):
+    for path in image_files(root):
         yield Item(id=path.relative_to(root).as_posix(), source=str(path.absolute()), path=str(path))
 
 

@@ -14,8 +14,8 @@ DEMO_QUERIES = ("dog", "red heart", "smiling face", "flag", "tabby cat", "cup of
 
 def open_dataset(folder: Path | None = None):
     """The emoji data set under the data cache, built on first use (npm packages fetched once)."""
-    from stair_search.data.emoji import data_dir
     from stair_search.eval.datasets.emoji import EmojiDataset, build_emoji_dataset
+    from stair_search.paths import data_dir
 
     folder = folder or data_dir() / "emoji-set"
     try:

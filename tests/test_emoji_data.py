@@ -17,8 +17,8 @@ from stair_search.data.emoji import (
     data_dir,
     fetch_package,
     load_emoji,
-    make_fixture_tarballs,
 )
+from tests.emoji_fixture import make_fixture_tarballs
 
 N = 5
 

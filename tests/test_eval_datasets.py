@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stair_search.data.emoji import load_emoji, make_fixture_tarballs
+from stair_search.data.emoji import load_emoji
 from stair_search.eval.datasets.emoji import (
     COLUMNS,
     SPLITS,
@@ -22,6 +22,7 @@ from stair_search.eval.datasets.emoji import (
 )
 from stair_search.eval.datasets.synthetic import COLOURS, OPPOSITE, make_compositional, write_compositional
 from stair_search.eval.metrics import load_qrels
+from tests.emoji_fixture import make_fixture_tarballs
 
 N_FIXTURE = 40  # 5 real faces + 35 private-use "fixture" emoji, so that every split gets some concepts
 

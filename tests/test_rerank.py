@@ -11,15 +11,16 @@ import pytest
 from typer.testing import CliRunner
 
 from stair_search.cli import app
-from stair_search.rerank import RERANKERS, check_names, make_reranker, wordnet
+from stair_search.query import wordnet
+from stair_search.query.expand import expand_sparse
+from stair_search.query.parse import parse_query
+from stair_search.rerank import RERANKERS, check_names, make_reranker
 from stair_search.rerank.base import RerankInput
 from stair_search.rerank.bsap import balanced_similarity, bsap_scores
 from stair_search.rerank.comclip import ComCLIP, component_weights, compose, entity_subimages, spatial_agreement
-from stair_search.rerank.parse import parse_query
 from stair_search.rerank.s3 import (
     classify,
     default_epsilon,
-    expand_sparse,
     local_centre_scores,
     query_variants,
     rips_component,

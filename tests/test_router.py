@@ -14,9 +14,10 @@ from stair_search.cli import app
 from stair_search.index.reader import Candidate, Index
 from stair_search.index.store import FeatureRecord
 from stair_search.index.writer import IndexWriter
+from stair_search.query.route import KEYWORD_ALPHA, decide
 from stair_search.rerank import RERANKERS
 from stair_search.rerank.base import candidate_vectors
-from stair_search.retrieve.router import KEYWORD_ALPHA, QueryRouter, decide
+from stair_search.retrieve.router import QueryRouter
 from tests.conftest import COLOURS, TINY_CONFIG, draw_shape
 
 SHAPES = ("circle", "square", "triangle")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from stair_search.atomic import atomic_path
 
 KINDS = ("flat", "hnsw", "ivfpq")
 FAISS_MISSING = "FAISS is not installed: pip install 'stair-search[cpu]' (or [gpu] for faiss-gpu)"
@@ -241,18 +242,8 @@ class DenseIndex:
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
         """Write the (CPU) index to ``path`` atomically: a crash leaves the old file or none, never half."""
-        faiss = _faiss()
-        path = Path(path)
-        tmp = Path(str(path) + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            faiss.write_index(self._cpu_index(), str(tmp))
-            with open(tmp, "rb") as handle:  # flush to disk before the rename makes it visible
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            _faiss().write_index(self._cpu_index(), str(tmp))
 
     def nbytes(self) -> int:
         """Size of the serialised index in bytes (what :meth:`save` writes)."""

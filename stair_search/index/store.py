@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import json
 import operator
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from stair_search.atomic import atomic_path
 
 FORMAT_VERSION = 1
 SCHEMA_KEY = b"stair_search"
@@ -57,7 +58,7 @@ class FeatureRecord:
 
 
 def write_features(path: str | Path, records: Sequence[FeatureRecord], row_group_size: int = 1024) -> None:
-    """Write ``records`` to ``path`` atomically (``path.tmp`` then ``os.replace``).
+    """Write ``records`` to ``path`` atomically (stair_search.atomic).
 
     Ids and local-feature shapes are validated before anything touches the disk. Metadata is JSON-encoded
     one row group at a time (so a large shard is never held twice in memory); if that or anything else fails
@@ -70,17 +71,10 @@ def write_features(path: str | Path, records: Sequence[FeatureRecord], row_group
     _check_ids(records)
     num_local, dim = _local_shape(records)
     schema = _schema(num_local, dim)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with pq.ParquetWriter(str(tmp), schema, **_writer_options()) as writer:
-            for start in range(0, len(records), row_group_size):
-                chunk = records[start : start + row_group_size]
-                writer.write_table(_chunk_table(chunk, schema, num_local, dim), row_group_size=row_group_size)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, pq.ParquetWriter(str(tmp), schema, **_writer_options()) as writer:
+        for start in range(0, len(records), row_group_size):
+            chunk = records[start : start + row_group_size]
+            writer.write_table(_chunk_table(chunk, schema, num_local, dim), row_group_size=row_group_size)
 
 
 def _writer_options() -> dict[str, Any]:
@@ -191,15 +185,6 @@ def _fixed_lists(arrays: list[np.ndarray | None], size: int) -> pa.FixedSizeList
         else:
             flat[i] = np.asarray(array, dtype=np.float16).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), type=list_type, mask=pa.array(mask))
-
-
-def _fsync(path: Path) -> None:
-    """Flush the finished temporary file to disk so the rename never publishes a half-written file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------- reading

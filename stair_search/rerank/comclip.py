@@ -5,7 +5,7 @@ circle left of a red square" score alike. ComCLIP scores the image again after a
 sub-images that match each part of the query, weighted by how well they match it.
 
 - Parse the query into entities (noun + attributes) and subject–predicate–object relations
-  (:mod:`stair_search.rerank.parse`: offline rules, no LLM).
+  (:mod:`stair_search.query.parse`: offline rules, no LLM).
 - Entity sub-image (training-free stand-in for the authors' detector boxes): the mean of the candidate's
   ``patches_per_entity`` stored local features most similar to the entity phrase. Predicate sub-image: the
   union of its subject's and object's patches; its key text is the whole relation phrase ("red circle left of
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stair_search.query.parse import ParsedQuery, parse_query
+from stair_search.query.words import FILLER_WORDS, words
 from stair_search.rerank.base import RerankInput, unit
-from stair_search.rerank.parse import STOP_WORDS, ParsedQuery, parse_query, words
 
 WEIGHTINGS = ("normalise", "softmax")
 # predicate -> (axis, sign): the subject's centroid minus the object's, along x (0) or y (1, downwards), times
@@ -135,4 +136,4 @@ class ComCLIP:
 
 def _content(text: str) -> str:
     """A text's words without stop words: "a red circle to the left of a square" -> "red circle left square"."""
-    return " ".join(w for w in words(text) if w not in STOP_WORDS)
+    return " ".join(w for w in words(text) if w not in FILLER_WORDS)

@@ -5,7 +5,7 @@ region that describes the concept more robustly. WordNet also returns unrelated 
 Vietoris–Rips step removes them.
 
 - Synonym set of a concept: the label, its WordNet synonyms (Debian ``wordnet-base`` read with nltk, see
-  :mod:`stair_search.rerank.wordnet`), then any given tags (the data set's CLDR tags); without WordNet and tags,
+  :mod:`stair_search.query.wordnet`), then any given tags (the data set's CLDR tags); without WordNet and tags,
   the label alone. An optional ``synonyms`` callable (e.g. an LLM) replaces WordNet.
 - Embed them; Vietoris–Rips graph at radius ε (an edge when two embeddings are closer than ε, Euclidean on unit
   vectors); keep the largest connected component (0-dimensional persistence at ε; ties: the one holding the
@@ -15,24 +15,24 @@ Vietoris–Rips step removes them.
 
 Uses: (a) zero-shot classification (:func:`classify`, ``stair-search classify``); (b) reranking, the query's own
 space being the query plus variants with one content word replaced by a synonym, mixed with the raw
-similarity by ``weight``; (c) query expansion on the sparse route (:func:`expand_sparse`): synonyms that are
-single word-pieces join the query vector with ``expansion`` x the original word's weight.
+similarity by ``weight``; (c) query expansion on the sparse route (``query.expand.expand_sparse``, with this
+reranker's ``expansion`` weight).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from stair_search.rerank import wordnet
+from stair_search.query import wordnet
+from stair_search.query.expand import SynonymSource
+from stair_search.query.parse import content_words
+from stair_search.query.words import words
 from stair_search.rerank.base import RerankInput, unit
-from stair_search.rerank.parse import content_words, words
-
-SynonymSource = Callable[[str], Sequence[str]]
 
 
 def pairwise_distances(points: np.ndarray) -> np.ndarray:
@@ -120,28 +120,6 @@ def classify(encoder, image, labels: Sequence[str], tags: Mapping[str, Sequence[
         kept = space[rips_component(space, epsilon)]
         scores.append(float(local_centre_scores(image_vector, kept, k)[0]))
     return sorted(zip(labels, scores, strict=True), key=lambda pair: -pair[1])
-
-
-def expand_sparse(query: Mapping[str, float], text: str, vocabulary, expansion: float = 0.3, per_word: int = 3,
-                  source: SynonymSource | None = None) -> tuple[dict[str, float], dict[str, str]]:
-    """The sparse query plus synonym tokens with down-weighted impacts, and {added token: the word it came from}.
-
-    A synonym joins only when it is a single emittable word-piece (a multi-piece word would add generic
-    sub-word pieces); its weight = ``expansion`` x the query's weight for the original word (or the query's
-    largest weight when the word itself is not one of its tokens). Existing tokens are never changed.
-    """
-    expanded, added = dict(query), {}
-    top = max(query.values(), default=1.0)
-    for word in content_words(text):
-        base = query.get(word, top)
-        for synonym in list(source(word) if source else wordnet.synonyms(word, limit=per_word))[:per_word]:
-            ids = vocabulary.token_ids(synonym)
-            if len(ids) != 1 or not bool(vocabulary.emittable[ids[0]]):
-                continue
-            token = vocabulary.tokens[ids[0]]
-            if token not in expanded:
-                expanded[token], added[token] = expansion * base, word
-    return expanded, added
 
 
 @dataclass

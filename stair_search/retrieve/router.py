@@ -1,11 +1,11 @@
 """QueryRouter: encode the query, run the chosen routes over the index, fuse, rerank the top candidates, and
 describe each hit.
 
-The query path: decide the routes (``mode``, or ``auto``: :func:`decide`) -> embed (dense only, cached per router)
-every phrase the rerankers need, and encode the query -> sparse (optionally S^3-expanded) and/or dense search,
-``depth`` candidates each -> fusion (RRF or convex) -> rerankers over the top ``depth`` fused candidates, using
-the vectors stored in the index (never the image files) -> the top k, each hit with its per-route and
-per-reranker score parts.
+The query path: decide the routes (``mode``, or ``auto``: ``query.route.decide``) -> embed (dense only, cached
+per router) every phrase the rerankers need, and encode the query -> sparse (optionally S^3-expanded) and/or
+dense search, ``depth`` candidates each -> fusion (RRF or convex) -> rerankers over the top ``depth`` fused
+candidates, using the vectors stored in the index (never the image files) -> the top k, each hit with its
+per-route and per-reranker score parts.
 
 Reranked order: every requested reranker scores the same candidates (its score lands in ``hit.parts[name]``);
 the final score is RRF over the first-stage order and each reranker's order. A reranker is a refined image-text
@@ -28,20 +28,13 @@ from PIL import Image
 
 from stair_search.encode import EncodedBatch, Encoder
 from stair_search.index.reader import Candidate, Index
+from stair_search.query.route import Decision, decide, without_sparse
 from stair_search.rerank import check_names, make_reranker
 from stair_search.rerank.base import RerankInput, candidate_vectors
-from stair_search.rerank.parse import STOP_WORDS, parse_query, words
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 
 MODES = ("auto", "sparse", "dense", "hybrid")
 FUSIONS = ("rrf", "convex")
-KEYWORD_MAX_WORDS = 3  # "red car", "grinning face": a few words and no function words lean sparse
-# How far keyword queries lean sparse: the convex weight of the sparse route, for a model that does not set its
-# own (StairConfig.keyword_alpha). Tuned for stair-tiny on the emoji val split (test concepts unseen): sparse
-# alone lost to every hybrid there (tag nDCG@10 19.4 vs 29.3 at 0.7).
-KEYWORD_ALPHA = 0.7
-NO_SPARSE_TOKENS = ("none of the query's word-pieces is one the model emits, so the sparse route matches "
-                    "nothing")
 PHRASE_CACHE_SIZE = 10_000
 FIRST_STAGE = "first-stage"  # the fused order, one of the lists the reranked order is fused from
 
@@ -71,57 +64,6 @@ class SearchResponse:
     hits: list[SearchHit]
     query_tokens: dict[str, float] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=dict)  # {"mode", "rerank", "reason"} (+ "expanded" for S^3)
-
-
-@dataclass(frozen=True)
-class Decision:
-    mode: str
-    rerank: tuple[str, ...]
-    reason: str
-    fusion: str | None = None  # set when the rule picks the fusion too (else the request's)
-    alpha: float | None = None
-    note: str | None = None  # what the user should know about this query's result (e.g. an empty sparse route)
-
-    def to_dict(self) -> dict[str, Any]:
-        chosen = {"fusion": self.fusion, "alpha": self.alpha} if self.fusion else {}
-        return {"mode": self.mode, "rerank": list(self.rerank), "reason": self.reason} | chosen | (
-            {"note": self.note} if self.note else {})
-
-
-def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = KEYWORD_ALPHA) -> Decision:
-    """The ``auto`` routing rule, from the query alone.
-
-    - an image (with or without text) -> dense: appearance lives in the dense space;
-    - a relational phrase ("a red circle left of a blue square", "a man holding a cup") -> hybrid + ComCLIP,
-      the reranker that reads who is where;
-    - a short keyword-like query (at most 3 words, no function words) -> hybrid leaning sparse (convex,
-      alpha = ``keyword_alpha``, the model's ``StairConfig.keyword_alpha``, tuned on the val split): exact word
-      matches are what the user typed and the sparse route says which
-      matched, while the dense route rescues the images whose words the sparse head missed;
-    - anything longer (descriptive) -> hybrid.
-    """
-    if image is not None:
-        return Decision("dense", (), "image query: compared by appearance in the dense space")
-    if not text or not text.strip():
-        raise ValueError("A query needs a text, an image, or both.")
-    parsed = parse_query(text)
-    if parsed.relations:
-        subject, predicate, obj = parsed.triples()[0]
-        return Decision("hybrid", ("comclip",),
-                        f"relational phrase ({subject!r} {predicate} {obj!r}): hybrid + compositional reranker")
-    tokens = words(text)
-    if len(tokens) <= KEYWORD_MAX_WORDS and not STOP_WORDS.intersection(tokens):
-        return Decision("hybrid", (), f"keyword-like query ({len(tokens)} word(s), no function words): "
-                        f"hybrid, sparse weight {keyword_alpha}", fusion="convex", alpha=keyword_alpha)
-    return Decision("hybrid", (), f"descriptive query ({len(tokens)} words)")
-
-
-def _without_sparse(decision: Decision, chosen_by_auto: bool) -> Decision:
-    """A text query with an empty sparse vector (its words are none the model learnt to emit): ``auto`` goes
-    dense instead of searching a route that cannot match; a requested mode runs as asked, with a note."""
-    if chosen_by_auto:
-        return replace(decision, mode="dense", fusion=None, alpha=None, note=f"{NO_SPARSE_TOKENS}: dense only")
-    return replace(decision, note=f"{NO_SPARSE_TOKENS}: try mode dense, hybrid or auto")
 
 
 class QueryRouter:
@@ -187,7 +129,7 @@ class QueryRouter:
         query = self.encode_query(text, image)
         query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
         if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
-            decision = _without_sparse(decision, chosen_by_auto=mode == "auto")
+            decision = without_sparse(decision, chosen_by_auto=mode == "auto")
         fused = self._retrieve(query, query_sparse, decision.mode, k, depth, fusion, alpha, rrf_k, bool(names))
         if names:
             fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
@@ -202,7 +144,7 @@ class QueryRouter:
         s3 = self.rerankers["s3"]
         if "s3" not in names or not text or mode not in ("sparse", "hybrid") or not s3.expansion:
             return query_sparse, {}
-        from stair_search.rerank.s3 import expand_sparse
+        from stair_search.query.expand import expand_sparse
 
         return expand_sparse(query_sparse, text, self.index.vocabulary, s3.expansion, source=s3.source)
 

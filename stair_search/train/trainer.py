@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from stair_search import DEFAULT_MODEL
+from stair_search.atomic import atomic_path
 from stair_search.images import to_rgb
 from stair_search.models import StairModel, TowerOutput, save_checkpoint
 from stair_search.models.factory import build_model, resolve_config
@@ -313,10 +314,8 @@ def _cached_images(model: StairModel, paths: Sequence[str], folder: Path) -> tor
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     images = _load_images(model, paths)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(images, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(images, tmp)
     return images
 
 

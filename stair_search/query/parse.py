@@ -12,8 +12,9 @@ relation phrase give a triple. "and" or a comma separates entities without a rel
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+from stair_search.query.words import FILLER_WORDS, tokens
 
 # phrase as written -> canonical predicate
 PREDICATES: dict[str, str] = {
@@ -28,14 +29,9 @@ PREDICATES: dict[str, str] = {
 }
 SPATIAL = ("left of", "right of", "above", "below", "under", "on")
 SEPARATORS = {"and", ","}
-STOP_WORDS = {
-    "a", "an", "the", "some", "this", "that", "these", "those", "is", "are", "was", "be", "there", "its", "it",
-    "of", "to", "for", "at", "by", "from", "as", "photo", "picture", "image",
-}
 COLOURS = {"red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown", "grey",
            "gray", "gold", "silver"}
 SIZES = {"big", "small", "large", "tiny", "little", "huge", "tall", "short", "long"}
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|,")
 _PHRASES = sorted(((tuple(p.split()), c) for p, c in PREDICATES.items()), key=lambda pc: -len(pc[0]))
 
 
@@ -72,15 +68,10 @@ class ParsedQuery:
                 for r in self.relations]
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased words (and commas, which separate entities)."""
-    return _WORD.findall(text.lower())
-
-
 def content_words(text: str) -> list[str]:
     """Words that are neither stop words nor relation phrases nor separators: what a query is about."""
     relation_words = {w for phrase, _ in _PHRASES for w in phrase}
-    return [w for w in words(text) if w not in STOP_WORDS and w not in SEPARATORS and w not in relation_words]
+    return [w for w in tokens(text) if w not in FILLER_WORDS and w not in SEPARATORS and w not in relation_words]
 
 
 def parse_query(text: str) -> ParsedQuery:
@@ -89,12 +80,12 @@ def parse_query(text: str) -> ParsedQuery:
     segment: list[str] = []
     pending: str | None = None  # a predicate waiting for its object
     subject: int | None = None
-    tokens, i = words(text), 0
-    while i <= len(tokens):
-        match = _match_predicate(tokens, i) if i < len(tokens) else None
-        boundary = i == len(tokens) or match is not None or tokens[i] in SEPARATORS
+    found, i = tokens(text), 0
+    while i <= len(found):
+        match = _match_predicate(found, i) if i < len(found) else None
+        boundary = i == len(found) or match is not None or found[i] in SEPARATORS
         if not boundary:
-            segment.append(tokens[i])
+            segment.append(found[i])
             i += 1
             continue
         entity = _entity(segment)
@@ -110,7 +101,7 @@ def parse_query(text: str) -> ParsedQuery:
             i += match[0]
         else:
             pending = None
-            if i < len(tokens):
+            if i < len(found):
                 subject = None  # "and" / "," ends the relation chain
             i += 1
     return parsed
@@ -124,7 +115,7 @@ def _match_predicate(tokens: list[str], i: int) -> tuple[int, str] | None:
 
 
 def _entity(segment: list[str]) -> Entity | None:
-    content = [w for w in segment if w not in STOP_WORDS]
+    content = [w for w in segment if w not in FILLER_WORDS]
     if not content:
         return None
     return Entity(noun=content[-1], attributes=tuple(content[:-1]))

@@ -17,6 +17,9 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from stair_search.atomic import atomic_path, atomic_write
+from stair_search.paths import wordnet_dir
+
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 FILES = ("data.adj", "data.adv", "data.noun", "data.verb", "index.adj", "index.adv", "index.noun", "index.verb",
          "adj.exc", "adv.exc", "noun.exc", "verb.exc", "cntlist.rev", "index.sense")
@@ -71,9 +74,7 @@ def _offline_reader_class(base: type) -> type:
 
 
 def _prepare_folder(source: Path) -> Path:
-    from stair_search.data.emoji import data_dir
-
-    folder = data_dir() / "wordnet"
+    folder = wordnet_dir()
     with _lock:
         folder.mkdir(parents=True, exist_ok=True)
         for name in FILES:
@@ -82,17 +83,14 @@ def _prepare_folder(source: Path) -> Path:
         lexnames = folder / "lexnames"
         if not lexnames.exists():
             lines = [f"{i:02d}\t{name}\t{_CATEGORY[name.split('.')[0]]}" for i, name in enumerate(LEXNAMES)]
-            tmp = folder / f"lexnames.{os.getpid()}.tmp"
-            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            tmp.replace(lexnames)
+            atomic_write(lexnames, "\n".join(lines) + "\n")
     return folder
 
 
 def _copy(source: Path, dest: Path) -> None:
     """Copy through a temporary name, so a reader never sees half a file."""
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def synonyms(term: str, limit: int = 8, senses: int = 3, pos: str | None = None) -> list[str]:

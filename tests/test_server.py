@@ -612,3 +612,16 @@ def test_more_searches_than_the_in_flight_cap_answer_503_not_a_growing_queue(reg
         for worker in workers:
             worker.join()
     assert statuses == [503, 200]
+
+
+def test_a_list_field_given_both_in_the_json_request_and_as_a_form_field_is_merged_not_a_500(client):
+    image = png_bytes(draw_shape("red", "circle"))
+    response = client.post("/search", files={"image": ("q.png", image, "image/png")},
+                           data={"request": '{"query": "red", "rerank": "bsap", "mode": "dense", "k": 2}',
+                                 "rerank": "ssp"})
+    assert response.status_code == 200, response.text
+    assert response.json()["decision"]["rerank"] == ["bsap", "ssp"]
+    labels = client.post("/classify", files={"image": ("q.png", image, "image/png")},
+                         data={"request": '{"labels": "red circle"}', "labels": "blue square"})
+    assert labels.status_code == 200, labels.text
+    assert {entry["label"] for entry in labels.json()["labels"]} == {"red circle", "blue square"}

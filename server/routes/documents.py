@@ -1,0 +1,41 @@
+"""``GET /documents/{id}`` and ``GET /thumbnails/{id}``: stored fields and thumbnails, looked up by id only
+(no client path is ever opened)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from server.schemas import Document
+from server.state import State, authorized, find_document, thumbnail_url
+
+router = APIRouter(tags=["documents"], dependencies=[Depends(authorized)])
+
+
+@router.get("/documents/{doc_id:path}", response_model=Document)
+def document(state: State, doc_id: str, index: str | None = None) -> Document:
+    """Stored fields of one document of the index (looked up by id only)."""
+    version = state.checkout(index)
+    try:
+        row = find_document(version, doc_id)
+    finally:
+        version.release()
+    return Document(id=row["id"], index=version.name, caption=row.get("caption") or "",
+                    metadata=row.get("metadata") or {}, width=row["width"], height=row["height"],
+                    thumbnail=thumbnail_url(version.name, row["id"]))
+
+
+@router.get("/thumbnails/{doc_id:path}", responses={200: {"content": {"image/png": {}}}})
+def thumbnail(state: State, doc_id: str, index: str | None = None,
+              size: Annotated[int | None, Query(ge=16, le=512, description="pixels (default: the server's setting)")]
+              = None) -> Response:
+    """A PNG thumbnail made from the image the index stored for this id; no client path is ever opened."""
+    version = state.checkout(index)
+    try:
+        row = find_document(version, doc_id)
+        data = state.thumbnail(version, row, size or state.settings.thumbnail_size)
+    finally:
+        version.release()
+    return Response(data, media_type="image/png",
+                    headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})

@@ -1,0 +1,110 @@
+"""ServiceState: what every route of one app shares, in one object (``app.state.service``), nothing process-wide.
+
+The index registry, the settings, the metrics, the search thread pool with its in-flight cap, and the thumbnail
+cache (per app, keyed by index version and the source file's state, so a changed file is never served stale).
+Routes reach it through :func:`service`, a FastAPI dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Depends, HTTPException, Request
+
+from server.imaging import source_state, stored_image, thumbnail_png
+from server.limits import require_api_key
+from server.metrics import Metrics
+from server.registry import IndexRegistry, IndexVersion
+from server.settings import ServerSettings
+from stair_search.index.reader import STORED_FIELDS
+
+THUMBNAIL_CACHE_SIZE = 2048
+
+
+@dataclass
+class ServiceState:
+    registry: IndexRegistry
+    settings: ServerSettings
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        self.limits = self.settings.limits
+        self.pool = ThreadPoolExecutor(max_workers=self.settings.search_threads, thread_name_prefix="search")
+        self.in_flight = asyncio.Semaphore(self.limits.max_in_flight)
+        self.check_api_key = require_api_key(self.settings.api_key)
+        self._thumbnails = functools.lru_cache(maxsize=THUMBNAIL_CACHE_SIZE)(self._make_thumbnail)
+
+    def refuse_when_busy(self, what: str) -> None:
+        """503 instead of an ever-growing queue when clients send more than the server can run."""
+        if self.in_flight.locked():
+            raise HTTPException(503, f"the server is busy ({self.limits.max_in_flight} {what}es in flight); retry "
+                                     f"shortly", headers={"Retry-After": "1"})
+
+    async def run_limited(self, function: Callable[[], Any], what: str) -> Any:
+        """Run blocking work on the search pool; 504 past the timeout (the work itself finishes in the
+        background and releases what it holds)."""
+        async with self.in_flight:
+            future = asyncio.get_running_loop().run_in_executor(self.pool, function)
+            try:
+                return await asyncio.wait_for(future, self.limits.search_timeout_s)
+            except TimeoutError as exc:
+                raise HTTPException(504, f"{what} took longer than {self.limits.search_timeout_s} s") from exc
+
+    def checkout(self, name: str | None) -> IndexVersion:
+        """The current version of ``name`` with one lease taken; the worker that uses it releases it."""
+        try:
+            with self.registry.lease(name) as version:
+                version.acquire()
+            return version
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from exc
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def thumbnail(self, version: IndexVersion, row: dict, size: int) -> bytes:
+        source = row["source"]
+        return self._thumbnails(version.name, version.number, row["id"], source, source_state(source), size)
+
+    def _make_thumbnail(self, index: str, number: int, doc_id: str, source: str, state: tuple | None,
+                        size: int) -> bytes:
+        """PNG thumbnail (``index``, ``number`` and ``state`` are only cache keys)."""
+        try:
+            return thumbnail_png(stored_image(source, self.limits.max_source_pixels), size)
+        except (FileNotFoundError, KeyError, OSError) as exc:
+            raise HTTPException(404, f"no thumbnail for '{doc_id[:200]}': {exc}") from exc
+
+
+def service(request: Request) -> ServiceState:
+    """FastAPI dependency: the app's shared state."""
+    return request.app.state.service
+
+
+def authorized(request: Request) -> None:
+    """FastAPI dependency: the API key check of this app's settings."""
+    service(request).check_api_key(request)
+
+
+def find_document(version: IndexVersion, doc_id: str) -> dict:
+    """Stored fields of ``doc_id`` through the index's public read API (so deleted documents stay hidden)."""
+    found = version.index.find(doc_id)
+    if found is not None:
+        return version.index.documents([found], STORED_FIELDS)[0]
+    raise HTTPException(404, f"no document with id '{doc_id[:200]}' in index '{version.name}'")
+
+
+def thumbnail_url(index: str, doc_id: str) -> str:
+    return f"/thumbnails/{quote(doc_id, safe='')}?index={quote(index, safe='')}"
+
+
+def document_url(index: str, doc_id: str) -> str:
+    return f"/documents/{quote(doc_id, safe='')}?index={quote(index, safe='')}"
+
+
+State = Annotated[ServiceState, Depends(service)]  # a route's parameter ``state: State`` receives the app's state

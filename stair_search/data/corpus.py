@@ -18,7 +18,7 @@ Sources (see :data:`SOURCES` for the pinned versions):
 Splits, and why evaluation concepts stay unseen:
 
 * an emoji's concept is its emoji-datasource code (``1F600``) whatever the style or set that drew it, and its split
-  is :func:`~stair_search.eval.datasets.emoji.split_of` of that code: the rule of the evaluation set, so a test
+  is :func:`~stair_search.data.splits.split_of` of that code: the rule of the evaluation set, so a test
   emoji is test in every style and icon set;
 * a UI icon's concept is ``"<source>:<name>"``; an icon whose name or alias equals (ignoring case and
   punctuation) the label or name of a val / test emoji is dropped, since "cat" drawn by Lucide would teach the
@@ -49,7 +49,7 @@ from PIL import Image
 from stair_search.data.emoji import ALL_STYLES, PACKAGES, Emojibase, fetch_package, load_emoji, strip_fe0f
 from stair_search.data.folders import building as building_folder
 from stair_search.data.folders import check_replaceable
-from stair_search.eval.datasets.emoji import SPLITS, caption_for, split_of
+from stair_search.data.splits import SPLITS, caption_for, split_of
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ Files under ``out_dir``: ``records.parquet``, ``images/<style>/<code>.png``, ``q
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,38 +37,15 @@ from typing import Any
 from stair_search.data.emoji import PACKAGES, STYLES, EmojiRecord, load_emoji
 from stair_search.data.folders import building as building_folder
 from stair_search.data.folders import check_replaceable
+from stair_search.data.splits import DEFAULT_FRACTIONS, SPLITS, caption_for, normalise_text, split_of
 from stair_search.eval.metrics import load_qrels, load_queries, write_qrels, write_queries
 
-SPLITS = ("train", "val", "test")
 QUERY_KINDS = ("label", "tag")
 QRELS_STYLES = (*STYLES, "all")
-DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test
 TAG_MIN_CONCEPTS, TAG_MAX_CONCEPTS = 3, 50
 IMAGE_SIZE = 64
 COLUMNS = ("id", "style", "hexcode", "concept", "split", "image_path", "label", "tags", "group", "caption")
 _SUMMARY = "summary.json"
-
-
-def split_of(concept: str, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
-    """The split of ``concept``: a hash of ``(seed, concept)`` mapped to [0, 1) and cut at the fractions."""
-    digest = hashlib.sha256(f"{seed}:{concept}".encode()).digest()
-    point = int.from_bytes(digest[:8], "big") / 2**64
-    edge = 0.0
-    for name, fraction in zip(SPLITS, fractions, strict=True):
-        edge += fraction
-        if point < edge:
-            return name
-    return SPLITS[-1]  # rounding of fractions that sum to 1
-
-
-def caption_for(label: str, tags: Sequence[str]) -> str:
-    """Training text: the label, then the tags that add something to it, e.g. ``"grinning face, face, grin"``."""
-    extra = [tag for tag in dict.fromkeys(tags) if _normalise(tag) != _normalise(label)]
-    return ", ".join([label, *extra])
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -110,7 +86,7 @@ def label_queries(records: Sequence[Mapping[str, Any]], split: str, styles: Sequ
     by_label: dict[str, list[Mapping[str, Any]]] = {}
     texts: dict[str, str] = {}
     for record in sorted(records, key=lambda r: (r["concept"], r["style"])):
-        key = _normalise(record["label"])
+        key = normalise_text(record["label"])
         texts.setdefault(key, record["label"])
         by_label.setdefault(key, []).append(record)
     qids = {key: f"{split}-label-{i:05d}" for i, key in enumerate(by_label)}
@@ -124,8 +100,8 @@ def tag_queries(records: Sequence[Mapping[str, Any]], split: str, styles: Sequen
     concepts_by_tag: dict[str, set[str]] = {}
     for record in records:
         for tag in record["tags"]:
-            if _normalise(tag):
-                concepts_by_tag.setdefault(_normalise(tag), set()).add(record["concept"])
+            if normalise_text(tag):
+                concepts_by_tag.setdefault(normalise_text(tag), set()).add(record["concept"])
     dropped = {"fewer than 3 concepts": 0, "more than 50 concepts": 0, "same text as a label query": 0}
     kept: dict[str, list[Mapping[str, Any]]] = {}
     for tag in sorted(concepts_by_tag):
@@ -148,7 +124,7 @@ def split_queries(records: Sequence[Mapping[str, Any]], split: str, styles: Sequ
     """Label and tag queries of ``split`` (records of other splits are ignored)."""
     in_split = [r for r in records if r["split"] == split]
     labels = label_queries(in_split, split, styles)
-    tags = tag_queries(in_split, split, styles, {_normalise(text) for text in labels.queries.values()})
+    tags = tag_queries(in_split, split, styles, {normalise_text(text) for text in labels.queries.values()})
     return {"label": labels, "tag": tags}
 
 

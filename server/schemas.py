@@ -143,6 +143,7 @@ class IndexInfo(BaseModel):
     version: int
     opened: str
     created: str
+    sparse: str = "heads"  # how its sparse vectors were made: heads (trained), concepts (training-free) or none
 
 
 class ServiceInfo(BaseModel):

@@ -17,6 +17,12 @@ import typer
 
 from stair_search import DEFAULT_MODEL
 
+SPARSE_NOTES = {  # what a user is told when an index's sparse vectors do not come from trained STAIR heads
+    "concepts": "this model has no trained sparse heads: its sparse vectors are training-free (each image's "
+                "calibrated similarity to the vocabulary's words, models/concepts.py)",
+    "none": "this index has no sparse vectors: sparse search finds nothing; use --mode dense",
+}
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sparse (STAIR / Lucene) + dense (FAISS) image search.")
 
@@ -74,6 +80,8 @@ def index(
                           runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait)
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
+    if summary.manifest.sparse != "heads":
+        typer.echo(f"note: {SPARSE_NOTES[summary.manifest.sparse]}", err=True)
 
 
 @app.command()
@@ -110,6 +118,8 @@ def search(
                    f"({response.decision['reason']})")
     if "note" in response.decision:
         typer.echo(f"note: {response.decision['note']}", err=True)
+    if response.mode != "dense" and router.index.manifest.sparse != "heads":
+        typer.echo(f"note: {SPARSE_NOTES[router.index.manifest.sparse]}", err=True)
     if as_json:
         for hit in response.hits:
             typer.echo(json.dumps(hit.to_dict()))
@@ -159,6 +169,8 @@ def train(
                                                    "frozen (e.g. grounded,text for a pretrained tower).")] = "",
     stop_after: Annotated[int | None, typer.Option(min=1, help="Early stop: end after this many epochs of the "
                                                               "schedule, keeping its learning-rate curve.")] = None,
+    heads_only: Annotated[bool, typer.Option(help="Train only the sparse heads of a pretrained dual encoder (its "
+                                                  "towers and dense space stay as they are).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its train-state.pt.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -171,7 +183,8 @@ def train(
         raise typer.BadParameter(f"--epochs takes three numbers (grounded,text,joint), got '{epochs}'")
     config = TrainConfig(model=model, epochs=stages, batch_size=batch_size, lr=lr, flops=flops,
                          ground_text=ground_text, seed=seed,
-                         tower_frozen=tuple(s for s in tower_frozen.split(",") if s), stop_after=stop_after)
+                         tower_frozen=tuple(s for s in tower_frozen.split(",") if s), stop_after=stop_after,
+                         heads_only=heads_only)
     training_pairs = [pair for path in pairs for pair in load_pairs(path)]
     result = run_training(training_pairs, out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
                           on_epoch=lambda e: typer.echo(

@@ -25,10 +25,11 @@ def open_dataset(folder: Path | None = None):
 
 
 def index_split(dataset, split: str, out: Path, model: str, styles: Sequence[str] | None = None,
-                photos: bool = False):
+                photos: bool = False, encoder=None):
     """Index one split of the emoji data set with the public indexing job: ids are the records' ids (the ones
     the qrels name), captions their CLDR labels, metadata their tags, group and style. ``photos`` adds
-    scikit-image's real sample photos (``photo/<name>`` ids, group "Photos")."""
+    scikit-image's real sample photos (``photo/<name>`` ids, group "Photos"); ``encoder``: an Encoder to index
+    with instead of loading ``model``."""
     import indexer
     from indexer.sources import SourceOptions
 
@@ -37,7 +38,8 @@ def index_split(dataset, split: str, out: Path, model: str, styles: Sequence[str
     split_file = dataset.write_split(split, styles)
     if photos:
         split_file = _with_photos(split_file, dataset.root / "photos")
-    return indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False)
+    return indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False,
+                       encoder=encoder)
 
 
 def _with_photos(split_file: Path, photo_dir: Path) -> Path:

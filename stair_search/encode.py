@@ -7,6 +7,7 @@ batch gives the same vectors as its items encoded one by one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +19,10 @@ from PIL import Image
 
 from stair_search.images import to_rgb
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
+from stair_search.models.concepts import ConceptBank, query_vector
 from stair_search.models.heads import top_k_sparse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,14 +40,19 @@ class Encoder:
     """Wraps a StairModel with batching, preprocessing and conversion to numpy / token dicts."""
 
     def __init__(self, model: StairModel | str = DEFAULT_MODEL, batch_size: int = 32,
-                 device: str | None = None, pretrained: str | None = None, accelerate: bool = True):
+                 device: str | None = None, pretrained: str | None = None, accelerate: bool = True,
+                 concept_reference: Sequence[Image.Image] | None = None):
         """``accelerate``: encode images through the tower's faster inference copy where it has one (a CNN on
         CPU: batch norm folded, channels-last), a snapshot taken at the first image batch; the model's weights
-        must not change after that (an Encoder is for inference; training builds a new one to validate)."""
+        must not change after that (an Encoder is for inference; training builds a new one to validate).
+        ``concept_reference``: the images that calibrate training-free sparse vectors (``sparse_source``
+        "concepts", models/concepts.py; default scikit-image's sample photos)."""
         self.model = model if isinstance(model, StairModel) else create_model(model, pretrained, device)
         self.batch_size = batch_size
         self.device = next(self.model.parameters()).device
         self._fast_tower: Callable | bool | None = None if accelerate else False  # False: none (or not wanted)
+        self.concept_reference = list(concept_reference) if concept_reference is not None else None
+        self._concepts: ConceptBank | None = None
 
     def __getstate__(self) -> dict:
         """Pickled (to Ray, to worker processes) without the accelerated copy: it is rebuilt where it runs, for
@@ -52,6 +61,36 @@ class Encoder:
         if state.get("_fast_tower"):
             state["_fast_tower"] = None
         return state
+
+    @property
+    def sparse_source(self) -> str:
+        """Where this encoder's sparse vectors come from: "heads", "concepts" (training-free) or "none"."""
+        return self.model.sparse_source
+
+    def concepts(self) -> ConceptBank:
+        """The model's concept bank (training-free sparse vectors), from its cache file or built once (minutes
+        for a large text tower on CPU) and cached."""
+        if self._concepts is None:
+            from stair_search.models.concepts import cache_name, reference_images
+            from stair_search.paths import concepts_dir
+
+            path = concepts_dir() / cache_name(self.fingerprint, self.concept_reference)
+            bank = ConceptBank.load(path, self.model.vocabulary)
+            if bank is None:
+                reference = self.concept_reference or reference_images()
+                log.info("building the concept bank of %s (once; cached in %s)", self.name, path)
+                bank = ConceptBank.build(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256),
+                                         self._dense_only(reference))
+                bank.save(path)
+            self._concepts = bank
+        return self._concepts
+
+    @torch.inference_mode()
+    def _dense_only(self, images: Sequence[Image.Image]) -> np.ndarray:
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        return np.concatenate([F.normalize(self.model.encode_image(pixels[i : i + self.batch_size].to(self.device))
+                                           .dense.float(), dim=-1).cpu().numpy()
+                               for i in range(0, len(pixels), self.batch_size)])
 
     @property
     def accelerated(self) -> bool:
@@ -109,21 +148,29 @@ class Encoder:
         local = F.normalize(out.local.float(), dim=-1)
         chosen = select_local(local, dense, self.model.config.num_local)
         positions = _patch_centres(out.grid, chosen)
+        vectors = dense.cpu().numpy()
         return EncodedBatch(
-            dense=dense.cpu().numpy(),
-            sparse=self._to_dicts(out.sparse, self.model.config.image_top_k, out.keep),
+            dense=vectors,
+            sparse=self._image_sparse(out, vectors),
             local=torch.gather(local, 1, chosen[..., None].expand(-1, -1, local.shape[-1])).half().cpu().numpy(),
             local_positions=positions.half().cpu().numpy(),
         )
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def _image_sparse(self, out: TowerOutput, dense: np.ndarray) -> list[dict[str, float]]:
+        if self.sparse_source == "concepts":
+            return self.concepts().image_vectors(dense, self.model.config.image_top_k)
+        if self.sparse_source == "none":
+            return [{} for _ in range(len(dense))]
+        return self._to_dicts(out.sparse, self.model.config.image_top_k, out.keep)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """(B, D) unit float32 dense embeddings only, for texts that are never searched sparsely (the rerankers'
         prompts, entities and synonyms). Skipping the sparse head (a vocabulary-wide logit row per token, most
         of a text encode) makes this several times cheaper than ``encode_texts``; the vectors are the same."""
         if not texts:
             return np.zeros((0, self.model.embed_dim), np.float32)
-        return np.concatenate([self._embed_text_batch(list(texts[i : i + self.batch_size]))
-                               for i in range(0, len(texts), self.batch_size)])
+        step = batch_size or self.batch_size
+        return np.concatenate([self._embed_text_batch(list(texts[i : i + step])) for i in range(0, len(texts), step)])
 
     @torch.inference_mode()
     def _embed_text_batch(self, texts: list[str]) -> np.ndarray:
@@ -132,6 +179,10 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_text_batch(self, texts: list[str]) -> EncodedBatch:
+        if self.sparse_source != "heads":  # the text tower's embedding only; query words from the vocabulary
+            sparse = [query_vector(self.model.vocabulary, t) if self.sparse_source == "concepts" else {}
+                      for t in texts]
+            return EncodedBatch(dense=self._embed_text_batch(texts), sparse=sparse)
         grounded = self.model.config.ground_text
         out = self.model.encode_text(self.model.tokenizer(texts).to(self.device), ground=texts if grounded else None)
         sparse = self.model.floor_query(out.sparse, texts) if grounded else out.sparse

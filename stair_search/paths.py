@@ -21,6 +21,11 @@ def wordnet_dir() -> Path:
     return data_dir() / "wordnet"
 
 
+def concepts_dir() -> Path:
+    """Cached concept banks (training-free sparse vectors of models without trained heads), one file per model."""
+    return data_dir() / "concepts"
+
+
 def emoji_set_dir() -> Path:
     """The emoji data set the demo and the benchmarks build."""
     return data_dir() / "emoji-set"

@@ -99,7 +99,9 @@ OFFLINE_LOAD = textwrap.dedent("""
     image = Image.new("RGB", (240, 200), (200, 30, 30))
     for spec in sys.argv[1:]:
         name, _, pretrained = spec.partition("=")
-        enc = Encoder(create_model(name, pretrained=pretrained, device="cpu"))
+        model = create_model(name, pretrained=pretrained, device="cpu")
+    model.sparse_source = "none"  # this test is about the dense weights (a concept bank would take minutes)
+    enc = Encoder(model)
         np.save(pretrained.replace("/", "_") + ".npy", enc.encode_images([image]).dense)
 """)
 

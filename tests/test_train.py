@@ -134,3 +134,25 @@ def test_training_fits_the_trust_gate_that_hands_unfamiliar_images_to_the_prior(
         features = model.tower.tail(model.tower.stem(pixels)).features
         weight = model.trust(features).flatten()
     assert weight[0] > 0.9 and weight[1] < 0.6
+
+
+def test_heads_only_training_changes_the_heads_and_nothing_else(pairs, tiny_config_path, tmp_path):
+    """D2S-style cheap training: a pretrained dual encoder keeps its towers (so its dense vectors are unchanged)
+    and gains trained heads, whose checkpoint then writes sparse vectors from its heads."""
+    from stair_search.models import save_checkpoint
+
+    start = create_model(str(tiny_config_path), device="cpu")
+    save_checkpoint(start, tmp_path / "start.pt")
+    config = TrainConfig(model=str(tmp_path / "start.pt"), epochs=(2, 0, 0), batch_size=12, device="cpu",
+                         heads_only=True)
+    result = train(pairs, tmp_path / "heads", config)
+    trained = create_model(str(result.checkpoint), device="cpu")
+    before, after = start.state_dict(), trained.state_dict()
+    heads = [k for k in before if k.startswith(("image_head.", "text_head."))]
+    assert heads and any(not torch.equal(before[k].half(), after[k].half()) for k in heads)
+    others = [k for k in before if k not in heads]
+    assert all(torch.equal(before[k].half(), after[k].half()) for k in others)
+    images = [draw_shape("red", "circle"), draw_shape("blue", "square")]
+    np_dense = Encoder(start).encode_images(images).dense
+    assert abs(Encoder(trained).encode_images(images).dense - np_dense).max() < 2e-3  # fp16 checkpoint rounding
+    assert trained.sparse_source == "heads"

@@ -50,6 +50,7 @@ def info(state: State) -> ServiceInfo:
         v = state.registry.current(name)
         m = v.index.manifest
         described.append(IndexInfo(name=name, documents=len(v.index), shards=v.index.shard_count,
-                                   model=m.model["name"], version=v.number, opened=v.opened, created=m.created))
+                                   model=m.model["name"], version=v.number, opened=v.opened, created=m.created,
+                                   sparse=m.sparse))
     return ServiceInfo(indexes=described, modes=list(MODES), rerankers=list(RERANKERS), classify=True,
                        max_image_bytes=state.limits.max_image_bytes, auth=state.settings.api_key is not None)

@@ -40,7 +40,9 @@ async function loadInfo() {
   }));
   if (info.indexes.length) {
     const first = info.indexes[0];
-    $("index-info").textContent = `${first.name}: ${first.documents} documents, model ${first.model}`;
+    const sparse = { heads: "", concepts: ", sparse words training-free (concept similarity)",
+                     none: ", no sparse words" }[first.sparse || "heads"] ?? "";
+    $("index-info").textContent = `${first.name}: ${first.documents} documents, model ${first.model}${sparse}`;
   }
 }
 

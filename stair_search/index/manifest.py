@@ -54,6 +54,9 @@ class Manifest:
     embed_dim: int
     num_local: int
     shards: list[ShardInfo] = field(default_factory=list)
+    # How the sparse vectors were made (models/stair.py SPARSE_SOURCES): "heads" (trained STAIR heads; every
+    # index built before this field existed), "concepts" (training-free, models/concepts.py) or "none".
+    sparse: str = "heads"
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -104,6 +107,8 @@ class Manifest:
             problems.append(f"vocabulary sha256 {vocabulary_sha256[:12]} != index {self.vocabulary_sha256[:12]}")
         if embed_dim != self.embed_dim:
             problems.append(f"embedding width {embed_dim} != index {self.embed_dim}")
+        if encoder.sparse_source != self.sparse:
+            problems.append(f"sparse vectors from {encoder.sparse_source} != index {self.sparse}")
         if fingerprint != self.model["fingerprint"]:
             problems.append(f"model weights {name} ({fingerprint[:12]}) != index model "
                             f"{self.model['name']} ({self.model['fingerprint'][:12]})")

@@ -271,7 +271,7 @@ def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE) -> Manifest:
         model={"name": model.config.name, "spec": model.spec, "pretrained": model.config.pretrained,
                "fingerprint": encoder.fingerprint},
         vocabulary=model.config.vocabulary, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
-        embed_dim=model.embed_dim, num_local=model.config.num_local,
+        embed_dim=model.embed_dim, num_local=model.config.num_local, sparse=encoder.sparse_source,
     )
 
 

@@ -15,7 +15,7 @@ import torch
 
 from stair_search.atomic import atomic_path
 from stair_search.models.config import StairConfig
-from stair_search.models.stair import StairModel
+from stair_search.models.stair import StairModel, resolve_sparse
 
 FORMAT = "stair-search/checkpoint"
 VERSION = 1
@@ -99,6 +99,7 @@ def load_checkpoint(model: StairModel, checkpoint: str | Path | dict[str, Any]) 
     missing = [k for k in missing if not (prefix and k.startswith(prefix))]
     if missing or unexpected:
         raise ValueError(f"{path} does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.sparse_source = resolve_sparse(model.config.sparse, trained=True)  # a checkpoint's heads were trained
     return model
 
 

@@ -56,6 +56,10 @@ class StairConfig:
     trust_components: int = 0
     # The sparse route's convex weight for keyword-like queries under ``auto`` (tuned per model on a val split).
     keyword_alpha: float = 0.7
+    # Where sparse vectors come from: "heads" (the STAIR heads), "concepts" (training-free: models/concepts.py)
+    # or "none". None: "heads" for a model loaded from a stair-search checkpoint (trained heads), "concepts" for
+    # one built from a config or an open_clip name (its heads would be random: never used silently).
+    sparse: str | None = None
     image_mean: list[float] | None = None  # preprocessing (None: open_clip's defaults)
     image_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

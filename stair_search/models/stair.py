@@ -37,6 +37,18 @@ class TowerOutput:
 PRIOR_KEEP = 0.1  # a class word weighing at least this much (about p >= 0.1) stays past the image top-k cut
 
 
+SPARSE_SOURCES = ("heads", "concepts", "none")
+
+
+def resolve_sparse(source: str | None, trained: bool) -> str:
+    """StairConfig.sparse, or its default: a model's own heads when they were trained, else concepts."""
+    if source is None:
+        return "heads" if trained else "concepts"
+    if source not in SPARSE_SOURCES:
+        raise ValueError(f"Unknown sparse source '{source}' in the model config; known: {SPARSE_SOURCES}.")
+    return source
+
+
 class StairModel(nn.Module):
     def __init__(
         self,
@@ -63,6 +75,8 @@ class StairModel(nn.Module):
         self.image_prior = self._build_prior(config)
         self.trust = self._build_trust(config)
         self.spec = config.name  # how to load this model again; create_model records the path or name it used
+        # Where its sparse vectors come from (StairConfig.sparse); load_checkpoint says "heads" for trained ones.
+        self.sparse_source = resolve_sparse(config.sparse, trained=False)
         self.pad_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0)
 
     def _build_prior(self, config: StairConfig) -> ImageNetPrior | None:
@@ -165,7 +179,9 @@ class StairModel(nn.Module):
 
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(B, D) dense text embedding only, without the sparse head (most of a text encode): for texts that
-        are never searched sparsely, such as the rerankers' prompts and phrases."""
+        are never searched sparsely, such as the rerankers' prompts and phrases, and concept words."""
+        if _causal_clip_text(self.clip):
+            return _short_clip_text(self.clip, token_ids)
         pooled = self.clip.encode_text(self._trim_padding(token_ids))
         return pooled[0] if isinstance(pooled, tuple) else pooled  # a tower left returning its tokens too
 
@@ -201,3 +217,26 @@ class StairModel(nn.Module):
         finally:
             hook.remove()
         return pooled, captured[-1]
+
+
+def _causal_clip_text(clip: nn.Module) -> bool:
+    """An open_clip CLIP text tower with a causal mask, pooled at the end-of-text token (every OpenAI / LAION
+    CLIP): its pooled output depends only on the tokens up to that one."""
+    return (hasattr(clip, "token_embedding") and getattr(clip, "attn_mask", None) is not None
+            and getattr(clip, "text_pool_type", None) == "argmax" and hasattr(clip, "transformer"))
+
+
+def _short_clip_text(clip: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` over the used columns only: with a causal mask the end-of-text token sees
+    nothing after it, so cutting the padding (77 -> ~8 positions for a concept word) changes no output (tested)
+    and makes short texts ~5x cheaper. The steps are open_clip's own, on a shorter sequence."""
+    length = int((token_ids != 0).any(dim=0).nonzero().max()) + 1 if bool((token_ids != 0).any()) else 1
+    text = token_ids[:, :length]
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(text).to(cast) + clip.positional_embedding[:length].to(cast)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+    x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+    projection = clip.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection

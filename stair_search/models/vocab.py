@@ -99,6 +99,13 @@ class Vocabulary:
         """Bool mask of whole words that are not stop words: the pieces worth a sparse match on their own."""
         return self.whole_words & torch.tensor([t not in FUNCTION_WORDS for t in self.tokens], dtype=torch.bool)
 
+    @cached_property
+    def concept_words(self) -> torch.Tensor:
+        """Bool mask of the words a training-free sparse vector may hold (models/concepts.py): content words
+        that are alphabetic and at least 3 letters long."""
+        return self.content_words & torch.tensor([t.isascii() and t.isalpha() and len(t) >= 3 for t in self.tokens],
+                                                 dtype=torch.bool)
+
     def emit_ids(self, tokens: Sequence[str] | str | None = None) -> torch.Tensor:
         """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None, every whole word for
         ``"words"``), never special ones."""

@@ -58,6 +58,10 @@ class TrainConfig:
     tower_frozen: Sequence[str] = ()  # stages in which the image tower's trunk stays frozen (not its projection)
     tower_lr: float = 0.1  # LR multiplier of the image tower's pretrained trunk
     stop_after: int | None = None  # early stop: end after this many epochs of the schedule (its LR curve kept)
+    # Train the sparse heads only (D2S-style): both towers, their projections and the prior stay exactly as they
+    # are, so a pretrained dual encoder keeps its dense space and gains heads (its images' stem features, or
+    # pixels, are cached once as in any run).
+    heads_only: bool = False
     seed: int = 0
     device: str | None = None
 
@@ -139,7 +143,8 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
                     "log": json.dumps([asdict(e) for e in log])}, state_path)
         if on_epoch:
             on_epoch(entry)
-    if model.trust is not None and len(images) > 2 * model.config.trust_components:  # else it stays 1 everywhere
+    fit_gate = model.trust is not None and not config.heads_only  # heads-only keeps the dense side as it was
+    if fit_gate and len(images) > 2 * model.config.trust_components:  # else it stays 1 everywhere
         fit_trust(model, images, val[0] if val else None, seed=config.seed)
         _save(model, out / "model.pt")
     return TrainResult(out / "model.pt", log)
@@ -231,9 +236,12 @@ def _initial_model(config: TrainConfig, captions: Sequence[str]) -> StairModel:
     from stair_search.models.factory import CHECKPOINT_SUFFIXES
 
     if Path(config.model).suffix in CHECKPOINT_SUFFIXES:  # go on from a trained model
-        return create_model(config.model, device=config.device).train()
+        model = create_model(config.model, device=config.device).train()
+        model.sparse_source = "heads"
+        return model
     stair_config = resolve_config(config.model)
     stair_config.ground_text = stair_config.ground_text or config.ground_text
+    stair_config.sparse = "heads"  # what training trains: its checkpoint's sparse vectors come from the heads
     if config.emit_from_data and stair_config.emit_tokens is None:
         from stair_search.models.vocab import Vocabulary
 
@@ -272,14 +280,18 @@ def _check_stages(config: TrainConfig) -> None:
 def _param_groups(model: StairModel, config: TrainConfig) -> list[dict]:
     """Trainable parameters, the pretrained trunk at ``tower_lr`` x the LR (it only needs to move a little)."""
     trunk = {id(p) for p in model.tower.trunk_parameters()}
-    params = _trainable(model)
+    params = _trainable(model, config)
     groups = [{"params": [p for p in params if id(p) not in trunk]},
               {"params": [p for p in params if id(p) in trunk], "lr": config.lr * config.tower_lr}]
     return [g for g in groups if g["params"]]
 
 
-def _frozen(model: StairModel) -> set[int]:
-    """Parameters that never learn: a frozen text tower, a cached stem, the ImageNet prior's classifier."""
+def _frozen(model: StairModel, config: TrainConfig) -> set[int]:
+    """Parameters that never learn: a frozen text tower, a cached stem, the ImageNet prior's classifier (with
+    ``heads_only``: everything but the two sparse heads)."""
+    if config.heads_only:
+        heads = {id(p) for head in (model.image_head, model.text_head) for p in head.parameters()}
+        return {id(p) for p in model.parameters() if id(p) not in heads}
     frozen = [p for name, p in model.named_parameters()
               if model.config.frozen_text and name.startswith("clip.text.transformer.")]
     frozen += model.tower.stem_parameters()
@@ -288,8 +300,8 @@ def _frozen(model: StairModel) -> set[int]:
     return {id(p) for p in frozen}
 
 
-def _trainable(model: StairModel) -> list[torch.nn.Parameter]:
-    frozen = _frozen(model)
+def _trainable(model: StairModel, config: TrainConfig) -> list[torch.nn.Parameter]:
+    frozen = _frozen(model, config)
     params = []
     for param in model.parameters():
         if id(param) in frozen:
@@ -341,7 +353,7 @@ def _load_images(model: StairModel, paths: Sequence[str], batch_size: int = 64) 
 
 def _set_stage(model: StairModel, stage: str, config: TrainConfig) -> None:
     teacher = stage == "text"
-    frozen = _frozen(model)
+    frozen = _frozen(model, config)
     for module in (model.clip.visual, model.image_head):
         for param in module.parameters():
             param.requires_grad_(not teacher and id(param) not in frozen)
@@ -350,7 +362,7 @@ def _set_stage(model: StairModel, stage: str, config: TrainConfig) -> None:
             param.requires_grad_(False)
     if model.image_prior is not None:
         for param in (model.image_prior.dense_weight, model.image_prior.sparse_weight):
-            param.requires_grad_(not teacher)
+            param.requires_grad_(not teacher and not config.heads_only)
 
 
 def _encode_images(model: StairModel, images: torch.Tensor) -> TowerOutput:
@@ -410,7 +422,8 @@ def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, tor
             F.normalize(text_out.dense, dim=-1).T
         step = epoch * steps_per_epoch + step_in_epoch
         lam = flops_weight(step, int(config.flops_warmup * total_steps), config.flops)
-        loss = info_nce(image_sparse @ text_sparse.T) + config.dense_weight * info_nce(dense_logits) \
+        dense_weight = 0.0 if config.heads_only else config.dense_weight  # a frozen dense space: nothing to learn
+        loss = info_nce(image_sparse @ text_sparse.T) + dense_weight * info_nce(dense_logits) \
             + lam * (flops(image_sparse) + flops(text_sparse))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,170 @@
+"""Training-free sparse vectors for any dual encoder: an image's calibrated similarity to a vocabulary of words.
+
+Why: a real CLIP checkpoint has no trained STAIR heads, and random heads write random words (a red circle that
+"matches" ``sympathy`` and ``solo``), so the explanations lie. Its own text tower already places words in the
+image space, so a sparse vector can be read off the dense one, with no training:
+
+- **Concepts**: the vocabulary's content words (whole word-pieces, alphabetic, at least 3 letters, no stop
+  words; ~20k for the MiniLM vocabulary), each embedded once through the model's text tower and averaged over a
+  prompt ensemble (``PROMPTS``), stored in a cache file beside the other data (``paths.concepts_dir``), keyed by
+  the model's weights.
+- **Centring** (the modality gap, as in SpLiCE, Bhalla et al. 2024): image embeddings are compared after
+  subtracting the mean reference image, concepts after subtracting the mean concept.
+- **Calibration**: each concept's centred cosine is standardised over the reference images (mean and standard
+  deviation per concept, shrunk toward the global spread), so a word close to *every* image ("image",
+  "object") does not win everywhere. An image's vector is its ``top_k`` concepts with a z-score of at least
+  ``MIN_Z``, weight ``z / Z_SCALE``: non-negative, sparse, and "matched ``dog`` 0.8" means the image is unusually
+  close to the word "dog".
+- **Queries** keep their own words that are concepts (a word the vocabulary splits into pieces is none), each
+  weighted by rarity: the MiniLM/BERT word-pieces are numbered by corpus frequency from id 1996 on, so
+  ``log(rank)`` is a Zipf estimate of a word's inverse document frequency, and a rare word counts more.
+
+The reference images are scikit-image's sample photos (and four crops of each) unless the caller gives its own;
+everything is computed in float64 on CPU from fixed inputs, so two processes write the same vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stair_search.models.vocab import Vocabulary
+from stair_search.query.words import FUNCTION_WORDS, words
+
+PROMPTS = ("a photo of a {}.", "{}")
+FIRST_RANKED_ID = 1996  # BERT word-pieces from here on are ordered by corpus frequency ("the" = 1996)
+MIN_Z = 1.0  # a concept joins an image's vector when it is this many standard deviations above its mean
+Z_SCALE = 4.0  # weight = z / Z_SCALE: a strong match (z ~ 4) weighs ~1, like a trained head's
+SHRINK = 8.0  # pseudo-count pulling each concept's variance toward the pooled variance (few reference images)
+CACHE_FORMAT = 1
+
+
+@dataclass
+class ConceptBank:
+    token_ids: np.ndarray  # (N,) vocabulary ids of the concepts
+    embeddings: np.ndarray  # (N, D) centred unit concept embeddings
+    image_mean: np.ndarray  # (D,) mean unit reference image embedding (subtracted before comparing)
+    mean: np.ndarray  # (N,) per-concept mean centred cosine over the reference images
+    std: np.ndarray  # (N,) per-concept (shrunk) standard deviation
+    vocabulary: Vocabulary
+
+    # ------------------------------------------------------------------------------------------ vectors
+
+    def z_scores(self, dense: np.ndarray) -> np.ndarray:
+        """(B, D) unit image embeddings -> (B, N) standardised similarity to each concept."""
+        centred = _unit(np.asarray(dense, np.float64) - self.image_mean)
+        return (centred @ self.embeddings.T - self.mean) / self.std
+
+    def image_vectors(self, dense: np.ndarray, top_k: int) -> list[dict[str, float]]:
+        """The sparse vector of each image: its ``top_k`` concepts with z >= MIN_Z, weight z / Z_SCALE."""
+        z = self.z_scores(dense)
+        k = min(top_k, z.shape[1])
+        top = np.argpartition(-z, k - 1, axis=1)[:, :k]
+        tokens = self.vocabulary.tokens
+        out = []
+        for row, columns in zip(z, top, strict=True):
+            chosen = sorted((c for c in columns.tolist() if row[c] >= MIN_Z), key=lambda c: -row[c])
+            out.append({tokens[int(self.token_ids[c])]: round(float(row[c]) / Z_SCALE, 6) for c in chosen})
+        return out
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, vocabulary: Vocabulary, embed_texts: Callable[[list[str]], np.ndarray],
+              reference: np.ndarray) -> ConceptBank:
+        """Concepts through ``embed_texts`` (texts -> (n, D) unit embeddings), calibrated on ``reference``
+        ((M, D) unit image embeddings)."""
+        ids = concept_ids(vocabulary)
+        names = [vocabulary.tokens[i] for i in ids]
+        texts = [prompt.format(name) for prompt in PROMPTS for name in names]
+        embedded = np.asarray(embed_texts(texts), np.float64).reshape(len(PROMPTS), len(names), -1).mean(axis=0)
+        concepts = _unit(_unit(embedded) - _unit(embedded).mean(axis=0))
+        reference = np.asarray(reference, np.float64)
+        image_mean = _unit(reference).mean(axis=0)
+        sims = _unit(reference - image_mean) @ concepts.T  # (M, N)
+        mean, var = sims.mean(axis=0), sims.var(axis=0)
+        pooled = float(var.mean())
+        std = np.sqrt((len(sims) * var + SHRINK * pooled) / (len(sims) + SHRINK))
+        return cls(np.asarray(ids, np.int64), concepts, image_mean, mean, np.maximum(std, 1e-6), vocabulary)
+
+    def save(self, path: Path) -> Path:
+        from stair_search.atomic import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, format=np.asarray(CACHE_FORMAT), token_ids=self.token_ids, embeddings=self.embeddings,
+                     image_mean=self.image_mean, mean=self.mean, std=self.std)
+        return path
+
+    @classmethod
+    def load(cls, path: Path, vocabulary: Vocabulary) -> ConceptBank | None:
+        """The cached bank, or None when there is none (or it is of another format: it is rebuilt)."""
+        try:
+            with np.load(path) as data:
+                if int(data["format"]) != CACHE_FORMAT:
+                    return None
+                return cls(data["token_ids"], data["embeddings"], data["image_mean"], data["mean"], data["std"],
+                           vocabulary)
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            return None
+
+
+def query_vector(vocabulary: Vocabulary, text: str) -> dict[str, float]:
+    """A query's own words that are concepts (one whole word-piece each: "tabby", split into ``tab ##by``, is
+    none, so it cannot match a wrong word), weighted by rarity in (0, 1]. No model runs."""
+    vector: dict[str, float] = {}
+    for word in words(text):
+        ids = vocabulary.token_ids(word) if word not in FUNCTION_WORDS else []
+        if len(ids) == 1 and bool(vocabulary.concept_words[ids[0]]):
+            vector[vocabulary.tokens[ids[0]]] = rarity(ids[0], len(vocabulary))
+    return vector
+
+
+def concept_ids(vocabulary: Vocabulary) -> list[int]:
+    """Vocabulary ids of the concept words (``Vocabulary.concept_words``)."""
+    return vocabulary.concept_words.nonzero().flatten().tolist()
+
+
+def rarity(token_id: int, vocabulary_size: int) -> float:
+    """Zipf IDF estimate from the frequency-ordered ids: log(1 + rank) / log(1 + max rank), in (0, 1]."""
+    rank = max(1, token_id - FIRST_RANKED_ID + 1)
+    return round(float(np.log1p(rank) / np.log1p(max(2, vocabulary_size - FIRST_RANKED_ID))), 6)
+
+
+def reference_images() -> list[Image.Image]:
+    """The default calibration set: scikit-image's sample images (RGB, at least 64 px) and four crops of each."""
+    import skimage
+
+    from stair_search.images import to_rgb
+
+    folder = Path(skimage.__file__).parent / "data"
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            continue
+        with Image.open(path) as image:
+            if min(image.size) < 64:
+                continue
+            rgb = to_rgb(image)
+        width, height = rgb.size
+        out.append(rgb)
+        out.extend(rgb.crop(box) for box in ((0, 0, width // 2, height), (width // 2, 0, width, height),
+                                             (0, 0, width, height // 2), (0, height // 2, width, height)))
+    return out
+
+
+def cache_name(fingerprint: str, reference: Sequence[Image.Image] | None) -> str:
+    """The cache file of a model (its weight fingerprint) with a reference set (None: the default one)."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{PROMPTS}:{SHRINK}".encode())
+    for image in reference or ():
+        digest.update(image.tobytes())
+    return f"{fingerprint[:16]}-{'default' if reference is None else 'custom'}-{digest.hexdigest()[:12]}.npz"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)

@@ -100,8 +100,8 @@ OFFLINE_LOAD = textwrap.dedent("""
     for spec in sys.argv[1:]:
         name, _, pretrained = spec.partition("=")
         model = create_model(name, pretrained=pretrained, device="cpu")
-    model.sparse_source = "none"  # this test is about the dense weights (a concept bank would take minutes)
-    enc = Encoder(model)
+        model.sparse_source = "none"  # this test is about the dense weights (a concept bank would take minutes)
+        enc = Encoder(model)
         np.save(pretrained.replace("/", "_") + ".npy", enc.encode_images([image]).dense)
 """)
 

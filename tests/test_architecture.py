@@ -89,3 +89,24 @@ def test_dense_only_paths_do_not_import_pyserini():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_a_dense_search_with_explanations_never_starts_java(tmp_path, tiny_config_path, tiny_encoder):
+    """Explanations read the stored CSR vectors; only a sparse search opens Lucene (and the JVM)."""
+    import indexer
+    from tests.conftest import draw_shape
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for colour in ("red", "blue"):
+        draw_shape(colour, "circle").save(folder / f"{colour}.png")
+    indexer.run(folder, tmp_path / "index", encoder=tiny_encoder, workers=0, progress=False)
+    code = ("import sys; from stair_search.cli import main\n"
+            "args = ['search', sys.argv[1], 'red circle', '--mode', 'dense', '--json', '--model', sys.argv[2]]\n"
+            "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
+            "print('JAVA' if 'pyserini.search.lucene' in sys.modules or 'jnius' in sys.modules else 'NO-JAVA')")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tiny_config_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "NO-JAVA" and len(lines) == 3  # two hits as JSON, then the check

@@ -211,7 +211,7 @@ class Index:
     def warm(self) -> None:
         """Open every part now (Lucene searchers, FAISS, parquet), so that the first request pays nothing."""
         for shard in self._shards:
-            _ = shard.store, shard.dense, shard.sparse
+            _ = shard.store, shard.dense, shard.sparse.open_searcher()
 
     def close(self) -> None:
         """Release the Lucene readers, FAISS indexes and parquet handles opened so far (reopened if used again)."""

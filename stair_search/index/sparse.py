@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,28 +129,41 @@ class _PreEncoded:
 
 
 class SparseShard:
-    """Read side of one shard: Lucene impact search through Pyserini + CSR for explanations."""
+    """Read side of one shard: Lucene impact search through Pyserini + CSR for explanations.
+
+    The CSR files open at once (memory-mapped); the Lucene searcher, and with it the JVM and the slow Pyserini
+    import, only on the first search (``open_searcher``), so explaining a hit or a dense-only search never
+    starts Java."""
 
     def __init__(self, shard_dir: Path, vocabulary: Vocabulary, scale: float):
-        shard_dir = Path(shard_dir)
+        self.dir = shard_dir = Path(shard_dir)
         missing = [str(p) for p in self.required_files(shard_dir) if not p.exists()]
         if missing:
             raise FileNotFoundError(f"Sparse shard {shard_dir} is incomplete, missing: {missing}. "
                                     f"Rebuild the index (stair-search index ...) or restore the files.")
         self.vocabulary, self.scale = vocabulary, scale
-        self.indptr, self.indices, self.values = (np.load(shard_dir / f"{n}.npy", mmap_mode="r") for n in CSR_FILES)
+        self.indptr, self.indices, self.values = (_load_csr_part(shard_dir / f"{n}.npy") for n in CSR_FILES)
         self._terms = [spell(t) for t in vocabulary.tokens]
-        with_tokens = int(np.count_nonzero(np.diff(self.indptr)))
-        self.searcher = None  # a shard whose documents all lack tokens has no terms for Pyserini to open
-        if with_tokens == 0:
-            return
-        lucene = import_pyserini("pyserini.search.lucene")
-        # min_idf=-1: Pyserini drops query terms with idf <= min_idf, and a term present in every document
-        # has idf 0, so the default (0) would silently ignore it.
-        self.searcher = lucene.LuceneImpactSearcher(str(shard_dir / LUCENE_DIR), _PreEncoded(), min_idf=-1)
-        if self.searcher.num_docs != with_tokens:
-            raise ValueError(f"Sparse shard {shard_dir}: Lucene has {self.searcher.num_docs} documents but the "
-                             f"vector files have {with_tokens} with tokens; the shard is damaged, rebuild it.")
+        self._with_tokens = int(np.count_nonzero(np.diff(self.indptr)))
+        self._searcher = None
+        self._lock = threading.Lock()
+
+    def open_searcher(self):
+        """The Lucene searcher (opened once, thread-safely); None for a shard none of whose documents has a token
+        (there are no terms for Pyserini to open)."""
+        if self._searcher is None and self._with_tokens:
+            with self._lock:
+                if self._searcher is None:
+                    lucene = import_pyserini("pyserini.search.lucene")
+                    # min_idf=-1: Pyserini drops query terms with idf <= min_idf, and a term present in every
+                    # document has idf 0, so the default (0) would silently ignore it.
+                    searcher = lucene.LuceneImpactSearcher(str(self.dir / LUCENE_DIR), _PreEncoded(), min_idf=-1)
+                    if searcher.num_docs != self._with_tokens:
+                        raise ValueError(f"Sparse shard {self.dir}: Lucene has {searcher.num_docs} documents but "
+                                         f"the vector files have {self._with_tokens} with tokens; the shard is "
+                                         f"damaged, rebuild it.")
+                    self._searcher = searcher
+        return self._searcher
 
     @staticmethod
     def required_files(shard_dir: Path) -> list[Path]:
@@ -172,13 +186,14 @@ class SparseShard:
                      threads: int = 1) -> list[list[SparseHit]]:
         """Top-k per query; Lucene runs the queries on ``threads`` Java threads."""
         encoded = [self.encode_query(q) for q in queries]
-        if self.searcher is None:
+        searcher = self.open_searcher() if any(encoded) else None
+        if searcher is None:
             return [[] for _ in encoded]
         if len(encoded) == 1:
-            results = {"0": self.searcher.search(encoded[0], k) if encoded[0] else []}
+            results = {"0": searcher.search(encoded[0], k) if encoded[0] else []}
         else:
             live = {str(i): q for i, q in enumerate(encoded) if q}
-            results = self.searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
+            results = searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
         norm = self.scale * self.scale
         return [[SparseHit(int(h.docid), float(h.score) / norm) for h in results.get(str(i), [])]
                 for i in range(len(encoded))]
@@ -196,5 +211,15 @@ class SparseShard:
         return dict(sorted(matched.items(), key=lambda kv: -kv[1][0] * kv[1][1]))
 
     def close(self) -> None:
-        if self.searcher is not None:
-            self.searcher.close()
+        with self._lock:
+            searcher, self._searcher = self._searcher, None
+        if searcher is not None:
+            searcher.close()
+
+
+def _load_csr_part(path: Path) -> np.ndarray:
+    """One CSR file, memory-mapped; a file that is not a plain numpy array is an error naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"Sparse shard file {path} is unreadable ({exc}): restore it or rebuild the index.") from exc

@@ -164,3 +164,16 @@ def test_trust_gate_passes_the_training_subspace_and_shrinks_what_lies_outside()
     assert float(gate(outside).max()) < 0.5 and float(gate(outside).min()) >= 0
     with pytest.raises(ValueError, match="more than 4 training images"):
         TrustGate(32, 4).fit(inside(4), inside(5))
+
+
+def test_clip_text_over_its_used_positions_equals_open_clips_own_encode_text(tiny_encoder):
+    """The short path for a causal open_clip CLIP text tower (concept words, queries): same vectors as
+    ``CLIP.encode_text`` over the whole context, for a batch that is all padding after a few positions."""
+    from stair_search.models.stair import _causal_clip_text
+
+    model = tiny_encoder.model
+    assert _causal_clip_text(model.clip)
+    for texts in (["red", "a square"], ["a red circle", "a much longer text about a blue triangle on white"]):
+        tokens = model.tokenizer(texts)
+        with torch.no_grad():
+            torch.testing.assert_close(model.embed_text(tokens), model.clip.encode_text(tokens), atol=1e-5, rtol=1e-5)

@@ -88,9 +88,9 @@ class IndexWriter:
         self.build_dir = Path(build_dir) if build_dir else building_dir(self.index_dir)
         self.written: list[ShardInfo] = list(resumed)  # shards of this writer, not yet published
         self._pending: list[tuple[list[FeatureRecord], np.ndarray, CSR]] = []
+        self._pending_count = 0  # documents in ``_pending``
         self._retired: list[Path] = []  # tombstone files the committed manifest no longer names
-        self._new_tombstones: list[Path] = []
-        self._edited = False
+        self._new_tombstones: list[Path] = []  # written by ``delete``: the manifest has changed
         self.committed = False
 
     # ------------------------------------------------------------------------------------------ opening
@@ -137,7 +137,8 @@ class IndexWriter:
             raise ValueError(f"{len(records)} records, {len(dense)} dense and {len(csr[0]) - 1} sparse vectors.")
         if records:
             self._pending.append((list(records), np.asarray(dense), csr))
-        if sum(len(r) for r, _, _ in self._pending) >= self.shard_size:
+            self._pending_count += len(records)
+        if self._pending_count >= self.shard_size:
             return self.flush()
         return None
 
@@ -152,7 +153,7 @@ class IndexWriter:
         shard = write_shard(self.build_dir, name, records, dense, csr, self._vocabulary(), self.dense_spec,
                             self.threads)
         self.written.append(shard)
-        self._pending = []
+        self._pending, self._pending_count = [], 0
         return shard
 
     def _vocabulary(self):
@@ -188,7 +189,6 @@ class IndexWriter:
             shard.deleted_count = len(all_dead)
             deleted.extend(rows_here)
             pending = [i for i in pending if i not in rows_here]
-        self._edited = self._edited or bool(deleted)
         return DeleteResult(deleted=deleted, unknown=pending)
 
     # ------------------------------------------------------------------------------------------ publishing
@@ -228,7 +228,7 @@ class IndexWriter:
         if skipped:
             write_skipped_report(self.index_dir, skipped, merge=True)
         new = [s for s in self.written if s.name not in known]
-        if new or self._edited:
+        if new or self._new_tombstones:
             self.manifest.shards.extend(new)
             self.manifest.save(self.index_dir)
         if self._own_build:

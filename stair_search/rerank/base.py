@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from stair_search.vectors import unit
+
 
 @dataclass
 class RerankInput:
@@ -45,12 +47,6 @@ class Reranker(Protocol):
 
     def score(self, inputs: RerankInput) -> np.ndarray:
         """(N,) new scores, higher is better."""
-
-
-def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``x`` scaled to unit length along ``axis``; zero vectors stay zero (no NaN)."""
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
 
 
 def candidate_vectors(index, candidates) -> np.ndarray:

@@ -28,7 +28,8 @@ import numpy as np
 
 from stair_search.query.parse import ParsedQuery, parse_query
 from stair_search.query.words import FILLER_WORDS, words
-from stair_search.rerank.base import RerankInput, unit
+from stair_search.rerank.base import RerankInput
+from stair_search.vectors import unit
 
 WEIGHTINGS = ("normalise", "softmax")
 # predicate -> (axis, sign): the subject's centroid minus the object's, along x (0) or y (1, downwards), times

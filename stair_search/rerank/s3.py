@@ -32,7 +32,8 @@ from stair_search.query import wordnet
 from stair_search.query.expand import SynonymSource
 from stair_search.query.parse import content_words
 from stair_search.query.words import words
-from stair_search.rerank.base import RerankInput, unit
+from stair_search.rerank.base import RerankInput
+from stair_search.vectors import unit
 
 
 def pairwise_distances(points: np.ndarray) -> np.ndarray:

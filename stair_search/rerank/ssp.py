@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stair_search.rerank.base import RerankInput, unit
+from stair_search.rerank.base import RerankInput
+from stair_search.vectors import unit
 
 RANK_FRACTION = 950 / 1024  # the authors' rank for 1024-d features, as a fraction of the width
 RELATIVE_TOLERANCE = 1e-5  # smaller singular values are below what the float64 Gram route resolves

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import indexer
@@ -48,6 +47,13 @@ def lock_holder(out: Path) -> int | None:
         return json.loads(lock_path(out).read_text() or "{}").get("pid")
     except (FileNotFoundError, ValueError):
         return None
+
+
+def blocked_on(path: Path) -> bool:
+    """Whether some process waits for an flock on ``path`` (a "->" line of /proc/locks names its inode)."""
+    inode = os.stat(path).st_ino
+    return any("->" in line and line.split()[-3].endswith(f":{inode}")
+               for line in Path("/proc/locks").read_text().splitlines())
 
 
 def finish_piped_job(process: subprocess.Popen, fd: int, lines: list[str], log: Path) -> str:
@@ -104,8 +110,9 @@ def test_a_delete_during_an_append_stops_or_waits_and_loses_nothing(tmp_path, ti
     assert f"is being changed by pid {job.pid}" in refused.output and "Traceback" not in refused.output
     assert len(refused.output.strip().splitlines()) == 1  # one clear line
     waiting = start_cli(["delete", str(out), *base_ids[:5], "--wait"], tmp_path / "waiting.log")
-    time.sleep(1.0)
-    assert waiting.poll() is None, (tmp_path / "waiting.log").read_text()  # queued behind the append
+    wait_for(lambda: blocked_on(lock_path(out)), "the delete queued on the index lock", waiting,
+             tmp_path / "waiting.log")
+    assert sorted(Index(out).ids()) == base_ids  # queued behind the append: nothing deleted yet
 
     finish_piped_job(job, fd, [str(p) for p in new], tmp_path / "job.log")
     waiting.wait(timeout=DEADLINE_S)

@@ -106,6 +106,10 @@ class JobDir:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def holds_work(self) -> bool:
+        """Whether a restart would continue from here: encoded chunks spooled, or shards journaled."""
+        return bool(self._chunk_files()) or bool(self.read_journal().shards)
+
     def _lock(self) -> None:
         self._lock_file = open(self.path / "lock", "w")  # noqa: SIM115 - held for the whole job
         try:

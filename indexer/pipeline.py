@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, decode
+from indexer.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode
 from indexer.journal import Chunk, Skip
 from indexer.sources import Item
 from stair_search.encode import EncodedBatch, Encoder
@@ -57,12 +57,12 @@ def default_workers() -> int:
 # ------------------------------------------------------------------------------------------ worker processes
 
 _worker_preprocess: Callable | None = None
-_worker_max_pixels = DEFAULT_MAX_PIXELS
+_worker_limits = DEFAULT_LIMITS
 
 
-def _init_worker(preprocess: Callable, max_pixels: int, job_pid: int) -> None:
-    global _worker_preprocess, _worker_max_pixels
-    _worker_preprocess, _worker_max_pixels = preprocess, max_pixels
+def _init_worker(preprocess: Callable, limits: DecodeLimits, job_pid: int) -> None:
+    global _worker_preprocess, _worker_limits
+    _worker_preprocess, _worker_limits = preprocess, limits
     torch.set_num_threads(1)  # the main process's encoder needs the cores
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with our parent, the forkserver
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -91,7 +91,7 @@ def _exit_with_the_job(job_pid: int) -> None:
 
 
 def _decode_in_worker(item: Item, position: int) -> Decoded:
-    decoded = decode(item, position, _worker_preprocess, _worker_max_pixels)
+    decoded = decode(item, position, _worker_preprocess, _worker_limits)
     if decoded.pixels is not None:  # plain bytes through the pipe, not torch's shared-memory file handles
         decoded.pixels = decoded.pixels.numpy()
     return decoded
@@ -118,8 +118,8 @@ def modules_to_preload(preprocess: Callable) -> list[str]:
 class DecodePool:
     """Ordered, bounded parallel decoding; ``workers=0`` decodes inline (no processes)."""
 
-    def __init__(self, workers: int, preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.workers, self.preprocess, self.max_pixels = workers, preprocess, max_pixels
+    def __init__(self, workers: int, preprocess: Callable, limits: DecodeLimits = DEFAULT_LIMITS):
+        self.workers, self.preprocess, self.limits = workers, preprocess, limits
         self._pool = None
         if workers > 0:
             context = multiprocessing.get_context("forkserver")
@@ -127,7 +127,7 @@ class DecodePool:
             # starts in milliseconds instead of importing them again (seconds per worker, per job).
             context.set_forkserver_preload(modules_to_preload(preprocess))
             self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                             initargs=(preprocess, max_pixels, os.getpid()))
+                                             initargs=(preprocess, limits, os.getpid()))
 
     def __enter__(self) -> DecodePool:
         return self
@@ -139,8 +139,7 @@ class DecodePool:
     def map(self, items: Iterable[NumberedItem]) -> Iterator[tuple[int, Item, Decoded]]:
         if self._pool is None:
             for position, item, reason in items:
-                yield position, item, _skipped(position, reason) or decode(item, position, self.preprocess,
-                                                                            self.max_pixels)
+                yield position, item, _skipped(position, reason) or decode(item, position, self.preprocess, self.limits)
             return
         in_flight: deque = deque()
         limit = self.workers * PREFETCH_PER_WORKER
@@ -212,7 +211,7 @@ class ChunkBuilder:
 
 
 def local_chunks(items: Iterable[NumberedItem], encoder: Encoder, builder_args: dict[str, Any], workers: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Chunk]:
+                 limits: DecodeLimits = DEFAULT_LIMITS) -> Iterator[Chunk]:
     """Decode (in ``workers`` processes) and encode (here) every item, yielding chunks in source order."""
 
     def encode(pixels: list[np.ndarray | torch.Tensor]) -> EncodedBatch:
@@ -220,7 +219,7 @@ def local_chunks(items: Iterable[NumberedItem], encoder: Encoder, builder_args: 
 
     builder = ChunkBuilder(encode=encode, **builder_args)
     end = None
-    with DecodePool(workers, encoder.model.preprocess, max_pixels) as pool:
+    with DecodePool(workers, encoder.model.preprocess, limits) as pool:
         for position, item, decoded in pool.map(items):
             end = position + 1
             chunk = builder.add(position, item, decoded.skip_reason, decoded.width, decoded.height, decoded.pixels)

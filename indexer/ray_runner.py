@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.decode import decode
+from indexer.decode import DecodeLimits, decode
 from indexer.journal import Chunk
 from indexer.pipeline import ChunkBuilder, NumberedItem
 from indexer.sources import Item
@@ -35,7 +35,7 @@ CPU_ACTOR_CPUS = 2  # CPUs an encoder actor asks for on a cluster without GPUs (
 class EncodeActor:
     """Decodes and encodes one batch of rows; holds the model (moved to the actor's GPU when it has one)."""
 
-    def __init__(self, encoder_ref: list, max_pixels: int, torch_threads: int | None = None):
+    def __init__(self, encoder_ref: list, limits: DecodeLimits, torch_threads: int | None = None):
         import ray
 
         self.encoder: Encoder = ray.get(encoder_ref[0])  # wrapped in a list: Ray would resolve a bare ref
@@ -44,12 +44,12 @@ class EncodeActor:
         if torch.cuda.is_available():
             self.encoder.model.to("cuda")
             self.encoder.device = torch.device("cuda")
-        self.max_pixels = max_pixels
+        self.limits = limits
 
     def __call__(self, batch: dict[str, list]) -> list[dict[str, Any]]:
         """One result row per item: its size and skip reason, and its vectors when it could be decoded."""
         decoded = [decode(Item(id="", source=source, path=path, data=data), position,
-                          self.encoder.model.preprocess, self.max_pixels)
+                          self.encoder.model.preprocess, self.limits)
                    for position, source, path, data in zip(batch["position"], batch["source"], batch["path"],
                                                            batch["data"], strict=True)]
         rows = [{"position": d.position, "skip_reason": d.skip_reason, "width": d.width, "height": d.height}
@@ -82,7 +82,7 @@ def connect(address: str | None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def start_actors(encoder: Encoder, resources: dict[str, float], max_pixels: int) -> list[Any]:
+def start_actors(encoder: Encoder, resources: dict[str, float], limits: DecodeLimits) -> list[Any]:
     """One actor per GPU, or CPU actors of ``CPU_ACTOR_CPUS`` each (at least one, sized to fit)."""
     import ray
 
@@ -90,18 +90,18 @@ def start_actors(encoder: Encoder, resources: dict[str, float], max_pixels: int)
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus:
         remote = ray.remote(num_gpus=1, num_cpus=min(CPU_ACTOR_CPUS, max(1, cpus // gpus)))(EncodeActor)
-        return [remote.remote(encoder_ref, max_pixels) for _ in range(gpus)]
+        return [remote.remote(encoder_ref, limits) for _ in range(gpus)]
     per_actor = max(1, min(CPU_ACTOR_CPUS, cpus))
     remote = ray.remote(num_cpus=per_actor)(EncodeActor)
-    return [remote.remote(encoder_ref, max_pixels, per_actor) for _ in range(max(1, cpus // per_actor))]
+    return [remote.remote(encoder_ref, limits, per_actor) for _ in range(max(1, cpus // per_actor))]
 
 
 def ray_chunks(items: Iterable[NumberedItem], encoder: Encoder, builder_args: dict[str, Any],
-               ray_address: str | None, max_pixels: int) -> Iterator[Chunk]:
+               ray_address: str | None, limits: DecodeLimits) -> Iterator[Chunk]:
     """Decode + encode every item on Ray, yielding chunks in source order (like ``local_chunks``)."""
     import ray
 
-    actors = start_actors(encoder, connect(ray_address), max_pixels)
+    actors = start_actors(encoder, connect(ray_address), limits)
     builder = ChunkBuilder(encode=_stack_rows, **builder_args)
     in_flight: deque = deque()
     end = None

@@ -27,12 +27,16 @@ class JobSummary:
     encoded_now: int = 0  # documents encoded by this run (indexed minus what a previous run had done)
     resumed_from: int = 0  # source position this run started at (0: a fresh job)
     report: Path | None = None  # where skipped.parquet was written
+    already_complete: bool = False  # this same job (source, options, model) had already built the index
 
     def reasons(self) -> Counter:
         """Skips by reason; details after a colon (an exception text) are folded into their kind."""
         return Counter(reason.split(":")[0] for _, _, reason in self.skipped)
 
     def describe(self) -> str:
+        if self.already_complete:
+            return ("already complete: this job (same source, options and model) built the index; nothing to do "
+                    "(--append adds new images, --overwrite rebuilds)")
         rate = self.encoded_now / max(self.seconds, 1e-9)
         text = f"indexed {self.indexed} in {self.seconds:.1f} s ({rate:.1f} images/s)"
         if self.resumed_from:

@@ -5,6 +5,11 @@ earlier run already spooled -> decode + encode (local worker processes, or Ray) 
 the job directory -> hand the batches to the one IndexWriter (which cuts and writes the shards in the job's
 build folder, journaled here) -> the writer publishes -> remove the job directory. This module keeps only
 the job's part: spooling, the journal and resuming; everything about writing an index is the writer's.
+
+The source is checked (it exists, its columns are there) before the model loads or anything is written. A job
+that stops on an error keeps its spool only when the spool holds work to resume; otherwise its job folder is
+removed. The published manifest lists the keys of the jobs that built it, so running a finished job again
+says so and changes nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from indexer.decode import DEFAULT_MAX_PIXELS
+from indexer.decode import DEFAULT_MAX_PIXELS, DecodeLimits
 from indexer.journal import Chunk, JobDir, JournalState, job_dir_for, job_key
 from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
 from indexer.report import JobProgress, JobSummary
-from indexer.sources import SourceOptions, iter_items
+from indexer.sources import DEFAULT_MAX_BYTES, SourceOptions, check, iter_items
 from stair_search import DEFAULT_MODEL
 from stair_search.encode import Encoder
 from stair_search.index.dense import DenseSpec
@@ -42,7 +47,8 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
         overwrite: bool = False, device: str | None = None, encoder: Encoder | None = None,
         options: SourceOptions | None = None, workers: int | None = None, runner: str = "local",
         ray_address: str | None = None, resume: bool = True, progress: bool | None = None,
-        torch_threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, wait: bool = False) -> JobSummary:
+        torch_threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+        wait: bool = False) -> JobSummary:
     """Index every readable image of ``source`` into ``out``; bad items are skipped and reported.
 
     A job killed at any moment continues when started again with the same arguments (``resume=False``
@@ -50,24 +56,31 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
     ``torch_threads`` sizes the encoder's threads here. ``runner="ray"`` decodes and encodes on Ray
     (``ray_address``: an existing cluster; default a local one) and writes the same shards. The job holds the
     index's mutation lock from start to publish: another mutation of ``out`` makes it stop at once naming the
-    holder, or with ``wait`` queue behind it.
+    holder, or with ``wait`` queue behind it. ``max_pixels`` / ``max_bytes`` cap what one image may cost to
+    decode (larger ones are skipped as too large).
     """
     check_not_reimporting_main()
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    options = options or SourceOptions()
+    check(str(source), options)
     started, out = time.perf_counter(), Path(out)
     if torch_threads:
         torch.set_num_threads(torch_threads)
     encoder = encoder or Encoder(model, batch_size=batch_size, device=device, pretrained=pretrained)
-    options = options or SourceOptions()
+    limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
     identity = {"source": os.path.abspath(str(source)), "out": os.path.abspath(out), "options": asdict(options),
                 "model": encoder.fingerprint, "shard_size": shard_size, "dense": dense, "append": append,
-                "max_pixels": max_pixels}
-    job = JobDir(job_dir_for(out, job_key(**identity)), identity)
+                "limits": asdict(limits)}
+    key = job_key(**identity)
+    job = JobDir(job_dir_for(out, key), identity)
     with IndexLock(out, wait=wait) as lock:
         journal = job.read_journal() if resume else JournalState()
         if journal.complete and _published(out, journal):  # a kill came after publishing, before the cleanup
             return _finish(job, journal, Manifest.load(out), started, 0, 0, out)
+        if resume and not (append or overwrite) and _built_by(out, key):
+            return JobSummary(manifest=Manifest.load(out), indexed=0, seconds=time.perf_counter() - started,
+                              already_complete=True)
         with IndexWriter(out, encoder, append=append, overwrite=overwrite, shard_size=shard_size,
                          dense_spec=DenseSpec(dense) if dense else None, build_dir=job.build_dir,
                          resumed=journal.shards, lock=lock) as writer:
@@ -77,43 +90,46 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
                 if not state.complete:
                     existing = set(Index(out).ids()) if writer.appending else set()
                     _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner, ray_address,
-                                   max_pixels, existing, progress)
+                                   limits, existing, progress)
                 _check_something_usable(job, state, source)
-                manifest = writer.commit(state.skipped)
+                manifest = writer.commit(state.skipped, job=key)
             except BaseException:
-                job.close()  # keep the spool: the next run with the same arguments continues from it
+                # keep a spool that holds work: the next run with the same arguments continues from it
+                job.close() if job.holds_work() else job.remove()
                 raise
     return _finish(job, state, manifest, started, job_run.encoded_now, job_run.resumed_from, out)
 
 
 def _encode_source(job_run: _JobRun, source: str, options: SourceOptions, encoder: Encoder, batch_size: int,
-                   workers: int | None, runner: str, ray_address: str | None, max_pixels: int,
+                   workers: int | None, runner: str, ray_address: str | None, limits: DecodeLimits,
                    existing: set[str], progress: bool | None) -> None:
-    items = _numbered_items(source, options, job_run.start, existing)
+    items = _numbered_items(source, options, job_run.start, existing, limits.max_bytes)
     builder_args = {"batch_size": batch_size, "seen_ids": job_run.seen_ids, "vocabulary": encoder.model.vocabulary,
                     "scale": job_run.writer.manifest.scale}
     with JobProgress(source, job_run.start, progress) as bar:
-        for chunk in _chunks(runner, items, encoder, builder_args, workers, ray_address, max_pixels):
+        for chunk in _chunks(runner, items, encoder, builder_args, workers, ray_address, limits):
             job_run.add(chunk)
             bar.advance_to(chunk.end)
     job_run.finish()
 
 
 def _chunks(runner: str, items: Iterator[NumberedItem], encoder: Encoder, builder_args: dict, workers: int | None,
-            ray_address: str | None, max_pixels: int) -> Iterator[Chunk]:
+            ray_address: str | None, limits: DecodeLimits) -> Iterator[Chunk]:
     workers = default_workers() if workers is None else workers
     if runner == "local":
-        return local_chunks(items, encoder, builder_args, workers, max_pixels)
+        return local_chunks(items, encoder, builder_args, workers, limits)
     from indexer.ray_runner import ray_chunks
 
-    return ray_chunks(items, encoder, builder_args, ray_address, max_pixels)
+    return ray_chunks(items, encoder, builder_args, ray_address, limits)
 
 
-def _numbered_items(source: str, options: SourceOptions, start: int, existing: set[str]) -> Iterator[NumberedItem]:
-    """Items from position ``start`` on; those the index already holds (an append) are skipped undecoded."""
-    for position, item in enumerate(iter_items(source, options)):
+def _numbered_items(source: str, options: SourceOptions, start: int, existing: set[str],
+                    max_bytes: int) -> Iterator[NumberedItem]:
+    """Items from position ``start`` on; those the index already holds (an append) and those the source
+    already knows are unusable are skipped undecoded."""
+    for position, item in enumerate(iter_items(source, options, max_bytes)):
         if position >= start:
-            yield position, item, ALREADY_INDEXED if item.id in existing else None
+            yield position, item, item.problem or (ALREADY_INDEXED if item.id in existing else None)
 
 
 class _JobRun:
@@ -170,6 +186,11 @@ def _check_something_usable(job: JobDir, state: JournalState, source: str | Path
     job.remove()
     raise ValueError(f"Nothing to index in '{source}': {len(state.skipped)} item(s) found, none readable "
                      f"({', '.join(reasons) or 'no images'}).")
+
+
+def _built_by(out: Path, key: str) -> bool:
+    """Whether the published index lists this job among those that built it (a finished job run again)."""
+    return (out / MANIFEST).is_file() and key in Manifest.load(out).jobs
 
 
 def _published(out: Path, state: JournalState) -> bool:

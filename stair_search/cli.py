@@ -65,6 +65,10 @@ def index(
     metadata_column: Annotated[list[str] | None, typer.Option(help="Column to keep as metadata (repeatable).")]
     = None,
     hash_ids: Annotated[bool, typer.Option(help="Id = SHA-1 of the image bytes (duplicates indexed once).")] = False,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="Skip images with more pixels (width x height) as "
+                                                               "too large [default: 64000000].")] = None,
+    max_bytes: Annotated[int | None, typer.Option(min=1, help="Skip image files, tar members and parquet cells of "
+                                                              "more bytes as too large [default: 256 MiB].")] = None,
     wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
                                             "stopping.")] = False,
 ) -> None:
@@ -77,7 +81,8 @@ def index(
                             hash_ids=hash_ids)
     summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
                           shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
-                          runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait)
+                          runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
+                          **{k: v for k, v in {"max_pixels": max_pixels, "max_bytes": max_bytes}.items() if v})
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
     if summary.manifest.sparse != "heads":

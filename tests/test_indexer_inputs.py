@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexer.decode import decode
-from indexer.sources import Item, SourceOptions, describe, expand_braces, iter_items
-from tests.conftest import draw_shape
+from indexer.decode import DecodeLimits, decode
+from indexer.sources import Item, SourceOptions, check, describe, expand_braces, iter_items
+from tests.conftest import draw_shape, png_header
 
 
 def identity(image):
@@ -32,8 +34,12 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def decoded(data: bytes, **kwargs):
-    return decode(Item(id="x", source="x", data=data), 0, identity, **kwargs)
+def decoded(data: bytes, **limits):
+    return decode(Item(id="x", source="x", data=data), 0, identity, DecodeLimits(**limits))
+
+
+def read_from(path, **limits):
+    return decode(Item(id="x", source=str(path), path=str(path)), 0, identity, DecodeLimits(**limits)).skip_reason
 
 
 def test_bad_inputs_are_skipped_with_their_reason(tmp_path):
@@ -41,9 +47,11 @@ def test_bad_inputs_are_skipped_with_their_reason(tmp_path):
     assert decoded(b"").skip_reason == "empty file"
     assert "truncated" in decoded(good[: len(good) // 2]).skip_reason
     assert decoded(b"%PDF-1.4 not an image at all").skip_reason == "not an image"
-    bomb = png_bytes(Image.new("L", (12000, 12000)))  # 144 MP: over PIL's limit, tiny file
-    assert "decompression bomb" in decoded(bomb).skip_reason
+    photo = png_bytes(Image.new("L", (12000, 9000)))  # 108 MP: over PIL's warning limit, a real camera's size
+    assert decoded(photo).skip_reason == "too large: 12000x9000 > 64000000 pixels (raise --max-pixels)"
+    assert decoded(png_header(30000, 30000)).skip_reason.startswith("too large: 900000000 > ")  # PIL refuses it
     assert "too large" in decoded(png_bytes(Image.new("L", (3000, 3000))), max_pixels=1_000_000).skip_reason
+    assert decoded(good, max_bytes=100).skip_reason == f"too large: {len(good)} bytes > 100 (raise --max-bytes)"
     missing = decode(Item(id="m", source="m", path=str(tmp_path / "missing.png")), 0, identity)
     assert missing.skip_reason == "missing file"
 
@@ -117,3 +125,118 @@ def test_list_sources_and_hash_ids(tmp_path):
     (tmp_path / "list.csv").write_text(f"filepath,title\n{a},first\n{b},second\n")
     items = list(iter_items(str(tmp_path / "list.csv"), SourceOptions(hash_ids=True)))
     assert items[0].id == items[1].id and len(items[0].id) == 40 and items[1].caption == "second"
+
+
+def test_special_files_are_never_read_and_big_files_stop_at_the_byte_cap(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "pipe.png").symlink_to(fifo)  # would block a plain open() forever
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # would grow a plain read() without end
+    (tmp_path / "folder.png").mkdir()
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(draw_shape("red", "circle")))
+    assert read_from(tmp_path / "pipe.png") == "not a regular file (a FIFO, device or socket)"
+    assert read_from(tmp_path / "zero.png") == "not a regular file (a FIFO, device or socket)"
+    assert read_from(tmp_path / "folder.png") == "not a regular file (a folder)"
+    assert read_from(big, max_bytes=10).startswith(f"too large: {big.stat().st_size} bytes > 10")
+    assert read_from(big) is None
+    # the folder source lists them (so that each one is reported), sniffing nothing it cannot open safely
+    names = [i.id for i in iter_items(str(tmp_path))]
+    assert names == ["big.png", "folder.png", "pipe.png", "zero.png"] or names == ["big.png", "pipe.png", "zero.png"]
+
+
+def test_formats_pil_cannot_read_here_are_reported_with_the_fix(tmp_path):
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    items = list(iter_items(str(tmp_path)))
+    assert [i.id for i in items] == ["IMG_0001.HEIC"]
+    reason = decode(items[0], 0, identity).skip_reason
+    assert reason.startswith("unsupported image format (.heic): convert it to JPEG or PNG")
+
+
+def test_bad_parquet_cells_become_items_with_their_problem(tmp_path):
+    image = png_bytes(draw_shape("red", "circle"))
+    pq.write_table(pa.table({"key": ["a", None, "c", ""], "image": [image, image, None, image]}),
+                   tmp_path / "ids.parquet")
+    items = list(iter_items(str(tmp_path / "ids.parquet"), SourceOptions(id_column="key", bytes_column="image")))
+    assert [(i.id, i.problem) for i in items] == [
+        ("a", None), (f"{tmp_path / 'ids.parquet'}#row=1", "missing id: the 'key' cell is empty"),
+        ("c", "no image: the 'image' cell is empty"),
+        (f"{tmp_path / 'ids.parquet'}#row=3", "missing id: the 'key' cell is empty")]
+    pq.write_table(pa.table({"image": ["photos/cat.jpg", "x"]}), tmp_path / "text.parquet")
+    pq.write_table(pa.table({"image": [17, 18]}), tmp_path / "ints.parquet")
+    text = next(iter_items(str(tmp_path / "text.parquet")))
+    ints = next(iter_items(str(tmp_path / "ints.parquet")))
+    assert text.problem == ("not image bytes: the 'image' cell holds text (a column of paths is named with "
+                            "--path-column)")
+    assert ints.problem.startswith("not image bytes: the 'image' cell holds a int")
+    hugging_face = pa.table({"image": [{"bytes": image, "path": "cat.png"}]})  # datasets' Image feature
+    pq.write_table(hugging_face, tmp_path / "hf.parquet")
+    assert next(iter_items(str(tmp_path / "hf.parquet"))).data == image
+
+
+def test_sources_that_cannot_be_read_at_all_fail_before_a_job_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check(str(tmp_path / "nothing-here"))
+    pq.write_table(pa.table({"path": ["a.png"]}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match=r"columns \['caption_en'\] not found"):
+        check(str(tmp_path / "a.parquet"), SourceOptions(caption_column="caption_en"))
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        check(str(tmp_path / "b.parquet"))
+    (tmp_path / "list.csv").write_text("filepath,title\na.png,first\n")
+    with pytest.raises(ValueError, match=r"columns \['id'\] not found"):
+        check(str(tmp_path / "list.csv"), SourceOptions(id_column="id"))
+    with pytest.raises(FileNotFoundError, match="shards not found"):
+        check(str(tmp_path / "shard-{000..001}.tar"))
+
+
+def tar_shard(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_damaged_tar_gives_what_it_holds_and_one_item_for_the_rest(tmp_path):
+    image = png_bytes(draw_shape("red", "circle"), compress_level=0)
+    tar_shard(tmp_path / "s.tar", [(f"k{i}.png", image) for i in range(4)])
+    whole = (tmp_path / "s.tar").read_bytes()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        second = tar.getmembers()[1]
+    (tmp_path / "data.tar").write_bytes(whole[: second.offset_data + 100])  # cut inside the 2nd image
+    (tmp_path / "header.tar").write_bytes(whole[: second.offset + 100])  # cut inside the 2nd header
+    damaged = bytearray(whole)
+    damaged[second.offset : second.offset + 100] = os.urandom(100)
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
+    for name in ("data", "header", "damaged"):
+        cut = list(iter_items(str(tmp_path / f"{name}.tar")))
+        assert [i.id for i in cut if i.problem is None] == [f"{name}.tar/k0"], name
+        assert cut[-1].problem.startswith("corrupt or truncated tar: unreadable after 1 member(s)"), name
+    junk = list(iter_items(str(tmp_path / "junk.tar")))
+    assert len(junk) == 1 and junk[0].problem.startswith("corrupt or truncated tar: unreadable after 0 member(s)")
+
+
+def test_tar_keys_without_an_image_and_oversized_members_are_named(tmp_path):
+    image = png_bytes(draw_shape("red", "circle"))
+    tar_shard(tmp_path / "s.tar", [("a.png", image), ("a.txt", b"a red circle"), ("b.txt", b"no picture"),
+                                   ("b.json", b"{}"), ("c.png", image)])
+    items = list(iter_items(str(tmp_path / "s.tar")))
+    assert [(i.id, i.problem) for i in items] == [
+        ("s.tar/a", None), ("s.tar/b", "no image member for this key (members: .txt, .json)"), ("s.tar/c", None)]
+    assert items[0].caption == "a red circle" and items[0].source == f"{tmp_path / 's.tar'}#a.png"
+    small = list(iter_items(str(tmp_path / "s.tar"), max_bytes=len(image) - 1))
+    assert small[0].problem == f"too large: {len(image)} bytes > {len(image) - 1} (raise --max-bytes)"
+
+
+def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    draw_shape("red", "circle").save(tmp_path / "a.png")
+    Path("list.txt").write_text("a.png\n")
+    Path("list.csv").write_text("filepath,title\na.png,first\n,empty row\n")
+    pq.write_table(pa.table({"path": ["a.png"]}), "data.parquet")
+    for spec in ("list.txt", "list.csv", "data.parquet"):
+        item = next(iter_items(spec))
+        assert item.id == "a.png" and item.source == str(tmp_path / "a.png"), spec
+    assert list(iter_items("list.csv"))[1].problem == "no image: the 'filepath' cell is empty"

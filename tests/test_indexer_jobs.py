@@ -30,13 +30,14 @@ from typer.testing import CliRunner
 import indexer
 from indexer.journal import read_chunk
 from indexer.pipeline import PREFETCH_PER_WORKER
+from indexer.sources import SourceOptions
 from stair_search.cli import app
 from stair_search.encode import Encoder
 from stair_search.index.layout import DENSE_FILE, FEATURES_FILE, SKIPPED_REPORT, SPARSE_DIR, read_tombstone
 from stair_search.index.manifest import MANIFEST, Manifest
 from stair_search.index.reader import Candidate, Index
 from stair_search.index.store import FeatureStore
-from tests.conftest import COLOURS, draw_shape
+from tests.conftest import COLOURS, draw_shape, png_header
 
 BACKGROUNDS = ("white", "black", "gray", "pink", "orange")
 SHAPES = ("circle", "square", "triangle")
@@ -224,15 +225,15 @@ def test_a_job_killed_mid_run_resumes_without_losing_or_repeating_documents(tmp_
 
 
 class CtrlCAfter(Encoder):
-    """The real encoder, interrupted by a Ctrl-C (KeyboardInterrupt) once ``batches`` batches are encoded."""
+    """The real encoder, interrupted by ``error`` (default a Ctrl-C) once ``batches`` batches are encoded."""
 
-    def __init__(self, model, batches: int):
+    def __init__(self, model, batches: int, error: BaseException | type[BaseException] = KeyboardInterrupt):
         super().__init__(model, batch_size=4)
-        self.left = batches
+        self.left, self.error = batches, error
 
     def encode_pixels(self, pixels):
         if self.left == 0:
-            raise KeyboardInterrupt
+            raise self.error
         self.left -= 1
         return super().encode_pixels(pixels)
 
@@ -248,6 +249,41 @@ def test_ctrl_c_keeps_the_spool_for_a_resume_and_no_resume_starts_over(tmp_path,
         assert (summary.resumed_from, summary.encoded_now) == ((8, 4) if resume else (0, 12))
         assert sorted(Index(out).ids()) == sorted(p.name for p in images) and job_dir_of(out) is None
     assert_same_documents(index_contents(tmp_path / "resumed"), index_contents(tmp_path / "restarted"))
+
+
+def test_a_job_that_fails_before_spooling_anything_leaves_nothing_behind(tmp_path, tiny_encoder):
+    draw_images(tmp_path / "images", 6)
+    pq.write_table(pa.table({"path": ["a.png"]}), tmp_path / "data.parquet")
+    out = tmp_path / "index"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        indexer.run(tmp_path / "no-such-folder", out, encoder=tiny_encoder, workers=0, progress=False)
+    with pytest.raises(ValueError, match="not found"):
+        indexer.run(tmp_path / "data.parquet", out, encoder=tiny_encoder, workers=0, progress=False,
+                    options=SourceOptions(caption_column="caption_en"))
+    crash = CtrlCAfter(tiny_encoder.model, batches=0, error=RuntimeError("the encoder crashed"))
+    with pytest.raises(RuntimeError, match="crashed"):
+        indexer.run(tmp_path / "images", out, encoder=crash, workers=0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.parquet", "images"]  # no index, job or lock
+    crash = CtrlCAfter(tiny_encoder.model, batches=1, error=RuntimeError("the encoder crashed"))
+    with pytest.raises(RuntimeError, match="crashed"):  # after one batch: its spool is kept for a resume
+        indexer.run(tmp_path / "images", out, encoder=crash, workers=0, progress=False, batch_size=4)
+    assert list((job_dir_of(out) / "chunks").glob("*.npz"))
+    summary = indexer.run(tmp_path / "images", out, encoder=tiny_encoder, workers=0, progress=False, batch_size=4)
+    assert (summary.resumed_from, summary.indexed) == (4, 6) and job_dir_of(out) is None
+
+
+def test_running_a_finished_job_again_says_it_is_complete_and_changes_nothing(tmp_path, tiny_config_path):
+    draw_images(tmp_path / "images", 3)
+    out = tmp_path / "index"
+    args = ["index", str(tmp_path / "images"), "--out", str(out), "--model", str(tiny_config_path), "--workers", "0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    manifest = (out / MANIFEST).read_bytes()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
+    assert "holds 3 documents" in again.output and (out / MANIFEST).read_bytes() == manifest
+    changed = CliRunner().invoke(app, [*args, "--max-pixels", "1000"])  # another job: the index is not its own
+    assert changed.exit_code == 1 and "already holds an index" in str(changed.exception)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -266,11 +302,20 @@ def write_bad_and_odd_files(folder: Path) -> dict[str, str]:
     (folder / "empty.png").write_bytes(b"")
     (folder / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
     (folder / "notes.jpg").write_text("a text file with an image suffix")
-    (folder / "bomb.png").write_bytes(encoded_bytes(Image.new("L", (12000, 12000)), "PNG"))  # > PIL's limit
+    (folder / "bomb.png").write_bytes(png_header(30000, 30000))  # over twice PIL's limit: it refuses to open it
+    (folder / "photo.png").write_bytes(encoded_bytes(Image.new("L", (12000, 9000)), "PNG"))  # over PIL's warning
     (folder / "huge.png").write_bytes(encoded_bytes(Image.new("L", (1200, 1000)), "PNG"))  # > max_pixels below
+    os.mkfifo(folder / ".fifo")
+    (folder / "pipe.png").symlink_to(folder / ".fifo")  # a plain open() would block the job forever
+    (folder / "zero.png").symlink_to("/dev/zero")  # a plain read() would fill the memory
+    (folder / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
     expected = {"empty.png": "empty file", "truncated.jpg": "corrupt or truncated image",
-                "notes.jpg": "not an image", "bomb.png": "decompression bomb (over PIL's pixel limit)",
-                "huge.png": "too large: 1200x1000 > 1000000 pixels"}
+                "notes.jpg": "not an image", "bomb.png": "too large: 900000000 > 178956970 pixels",
+                "photo.png": "too large: 12000x9000 > 1000000 pixels",
+                "huge.png": "too large: 1200x1000 > 1000000 pixels",
+                "pipe.png": "not a regular file (a FIFO, device or socket)",
+                "zero.png": "not a regular file (a FIFO, device or socket)",
+                "IMG_0001.heic": "unsupported image format (.heic): convert it to JPEG or PNG"}
     if os.geteuid() != 0:  # root reads a chmod 000 file anyway, so the case only exists for other users
         draw_shape("red", "circle").save(folder / "unreadable.png")
         (folder / "unreadable.png").chmod(0)
@@ -398,6 +443,27 @@ def test_cli_takes_ids_captions_and_metadata_from_the_columns_it_is_given(tmp_pa
     rows = index.documents([Candidate(0, 0, 1.0), Candidate(0, 1, 1.0)], ["id", "caption", "metadata"])
     assert [(r["id"], r["caption"], r["metadata"]) for r in rows] == [
         ("k1", "a red circle", {"colour": "red"}), ("k2", "a blue square", {"colour": "blue"})]
+
+
+def test_a_truncated_tar_among_good_shards_is_skipped_and_the_job_completes(tmp_path, tiny_encoder):
+    for shard, colours in enumerate([("red", "blue"), ("green", "yellow"), ("red", "green")]):
+        with tarfile.open(tmp_path / f"shard-{shard:03d}.tar", "w") as tar:
+            for colour in colours:
+                data = encoded_bytes(draw_shape(colour, "circle"), "PNG", compress_level=0)
+                info = tarfile.TarInfo(f"{colour}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    middle = tmp_path / "shard-001.tar"
+    middle.write_bytes(middle.read_bytes()[:1800])  # a copy that stopped inside the first image
+    (tmp_path / "shard-002.tar").write_bytes((tmp_path / "shard-002.tar").read_bytes()[:-5000])  # inside the 2nd
+    summary = indexer.run(str(tmp_path / "shard-{000..002}.tar"), tmp_path / "index", encoder=tiny_encoder,
+                          workers=1, progress=False)
+    assert sorted(Index(tmp_path / "index").ids()) == ["shard-000.tar/blue", "shard-000.tar/red",
+                                                       "shard-002.tar/red"]
+    report = pq.read_table(tmp_path / "index" / SKIPPED_REPORT).to_pylist()
+    assert [(r["id"], r["reason"].split(":")[0]) for r in report] == [
+        ("shard-001.tar#0", "corrupt or truncated tar"), ("shard-002.tar#1", "corrupt or truncated tar")]
+    assert summary.indexed == 3
 
 
 def test_a_webdataset_shard_set_is_indexed_through_worker_processes(tmp_path, tiny_encoder):

@@ -57,6 +57,9 @@ class Manifest:
     # How the sparse vectors were made (models/stair.py SPARSE_SOURCES): "heads" (trained STAIR heads; every
     # index built before this field existed), "concepts" (training-free, models/concepts.py) or "none".
     sparse: str = "heads"
+    # Keys of the indexing jobs that built this index (indexer/journal.py job_key): a finished job run again
+    # finds its key here and stops, saying the index is complete.
+    jobs: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 

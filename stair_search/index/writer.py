@@ -193,10 +193,12 @@ class IndexWriter:
 
     # ------------------------------------------------------------------------------------------ publishing
 
-    def commit(self, skipped: Sequence[Skip] = ()) -> Manifest:
+    def commit(self, skipped: Sequence[Skip] = (), job: str | None = None) -> Manifest:
         """Publish everything (the manifest last, atomically) and release the lock. ``skipped``: items a job could
-        not index, kept in the index's ``skipped.parquet``."""
+        not index, kept in the index's ``skipped.parquet``; ``job``: the key of the job that wrote them."""
         self.flush()
+        if job and job not in self.manifest.jobs:
+            self.manifest.jobs.append(job)
         try:
             if self.appending:
                 self._publish_into_index(skipped)

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from indexer.sources import DEFAULT_MAX_BYTES, OTHER_IMAGE_SUFFIXES, Item, NotRead, read_file
-from stair_search.images import to_rgb
+from stair_search.images import refused_pixels, to_rgb
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~ 8000 x 8000: beyond this the decode alone needs gigabytes
 FETCH_TIMEOUT_S = 20.0
@@ -100,16 +100,13 @@ def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: 
                 image.seek(0)  # animated GIF / WebP / APNG: the first frame
                 image.load()
                 rgb = to_rgb(image)
-    except Image.DecompressionBombError as exc:
-        return Decoded(position, None, skip_reason=f"too large: {_pixels_in(exc)} (PIL's limit for any image)")
+    except Image.DecompressionBombError as exc:  # over twice PIL's own limit: it will not even open the file
+        pixels = refused_pixels(exc)
+        return Decoded(position, None, skip_reason=f"too large: {pixels or 'over'} > {Image.MAX_IMAGE_PIXELS * 2} "
+                                                   f"pixels (PIL's limit for any image)")
     except UnidentifiedImageError:
         return Decoded(position, None, skip_reason="not an image")
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
         return Decoded(position, None, skip_reason=f"corrupt or truncated image: {exc}")
     return Decoded(position, preprocess(rgb), width, height)
 
-
-def _pixels_in(error: Image.DecompressionBombError) -> str:
-    """'Image size (900000000 pixels) exceeds limit of 178956970 pixels, ...' -> '900000000 > 178956970 pixels'."""
-    numbers = [word.strip("(,") for word in str(error).split() if word.strip("(,").isdigit()]
-    return f"{numbers[0]} > {numbers[1]} pixels" if len(numbers) >= 2 else "over PIL's pixel limit"

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from stair_search.images import to_rgb
+from stair_search.images import refused_pixels, to_rgb
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                  Image.DecompressionBombWarning, EOFError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
 
 
 class ImageRejected(ValueError):
@@ -57,7 +56,7 @@ def open_query_image(data: bytes, max_bytes: int, max_pixels: int, field: str = 
 def _decode(stream: io.BytesIO, max_pixels: int, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below decides
             with Image.open(stream) as image:
                 width, height = image.size
                 if width * height > max_pixels:
@@ -67,6 +66,10 @@ def _decode(stream: io.BytesIO, max_pixels: int, what: str) -> Image.Image:
                 return to_rgb(image).copy()
     except ImageRejected:
         raise
+    except Image.DecompressionBombError as exc:  # more than twice PIL's own limit: PIL will not even open it
+        pixels = refused_pixels(exc) or "more"
+        raise ImageRejected(413, f"'{what}' is {pixels} pixels, more than the limit of {max_pixels}; send a smaller "
+                                 f"image") from None
     except _DECODE_ERRORS as exc:
         raise ImageRejected(422, f"'{what}' is not a readable image ({type(exc).__name__}: {exc})") from exc
 

@@ -1,4 +1,4 @@
-"""Image normalisation shared by the encoder and the indexing jobs."""
+"""Image normalisation shared by the encoder, the indexing jobs and the service."""
 
 from __future__ import annotations
 
@@ -26,3 +26,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits first
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
+
+
+def refused_pixels(error: Image.DecompressionBombError) -> int | None:
+    """How many pixels the image PIL refused to open had (PIL says it only in its message), or None."""
+    words = [word.strip("(),") for word in str(error).split()]
+    numbers = [int(word) for word in words if word.isdigit()]
+    return numbers[0] if numbers else None

@@ -92,7 +92,8 @@ def test_dense_only_paths_do_not_import_pyserini():
 
 
 def test_a_dense_search_with_explanations_never_starts_java(tmp_path, tiny_config_path, tiny_encoder):
-    """Explanations read the stored CSR vectors; only a sparse search opens Lucene (and the JVM)."""
+    """Explanations read the stored CSR vectors; only a sparse search opens Lucene (and the JVM), which then
+    prints no warnings."""
     import indexer
     from tests.conftest import draw_shape
 
@@ -102,11 +103,13 @@ def test_a_dense_search_with_explanations_never_starts_java(tmp_path, tiny_confi
         draw_shape(colour, "circle").save(folder / f"{colour}.png")
     indexer.run(folder, tmp_path / "index", encoder=tiny_encoder, workers=0, progress=False)
     code = ("import sys; from stair_search.cli import main\n"
-            "args = ['search', sys.argv[1], 'red circle', '--mode', 'dense', '--json', '--model', sys.argv[2]]\n"
+            "args = ['search', sys.argv[1], 'red circle', '--mode', sys.argv[3], '--json', '--model', sys.argv[2]]\n"
             "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
             "print('JAVA' if 'pyserini.search.lucene' in sys.modules or 'jnius' in sys.modules else 'NO-JAVA')")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tiny_config_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "NO-JAVA" and len(lines) == 3  # two hits as JSON, then the check
+    for mode, java in (("dense", "NO-JAVA"), ("sparse", "JAVA")):
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tiny_config_path), mode],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert lines[-1] == java and (mode == "sparse" or len(lines) == 3), (mode, lines)  # hits as JSON, the check
+        assert "WARNING" not in result.stderr, result.stderr  # not Lucene's "running with Java 22 or later" either

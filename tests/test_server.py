@@ -9,6 +9,7 @@ import importlib.util
 import io
 import os
 import sys
+import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from stair_search.index.reader import Index
 from stair_search.rerank import RERANKERS
 from stair_search.retrieve import router as router_module
 from stair_search.retrieve.router import QueryRouter
-from tests.conftest import COLOURS, draw_shape
+from tests.conftest import COLOURS, draw_shape, png_header
 
 SHAPES = ("circle", "square", "triangle")
 OPTIONS = SourceOptions(id_column="id", path_column="path", caption_column="caption",
@@ -196,6 +197,33 @@ def test_thumbnail_is_a_small_png_of_the_stored_image(client):
     assert thumb.size == (32, 32)
     assert thumb.convert("RGB").getpixel((16, 16)) == pytest.approx(COLOURS["red"], abs=12)
     assert thumb.convert("RGB").getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_relative_sources_and_ids_with_newlines_are_served(tmp_path, tiny_encoder, monkeypatch):
+    """Lists, parquet and webdataset entries given relative to the job's folder; the service runs elsewhere."""
+    work = tmp_path / "work"
+    (work / "pictures").mkdir(parents=True)
+    draw_shape("red", "circle").save(work / "pictures" / "red.png")
+    monkeypatch.chdir(work)
+    Path("list.txt").write_text("pictures/red.png\n")
+    pq.write_table(pa.table({"id": ["two\nlines"], "path": ["pictures/red.png"]}), "data.parquet")
+    with tarfile.open("shard-000.tar", "w") as tar:
+        tar.add("pictures/red.png", arcname="red.png")
+    indexes = {}
+    sources = (("list", "list.txt", None), ("parquet", "data.parquet", SourceOptions(id_column="id")),
+               ("tar", "shard-000.tar", None))
+    for name, source, options in sources:
+        indexer.run(source, tmp_path / name, encoder=tiny_encoder, workers=0, progress=False, options=options)
+        indexes[name] = tmp_path / name
+    monkeypatch.chdir(tmp_path)
+    with make_client(IndexRegistry(indexes)) as served:
+        for name in indexes:
+            hit = served.post("/search", json={"query": "red", "index": name, "mode": "dense"}).json()["hits"][0]
+            document = served.get(hit["document"])
+            thumbnail = served.get(hit["thumbnail"])
+            assert document.status_code == 200 and document.json()["id"] == hit["id"], (name, document.text)
+            assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png", name
+        assert served.get("/documents/two%0Alines", params={"index": "parquet"}).json()["id"] == "two\nlines"
 
 
 @pytest.mark.parametrize("attempt", [
@@ -408,6 +436,14 @@ def test_image_over_the_pixel_cap_answers_413_before_decoding(strict_client):
     assert len(bomb) < 20_000
     response = strict_client.post("/search", json={"image": base64.b64encode(bomb).decode()})
     assert response.status_code == 413 and "6000x6000" in response.json()["detail"]
+
+
+def test_an_image_past_pils_own_limit_answers_413_not_422(client):
+    flood = png_header(30000, 30000)  # PIL refuses to even open it
+    response = client.post("/search", json={"image": base64.b64encode(flood).decode()})
+    assert response.status_code == 413 and "900000000 pixels" in response.json()["detail"]
+    upload = client.post("/search", files={"image": ("flood.png", flood, "image/png")})
+    assert upload.status_code == 413
 
 
 def test_search_past_the_timeout_answers_504(registry):

@@ -1,19 +1,33 @@
-"""``GET /documents/{id}`` and ``GET /thumbnails/{id}``: stored fields and thumbnails, looked up by id only
-(no client path is ever opened)."""
+r"""``GET /documents/{id}`` and ``GET /thumbnails/{id}``: stored fields and thumbnails, looked up by id only
+(no client path is ever opened).
+
+An id may hold any character an indexing source gave it, newlines included: Starlette's ``path`` convertor
+(``.*``) stops at a newline, so the id segment is matched by the ``doc_id`` convertor registered here
+(``[\s\S]*``; a named addition to Starlette's table of convertors, changing none of its own).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from server.schemas import Document
 from server.state import State, authorized, find_document, thumbnail_url
 
+
+class DocumentIdConvertor(PathConvertor):
+    """Any text, newlines included: what ``{doc_id:doc_id}`` matches."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("doc_id", DocumentIdConvertor())
 router = APIRouter(tags=["documents"], dependencies=[Depends(authorized)])
 
 
-@router.get("/documents/{doc_id:path}", response_model=Document)
+@router.get("/documents/{doc_id:doc_id}", response_model=Document)
 def document(state: State, doc_id: str, index: str | None = None) -> Document:
     """Stored fields of one document of the index (looked up by id only)."""
     version = state.checkout(index)
@@ -26,7 +40,7 @@ def document(state: State, doc_id: str, index: str | None = None) -> Document:
                     thumbnail=thumbnail_url(version.name, row["id"]))
 
 
-@router.get("/thumbnails/{doc_id:path}", responses={200: {"content": {"image/png": {}}}})
+@router.get("/thumbnails/{doc_id:doc_id}", responses={200: {"content": {"image/png": {}}}})
 def thumbnail(state: State, doc_id: str, index: str | None = None,
               size: Annotated[int | None, Query(ge=16, le=512, description="pixels (default: the server's setting)")]
               = None) -> Response:

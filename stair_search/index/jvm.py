@@ -7,6 +7,8 @@ Why this module exists:
   Starting the VM ourselves first (class path = Pyserini's Anserini fat jar) makes Pyserini skip that.
 - ``pyserini.search.lucene`` builds an OpenAI client at import time and fails without ``OPENAI_API_KEY``;
   we import it with a placeholder key that is removed again, so nothing leaks into the user's environment.
+- Lucene logs a warning on every start with a Java newer than its release knows ("running with Java 22 or
+  later"); ``java-logging.properties`` beside this module quietens that one logger and no other.
 - The JVM start is lazy: nothing here runs until an index is built or searched, so dense-only paths, the
   CLI's ``--help`` and the encoder never pay the JVM start or the ~9 s Pyserini search import.
 """
@@ -23,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_HEAP = "2g"
+LOGGING_PROPERTIES = Path(__file__).with_name("java-logging.properties")
 HEAP_ENV = "STAIR_JAVA_HEAP"
 _import_lock = threading.Lock()
 
@@ -80,6 +83,7 @@ def start_jvm(heap: str | None = None) -> None:
     jnius_config.add_options(
         f"-Xmx{heap or os.environ.get(HEAP_ENV, DEFAULT_HEAP)}",
         "-Djava.awt.headless=true",
+        f"-Djava.util.logging.config.file={LOGGING_PROPERTIES}",
         "--enable-native-access=ALL-UNNAMED",
         "-Dlog4j2.level=WARN",
         "-Dslf4j.internal.verbosity=WARN",  # no "SLF4J(I): Connected with provider" banner

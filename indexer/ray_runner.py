@@ -70,12 +70,19 @@ def _stack_rows(rows: list[dict[str, Any]]) -> EncodedBatch:
                         local_positions=np.stack([r["local_positions"] for r in rows]))
 
 
+def require_ray() -> None:
+    """A one-line install hint when Ray is missing; a job checks this before it writes anything."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError("--runner ray needs Ray: pip install 'ray>=2.9' (in a checkout of stair-search: "
+                                  "pip install -e '.[ray]'), or use --runner local.") from None
+
+
 def connect(address: str | None) -> dict[str, float]:
     """Join the cluster at ``address`` (None: the running one, or a new local instance); its resources."""
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("--runner ray needs Ray: pip install 'stair-search[ray]' (or use --runner local).") from None
+    require_ray()
+    import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -62,6 +62,10 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
     check_not_reimporting_main()
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    if runner == "ray":
+        from indexer.ray_runner import require_ray
+
+        require_ray()
     options = options or SourceOptions()
     check(str(source), options)
     started, out = time.perf_counter(), Path(out)

@@ -383,13 +383,29 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--debug"]:
         debug, args = True, args[1:]
     try:
-        app(args=args, prog_name="stair-search")
+        code = app(args=args, prog_name="stair-search", standalone_mode=False)
+    except typer.Exit as stop:  # --help and typer.Exit
+        code = stop.exit_code
+    except typer.Abort:  # Ctrl-C at a prompt
+        print("stair-search: aborted", file=sys.stderr)
+        code = 1
+    except typer.TyperException as exc:  # a usage error: a bad option value, a missing argument
+        if debug:
+            raise
+        context = getattr(exc, "ctx", None)
+        command = context.command_path.replace("stair-search", "").strip() if context else ""
+        _one_line(f"{exc.format_message()} (see: stair-search {command + ' ' if command else ''}--help)")
+        code = getattr(exc, "exit_code", 2)
     except _user_errors() as exc:
         if debug:
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"stair-search: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _one_line(str(exc) or type(exc).__name__)
+        code = 1
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> None:
+    print(f"stair-search: error: {' '.join(message.split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

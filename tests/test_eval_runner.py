@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -76,8 +77,13 @@ def test_every_mode_writes_the_run_users_get(router, tmp_path):
         expected = {"R@1": recall_at_k(run, COLOUR_QRELS, 1), "R@10": recall_at_k(run, COLOUR_QRELS, 10),
                     "MRR@10": mrr_at_k(run, COLOUR_QRELS, 10), "nDCG@10": ndcg_at_k(run, COLOUR_QRELS, 10)}
         assert {name: row.metrics[name] for name in expected} == pytest.approx(expected)
+        for qid in run:  # ordered by score alone (as trec_eval reads it), the file gives the same ranking
+            lines = [line.split() for line in row.run_path.read_text().splitlines() if line.split()[0] == qid]
+            scores = [float(fields[4]) for fields in lines]
+            assert all(a > b for a, b in itertools.pairwise(scores)), (row.config, qid, scores)
+            assert [fields[2] for fields in sorted(lines, key=lambda f: -float(f[4]))] == run[qid]
     table = report.to_markdown()
-    assert "| configuration | R@1 | R@5 | R@10 | MRR@10 | nDCG@10 | ms/query |" in table
+    assert "| configuration | R@1 | S@1 | R@5 | R@10 | MRR@10 | nDCG@10 | ms/query |" in table
     hybrid = report.row("hybrid-rrf")
     assert f"| hybrid-rrf | {100 * hybrid.metrics['R@1']:.1f} |" in table
 

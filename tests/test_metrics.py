@@ -14,6 +14,7 @@ from stair_search.eval.metrics import (
     mrr_at_k,
     ndcg_at_k,
     recall_at_k,
+    strictly_decreasing,
     success_at_k,
     write_qrels,
     write_queries,
@@ -112,3 +113,14 @@ def test_ids_with_whitespace_are_refused(tmp_path):
         write_trec_run(tmp_path / "run.trec", {"q1": [("my photo.jpg", 1.0)]})
     with pytest.raises(ValueError, match="contains whitespace"):
         write_qrels(tmp_path / "qrels.txt", {"q 1": {"d1": 1}})
+
+
+def test_run_files_break_ties_so_any_tool_reads_the_ranked_order(tmp_path):
+    """Tied scores (integer impacts, equal RRF sums) in rank order; docids sorted against it on purpose."""
+    run = {"q1": [("z", 3.0), ("b", 3.0), ("a", 3.0), ("c", 2.0000004), ("d", 2.0)]}
+    path = write_trec_run(tmp_path / "run.trec", run)
+    rows = [line.split() for line in path.read_text().splitlines()]
+    assert [float(r[4]) for r in rows] == [3.0, 2.999999, 2.999998, 2.0, 1.999999]
+    by_score_then_docid = sorted(rows, key=lambda r: (-float(r[4]), r[2]))  # trec_eval's reading
+    assert [r[2] for r in by_score_then_docid] == ["z", "b", "a", "c", "d"]
+    assert strictly_decreasing([1.0, 5.0]) == [1.0, 0.999999]  # never above the one before either

@@ -142,14 +142,35 @@ def write_qrels(path: str | Path, qrels: Qrels) -> Path:
     return path
 
 
+SCORE_STEP = 1e-6  # the score column's precision: a tie is broken by this much
+
+
 def write_trec_run(path: str | Path, run: ScoredRun, tag: str = "stair-search") -> Path:
-    """Write a TREC run file: ``qid Q0 docid rank score tag``, ranks from 1 in the given order."""
+    """Write a TREC run file: ``qid Q0 docid rank score tag``, ranks from 1 in the given order.
+
+    trec_eval and its family sort by the score column and break ties by docid, not by rank; our rankings hold
+    real ties (integer impacts, equal RRF sums, identical images). So the written scores strictly decrease
+    with rank: a score that is not below the one above it (at the written precision) is written
+    ``SCORE_STEP`` below it. Any tool then reads the order the printed metrics were computed on.
+    """
     path = Path(path)
     _check_tokens(path, [tag, *run, *(doc for ranked in run.values() for doc, _ in ranked)])
-    lines = [f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n"
-             for qid, ranked in run.items() for rank, (doc, score) in enumerate(ranked, start=1)]
+    lines = [f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n" for qid, ranked in run.items()
+             for rank, (doc, score) in enumerate(zip((d for d, _ in ranked), strictly_decreasing(
+                 [s for _, s in ranked]), strict=True), start=1)]
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+def strictly_decreasing(scores: Sequence[float], step: float = SCORE_STEP) -> list[float]:
+    """``scores`` (best first), each lowered just enough to be ``step`` below the one before, rounded to it."""
+    out: list[float] = []
+    for score in scores:
+        value = round(score / step) * step
+        if out and value > out[-1] - step / 2:
+            value = out[-1] - step
+        out.append(value)
+    return out
 
 
 def load_trec_run(path: str | Path) -> dict[str, list[str]]:

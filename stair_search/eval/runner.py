@@ -28,12 +28,15 @@ ROUTES: dict[str, dict[str, str]] = {
     "auto": {"mode": "auto"},
 }
 DEFAULT_MODES = ("sparse", "dense", "hybrid-rrf", "hybrid-convex", "auto")
-METRICS = ("R@1", "R@5", "R@10", "MRR@10", "nDCG@10")
+# R@1 is recall: with several relevant documents it is capped at 1/|R|; S@1 (success: is the first hit
+# relevant?) is printed beside it.
+METRICS = ("R@1", "S@1", "R@5", "R@10", "MRR@10", "nDCG@10")
 
 
 def compute_metrics(run: m.Run, qrels: m.Qrels) -> dict[str, float]:
     """The report's metrics for one run."""
-    return {"R@1": m.recall_at_k(run, qrels, 1), "R@5": m.recall_at_k(run, qrels, 5),
+    return {"R@1": m.recall_at_k(run, qrels, 1), "S@1": m.success_at_k(run, qrels, 1),
+            "R@5": m.recall_at_k(run, qrels, 5),
             "R@10": m.recall_at_k(run, qrels, 10), "MRR@10": m.mrr_at_k(run, qrels, 10),
             "nDCG@10": m.ndcg_at_k(run, qrels, 10)}
 

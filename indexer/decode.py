@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from indexer.sources import DEFAULT_MAX_BYTES, OTHER_IMAGE_SUFFIXES, Item, NotRead, read_file
-from stair_search.images import refused_pixels, to_rgb
+from stair_search.images import model_view, refused_pixels
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~ 8000 x 8000: beyond this the decode alone needs gigabytes
 FETCH_TIMEOUT_S = 20.0
@@ -58,6 +58,9 @@ def read_bytes(item: Item, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         return data
     if location.startswith("file://"):
         location = location[len("file://") :]
+    elif "://" in location:
+        scheme = location.split("://", 1)[0]
+        raise NotRead(f"unsupported URL scheme '{scheme}': http, https and file URLs and local paths are read")
     return read_file(location, max_bytes)
 
 
@@ -99,7 +102,7 @@ def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: 
                                    f"too large: {width}x{height} > {max_pixels} pixels (raise --max-pixels)")
                 image.seek(0)  # animated GIF / WebP / APNG: the first frame
                 image.load()
-                rgb = to_rgb(image)
+                rgb = model_view(image)
     except Image.DecompressionBombError as exc:  # over twice PIL's own limit: it will not even open the file
         pixels = refused_pixels(exc)
         return Decoded(position, None, skip_reason=f"too large: {pixels or 'over'} > {Image.MAX_IMAGE_PIXELS * 2} "

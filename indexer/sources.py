@@ -13,9 +13,13 @@ in, and stored absolute, so that the service can show them from anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import decimal
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -23,7 +27,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 # Image formats a folder may hold that PIL may not decode here (no plugin installed): listed, so that each one
@@ -138,10 +142,23 @@ def check(spec: str, options: SourceOptions | None = None) -> str:
         missing = [s for s in expand_braces(spec) if not Path(s).is_file()]
         if missing:
             raise FileNotFoundError(f"webdataset shards not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    elif kind == "list" and Path(spec).suffix.lower() in (".csv", ".tsv"):
-        with open(spec, newline="", encoding="utf-8") as f:
+    elif kind == "list" and Path(spec).suffix.lower() in (".csv", ".tsv") and Path(spec).is_file():
+        # a regular file only: a list may come through a pipe (a FIFO, <(find ...)), which can be read once
+        with _open_text(Path(spec)) as f:
             _csv_columns(Path(spec), csv.DictReader(f, delimiter=_delimiter(Path(spec))).fieldnames or [], options)
     return kind
+
+
+@contextlib.contextmanager
+def _open_text(path: Path) -> Iterator[TextIO]:
+    """A list or CSV file as UTF-8 text (a byte-order mark, as spreadsheet programs write, is dropped); a file
+    in another encoding is an error naming it and the fix."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            yield f
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as "
+                             f"UTF-8.") from None
 
 
 def iter_items(spec: str, options: SourceOptions | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Item]:
@@ -182,7 +199,44 @@ def image_files(root: Path, limit: int | None = None) -> Iterator[Path]:
 def _folder(spec: str, options: SourceOptions, max_bytes: int) -> Iterator[Item]:
     root = Path(spec)
     for path in image_files(root):
-        yield Item(id=path.relative_to(root).as_posix(), source=str(path.absolute()), path=str(path))
+        yield Item(id=printable(path.relative_to(root).as_posix()), source=printable(str(path.absolute())),
+                   path=str(path))
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a file name's bytes that are not UTF-8 (Python holds them as surrogates, which
+    no parquet or JSON writer takes) become ``\\xff`` escapes; every other name is returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def plain_metadata(value: Any) -> Any:
+    """A metadata value as strict JSON can hold it: dates and times as ISO text, decimals and numpy scalars as
+    numbers, NaN and infinities as null, bytes as their length, text made valid UTF-8."""
+    if isinstance(value, dict):
+        return {printable(str(k)): plain_metadata(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_metadata(v) for v in value]
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return plain_metadata(float(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"bytes": len(value)}
+    if hasattr(value, "item"):  # numpy scalars
+        return plain_metadata(value.item())
+    return printable(str(value))
 
 
 def _absolute(location: str) -> str:
@@ -251,8 +305,8 @@ def _parquet_item(record: dict, file: Path, row: int, columns: _Columns, options
     if doc_id is None or str(doc_id).strip() == "":
         doc_id, problem = where, f"missing id: the '{options.id_column}' cell is empty"
     return Item(id=str(doc_id), source=source, path=source if location else None, data=data,
-                caption=str(record.get(columns.caption) or "") if columns.caption else "",
-                metadata={c: record.get(c) for c in options.metadata_columns}, problem=problem)
+                caption=printable(str(record.get(columns.caption) or "")) if columns.caption else "",
+                metadata={c: plain_metadata(record.get(c)) for c in options.metadata_columns}, problem=problem)
 
 
 def _cell_bytes(cell: Any, column: str) -> tuple[bytes | None, str | None]:
@@ -303,7 +357,7 @@ def _shard_items(shard: str, max_bytes: int) -> Iterator[Item]:
                                                   for e, v in group.items())):
         yield _wds_item(shard, key, group, max_bytes)
     if damage is not None:
-        yield Item(id=f"{Path(shard).name}#{members}", source=shard, problem=(
+        yield Item(id=printable(f"{Path(shard).name}#{members}"), source=printable(shard), problem=(
             f"corrupt or truncated tar: unreadable after {members} member(s) ({damage}); the rest of this shard "
             f"is skipped"))
 
@@ -328,7 +382,7 @@ def _split_key(name: str) -> tuple[str, str, str]:
 
 
 def _wds_item(shard: str, key: str, group: dict[str, bytes | int], max_bytes: int) -> Item:
-    item = Item(id=f"{Path(shard).name}/{key}", source=f"{shard}#{key}")
+    item = Item(id=printable(f"{Path(shard).name}/{key}"), source=printable(f"{shard}#{key}"))
     image_ext = next((e for e in group if f".{e}" in IMAGE_SUFFIXES), None)
     if image_ext is None:
         found = ", ".join(f".{e}" for e in group) or "none"
@@ -340,7 +394,7 @@ def _wds_item(shard: str, key: str, group: dict[str, bytes | int], max_bytes: in
         item.problem = f"too large: {image} bytes > {max_bytes} (raise --max-bytes)"
         return item
     item.data = image
-    item.caption = _text(group.get("txt")).strip()
+    item.caption = printable(_text(group.get("txt")).strip())
     item.metadata = _json_metadata(group.get("json"))
     return item
 
@@ -354,7 +408,7 @@ def _json_metadata(value: bytes | int | None) -> dict[str, Any]:
         metadata = json.loads(value) if isinstance(value, bytes) else {}
     except ValueError:
         return {}
-    return metadata if isinstance(metadata, dict) else {"json": metadata}
+    return plain_metadata(metadata if isinstance(metadata, dict) else {"json": metadata})
 
 
 # ---------------------------------------------------------------------------------------------- lists
@@ -381,7 +435,7 @@ def _list(spec: str, options: SourceOptions, max_bytes: int) -> Iterator[Item]:
     if path.suffix.lower() in (".csv", ".tsv"):
         yield from _csv(path, options)
         return
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for line in f:
             location = line.strip()
             if location and not location.startswith("#"):
@@ -389,7 +443,7 @@ def _list(spec: str, options: SourceOptions, max_bytes: int) -> Iterator[Item]:
 
 
 def _csv(path: Path, options: SourceOptions) -> Iterator[Item]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with _open_text(path) as f:
         reader = csv.DictReader(f, delimiter=_delimiter(path))
         path_col, caption_col = _csv_columns(path, reader.fieldnames or [], options)
         for line, row in enumerate(reader, start=2):

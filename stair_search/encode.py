@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stair_search.images import to_rgb
+from stair_search.images import model_view
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
 from stair_search.models.concepts import ConceptBank, query_vector
 from stair_search.models.heads import top_k_sparse
@@ -107,7 +107,7 @@ class Encoder:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image -> the (3, H, W) tensor the model takes; safe to run in worker processes."""
-        return self.model.preprocess(to_rgb(image))
+        return self.model.preprocess(model_view(image))
 
     def encode_images(self, images: Sequence[Image.Image]) -> EncodedBatch:
         return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))

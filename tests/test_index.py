@@ -154,7 +154,13 @@ def test_cli_index_builds_from_a_folder_and_skips_bad_files(tmp_path, tiny_confi
     assert sorted(Index(out).documents([c for c in Index(out).search_dense(np.ones((1, 32)), 5)[0]], ["id"]),
                   key=lambda d: d["id"]) == [{"id": "blue.png"}, {"id": "green.png"}, {"id": "red.png"}]
     again = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path)])
-    assert again.exit_code != 0 and "--append" in str(again.exception)
+    assert again.exit_code == 0 and "already complete" in again.output  # the same job, finished
+    other = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path),
+                                     "--batch-size", "2"])  # batching changes no document: still the same job
+    assert other.exit_code == 0 and "already complete" in other.output
+    other = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path),
+                                     "--shard-size", "2"])
+    assert other.exit_code != 0 and "--append" in str(other.exception)
     (folder / "red.png").write_bytes(b"")
     for name in ("blue.png", "green.png"):
         (folder / name).unlink()

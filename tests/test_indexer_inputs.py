@@ -15,6 +15,7 @@ from PIL import Image
 
 from indexer.decode import DecodeLimits, decode
 from indexer.sources import Item, SourceOptions, check, describe, expand_braces, iter_items
+from stair_search.images import MAX_ASPECT, model_view
 from tests.conftest import draw_shape, png_header
 
 
@@ -240,3 +241,19 @@ def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
         item = next(iter_items(spec))
         assert item.id == "a.png" and item.source == str(tmp_path / "a.png"), spec
     assert list(iter_items("list.csv"))[1].problem == "no image: the 'filepath' cell is empty"
+
+
+def test_extreme_strips_are_cut_to_their_centre_before_the_model_resizes_them(tiny_encoder):
+    """A 100000 x 1 strip would become 22 M x 224 pixels (15 GB) in the shortest-side resize; the model sees the
+    centre square only, so cutting the centre first gives it the same pixels at a small cost."""
+    strip = png_bytes(Image.new("RGB", (100_000, 1), (200, 30, 30)))
+    result = decode(Item(id="s", source="s", data=strip), 0, tiny_encoder.model.preprocess)
+    size = tiny_encoder.preprocess(draw_shape("red", "circle")).shape
+    assert result.skip_reason is None and result.pixels.shape == size
+    assert model_view(Image.new("RGB", (100_000, 1))).size == (MAX_ASPECT, 1)
+    assert model_view(Image.new("RGB", (3, 2000))).size == (3, 3 * MAX_ASPECT)
+    rng = np.random.default_rng(0)
+    banner = Image.fromarray(rng.integers(0, 255, (300, 3000, 3), dtype=np.uint8))  # 10:1, over the cut
+    cut = tiny_encoder.preprocess(banner)
+    whole = tiny_encoder.model.preprocess(banner)
+    assert float((cut - whole).abs().max()) < 1e-5

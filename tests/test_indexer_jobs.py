@@ -9,6 +9,7 @@ spooled a further chunk, and kills it while it waits for the next line. No sleep
 from __future__ import annotations
 
 import contextlib
+import decimal
 import errno
 import io
 import json
@@ -371,6 +372,29 @@ def test_every_bad_input_is_skipped_with_its_reason_and_odd_images_are_converted
     second_frame, unrotated = tiny_encoder.encode_images([draw_shape("green", "triangle"), as_stored]).dense
     for name, wrong in (("animated.gif", second_frame), ("rotated.png", unrotated)):  # the checks can tell
         assert np.abs(contents[name][0] - wrong).max() > 1e-4, name
+
+
+def test_names_that_are_not_utf8_and_metadata_json_cannot_hold_are_indexed(tmp_path, tiny_encoder):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    draw_shape("red", "circle").save(folder / "red.png")
+    (Path(os.fsencode(folder).decode() + "/caf\udce9.png")).write_bytes(  # b"caf\xe9.png": Latin-1, not UTF-8
+        encoded_bytes(draw_shape("blue", "circle"), "PNG"))
+    summary = indexer.run(folder, tmp_path / "folder-index", encoder=tiny_encoder, workers=0, progress=False)
+    assert summary.indexed == 2 and sorted(Index(tmp_path / "folder-index").ids()) == ["caf\\xe9.png", "red.png"]
+    images = [encoded_bytes(draw_shape(colour, "square"), "PNG") for colour in ("red", "blue")]
+    table = pa.table({"id": ["a", "b"], "image": images,
+                      "taken": pa.array([1_700_000_000, None], pa.timestamp("s")),
+                      "price": pa.array([decimal.Decimal("1.50"), decimal.Decimal("2")], pa.decimal128(5, 2)),
+                      "score": [float("nan"), 0.5]})
+    pq.write_table(table, tmp_path / "odd.parquet")
+    options = SourceOptions(id_column="id", metadata_columns=("taken", "price", "score"))
+    indexer.run(tmp_path / "odd.parquet", tmp_path / "parquet-index", encoder=tiny_encoder, workers=0,
+                progress=False, options=options)
+    index = Index(tmp_path / "parquet-index")
+    rows = index.documents([Candidate(0, 0, 0.0), Candidate(0, 1, 0.0)], ["id", "metadata"])
+    assert [r["metadata"] for r in rows] == [{"taken": "2023-11-14T22:13:20", "price": 1.5, "score": None},
+                                             {"taken": None, "price": 2.0, "score": 0.5}]
 
 
 def test_missing_files_named_in_a_parquet_or_a_list_are_reported(tmp_path, tiny_encoder):

@@ -489,7 +489,7 @@ def test_health_readiness_metrics_and_openapi(client, registry):
     assert ready["ready"] and ready["indexes"]["shapes"]["documents"] == 14
     text = client.get("/metrics").text
     assert 'stair_http_requests_total{method="POST",route="/search",status="200"}' in text
-    assert 'stair_http_request_seconds_bucket{le="0.005",route="/thumbnails/{doc_id:path}"}' in text
+    assert 'stair_http_request_seconds_bucket{le="0.005",route="/thumbnails/{doc_id:doc_id}"}' in text
     assert 'stair_search_seconds_count{index="shapes",mode="sparse"}' in text
     assert 'stair_index_documents{index="shapes"} 14.0' in text
     schema = client.get("/openapi.json").json()

@@ -27,7 +27,7 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, description="Query image as base64 or a data: URL (or use a multipart upload).")
     index: str | None = Field(None, description="Index name; default: the first index the server was started with.")
     k: int = Field(10, ge=1, le=MAX_K)
-    mode: Mode = "hybrid"
+    mode: Mode = "auto"
     fusion: Fusion = "rrf"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Convex fusion: weight of the sparse route.")
     rerank: list[RerankerName] = Field(default_factory=list, max_length=4)

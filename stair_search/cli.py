@@ -27,6 +27,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sparse (STAIR / Lucene) + dense (FAISS) image search.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from stair_search import __version__
+
+        typer.echo(f"stair-search {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Sparse (STAIR / Lucene) + dense (FAISS) image search."""
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo index.")] = Path("indexes/demo"),
@@ -94,7 +110,7 @@ def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
     query: Annotated[str | None, typer.Argument(help="Text query.")] = None,
     image: Annotated[Path | None, typer.Option(help="Image query (image-to-image).")] = None,
-    mode: Annotated[str, typer.Option(help="sparse | dense | hybrid | auto (decided from the query)")] = "hybrid",
+    mode: Annotated[str, typer.Option(help="auto (decided from the query) | sparse | dense | hybrid")] = "auto",
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
     fusion: Annotated[str, typer.Option(help="rrf | convex (hybrid only)")] = "rrf",
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="convex weight of the sparse route")] = 0.5,
@@ -155,6 +171,21 @@ def info(index_dir: Annotated[Path, typer.Argument(metavar="INDEX")]) -> None:
     from stair_search.index.manifest import Manifest
 
     typer.echo(json.dumps(Manifest.load(index_dir).to_dict(), indent=2))
+
+
+@app.command()
+def export(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="File to write (.parquet, or .npy with --format npy).")],
+    format: Annotated[str, typer.Option("--format", help="parquet (ids, sources, captions, metadata, dense and "
+                                                         "sparse vectors) | npy (the dense matrix)")] = "parquet",
+    batch_size: Annotated[int, typer.Option(min=1, help="Documents read and written at a time.")] = 4096,
+) -> None:
+    """Export every live document's vectors and stored fields, streaming (bounded memory)."""
+    from stair_search.index.export import export as export_index
+
+    written = export_index(index_dir, out, format, batch_size)
+    typer.echo(f"{out}: {written} documents")
 
 
 @app.command()

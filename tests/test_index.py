@@ -168,3 +168,27 @@ def test_cli_index_builds_from_a_folder_and_skips_bad_files(tmp_path, tiny_confi
                                    "--model", str(tiny_config_path)])
     assert bad.exit_code != 0 and "Nothing to index" in str(bad.exception)
     assert not (tmp_path / "none").exists()
+
+
+def test_export_writes_every_live_document_batch_by_batch(built, tmp_path):
+    import pyarrow.parquet as pq
+
+    index_dir, encoder, _, records, images = built
+    copy = tmp_path / "shapes"
+    shutil.copytree(index_dir, copy)
+    Index(copy).delete([records[0].id])
+    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "all.parquet"), "--batch-size", "5"])
+    assert result.exit_code == 0 and "23 documents" in result.output, result.output
+    table = pq.read_table(tmp_path / "all.parquet")
+    assert table.column("id").to_pylist() == [r.id for r in records[1:]]  # the deleted one is not exported
+    assert pq.ParquetFile(tmp_path / "all.parquet").metadata.num_row_groups == 5  # written 5 at a time
+    expected = encoder.encode_images(images[1:])
+    np.testing.assert_allclose(np.stack(table.column("dense").to_numpy(zero_copy_only=False)), expected.dense,
+                               atol=1e-5)
+    first = dict(table.column("sparse")[0].as_py())
+    assert first == pytest.approx(Index(copy).sparse_vectors([Index(copy).find(records[1].id)])[0])
+    assert first and json.loads(table.column("metadata")[0].as_py()) == records[1].metadata
+    CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "dense.npy"), "--format", "npy"])
+    np.testing.assert_allclose(np.load(tmp_path / "dense.npy"), expected.dense, atol=1e-5)
+    bad = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path), "--format", "npy"])
+    assert bad.exit_code != 0 and "is a folder" in str(bad.exception)

@@ -31,7 +31,7 @@ async function loadInfo() {
     info = { indexes: [], modes: ["hybrid", "sparse", "dense"], rerankers: [] };
   }
   const modes = info.modes.includes("auto") ? ["auto", ...info.modes.filter((m) => m !== "auto")] : info.modes;
-  $("mode").replaceChildren(...modes.map((m) => new Option(m, m, m === "hybrid", m === "hybrid")));
+  $("mode").replaceChildren(...modes.map((m) => new Option(m, m, m === modes[0], m === modes[0])));
   $("rerankers").replaceChildren(...info.rerankers.map((name) => {
     const label = document.createElement("label");
     const box = Object.assign(document.createElement("input"), { type: "checkbox", value: name, className: "rerank" });

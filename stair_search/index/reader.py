@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,14 @@ class Index:
 
     def explain(self, candidate: Candidate, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
         return self._shards[candidate.shard].sparse.explain(candidate.row, query)
+
+    def live(self, batch_size: int = 4096) -> Iterator[list[Candidate]]:
+        """Every live document as candidates (score 0), shard by shard in row order, ``batch_size`` at a time:
+        what an export or a full scan walks without holding the whole index."""
+        for position, shard in enumerate(self._shards):
+            rows = [row for row in range(shard.info.count) if row not in shard.deleted]
+            for start in range(0, len(rows), batch_size):
+                yield [Candidate(position, row, 0.0) for row in rows[start : start + batch_size]]
 
     def ids(self) -> list[str]:
         """Ids of every live document, shard by shard in row order."""

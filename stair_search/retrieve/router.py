@@ -107,7 +107,7 @@ class QueryRouter:
             known.update(fresh)
         return known
 
-    def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "hybrid",
+    def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "auto",
                k: int = 10, fusion: str = "rrf", alpha: float = 0.5, rrf_k: int = RRF_K,
                explain: bool = False, rerank: Sequence[str] = (), depth: int | None = None) -> SearchResponse:
         if mode not in MODES:

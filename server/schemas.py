@@ -18,6 +18,19 @@ RerankerName = Literal["bsap", "ssp", "comclip", "s3"]
 FilterValue = str | int | float | bool
 
 
+class FilterRange(BaseModel):
+    """Operators on one metadata field (all must hold): a range, equality, or any of a list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eq: FilterValue | None = None
+    any: list[FilterValue] | None = Field(None, max_length=1000)
+    gt: float | str | None = None
+    gte: float | str | None = None
+    lt: float | str | None = None
+    lte: float | str | None = None
+
+
 class SearchRequest(BaseModel):
     """One search. Give ``query``, ``image`` or both (a text-refined image query)."""
 
@@ -32,9 +45,12 @@ class SearchRequest(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Convex fusion: weight of the sparse route.")
     rerank: list[RerankerName] = Field(default_factory=list, max_length=4)
     explain: bool = Field(True, description="Return the matched word-pieces of each hit.")
-    filters: dict[str, FilterValue | list[FilterValue]] = Field(
+    offset: int = Field(0, ge=0, le=1000, description="Skip this many hits (paging; ranks continue from it).")
+    filters: dict[str, FilterValue | list[FilterValue] | FilterRange] = Field(
         default_factory=dict, max_length=MAX_FILTERS,
-        description="Metadata equality filters (a list means any of); applied to an over-fetched candidate list.")
+        description='Metadata filters, all of which must hold: a value (equality; membership for a list field), '
+                    'a list (any of), or operators ({"gte": 2020, "lt": 2024}; eq, any, gt, gte, lt, lte). '
+                    'Applied before ranking, so a rare filter still returns k hits; an unknown field is a 422.')
 
     @field_validator("query")
     @classmethod

@@ -120,8 +120,12 @@ def search(
     explain: Annotated[bool, typer.Option(help="Show the matched tokens of each hit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per hit.")] = False,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
+    filter: Annotated[list[str] | None, typer.Option("--filter", help="Metadata filter, repeatable: field=value, "
+                                                     "field=a|b, field>=x (>, <=, <), or JSON.")] = None,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many hits (paging).")] = 0,
 ) -> None:
     """Search an index with a text and/or an image."""
+    from stair_search.query.filters import FilterError, parse_cli_filters
     from stair_search.search import open_router, print_response
 
     if query is None and image is None:
@@ -129,9 +133,12 @@ def search(
     router = open_router(index_dir, model)
     pil = _open_image(image) if image else None
     try:
+        filters = parse_cli_filters(filter or [])
         response = router.search(text=query, image=pil, mode=mode, k=k, fusion=fusion, alpha=alpha,
-                                 explain=explain or as_json, depth=depth,
+                                 explain=explain or as_json, depth=depth, filters=filters or None, offset=offset,
                                  rerank=[name.strip() for name in rerank.split(",") if name.strip()])
+    except FilterError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--filter") from None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if mode == "auto" and not as_json:

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from server.imaging import decode_base64, open_query_image
 from server.metrics import Metrics
 from server.registry import IndexVersion
 from server.requests import body_doc, parse_body
 from server.schemas import (
-    MAX_K,
     ClassifyRequest,
     ClassifyResult,
+    FilterRange,
     Hit,
     LabelScore,
     MatchedToken,
@@ -24,9 +23,9 @@ from server.schemas import (
     SearchResult,
 )
 from server.state import State, authorized, document_url, thumbnail_url
+from stair_search.query.filters import FilterError
 from stair_search.rerank.s3 import classify as classify_image
 
-FILTER_OVERFETCH = 10  # a filtered search ranks this many times k candidates before filtering
 QUERY_TOKENS_SHOWN = 32
 
 router = APIRouter(tags=["search"], dependencies=[Depends(authorized)])
@@ -70,33 +69,29 @@ async def classify(state: State, request: Request) -> ClassifyResult:
 def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: Metrics) -> SearchResult:
     """Runs on a worker thread, holding a lease on ``version`` that it releases when done."""
     started = time.perf_counter()
+    filters = {name: condition.model_dump(exclude_none=True) if isinstance(condition, FilterRange) else condition
+               for name, condition in body.filters.items()}
     try:
-        k = min(MAX_K * FILTER_OVERFETCH, body.k * FILTER_OVERFETCH) if body.filters else body.k
-        options: dict[str, Any] = {"text": body.query, "image": image, "mode": body.mode, "k": k,
-                                   "fusion": body.fusion, "alpha": body.alpha, "explain": body.explain}
+        options: dict[str, Any] = {"text": body.query, "image": image, "mode": body.mode, "k": body.k,
+                                   "fusion": body.fusion, "alpha": body.alpha, "explain": body.explain,
+                                   "filters": filters or None, "offset": body.offset}
         if body.rerank:
             options["rerank"] = list(body.rerank)
         response = version.router.search(**options)
+    except FilterError as exc:
+        raise HTTPException(422, f"filters: {exc}") from None
     finally:
         version.release()
-    hits = [h for h in response.hits if matches(h.metadata or {}, body.filters)][: body.k]
+    hits = response.hits
     took = time.perf_counter() - started
     metrics.search_latency.labels(version.name, body.mode).observe(took)
     tokens = dict(sorted(response.query_tokens.items(), key=lambda kv: -kv[1])[:QUERY_TOKENS_SHOWN])
     return SearchResult(
         index=version.name, version=version.number, mode=response.mode, fusion=response.fusion,
         decision=getattr(response, "decision", None), took_ms=round(took * 1000, 3), query_tokens=tokens,
-        hits=[Hit(rank=rank, id=h.id, score=h.score, parts=h.parts, caption=h.caption or "",
+        hits=[Hit(rank=h.rank, id=h.id, score=h.score, parts=h.parts, caption=h.caption or "",
                   metadata=h.metadata or {}, thumbnail=thumbnail_url(version.name, h.id),
                   document=document_url(version.name, h.id),
                   matched=[MatchedToken(token=t, query=q, document=d) for t, (q, d) in (h.matched or {}).items()])
-              for rank, h in enumerate(hits, start=1)])
+              for h in hits])
 
-
-
-def matches(metadata: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
-    for key, wanted in filters.items():
-        allowed = wanted if isinstance(wanted, list) else [wanted]
-        if metadata.get(key) not in allowed:
-            return False
-    return True

@@ -29,8 +29,13 @@ from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
 from stair_search.index.store import FeatureStore
 from stair_search.models.vocab import Vocabulary
+from stair_search.query.filters import Filter, check_fields, parse_filter
 
 STORED_FIELDS = ("id", "source", "width", "height", "caption", "metadata")
+# A filtered dense search scores up to this many allowed rows of a shard exactly (their vectors read back);
+# beyond it, the shard's FAISS search over-fetches until k allowed rows are found.
+EXACT_FILTERED_ROWS = 50_000
+Allowed = Mapping[int, np.ndarray]  # shard position -> the live rows a filter keeps (Index.filter_rows)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class _Shard:
                                     f"or rebuild the index; searching it would silently lose documents.")
         self.deleted = frozenset(read_tombstone(self.dir, info.deleted, info.name).tolist())
         self._parts: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: one part may open another (metadata reads the store)
 
     def fetch_depth(self, k: int) -> int:
         """How many rows to ask this shard for so that k live ones remain after dropping deleted rows."""
@@ -69,6 +74,32 @@ class _Shard:
     @property
     def sparse(self) -> SparseShard:
         return self._part("sparse", lambda: SparseShard(self.dir / SPARSE_DIR, self.vocabulary, self.scale))
+
+    @property
+    def metadata(self) -> list[dict]:
+        """Every row's metadata, parsed once, on the first filtered search."""
+        return self._part("metadata", lambda: [row["metadata"] or {} for row in
+                                               self.store.rows(range(self.info.count), ["metadata"])])
+
+    def live_rows(self, keep: Callable[[dict], bool]) -> np.ndarray:
+        """Rows that are not deleted and whose metadata ``keep`` accepts, ascending."""
+        return np.asarray([row for row, metadata in enumerate(self.metadata)
+                           if row not in self.deleted and keep(metadata)], dtype=np.int64)
+
+    def dense_among(self, query: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The top k of ``rows`` (live) for one query: exact over their stored vectors when there are few of
+        them, else the index's own search asked for more and more until k of them are found."""
+        if len(rows) <= EXACT_FILTERED_ROWS:
+            scores = self.dense.reconstruct(rows) @ query
+            top = np.argsort(-scores, kind="stable")[:k]
+            return [(int(rows[i]), float(scores[i])) for i in top]
+        allowed, fetch = set(rows.tolist()), k + len(self.deleted)
+        while True:
+            scores, found = self.dense.search(query[None, :], min(fetch, self.info.count))
+            kept = [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if int(r) in allowed]
+            if len(kept) >= k or fetch >= self.info.count:
+                return kept[:k]
+            fetch *= 4
 
     def _part(self, name: str, opener: Callable[[], Any]) -> Any:
         part = self._parts.get(name)
@@ -125,14 +156,35 @@ class Index:
 
     # ---------------------------------------------------------------------------------------------- searching
 
-    def search_sparse(self, queries: Sequence[Mapping[str, float]], k: int, threads: int = 1) -> list[list[Candidate]]:
+    def filter_rows(self, flt: Mapping[str, Any] | Filter) -> dict[int, np.ndarray]:
+        """The live rows of each shard whose metadata matches the filter (``query/filters.py``): what a filtered
+        search ranks, so that a filter keeping 1% of the documents still gets k hits. A field that no document
+        has is a FilterError naming it."""
+        flt = parse_filter(flt)
+        known = sorted({name for shard in self._shards for metadata in shard.metadata for name in metadata})
+        check_fields(flt, known)
+        return {position: shard.live_rows(flt.matches) for position, shard in enumerate(self._shards)}
+
+    def search_sparse(self, queries: Sequence[Mapping[str, float]], k: int, threads: int = 1,
+                      rows: Allowed | None = None) -> list[list[Candidate]]:
+        """Top-k per query over every live document, or only over ``rows`` (scored exactly from the stored
+        vectors, with the scores Lucene gives)."""
+        if rows is not None:
+            return [_merge([[Candidate(s, h.row, h.score) for h in shard.sparse.search_rows(q, rows[s], k)]
+                            for s, shard in enumerate(self._shards) if len(rows.get(s, ()))], k)
+                    for q in queries]
         per_shard = [shard.sparse.batch_search(queries, shard.fetch_depth(k), threads) for shard in self._shards]
         return [_merge([[Candidate(s, h.row, h.score) for h in per_shard[s][q] if h.row not in shard.deleted]
                         for s, shard in enumerate(self._shards)], k)
                 for q in range(len(queries))]
 
-    def search_dense(self, vectors: np.ndarray, k: int) -> list[list[Candidate]]:
+    def search_dense(self, vectors: np.ndarray, k: int, rows: Allowed | None = None) -> list[list[Candidate]]:
+        """Top-k per query over every live document, or only over ``rows``."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if rows is not None:
+            return [_merge([[Candidate(s, r, sc) for r, sc in shard.dense_among(v, rows[s], k)]
+                            for s, shard in enumerate(self._shards) if len(rows.get(s, ()))], k)
+                    for v in vectors]
         per_shard = [shard.dense.search(vectors, shard.fetch_depth(k)) for shard in self._shards]
         return [_merge([[Candidate(s, int(r), float(sc)) for sc, r in zip(scores[q], rows[q], strict=True)
                          if r >= 0 and int(r) not in self._shards[s].deleted]
@@ -234,7 +286,8 @@ class Index:
 
 
 def _merge(lists: Sequence[Sequence[Candidate]], k: int) -> list[Candidate]:
-    return heapq.nlargest(k, (c for lst in lists for c in lst), key=lambda c: c.score)
+    """The k best over the shards; equal scores in (shard, row) order, so every call (and page) agrees."""
+    return heapq.nlargest(k, (c for lst in lists for c in lst), key=lambda c: (c.score, -c.shard, -c.row))
 
 
 def _by_shard(candidates: Sequence[Candidate]) -> dict[int, list[int]]:

@@ -146,6 +146,7 @@ class SparseShard:
         self._terms = [spell(t) for t in vocabulary.tokens]
         self._with_tokens = int(np.count_nonzero(np.diff(self.indptr)))
         self._searcher = None
+        self._csr = None
         self._lock = threading.Lock()
 
     def open_searcher(self):
@@ -178,6 +179,32 @@ class SparseShard:
         ids = [index[t] for t in query if t in index and query[t] > 0]
         impacts = quantise(np.asarray([query[self.vocabulary.tokens[i]] for i in ids]), self.scale)
         return {self._terms[i]: int(v) for i, v in zip(ids, impacts.tolist(), strict=True)}
+
+    def search_rows(self, query: Mapping[str, float], rows: np.ndarray, k: int = 10) -> list[SparseHit]:
+        """Top-k of ``rows`` only, scored exactly from the stored CSR vectors: the quantised query impacts times
+        the documents' impacts, as Lucene scores them (rows sharing no token with the query are left out)."""
+        index = self.vocabulary.index
+        ids = np.asarray([index[t] for t in query if t in index and query[t] > 0], dtype=np.int64)
+        if not len(ids) or not len(rows):
+            return []
+        impacts = quantise(np.asarray([query[self.vocabulary.tokens[i]] for i in ids]), self.scale)
+        dense_query = np.zeros(len(self.vocabulary.tokens), np.float64)
+        dense_query[ids] = impacts
+        matrix = self._matrix()[np.asarray(rows, dtype=np.int64)]
+        scores = matrix @ dense_query
+        hit = np.flatnonzero(matrix[:, ids].getnnz(axis=1))
+        top = hit[np.argsort(-scores[hit], kind="stable")[:k]]
+        norm = self.scale * self.scale
+        return [SparseHit(int(rows[i]), float(scores[i]) / norm) for i in top]
+
+    def _matrix(self):
+        """The shard's documents x vocabulary CSR matrix (scipy, over the memory-mapped arrays)."""
+        if self._csr is None:
+            from scipy.sparse import csr_matrix
+
+            self._csr = csr_matrix((self.values, self.indices, self.indptr),
+                                   shape=(len(self), len(self.vocabulary.tokens)))
+        return self._csr
 
     def search(self, query: Mapping[str, float], k: int = 10) -> list[SparseHit]:
         return self.batch_search([query], k, threads=1)[0]

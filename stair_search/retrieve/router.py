@@ -18,7 +18,7 @@ follow, in fused order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from stair_search.encode import EncodedBatch, Encoder
-from stair_search.index.reader import Candidate, Index
+from stair_search.index.reader import Allowed, Candidate, Index
 from stair_search.query.route import Decision, decide, without_sparse
 from stair_search.rerank import check_names, make_reranker
 from stair_search.rerank.base import RerankInput, candidate_vectors
@@ -109,7 +109,12 @@ class QueryRouter:
 
     def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "auto",
                k: int = 10, fusion: str = "rrf", alpha: float = 0.5, rrf_k: int = RRF_K,
-               explain: bool = False, rerank: Sequence[str] = (), depth: int | None = None) -> SearchResponse:
+               explain: bool = False, rerank: Sequence[str] = (), depth: int | None = None,
+               filters: Mapping[str, Any] | None = None, offset: int = 0) -> SearchResponse:
+        """``filters`` (``query/filters.py``) keep only matching documents before ranking; ``offset`` skips
+        that many hits (paging: the order is the same across pages while ``offset + k`` <= ``depth``)."""
+        if offset < 0:
+            raise ValueError(f"offset must be 0 or more, got {offset}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
         if fusion not in FUSIONS:
@@ -130,11 +135,13 @@ class QueryRouter:
         query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
         if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
             decision = without_sparse(decision, chosen_by_auto=mode == "auto")
-        fused = self._retrieve(query, query_sparse, decision.mode, k, depth, fusion, alpha, rrf_k, bool(names))
+        allowed = self.index.filter_rows(filters) if filters else None
+        fused = self._retrieve(query, query_sparse, decision.mode, k + offset, depth, fusion, alpha, rrf_k,
+                               bool(names), allowed)
         if names:
             fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
         info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
-        hits = self._describe(fused[:k], query_sparse, explain)
+        hits = self._describe(fused[offset : offset + k], query_sparse, explain, first_rank=offset + 1)
         return SearchResponse(mode=decision.mode, fusion=fusion if decision.mode == "hybrid" else None, hits=hits,
                               query_tokens=query_sparse, decision=info)
 
@@ -149,13 +156,13 @@ class QueryRouter:
         return expand_sparse(query_sparse, text, self.index.vocabulary, s3.expansion, source=s3.source)
 
     def _retrieve(self, query: EncodedBatch, query_sparse: dict[str, float], mode: str, k: int, depth: int,
-                  fusion: str, alpha: float, rrf_k: int, reranking: bool) -> list[Fused]:
+                  fusion: str, alpha: float, rrf_k: int, reranking: bool, allowed: Allowed | None) -> list[Fused]:
         fetch = max(k, depth) if mode == "hybrid" or reranking else k
         lists: dict[str, list[Candidate]] = {}
         if mode in ("sparse", "hybrid"):
-            lists["sparse"] = self.index.search_sparse([query_sparse], fetch)[0]
+            lists["sparse"] = self.index.search_sparse([query_sparse], fetch, rows=allowed)[0]
         if mode in ("dense", "hybrid"):
-            lists["dense"] = self.index.search_dense(query.dense, fetch)[0]
+            lists["dense"] = self.index.search_dense(query.dense, fetch, rows=allowed)[0]
         keyed = {route: [((c.shard, c.row), c.score) for c in cands] for route, cands in lists.items()}
         if mode != "hybrid":  # one route: keep its own scores
             (route, ranked), = keyed.items()
@@ -192,11 +199,12 @@ class QueryRouter:
                 self._phrases.clear()
             self._phrases.update(fresh)
 
-    def _describe(self, fused: list[Fused], query_sparse: dict[str, float], explain: bool) -> list[SearchHit]:
+    def _describe(self, fused: list[Fused], query_sparse: dict[str, float], explain: bool,
+                  first_rank: int = 1) -> list[SearchHit]:
         candidates = [Candidate(shard, row, f.score) for f in fused for shard, row in [f.key]]
         docs = self.index.documents(candidates, ["id", "source", "caption", "metadata"])
         hits = []
-        for rank, (f, cand, doc) in enumerate(zip(fused, candidates, docs, strict=True), start=1):
+        for rank, (f, cand, doc) in enumerate(zip(fused, candidates, docs, strict=True), start=first_rank):
             matched = self.index.explain(cand, query_sparse) if explain else None
             hits.append(SearchHit(rank=rank, id=doc["id"], score=f.score, source=doc["source"],
                                   caption=doc.get("caption", ""), metadata=doc.get("metadata", {}),

@@ -46,6 +46,14 @@ class SearchRequest(BaseModel):
     rerank: list[RerankerName] = Field(default_factory=list, max_length=4)
     explain: bool = Field(True, description="Return the matched word-pieces of each hit.")
     offset: int = Field(0, ge=0, le=1000, description="Skip this many hits (paging; ranks continue from it).")
+    like: str | None = Field(None, max_length=MAX_QUERY_CHARS,
+                             description="More like this: the id of a stored document, whose dense and sparse "
+                                         "vectors are the query (the document itself is left out).")
+    vector: list[float] | None = Field(None, max_length=8192,
+                                       description="A dense query embedding (the index's embedding width).")
+    sparse: dict[str, float] | None = Field(None, max_length=1024,
+                                            description="A sparse query: {word-piece: weight >= 0} in the index's "
+                                                        "vocabulary.")
     filters: dict[str, FilterValue | list[FilterValue] | FilterRange] = Field(
         default_factory=dict, max_length=MAX_FILTERS,
         description='Metadata filters, all of which must hold: a value (equality; membership for a list field), '
@@ -65,11 +73,22 @@ class SearchRequest(BaseModel):
     @model_validator(mode="after")
     def _needs_query_or_image(self, info: ValidationInfo) -> SearchRequest:
         uploaded = _uploaded(info)
-        if self.query is None and not self.image and not uploaded:
-            raise ValueError("give a text 'query', an 'image', or both")
+        encoded = self.query is not None or bool(self.image) or uploaded
+        given = [name for name, present in (("a query or image", encoded), ("'like'", self.like is not None),
+                                            ("'vector'/'sparse'", self.vector is not None or self.sparse is not None))
+                 if present]
+        if not given:
+            raise ValueError("give a text 'query', an 'image' (or both), 'like' (a document id), or a 'vector' "
+                             "and/or 'sparse' query")
+        if len(given) > 1:
+            raise ValueError(f"give one kind of query, not {' and '.join(given)}")
         if self.image and uploaded:
             raise ValueError("give the image once: as base64 'image' or as a multipart upload, not both")
         return self
+
+    @property
+    def by_vectors(self) -> bool:
+        return self.vector is not None or self.sparse is not None
 
 
 def _uploaded(info: ValidationInfo) -> bool:
@@ -104,6 +123,21 @@ class SearchResult(BaseModel):
     took_ms: float
     query_tokens: dict[str, float] = Field(description="The query's largest word-piece weights.")
     hits: list[Hit]
+
+
+MAX_BATCH = 32
+
+
+class BatchSearchRequest(BaseModel):
+    """Several searches in one request, answered in order (images as base64 only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[SearchRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchSearchResult(BaseModel):
+    results: list[SearchResult]
 
 
 class ClassifyRequest(BaseModel):

@@ -123,22 +123,37 @@ def search(
     filter: Annotated[list[str] | None, typer.Option("--filter", help="Metadata filter, repeatable: field=value, "
                                                      "field=a|b, field>=x (>, <=, <), or JSON.")] = None,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many hits (paging).")] = 0,
+    like: Annotated[str | None, typer.Option(help="More like this: a stored document's id as the query.")] = None,
+    vector: Annotated[Path | None, typer.Option(help="A dense query embedding: .npy or a JSON list.")] = None,
+    sparse: Annotated[str | None, typer.Option(help='A sparse query as JSON: {"dog": 1.2, "beach": 0.5}.')] = None,
+    queries: Annotated[Path | None, typer.Option(help="Batch: one query per line (or 'id<TAB>query'); prints "
+                                                      "one JSON object per hit with its query id.")] = None,
 ) -> None:
-    """Search an index with a text and/or an image."""
+    """Search an index with a text and/or an image, a stored document (--like), given vectors, or a file of
+    queries."""
     from stair_search.query.filters import FilterError, parse_cli_filters
     from stair_search.search import open_router, print_response
 
-    if query is None and image is None:
-        raise typer.BadParameter("give a text QUERY, --image PATH, or both")
+    kinds = [name for name, given in (("QUERY/--image", query is not None or image is not None),
+                                      ("--like", like is not None),
+                                      ("--vector/--sparse", vector is not None or sparse is not None),
+                                      ("--queries", queries is not None)) if given]
+    if len(kinds) != 1:
+        raise typer.BadParameter("give one kind of query: a text QUERY and/or --image, --like ID, --vector and/or "
+                                 f"--sparse, or --queries FILE (got {', '.join(kinds) or 'none'})")
     router = open_router(index_dir, model)
-    pil = _open_image(image) if image else None
+    options = {"mode": mode, "k": k, "fusion": fusion, "alpha": alpha, "explain": explain or as_json,
+               "offset": offset}
     try:
-        filters = parse_cli_filters(filter or [])
-        response = router.search(text=query, image=pil, mode=mode, k=k, fusion=fusion, alpha=alpha,
-                                 explain=explain or as_json, depth=depth, filters=filters or None, offset=offset,
-                                 rerank=[name.strip() for name in rerank.split(",") if name.strip()])
+        options["filters"] = parse_cli_filters(filter or []) or None
+        if queries is not None:
+            _search_file(router, queries, options, depth, rerank)
+            return
+        response = _one_search(router, query, image, like, vector, sparse, options, depth, rerank)
     except FilterError as exc:
         raise typer.BadParameter(str(exc), param_hint="--filter") from None
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0]), param_hint="--like") from None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if mode == "auto" and not as_json:
@@ -153,6 +168,53 @@ def search(
             typer.echo(json.dumps(hit.to_dict()))
     else:
         print_response(response, explain)
+
+
+def _rerankers(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _one_search(router, query: str | None, image: Path | None, like: str | None, vector: Path | None,
+                sparse: str | None, options: dict, depth: int, rerank: str):
+    if like is not None:
+        return router.more_like(like, **options)
+    if vector is not None or sparse is not None:
+        return router.search_vectors(dense=_read_vector(vector) if vector else None,
+                                     sparse=_read_sparse(sparse) if sparse else None, **options)
+    return router.search(text=query, image=_open_image(image) if image else None, depth=depth,
+                         rerank=_rerankers(rerank), **options)
+
+
+def _search_file(router, path: Path, options: dict, depth: int, rerank: str) -> None:
+    """``--queries``: every line a query (``id<TAB>text``, or the line number as its id); JSON lines out."""
+    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        query_id, _, text = line.partition("\t") if "\t" in line else (str(number), "", line)
+        response = router.search(text=text.strip(), depth=depth, rerank=_rerankers(rerank), **options)
+        for hit in response.hits:
+            typer.echo(json.dumps({"query_id": query_id, **hit.to_dict()}))
+
+
+def _read_vector(path: Path) -> list[float]:
+    import numpy as np
+
+    try:
+        if path.suffix == ".npy":
+            return np.load(path).astype(float).reshape(-1).tolist()
+        return [float(v) for v in json.loads(path.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError) as exc:
+        raise typer.BadParameter(f"cannot read a vector from '{path}' (.npy or a JSON list of numbers): {exc}",
+                                 param_hint="--vector") from None
+
+
+def _read_sparse(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+        return {str(token): float(weight) for token, weight in dict(value).items()}
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(f"not a JSON object of word-piece: weight ({exc})", param_hint="--sparse") from None
 
 
 @app.command()

@@ -13,6 +13,8 @@ from server.metrics import Metrics
 from server.registry import IndexVersion
 from server.requests import body_doc, parse_body
 from server.schemas import (
+    BatchSearchRequest,
+    BatchSearchResult,
     ClassifyRequest,
     ClassifyResult,
     FilterRange,
@@ -46,6 +48,37 @@ async def search(state: State, request: Request) -> SearchResult:
     return await state.run_limited(functools.partial(run_search, version, body, image, state.metrics), "search")
 
 
+@router.post("/search/batch", response_model=BatchSearchResult)
+async def search_batch(state: State, body: BatchSearchRequest) -> BatchSearchResult:
+    """Up to 32 searches (each a /search JSON body) in one request, answered in order, on one worker."""
+    limits = state.limits
+    images = [open_query_image(decode_base64(r.image, limits.max_image_bytes), limits.max_image_bytes,
+                               limits.max_image_pixels) if r.image else None for r in body.requests]
+    state.refuse_when_busy("search")
+    versions: list[IndexVersion] = []
+    try:
+        for request in body.requests:
+            versions.append(state.checkout(request.index))
+    except BaseException:
+        for version in versions:
+            version.release()
+        raise
+
+    def run() -> BatchSearchResult:
+        pending = list(zip(versions, body.requests, images, strict=True))
+        results = []
+        try:
+            while pending:
+                version, request, image = pending.pop(0)
+                results.append(run_search(version, request, image, state.metrics))  # releases its version
+        finally:
+            for version, _, _ in pending:  # a failed search: the leases of those after it
+                version.release()
+        return BatchSearchResult(results=results)
+
+    return await state.run_limited(run, "search")
+
+
 @router.post("/classify", response_model=ClassifyResult, openapi_extra={"requestBody": body_doc("ClassifyRequest")})
 async def classify(state: State, request: Request) -> ClassifyResult:
     """Zero-shot classification of an image over the given labels (S^3)."""
@@ -71,15 +104,21 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
     started = time.perf_counter()
     filters = {name: condition.model_dump(exclude_none=True) if isinstance(condition, FilterRange) else condition
                for name, condition in body.filters.items()}
+    options: dict[str, Any] = {"mode": body.mode, "k": body.k, "fusion": body.fusion, "alpha": body.alpha,
+                               "explain": body.explain, "filters": filters or None, "offset": body.offset}
     try:
-        options: dict[str, Any] = {"text": body.query, "image": image, "mode": body.mode, "k": body.k,
-                                   "fusion": body.fusion, "alpha": body.alpha, "explain": body.explain,
-                                   "filters": filters or None, "offset": body.offset}
-        if body.rerank:
-            options["rerank"] = list(body.rerank)
-        response = version.router.search(**options)
+        if body.like is not None:
+            response = version.router.more_like(body.like, **options)
+        elif body.by_vectors:
+            response = version.router.search_vectors(dense=body.vector, sparse=body.sparse, **options)
+        else:
+            response = version.router.search(text=body.query, image=image, rerank=list(body.rerank), **options)
     except FilterError as exc:
         raise HTTPException(422, f"filters: {exc}") from None
+    except KeyError as exc:  # more like this: no such document
+        raise HTTPException(404, str(exc.args[0])) from None
+    except ValueError as exc:  # a vector query that does not fit the index
+        raise HTTPException(422, str(exc)) from None
     finally:
         version.release()
     hits = response.hits

@@ -36,6 +36,7 @@ from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 MODES = ("auto", "sparse", "dense", "hybrid")
 FUSIONS = ("rrf", "convex")
 PHRASE_CACHE_SIZE = 10_000
+_ROUTES_OF = {"sparse": ("sparse",), "dense": ("dense",), "hybrid": ("dense", "sparse")}
 FIRST_STAGE = "first-stage"  # the fused order, one of the lists the reranked order is fused from
 
 
@@ -136,7 +137,7 @@ class QueryRouter:
         if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
             decision = without_sparse(decision, chosen_by_auto=mode == "auto")
         allowed = self.index.filter_rows(filters) if filters else None
-        fused = self._retrieve(query, query_sparse, decision.mode, k + offset, depth, fusion, alpha, rrf_k,
+        fused = self._retrieve(query.dense, query_sparse, decision.mode, k + offset, depth, fusion, alpha, rrf_k,
                                bool(names), allowed)
         if names:
             fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
@@ -155,14 +156,72 @@ class QueryRouter:
 
         return expand_sparse(query_sparse, text, self.index.vocabulary, s3.expansion, source=s3.source)
 
-    def _retrieve(self, query: EncodedBatch, query_sparse: dict[str, float], mode: str, k: int, depth: int,
+    def search_vectors(self, dense: Sequence[float] | np.ndarray | None = None,
+                       sparse: Mapping[str, float] | None = None, mode: str = "auto", k: int = 10,
+                       fusion: str = "rrf", alpha: float = 0.5, explain: bool = False,
+                       filters: Mapping[str, Any] | None = None, offset: int = 0,
+                       exclude: Sequence[str] = ()) -> SearchResponse:
+        """Search with a given dense embedding and/or a ``{word-piece: weight}`` sparse query (nothing is
+        encoded), each checked against the index: the embedding's width, the tokens in its vocabulary. ``auto``
+        uses every route it was given; ``exclude``: ids left out of the hits (more like this)."""
+        dense_vector = self._checked_dense(dense) if dense is not None else None
+        sparse_query = self._checked_sparse(sparse) if sparse is not None else {}
+        given = [route for route, present in (("dense", dense_vector is not None), ("sparse", bool(sparse_query)))
+                 if present]
+        if not given:
+            raise ValueError("give a dense vector, a non-empty sparse query, or both")
+        if mode == "auto":
+            mode = "hybrid" if len(given) == 2 else given[0]
+        if mode not in ("sparse", "dense", "hybrid") or any(r not in given for r in _ROUTES_OF[mode]):
+            raise ValueError(f"mode '{mode}' needs {' and '.join(_ROUTES_OF.get(mode, ('a known mode',)))}; "
+                             f"this query gives {' and '.join(given)}")
+        allowed = self.index.filter_rows(filters) if filters else None
+        wanted = k + offset + len(exclude)
+        fused = self._retrieve(dense_vector[None] if dense_vector is not None else None, sparse_query, mode,
+                               wanted, self.depth, fusion, alpha, RRF_K, False, allowed)
+        if exclude:
+            hidden = {self.index.find(doc_id) for doc_id in exclude} - {None}
+            fused = [f for f in fused if Candidate(*f.key, 0.0) not in hidden]
+        hits = self._describe(fused[offset : offset + k], sparse_query, explain, first_rank=offset + 1)
+        return SearchResponse(mode=mode, fusion=fusion if mode == "hybrid" else None, hits=hits,
+                              query_tokens=sparse_query, decision={"mode": mode, "rerank": [], "reason": "vectors"})
+
+    def more_like(self, doc_id: str, **options: Any) -> SearchResponse:
+        """Documents like a stored one: its own dense and sparse vectors as the query, itself left out. Takes
+        :meth:`search_vectors`' options."""
+        found = self.index.find(doc_id)
+        if found is None:
+            raise KeyError(f"no document with id '{doc_id[:200]}' in {self.index.dir}")
+        dense, sparse = self.index.vectors([found])[0], self.index.sparse_vectors([found])[0]
+        return self.search_vectors(dense=dense, sparse=sparse or None, exclude=[doc_id], **options)
+
+    def _checked_dense(self, dense: Sequence[float] | np.ndarray) -> np.ndarray:
+        vector = np.asarray(dense, dtype=np.float32).reshape(-1)
+        width = self.index.manifest.embed_dim
+        if vector.shape != (width,) or not np.isfinite(vector).all() or not np.any(vector):
+            raise ValueError(f"the dense vector must be {width} finite numbers, not all zero (this index's "
+                             f"embedding width); got {vector.size}")
+        return vector / np.linalg.norm(vector)
+
+    def _checked_sparse(self, sparse: Mapping[str, float]) -> dict[str, float]:
+        vocabulary = self.index.vocabulary.index
+        unknown = [token for token in sparse if token not in vocabulary]
+        if unknown:
+            raise ValueError(f"sparse query tokens not in the index's vocabulary: {unknown[:10]} (tokens are "
+                             f"word-pieces such as 'dog' or '##s')")
+        bad = [token for token, weight in sparse.items() if not (np.isfinite(weight) and weight >= 0)]
+        if bad:
+            raise ValueError(f"sparse query weights must be finite and >= 0: {bad[:10]}")
+        return {token: float(weight) for token, weight in sparse.items() if weight > 0}
+
+    def _retrieve(self, dense: np.ndarray | None, query_sparse: dict[str, float], mode: str, k: int, depth: int,
                   fusion: str, alpha: float, rrf_k: int, reranking: bool, allowed: Allowed | None) -> list[Fused]:
         fetch = max(k, depth) if mode == "hybrid" or reranking else k
         lists: dict[str, list[Candidate]] = {}
         if mode in ("sparse", "hybrid"):
             lists["sparse"] = self.index.search_sparse([query_sparse], fetch, rows=allowed)[0]
         if mode in ("dense", "hybrid"):
-            lists["dense"] = self.index.search_dense(query.dense, fetch, rows=allowed)[0]
+            lists["dense"] = self.index.search_dense(dense, fetch, rows=allowed)[0]
         keyed = {route: [((c.shard, c.row), c.score) for c in cands] for route, cands in lists.items()}
         if mode != "hybrid":  # one route: keep its own scores
             (route, ranked), = keyed.items()

@@ -1,10 +1,12 @@
-"""Filters applied before ranking (a filter keeping 1% of the documents still gets k hits), paging, and the
-same filter syntax in Python, the CLI and HTTP, on a real index of 200 drawn images."""
+"""Search options beyond a plain query, on a real index of 200 drawn images: filters applied before ranking (a
+filter keeping 1% of the documents still gets k hits), paging, more like this, queries by vector, batches, and
+the same syntax in Python, the CLI and HTTP."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -116,6 +118,81 @@ def test_the_cli_and_http_take_the_same_filters(index_dir, tiny_config_path, reg
     assert unknown.status_code == 422 and "colour" in unknown.json()["detail"]
     wrong = registry_client.post("/search", json={"query": "red", "filters": {"n": {"between": 3}}})
     assert wrong.status_code == 422
+
+
+def test_more_like_this_uses_the_stored_vectors_and_leaves_the_document_out(router):
+    index = router.index
+    found = index.find("doc-010")
+    dense, sparse = index.vectors([found])[0], index.sparse_vectors([found])[0]
+    like = router.more_like("doc-010", k=5)
+    assert like.mode == "hybrid" and "doc-010" not in [h.id for h in like.hits] and len(like.hits) == 5
+    same = router.search_vectors(dense=dense, sparse=sparse, k=6)
+    assert same.hits[0].id == "doc-010"  # the document is its own nearest neighbour
+    assert [h.id for h in same.hits][1:] == [h.id for h in like.hits]
+    dense_only = router.more_like("doc-010", k=3, mode="dense", filters={"group": "rare"})
+    assert sorted(h.id for h in dense_only.hits) == ["doc-007", "doc-150"]
+    with pytest.raises(KeyError, match="no document with id 'nope'"):
+        router.more_like("nope")
+
+
+def test_vector_queries_are_checked_against_the_index(router):
+    width = router.index.manifest.embed_dim
+    with pytest.raises(ValueError, match=f"must be {width} finite numbers"):
+        router.search_vectors(dense=[1.0, 2.0])
+    with pytest.raises(ValueError, match=f"must be {width} finite numbers"):
+        router.search_vectors(dense=[float("nan")] * width)
+    with pytest.raises(ValueError, match=r"not in the index's vocabulary: \['zzqx'\]"):
+        router.search_vectors(sparse={"zzqx": 1.0})
+    with pytest.raises(ValueError, match="mode 'sparse' needs sparse"):
+        router.search_vectors(dense=[1.0] * width, mode="sparse")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        router.search_vectors(sparse={"red": -1.0})
+
+
+def test_http_takes_like_vector_sparse_and_batches(registry_client, router):
+    like = registry_client.post("/search", json={"like": "doc-010", "k": 5}).json()
+    assert [h["id"] for h in like["hits"]] == [h.id for h in router.more_like("doc-010", k=5).hits]
+    dense = router.index.vectors([router.index.find("doc-020")])[0].tolist()
+    by_vector = registry_client.post("/search", json={"vector": dense, "k": 1}).json()
+    assert by_vector["hits"][0]["id"] == "doc-020" and by_vector["mode"] == "dense"
+    sparse = router.index.sparse_vectors([router.index.find("doc-020")])[0]
+    by_sparse = registry_client.post("/search", json={"sparse": sparse, "k": 3}).json()
+    assert by_sparse["mode"] == "sparse" and "doc-020" in [h["id"] for h in by_sparse["hits"]]
+    assert registry_client.post("/search", json={"like": "nope"}).status_code == 404
+    assert registry_client.post("/search", json={"vector": [1.0, 2.0]}).status_code == 422
+    mixed = registry_client.post("/search", json={"query": "red", "like": "doc-010"})
+    assert mixed.status_code == 422 and "one kind of query" in mixed.text
+    batch = registry_client.post("/search/batch", json={"requests": [
+        {"query": "a red circle", "mode": "dense", "k": 2}, {"like": "doc-010", "k": 2},
+        {"query": "a red circle", "mode": "dense", "k": 2, "filters": {"group": "rare"}}]}).json()
+    single = registry_client.post("/search", json={"query": "a red circle", "mode": "dense", "k": 2}).json()
+    assert [[h["id"] for h in r["hits"]] for r in batch["results"]] == [
+        [h["id"] for h in single["hits"]], [h["id"] for h in like["hits"][:2]], ["doc-007", "doc-150"]]
+    failing = registry_client.post("/search/batch", json={"requests": [{"query": "red", "mode": "dense"},
+                                                                       {"like": "nope"}]})
+    assert failing.status_code == 404
+    assert registry_client.post("/search", json={"query": "red", "mode": "dense"}).status_code == 200  # no lease lost
+
+
+def test_cli_query_file_vectors_and_like(index_dir, tiny_config_path, tmp_path, router):
+    (tmp_path / "queries.tsv").write_text("q-red\ta red circle\n\n# a comment\nq-blue\ta blue square\n")
+    model = ["--model", str(tiny_config_path)]
+    batch = CliRunner().invoke(app, ["search", str(index_dir), "--queries", str(tmp_path / "queries.tsv"), "--mode",
+                                     "dense", "-k", "2", *model])
+    assert batch.exit_code == 0, batch.output
+    rows = [json.loads(line) for line in batch.output.splitlines()]
+    assert [r["query_id"] for r in rows] == ["q-red", "q-red", "q-blue", "q-blue"]
+    assert [r["id"] for r in rows[:2]] == [h.id for h in router.search(text="a red circle", mode="dense", k=2).hits]
+    dense = router.index.vectors([router.index.find("doc-020")])[0]
+    np.save(tmp_path / "query.npy", dense)
+    by_vector = CliRunner().invoke(app, ["search", str(index_dir), "--vector", str(tmp_path / "query.npy"), "--json",
+                                         "-k", "1", *model])
+    assert by_vector.exit_code == 0 and json.loads(by_vector.output)["id"] == "doc-020", by_vector.output
+    like = CliRunner().invoke(app, ["search", str(index_dir), "--like", "doc-010", "--json", "-k", "2", *model])
+    assert [json.loads(line)["id"] for line in like.output.splitlines()] == [
+        h.id for h in router.more_like("doc-010", k=2).hits]
+    both = CliRunner().invoke(app, ["search", str(index_dir), "red", "--like", "doc-010", *model])
+    assert both.exit_code != 0 and "one kind of query" in both.output
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import binascii
 import io
 import os
 import tarfile
+import urllib.parse
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -41,6 +43,39 @@ def decode_base64(text: str, max_bytes: int, field: str = "image") -> bytes:
     except (binascii.Error, ValueError) as exc:
         raise ImageRejected(422, f"'{field}' is not valid base64 ({exc}); send the image bytes base64-encoded "
                                  f"or upload it as multipart/form-data") from exc
+    return data
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead anywhere (an internal host): refuse it instead of following it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise ImageRejected(422, f"'image_url' redirects ({code}) to {newurl[:200]}; give the final URL")
+
+
+def fetch_image_url(url: str, hosts: tuple[str, ...], max_bytes: int, timeout_s: float) -> bytes:
+    """The bytes at ``url`` if image URLs are on and its host is allowed (the SSRF guard), under the caps."""
+    if not hosts:
+        raise ImageRejected(422, "'image_url' queries are off on this server; send the image itself, or start the "
+                                 "server with --allow-image-url-host HOST")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ImageRejected(422, "'image_url' must be an http or https URL")
+    if parsed.hostname.lower() not in {h.lower() for h in hosts}:
+        raise ImageRejected(403, f"'image_url' host '{parsed.hostname}' is not allowed here (allowed: "
+                                 f"{', '.join(hosts)})")
+    opener = urllib.request.build_opener(_NoRedirects())
+    try:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "stair-search"}), timeout=timeout_s) as r:
+            data = r.read(max_bytes + 1)
+    except ImageRejected:
+        raise
+    except TimeoutError as exc:
+        raise ImageRejected(504, f"'image_url' did not answer within {timeout_s} s") from exc
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, connection errors
+        raise ImageRejected(422, f"'image_url' could not be fetched: {exc}") from None
+    if len(data) > max_bytes:
+        raise ImageRejected(413, f"'image_url' is more than the limit of {max_bytes} bytes")
     return data
 
 

@@ -38,6 +38,8 @@ class SearchRequest(BaseModel):
 
     query: str | None = Field(None, max_length=MAX_QUERY_CHARS, description="Text query.")
     image: str | None = Field(None, description="Query image as base64 or a data: URL (or use a multipart upload).")
+    image_url: str | None = Field(None, max_length=2048, description="Query image by http(s) URL: off unless the "
+                                  "server allows the URL's host (serve --allow-image-url-host).")
     index: str | None = Field(None, description="Index name; default: the first index the server was started with.")
     k: int = Field(10, ge=1, le=MAX_K)
     mode: Mode = "auto"
@@ -73,7 +75,7 @@ class SearchRequest(BaseModel):
     @model_validator(mode="after")
     def _needs_query_or_image(self, info: ValidationInfo) -> SearchRequest:
         uploaded = _uploaded(info)
-        encoded = self.query is not None or bool(self.image) or uploaded
+        encoded = self.query is not None or bool(self.image) or uploaded or self.image_url is not None
         given = [name for name, present in (("a query or image", encoded), ("'like'", self.like is not None),
                                             ("'vector'/'sparse'", self.vector is not None or self.sparse is not None))
                  if present]
@@ -82,8 +84,8 @@ class SearchRequest(BaseModel):
                              "and/or 'sparse' query")
         if len(given) > 1:
             raise ValueError(f"give one kind of query, not {' and '.join(given)}")
-        if self.image and uploaded:
-            raise ValueError("give the image once: as base64 'image' or as a multipart upload, not both")
+        if sum([bool(self.image), uploaded, self.image_url is not None]) > 1:
+            raise ValueError("give the image once: as base64 'image', as a multipart upload or as 'image_url'")
         return self
 
     @property

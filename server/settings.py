@@ -38,3 +38,7 @@ class ServerSettings:
     search_threads: int = 4  # worker threads running searches (the encoder itself runs one call at a time)
     reload_interval_s: float = 2.0  # how often the registry looks for a newly published index; 0 = never
     thumbnail_size: int = 128  # default longest side of a thumbnail, in pixels
+    # Query images by URL ("image_url"): off unless hosts are listed. Only http(s) URLs of exactly these host
+    # names are fetched, redirects are not followed, and the download has the image byte cap and this timeout.
+    image_url_hosts: tuple[str, ...] = ()
+    image_url_timeout_s: float = 5.0

@@ -406,6 +406,9 @@ def serve(
                                                          "(default 16000000).")] = None,
     search_timeout: Annotated[float | None, typer.Option(help="Seconds before a search answers 504 (default 20).")]
     = None,
+    allow_image_url_host: Annotated[list[str] | None, typer.Option(help="Fetch query images by URL ('image_url') "
+                                                                   "from this host name (repeatable; off by "
+                                                                   "default).")] = None,
 ) -> None:
     """Serve indexes over HTTP: search API (OpenAPI at /docs) and a search page at /."""
     import uvicorn
@@ -427,7 +430,8 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     settings = ServerSettings(limits=limits, api_key=api_key, cors_origins=tuple(cors_origin or ()),
-                              search_threads=threads, reload_interval_s=reload_interval)
+                              search_threads=threads, reload_interval_s=reload_interval,
+                              image_url_hosts=tuple(allow_image_url_host or ()))
     uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
 
 

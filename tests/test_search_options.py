@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from server import IndexRegistry, ServerSettings, create_app
+from server import IndexRegistry, Limits, ServerSettings, create_app
 from stair_search.cli import app
 from stair_search.index.reader import Index
 from stair_search.index.store import FeatureRecord
@@ -199,3 +199,59 @@ def test_cli_query_file_vectors_and_like(index_dir, tiny_config_path, tmp_path, 
 def registry_client(index_dir):
     with TestClient(create_app(IndexRegistry({"filters": index_dir}), ServerSettings(reload_interval_s=0))) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def image_host(tmp_path_factory):
+    """A real HTTP server on 127.0.0.1 serving a drawn image, a redirect, a large file and a slow answer."""
+    import http.server
+    import io
+    import threading
+    import time
+
+    picture = io.BytesIO()
+    draw_shape("red", "circle").save(picture, format="PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.png":
+                time.sleep(3)
+            if self.path == "/redirect.png":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
+            body = picture.getvalue() if self.path in ("/red.png", "/slow.png") else b"\x89PNG" + b"0" * 3_000_000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", picture.getvalue()
+    server.shutdown()
+
+
+def test_image_url_queries_are_off_by_default_and_guarded_when_on(index_dir, image_host, registry_client):
+    import base64
+
+    base, picture = image_host
+    off = registry_client.post("/search", json={"image_url": f"{base}/red.png"})
+    assert off.status_code == 422 and "off on this server" in off.json()["detail"]
+    settings = ServerSettings(reload_interval_s=0, image_url_hosts=("127.0.0.1",), image_url_timeout_s=1.0,
+                              limits=Limits(max_image_bytes=1_000_000))
+    with TestClient(create_app(IndexRegistry({"filters": index_dir}), settings)) as on:
+        by_url = on.post("/search", json={"image_url": f"{base}/red.png", "mode": "dense", "k": 3}).json()
+        inline = on.post("/search", json={"image": base64.b64encode(picture).decode(), "mode": "dense", "k": 3})
+        assert [h["id"] for h in by_url["hits"]] == [h["id"] for h in inline.json()["hits"]]
+        other_host = on.post("/search", json={"image_url": base.replace("127.0.0.1", "localhost") + "/red.png"})
+        assert other_host.status_code == 403 and "not allowed" in other_host.json()["detail"]
+        redirect = on.post("/search", json={"image_url": f"{base}/redirect.png"})
+        assert redirect.status_code == 422 and "redirects" in redirect.json()["detail"]  # never followed
+        assert on.post("/search", json={"image_url": f"{base}/large.png"}).status_code == 413
+        assert on.post("/search", json={"image_url": f"{base}/slow.png"}).status_code == 504
+        assert on.post("/search", json={"image_url": "file:///etc/passwd"}).status_code == 422

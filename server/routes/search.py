@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
-from server.imaging import decode_base64, open_query_image
+from server.imaging import decode_base64, fetch_image_url, open_query_image
 from server.metrics import Metrics
 from server.registry import IndexVersion
 from server.requests import body_doc, parse_body
@@ -41,6 +42,10 @@ async def search(state: State, request: Request) -> SearchResult:
     body, image_bytes = await parse_body(request, SearchRequest, limits.max_image_bytes)
     if body.image:
         image_bytes = decode_base64(body.image, limits.max_image_bytes)
+    elif body.image_url is not None:
+        settings = state.settings
+        image_bytes = await asyncio.to_thread(fetch_image_url, body.image_url, settings.image_url_hosts,
+                                              limits.max_image_bytes, settings.image_url_timeout_s)
     image = open_query_image(image_bytes, limits.max_image_bytes, limits.max_image_pixels) \
         if image_bytes is not None else None
     state.refuse_when_busy("search")
@@ -52,6 +57,8 @@ async def search(state: State, request: Request) -> SearchResult:
 async def search_batch(state: State, body: BatchSearchRequest) -> BatchSearchResult:
     """Up to 32 searches (each a /search JSON body) in one request, answered in order, on one worker."""
     limits = state.limits
+    if any(r.image_url is not None for r in body.requests):
+        raise HTTPException(422, "a batch takes images as base64 'image' only; send image_url queries to /search")
     images = [open_query_image(decode_base64(r.image, limits.max_image_bytes), limits.max_image_bytes,
                                limits.max_image_pixels) if r.image else None for r in body.requests]
     state.refuse_when_busy("search")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -21,6 +22,7 @@ from server.limits import BodySizeLimit
 from server.metrics import MetricsMiddleware
 from server.registry import IndexRegistry
 from server.routes import documents, operations, page, search
+from server.schemas import ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState
 
@@ -58,4 +60,21 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
     for module in (search, documents, operations, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """FastAPI's document plus the request bodies the routes parse themselves (JSON or multipart, so FastAPI
+    does not see them): their schemas, and those of the models they nest, under ``components/schemas``, so
+    that every ``$ref`` resolves. Built once per app."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes)
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in (SearchRequest, ClassifyRequest):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+        app.openapi_schema = document
+    return app.openapi_schema

@@ -495,6 +495,21 @@ def test_health_readiness_metrics_and_openapi(client, registry):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]["/search"]["post"]["requestBody"]["content"]) == {"application/json",
                                                                                "multipart/form-data"}
+    refs = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            refs.update([node["$ref"]] if isinstance(node.get("$ref"), str) else [])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(schema)
+    components = schema["components"]["schemas"]
+    assert {"SearchRequest", "ClassifyRequest", "FilterRange"} <= set(components)
+    assert all(ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in components for ref in refs)
 
 
 def test_the_page_and_its_assets_are_served(client):

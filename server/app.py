@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.imaging import ImageRejected
@@ -25,6 +27,9 @@ from server.routes import documents, operations, page, search
 from server.schemas import ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState
+from stair_search import __version__
+
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the fastapi-offline package
 
 
 def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: ServerSettings | None = None,
@@ -43,7 +48,7 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
             registry.stop_watching()
             state.shutdown()
 
-    app = FastAPI(title="stair-search", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="stair-search", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Sparse (STAIR word-pieces in Lucene) + dense (CLIP in FAISS) image search.")
     app.state.service = state
     app.state.registry, app.state.metrics, app.state.settings = registry, state.metrics, settings
@@ -60,7 +65,17 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
     for module in (search, documents, operations, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI from assets this app serves itself: it works with no network (no CDN)."""
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
     return app
 
 

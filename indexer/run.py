@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from stair_search.index.layout import MANIFEST
 from stair_search.index.lock import IndexLock
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.reader import Index
+from stair_search.index.text import DEFAULT_TEXT_FIELDS
 from stair_search.index.writer import IndexWriter
 
 RUNNERS = ("local", "ray")
@@ -48,7 +49,7 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
         options: SourceOptions | None = None, workers: int | None = None, runner: str = "local",
         ray_address: str | None = None, resume: bool = True, progress: bool | None = None,
         torch_threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-        wait: bool = False) -> JobSummary:
+        wait: bool = False, text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS) -> JobSummary:
     """Index every readable image of ``source`` into ``out``; bad items are skipped and reported.
 
     A job killed at any moment continues when started again with the same arguments (``resume=False``
@@ -57,7 +58,8 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
     (``ray_address``: an existing cluster; default a local one) and writes the same shards. The job holds the
     index's mutation lock from start to publish: another mutation of ``out`` makes it stop at once naming the
     holder, or with ``wait`` queue behind it. ``max_pixels`` / ``max_bytes`` cap what one image may cost to
-    decode (larger ones are skipped as too large).
+    decode (larger ones are skipped as too large). ``text_fields``: what the text route (BM25) indexes,
+    ``"caption"`` and metadata field names (None: no text route).
     """
     check_not_reimporting_main()
     if runner not in RUNNERS:
@@ -75,7 +77,7 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
     limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
     identity = {"source": os.path.abspath(str(source)), "out": os.path.abspath(out), "options": asdict(options),
                 "model": encoder.fingerprint, "shard_size": shard_size, "dense": dense, "append": append,
-                "limits": asdict(limits)}
+                "limits": asdict(limits), "text_fields": list(text_fields) if text_fields else None}
     key = job_key(**identity)
     job = JobDir(job_dir_for(out, key), identity)
     with IndexLock(out, wait=wait) as lock:
@@ -87,7 +89,7 @@ def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrai
                               already_complete=True)
         with IndexWriter(out, encoder, append=append, overwrite=overwrite, shard_size=shard_size,
                          dense_spec=DenseSpec(dense) if dense else None, build_dir=job.build_dir,
-                         resumed=journal.shards, lock=lock) as writer:
+                         resumed=journal.shards, lock=lock, text_fields=text_fields) as writer:
             state = job.open(resume)
             try:
                 job_run = _JobRun(job, state, writer)

@@ -34,6 +34,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 # is reported as skipped with the fix instead of being passed over in silence.
 OTHER_IMAGE_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
                         ".rw2", ".raf"}
+MAX_CAPTION_BYTES = 64 * 1024  # a sidecar caption file longer than this is not a caption
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # one image file / tar member / bytes cell; read no further than this
 # Magic numbers of the formats PIL decodes most often: files without an image suffix are sniffed.
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -197,10 +198,20 @@ def image_files(root: Path, limit: int | None = None) -> Iterator[Path]:
 
 
 def _folder(spec: str, options: SourceOptions, max_bytes: int) -> Iterator[Item]:
+    """Every image under the folder; a caption file beside an image (``photo.jpg`` + ``photo.txt``, the usual
+    sidecar) is its caption."""
     root = Path(spec)
     for path in image_files(root):
         yield Item(id=printable(path.relative_to(root).as_posix()), source=printable(str(path.absolute())),
-                   path=str(path))
+                   path=str(path), caption=_sidecar_caption(path))
+
+
+def _sidecar_caption(image: Path) -> str:
+    sidecar = image.with_suffix(".txt")
+    try:
+        return printable(read_file(sidecar, MAX_CAPTION_BYTES).decode("utf-8", "replace").strip())
+    except OSError:  # none, unreadable, a FIFO, too long: no caption
+        return ""
 
 
 def printable(text: str) -> str:

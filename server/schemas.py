@@ -12,7 +12,7 @@ MAX_FILTERS = 16
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
 
-Mode = Literal["auto", "sparse", "dense", "hybrid"]
+Mode = Literal["auto", "sparse", "dense", "hybrid", "text"]
 Fusion = Literal["rrf", "convex"]
 RerankerName = Literal["bsap", "ssp", "comclip", "s3"]
 FilterValue = str | int | float | bool
@@ -114,6 +114,9 @@ class Hit(BaseModel):
     thumbnail: str = Field(description="URL of the thumbnail, served from the index's stored source.")
     document: str = Field(description="URL of the stored document.")
     matched: list[MatchedToken] = Field(default_factory=list)
+    text_matched: dict[str, int] = Field(default_factory=dict, description="Text route: the query's words (as "
+                                         "indexed: lower case, stemmed) found in the hit's caption / text fields, "
+                                         "with their counts.")
 
 
 class SearchResult(BaseModel):

@@ -81,6 +81,9 @@ def index(
     metadata_column: Annotated[list[str] | None, typer.Option(help="Column to keep as metadata (repeatable).")]
     = None,
     hash_ids: Annotated[bool, typer.Option(help="Id = SHA-1 of the image bytes (duplicates indexed once).")] = False,
+    text_fields: Annotated[str, typer.Option(help="What the text route (BM25 keyword search) indexes, "
+                                                  "comma-separated: caption and metadata field names; '' for no "
+                                                  "text route.")] = "caption",
     max_pixels: Annotated[int | None, typer.Option(min=1, help="Skip images with more pixels (width x height) as "
                                                                "too large [default: 64000000].")] = None,
     max_bytes: Annotated[int | None, typer.Option(min=1, help="Skip image files, tar members and parquet cells of "
@@ -98,6 +101,7 @@ def index(
     summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
                           shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
                           runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
+                          text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None,
                           **{k: v for k, v in {"max_pixels": max_pixels, "max_bytes": max_bytes}.items() if v})
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")

@@ -104,10 +104,12 @@ def test_only_the_top_depth_candidates_are_reranked_and_every_reranker_votes(rou
 
 def test_auto_mode_reports_its_decision_and_applies_comclip(router):
     router, images = router
-    response = router.search(text="a red circle left of a blue square", mode="auto", k=5)
+    response = router.search(text="a red circle left of a blue square", mode="auto", k=5, use_text=False)
     assert response.mode == "hybrid" and response.decision["rerank"] == ["comclip"]
     assert "relational" in response.decision["reason"] and all("comclip" in h.parts for h in response.hits)
-    keyword = router.search(text="yellow", mode="auto", k=3)
+    with_text = router.search(text="a red circle left of a blue square", mode="auto", k=5)  # the index has captions
+    assert with_text.mode == "hybrid+text" and with_text.fusion == "rrf" and with_text.decision["text"] is True
+    keyword = router.search(text="yellow", mode="auto", k=3, use_text=False)
     leaning = router.search(text="yellow", mode="hybrid", fusion="convex", alpha=KEYWORD_ALPHA, k=3)
     assert keyword.mode == "hybrid" and keyword.fusion == "convex" and keyword.decision["alpha"] == KEYWORD_ALPHA
     assert [(h.id, h.score) for h in keyword.hits] == [(h.id, h.score) for h in leaning.hits]

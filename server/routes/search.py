@@ -138,6 +138,7 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
         hits=[Hit(rank=h.rank, id=h.id, score=h.score, parts=h.parts, caption=h.caption or "",
                   metadata=h.metadata or {}, thumbnail=thumbnail_url(version.name, h.id),
                   document=document_url(version.name, h.id),
-                  matched=[MatchedToken(token=t, query=q, document=d) for t, (q, d) in (h.matched or {}).items()])
+                  matched=[MatchedToken(token=t, query=q, document=d) for t, (q, d) in (h.matched or {}).items()],
+                  text_matched=h.text_matched or {})
               for h in hits])
 

@@ -25,7 +25,11 @@ ROUTES: dict[str, dict[str, str]] = {
     "dense": {"mode": "dense"},
     "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf"},
     "hybrid-convex": {"mode": "hybrid", "fusion": "convex"},
-    "auto": {"mode": "auto"},
+    # The model's own routes only: an index's text route (BM25 over captions) would answer label queries from
+    # the captions themselves; "auto+text" and "text" measure it when wanted.
+    "auto": {"mode": "auto", "use_text": False},
+    "auto+text": {"mode": "auto"},
+    "text": {"mode": "text"},
 }
 DEFAULT_MODES = ("sparse", "dense", "hybrid-rrf", "hybrid-convex", "auto")
 # R@1 is recall: with several relevant documents it is capped at 1/|R|; S@1 (success: is the first hit

@@ -35,6 +35,7 @@ class ShardInfo:
     # (relative to the shard directory). A new file name per change keeps the manifest swap atomic.
     deleted: str | None = None
     deleted_count: int = 0
+    text: bool = False  # the shard has a text-route (BM25) index: some of its documents have text
 
     def path(self, index_dir: Path) -> Path:
         return shard_dir(index_dir, self.name)
@@ -60,6 +61,9 @@ class Manifest:
     # Keys of the indexing jobs that built this index (indexer/journal.py job_key): a finished job run again
     # finds its key here and stops, saying the index is complete.
     jobs: list[str] = field(default_factory=list)
+    # What the text route (BM25, index/text.py) indexes: "caption" and metadata field names; None for an index
+    # built without it (every index from before it existed).
+    text_fields: list[str] | None = None
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 

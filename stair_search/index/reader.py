@@ -28,6 +28,7 @@ from stair_search.index.layout import DENSE_FILE, FEATURES_FILE, SPARSE_DIR, rea
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
 from stair_search.index.store import FeatureStore
+from stair_search.index.text import TEXT_DIR, TextShard
 from stair_search.models.vocab import Vocabulary
 from stair_search.query.filters import Filter, check_fields, parse_filter
 
@@ -50,7 +51,8 @@ class _Shard:
 
     def __init__(self, index_dir: Path, info: ShardInfo, vocabulary: Vocabulary, scale: float):
         self.dir, self.info, self.vocabulary, self.scale = info.path(index_dir), info, vocabulary, scale
-        required = [self.dir / DENSE_FILE, self.dir / FEATURES_FILE, *SparseShard.required_files(self.dir / SPARSE_DIR)]
+        required = [self.dir / DENSE_FILE, self.dir / FEATURES_FILE, *SparseShard.required_files(self.dir / SPARSE_DIR),
+                    *([self.dir / TEXT_DIR] if info.text else [])]
         missing = [str(p) for p in required if not p.exists()]
         if missing:
             raise FileNotFoundError(f"Index shard {info.name} is incomplete, missing {missing}. Restore the files "
@@ -74,6 +76,11 @@ class _Shard:
     @property
     def sparse(self) -> SparseShard:
         return self._part("sparse", lambda: SparseShard(self.dir / SPARSE_DIR, self.vocabulary, self.scale))
+
+    @property
+    def text(self) -> TextShard | None:
+        """The shard's text-route index, or None when none of its documents has text."""
+        return self._part("text", lambda: TextShard(self.dir / TEXT_DIR, self.info.count)) if self.info.text else None
 
     @property
     def metadata(self) -> list[dict]:
@@ -155,6 +162,30 @@ class Index:
         return len(self._shards)
 
     # ---------------------------------------------------------------------------------------------- searching
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the text route (BM25 over captions / chosen metadata) has anything to search here."""
+        return any(shard.info.text for shard in self._shards)
+
+    def search_text(self, texts: Sequence[str], k: int, rows: Allowed | None = None) -> list[list[Candidate]]:
+        """Top-k per query by BM25 over the shards' text (an empty list where no shard has text)."""
+        out = []
+        for text in texts:
+            lists = []
+            for s, shard in enumerate(self._shards):
+                if shard.text is None or (rows is not None and not len(rows.get(s, ()))):
+                    continue
+                hits = shard.text.search_rows(text, rows[s], k) if rows is not None else \
+                    [h for h in shard.text.search(text, shard.fetch_depth(k)) if h[0] not in shard.deleted]
+                lists.append([Candidate(s, row, score) for row, score in hits])
+            out.append(_merge(lists, k))
+        return out
+
+    def text_matches(self, candidate: Candidate, text: str) -> dict[str, int]:
+        """The query's (analyzed) words that the candidate's text holds, with their counts."""
+        shard = self._shards[candidate.shard]
+        return shard.text.matched(candidate.row, text) if shard.text is not None else {}
 
     def filter_rows(self, flt: Mapping[str, Any] | Filter) -> dict[int, np.ndarray]:
         """The live rows of each shard whose metadata matches the filter (``query/filters.py``): what a filtered

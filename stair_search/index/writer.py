@@ -45,8 +45,9 @@ from stair_search.index.layout import (
 from stair_search.index.lock import IndexLock
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.skipped import Skip, write_skipped_report
-from stair_search.index.sparse import CSR, DEFAULT_SCALE, concat_csr, to_csr, write_sparse_shard
+from stair_search.index.sparse import CSR, DEFAULT_SCALE, available_cores, concat_csr, to_csr, write_sparse_shard
 from stair_search.index.store import FeatureRecord, FeatureStore, write_features
+from stair_search.index.text import DEFAULT_TEXT_FIELDS, TEXT_DIR, build_text_index, document_text
 
 # Rows per parquet row group: a lookup reads its whole group, so small groups keep reranking reads cheap
 # (~2 ms instead of ~24 ms for 1,024-row groups) for ~0.25% more disk.
@@ -71,6 +72,7 @@ class IndexWriter:
     def __init__(self, index_dir: str | Path, encoder: Encoder | None = None, *, append: bool = False,
                  overwrite: bool = False, shard_size: int = 100_000, dense_spec: DenseSpec | None = None,
                  scale: float = DEFAULT_SCALE, threads: int | None = None, wait: bool = False,
+                 text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS,
                  build_dir: Path | None = None, resumed: Sequence[ShardInfo] = (), lock: IndexLock | None = None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -79,7 +81,7 @@ class IndexWriter:
         self._own_lock = lock is None
         self.lock = (lock or IndexLock(self.index_dir, wait=wait)).acquire()
         try:
-            self.manifest, self.appending = self._start(append, overwrite, scale)
+            self.manifest, self.appending = self._start(append, overwrite, scale, text_fields)
             self._remove_leftovers([s.name for s in resumed])
         except BaseException:
             self._release()
@@ -95,7 +97,8 @@ class IndexWriter:
 
     # ------------------------------------------------------------------------------------------ opening
 
-    def _start(self, append: bool, overwrite: bool, scale: float) -> tuple[Manifest, bool]:
+    def _start(self, append: bool, overwrite: bool, scale: float,
+               text_fields: Sequence[str] | None) -> tuple[Manifest, bool]:
         exists = (self.index_dir / MANIFEST).is_file()
         if self.encoder is None:  # deletes: the index must exist
             return Manifest.load(self.index_dir), True
@@ -106,7 +109,7 @@ class IndexWriter:
         if exists and not overwrite:
             raise FileExistsError(f"{self.index_dir} already holds an index: pass append=True (--append) to add "
                                   f"to it or overwrite=True (--overwrite) to replace it.")
-        return new_manifest(self.encoder, scale), False
+        return new_manifest(self.encoder, scale, text_fields), False
 
     def _remove_leftovers(self, keep: Sequence[str]) -> None:
         """Under the lock nobody else is mid-mutation: whatever an earlier writer left unpublished is stale."""
@@ -151,7 +154,7 @@ class IndexWriter:
         csr = concat_csr([c for _, _, c in self._pending])
         name = shard_name(len(self.manifest.shards if self.appending else ()) + len(self.written))
         shard = write_shard(self.build_dir, name, records, dense, csr, self._vocabulary(), self.dense_spec,
-                            self.threads)
+                            self.threads, self.manifest.text_fields)
         self.written.append(shard)
         self._pending, self._pending_count = [], 0
         return shard
@@ -267,22 +270,29 @@ def delete_documents(index_dir: str | Path, ids: Iterable[str], wait: bool = Fal
     return result
 
 
-def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE) -> Manifest:
+def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE,
+                 text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS) -> Manifest:
     model = encoder.model
     return Manifest(
         model={"name": model.config.name, "spec": model.spec, "pretrained": model.config.pretrained,
                "fingerprint": encoder.fingerprint},
         vocabulary=model.config.vocabulary, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
         embed_dim=model.embed_dim, num_local=model.config.num_local, sparse=encoder.sparse_source,
+        text_fields=list(text_fields) if text_fields else None,
     )
 
 
 def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: np.ndarray, csr: CSR, vocabulary,
-                dense_spec: DenseSpec | None = None, threads: int | None = None) -> ShardInfo:
-    """Write one shard (sparse + dense + features) under ``root/shards/name``; rows = ``records`` order."""
+                dense_spec: DenseSpec | None = None, threads: int | None = None,
+                text_fields: Sequence[str] | None = None) -> ShardInfo:
+    """Write one shard (sparse + dense + features, and the text route's BM25 index when ``text_fields`` gives
+    its documents any text) under ``root/shards/name``; rows = ``records`` order."""
     shard = ShardInfo(name=name, count=len(records), dense={})
     folder = shard.path(root)
     write_sparse_shard(folder / SPARSE_DIR, csr, vocabulary, threads=threads)
+    if text_fields:
+        texts = [document_text(r.caption, r.metadata, text_fields) for r in records]
+        shard.text = build_text_index(folder / TEXT_DIR, texts, threads or available_cores())
     index = DenseIndex.build(dense, dense_spec)
     index.save(folder / DENSE_FILE)
     shard.dense = index.spec.to_dict()

@@ -33,7 +33,7 @@ from stair_search.rerank import check_names, make_reranker
 from stair_search.rerank.base import RerankInput, candidate_vectors
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 
-MODES = ("auto", "sparse", "dense", "hybrid")
+MODES = ("auto", "sparse", "dense", "hybrid", "text")
 FUSIONS = ("rrf", "convex")
 PHRASE_CACHE_SIZE = 10_000
 _ROUTES_OF = {"sparse": ("sparse",), "dense": ("dense",), "hybrid": ("dense", "sparse")}
@@ -50,6 +50,7 @@ class SearchHit:
     metadata: dict[str, Any]
     parts: dict[str, float] = field(default_factory=dict)  # route or reranker name -> its score
     matched: dict[str, tuple[float, float]] | None = None  # token -> (query weight, document weight)
+    text_matched: dict[str, int] | None = None  # text route: the query's analyzed words in the hit's text -> count
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -111,9 +112,10 @@ class QueryRouter:
     def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "auto",
                k: int = 10, fusion: str = "rrf", alpha: float = 0.5, rrf_k: int = RRF_K,
                explain: bool = False, rerank: Sequence[str] = (), depth: int | None = None,
-               filters: Mapping[str, Any] | None = None, offset: int = 0) -> SearchResponse:
+               filters: Mapping[str, Any] | None = None, offset: int = 0, use_text: bool = True) -> SearchResponse:
         """``filters`` (``query/filters.py``) keep only matching documents before ranking; ``offset`` skips
-        that many hits (paging: the order is the same across pages while ``offset + k`` <= ``depth``)."""
+        that many hits (paging: the order is the same across pages while ``offset + k`` <= ``depth``);
+        ``use_text=False`` keeps ``auto`` from adding the text route (BM25 over captions)."""
         if offset < 0:
             raise ValueError(f"offset must be 0 or more, got {offset}")
         if mode not in MODES:
@@ -137,13 +139,27 @@ class QueryRouter:
         if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
             decision = without_sparse(decision, chosen_by_auto=mode == "auto")
         allowed = self.index.filter_rows(filters) if filters else None
-        fused = self._retrieve(query.dense, query_sparse, decision.mode, k + offset, depth, fusion, alpha, rrf_k,
-                               bool(names), allowed)
+        # The text route: asked for, or added by auto to a text query when the index has text to search.
+        if mode == "text" and not text:
+            raise ValueError("mode 'text' needs a text query")
+        has_text = self.index.has_text
+        text_query = text if text and has_text and (decision.mode == "text" or (mode == "auto" and use_text)) else None
+        routes = (_ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
+        if text_query and len(routes) > 1:
+            fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
+        fused = self._retrieve(query.dense, query_sparse, routes, k + offset, depth, fusion, alpha, rrf_k,
+                               bool(names), allowed, text_query)
         if names:
             fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
         info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
-        hits = self._describe(fused[offset : offset + k], query_sparse, explain, first_rank=offset + 1)
-        return SearchResponse(mode=decision.mode, fusion=fusion if decision.mode == "hybrid" else None, hits=hits,
+        if text_query:
+            info["text"] = True
+        elif decision.mode == "text":
+            info["note"] = "this index has no text route (built before it, or its documents have no captions)"
+        hits = self._describe(fused[offset : offset + k], query_sparse, explain, first_rank=offset + 1,
+                              text=text_query)
+        label = "+".join([decision.mode, "text"]) if text_query and decision.mode != "text" else decision.mode
+        return SearchResponse(mode=label, fusion=fusion if len(routes) > 1 else None, hits=hits,
                               query_tokens=query_sparse, decision=info)
 
     def _expand(self, query_sparse: dict[str, float], text: str | None, mode: str, names: list[str]
@@ -177,8 +193,8 @@ class QueryRouter:
                              f"this query gives {' and '.join(given)}")
         allowed = self.index.filter_rows(filters) if filters else None
         wanted = k + offset + len(exclude)
-        fused = self._retrieve(dense_vector[None] if dense_vector is not None else None, sparse_query, mode,
-                               wanted, self.depth, fusion, alpha, RRF_K, False, allowed)
+        fused = self._retrieve(dense_vector[None] if dense_vector is not None else None, sparse_query,
+                               _ROUTES_OF[mode], wanted, self.depth, fusion, alpha, RRF_K, False, allowed)
         if exclude:
             hidden = {self.index.find(doc_id) for doc_id in exclude} - {None}
             fused = [f for f in fused if Candidate(*f.key, 0.0) not in hidden]
@@ -214,16 +230,19 @@ class QueryRouter:
             raise ValueError(f"sparse query weights must be finite and >= 0: {bad[:10]}")
         return {token: float(weight) for token, weight in sparse.items() if weight > 0}
 
-    def _retrieve(self, dense: np.ndarray | None, query_sparse: dict[str, float], mode: str, k: int, depth: int,
-                  fusion: str, alpha: float, rrf_k: int, reranking: bool, allowed: Allowed | None) -> list[Fused]:
-        fetch = max(k, depth) if mode == "hybrid" or reranking else k
+    def _retrieve(self, dense: np.ndarray | None, query_sparse: dict[str, float], routes: Sequence[str], k: int,
+                  depth: int, fusion: str, alpha: float, rrf_k: int, reranking: bool, allowed: Allowed | None,
+                  text: str | None = None) -> list[Fused]:
+        fetch = max(k, depth) if len(routes) > 1 or reranking else k
         lists: dict[str, list[Candidate]] = {}
-        if mode in ("sparse", "hybrid"):
+        if "sparse" in routes:
             lists["sparse"] = self.index.search_sparse([query_sparse], fetch, rows=allowed)[0]
-        if mode in ("dense", "hybrid"):
+        if "dense" in routes:
             lists["dense"] = self.index.search_dense(dense, fetch, rows=allowed)[0]
+        if "text" in routes and text:
+            lists["text"] = self.index.search_text([text], fetch, rows=allowed)[0]
         keyed = {route: [((c.shard, c.row), c.score) for c in cands] for route, cands in lists.items()}
-        if mode != "hybrid":  # one route: keep its own scores
+        if len(keyed) == 1:  # one route: keep its own scores
             (route, ranked), = keyed.items()
             return [Fused(key, score, {route: score}) for key, score in ranked]
         return convex(keyed, alpha) if fusion == "convex" else rrf(keyed, rrf_k)
@@ -259,7 +278,7 @@ class QueryRouter:
             self._phrases.update(fresh)
 
     def _describe(self, fused: list[Fused], query_sparse: dict[str, float], explain: bool,
-                  first_rank: int = 1) -> list[SearchHit]:
+                  first_rank: int = 1, text: str | None = None) -> list[SearchHit]:
         candidates = [Candidate(shard, row, f.score) for f in fused for shard, row in [f.key]]
         docs = self.index.documents(candidates, ["id", "source", "caption", "metadata"])
         hits = []
@@ -267,5 +286,6 @@ class QueryRouter:
             matched = self.index.explain(cand, query_sparse) if explain else None
             hits.append(SearchHit(rank=rank, id=doc["id"], score=f.score, source=doc["source"],
                                   caption=doc.get("caption", ""), metadata=doc.get("metadata", {}),
-                                  parts=f.parts, matched=matched))
+                                  parts=f.parts, matched=matched,
+                                  text_matched=self.index.text_matches(cand, text) if explain and text else None))
         return hits

@@ -362,8 +362,9 @@ def evaluate_index(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
     queries: Annotated[Path, typer.Argument(help="Queries file: qid<TAB>text per line.")],
     qrels: Annotated[Path, typer.Argument(help="TREC qrels file: qid 0 docid grade per line.")],
-    mode: Annotated[list[str] | None, typer.Option(help="sparse | dense | hybrid-rrf | hybrid-convex | auto; "
-                                                        "repeatable (default: all five).")] = None,
+    mode: Annotated[list[str] | None, typer.Option(help="sparse | dense | hybrid-rrf | hybrid-convex | auto "
+                                                        "(the model's routes) | auto+text | text (the BM25 text "
+                                                        "route); repeatable (default: the first five).")] = None,
     rerank: Annotated[list[str] | None, typer.Option(help="none | each | names joined by ',' (fused together); "
                                                           "repeatable (default: none).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,

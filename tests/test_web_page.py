@@ -107,24 +107,22 @@ def test_dropping_an_image_searches_with_it(page):
     assert page.is_visible("#image-chip")
 
 
-def test_the_api_docs_render_offline(base_url):
+def test_the_api_docs_render_offline(page, base_url):
     """/docs draws every operation of the OpenAPI document with every request outside the server blocked."""
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        outside = []
+    docs = page.context.browser.new_page()  # the module's browser: one playwright per process
+    outside = []
 
-        def only_this_server(route):
-            if route.request.url.startswith(base_url):
-                route.continue_()
-            else:
-                outside.append(route.request.url)
-                route.abort()
+    def only_this_server(route):
+        if route.request.url.startswith(base_url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
 
-        page.route("**/*", only_this_server)
-        page.goto(base_url + "/docs")
-        page.wait_for_selector(".opblock", timeout=15000)
-        paths = page.eval_on_selector_all(".opblock-summary-path", "nodes => nodes.map(n => n.textContent)")
-        browser.close()
+    docs.route("**/*", only_this_server)
+    docs.goto(base_url + "/docs")
+    docs.wait_for_selector(".opblock", timeout=15000)
+    paths = docs.eval_on_selector_all(".opblock-summary-path", "nodes => nodes.map(n => n.textContent)")
+    docs.close()
     assert {"/search", "/search/batch", "/classify", "/documents/{doc_id}"} <= {p.replace("\u200b", "") for p in paths}
     assert outside == []  # nothing was asked of a CDN

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from indexer.sources import DEFAULT_MAX_BYTES, OTHER_IMAGE_SUFFIXES, Item, NotRead, read_file
+from indexer.sources import DEFAULT_MAX_BYTES, OTHER_IMAGE_SUFFIXES, Item, NotRead, read_file, too_large
 from stair_search.images import model_view, refused_pixels
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~ 8000 x 8000: beyond this the decode alone needs gigabytes
@@ -47,14 +47,14 @@ class Decoded:
 def read_bytes(item: Item, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if item.data is not None:
         if len(item.data) > max_bytes:
-            raise NotRead(f"too large: {len(item.data)} bytes > {max_bytes} (raise --max-bytes)")
+            raise too_large(len(item.data), max_bytes)
         return item.data
     location = item.path or item.source
     if location.startswith(("http://", "https://")):
         with urllib.request.urlopen(location, timeout=FETCH_TIMEOUT_S) as response:
             data = response.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise NotRead(f"too large: over {max_bytes} bytes (raise --max-bytes)")
+            raise too_large(None, max_bytes)
         return data
     if location.startswith("file://"):
         location = location[len("file://") :]

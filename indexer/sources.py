@@ -27,7 +27,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 # Image formats a folder may hold that PIL may not decode here (no plugin installed): listed, so that each one
@@ -59,23 +59,33 @@ class NotRead(OSError):
     end), or more bytes than the cap. The message is the skip reason."""
 
 
-def read_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of a regular file (symlinks followed), refusing special files and files over ``max_bytes``.
-
-    The file is opened non-blocking, so a FIFO cannot hang the reader, and checked with ``fstat`` on the open
-    descriptor, so what is checked is what is read.
-    """
+@contextlib.contextmanager
+def _open_regular(path: str | Path) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """``path`` opened non-blocking (a FIFO cannot hang the reader) with the ``fstat`` of that descriptor, so
+    what a caller checks is what it reads."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(descriptor, "rb") as f:
-        info = os.fstat(descriptor)
+        yield f, os.fstat(descriptor)
+
+
+def too_large(size: int | None, max_bytes: int) -> NotRead:
+    """The skip reason for more bytes than the cap (``size`` None: the read stopped at the cap)."""
+    if size is None:
+        return NotRead(f"too large: over {max_bytes} bytes (raise --max-bytes)")
+    return NotRead(f"too large: {size} bytes > {max_bytes} (raise --max-bytes)")
+
+
+def read_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file (symlinks followed), refusing special files and files over ``max_bytes``."""
+    with _open_regular(path) as (f, info):
         if not stat.S_ISREG(info.st_mode):
             kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
             raise NotRead(f"not a regular file ({kind})")
         if info.st_size > max_bytes:
-            raise NotRead(f"too large: {info.st_size} bytes > {max_bytes} (raise --max-bytes)")
+            raise too_large(info.st_size, max_bytes)
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # it grew while being read
-        raise NotRead(f"too large: over {max_bytes} bytes (raise --max-bytes)")
+        raise too_large(None, max_bytes)
     return data
 
 
@@ -94,11 +104,10 @@ def looks_like_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES:
         return True
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with _open_regular(path) as (f, info):
+            head = f.read(12) if stat.S_ISREG(info.st_mode) else b""
     except OSError:
         return False
-    with os.fdopen(descriptor, "rb") as f:
-        head = f.read(12) if stat.S_ISREG(os.fstat(descriptor).st_mode) else b""
     return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
@@ -140,9 +149,7 @@ def check(spec: str, options: SourceOptions | None = None) -> str:
         for file in _parquet_files(Path(spec)):
             _parquet_columns(file, options)
     elif kind == "webdataset":
-        missing = [s for s in expand_braces(spec) if not Path(s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"webdataset shards not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        _shards(spec)
     elif kind == "list" and Path(spec).suffix.lower() in (".csv", ".tsv") and Path(spec).is_file():
         # a regular file only: a list may come through a pipe (a FIFO, <(find ...)), which can be read once
         with _open_text(Path(spec)) as f:
@@ -339,12 +346,17 @@ def _webdataset(spec: str, options: SourceOptions, max_bytes: int) -> Iterator[I
     """webdataset layout: members grouped by key (name up to the first dot after the last '/'), one image
     member plus optional .txt (caption) and .json (metadata) per key. A shard that is not a tar, or whose
     end is truncated or corrupt, gives what it holds up to the damage and one skipped item for the rest."""
+    for shard in _shards(spec):
+        yield from _shard_items(os.path.abspath(shard), max_bytes)
+
+
+def _shards(spec: str) -> list[str]:
+    """The shard files ``spec`` names, or a FileNotFoundError naming those that are not there."""
     shards = expand_braces(spec)
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"webdataset shards not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for shard in shards:
-        yield from _shard_items(os.path.abspath(shard), max_bytes)
+    return shards
 
 
 def _shard_items(shard: str, max_bytes: int) -> Iterator[Item]:
@@ -402,7 +414,7 @@ def _wds_item(shard: str, key: str, group: dict[str, bytes | int], max_bytes: in
     item.source += f".{image_ext}"
     image = group[image_ext]
     if isinstance(image, int):
-        item.problem = f"too large: {image} bytes > {max_bytes} (raise --max-bytes)"
+        item.problem = str(too_large(image, max_bytes))
         return item
     item.data = image
     item.caption = printable(_text(group.get("txt")).strip())

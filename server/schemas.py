@@ -77,7 +77,7 @@ class SearchRequest(BaseModel):
         uploaded = _uploaded(info)
         encoded = self.query is not None or bool(self.image) or uploaded or self.image_url is not None
         given = [name for name, present in (("a query or image", encoded), ("'like'", self.like is not None),
-                                            ("'vector'/'sparse'", self.vector is not None or self.sparse is not None))
+                                            ("'vector'/'sparse'", self.by_vectors))
                  if present]
         if not given:
             raise ValueError("give a text 'query', an 'image' (or both), 'like' (a document id), or a 'vector' "

@@ -70,6 +70,19 @@ def test_a_filter_keeping_one_percent_still_returns_k_hits(router, mode):
     assert len(listed.hits) == 20 and all("square" in h.metadata["tags"] for h in listed.hits)
 
 
+def test_the_over_fetching_dense_path_finds_what_the_exact_one_finds(router, monkeypatch):
+    """Above EXACT_FILTERED_ROWS allowed rows a shard asks FAISS for more until k of them come back."""
+    from stair_search.index import reader
+
+    exact = router.search(text="a red circle", mode="dense", k=7, filters={"tags": "square"}).hits
+    monkeypatch.setattr(reader, "EXACT_FILTERED_ROWS", 0)
+    fetched = router.search(text="a red circle", mode="dense", k=7, filters={"tags": "square"}).hits
+    assert len(exact) == 7 and [(h.id, round(h.score, 5)) for h in fetched] == [(h.id, round(h.score, 5))
+                                                                                 for h in exact]
+    rare = router.search(text="a red circle", mode="dense", k=2, filters={"group": "rare"}).hits
+    assert sorted(h.id for h in rare) == [f"doc-{i:03d}" for i in sorted(RARE)]
+
+
 def test_filtered_sparse_scores_are_lucenes(router):
     """Sparse scores over the filtered rows come from the stored vectors, and equal Lucene's for the same
     documents (so fusion sees the same numbers whether or not a filter is set)."""

@@ -14,9 +14,10 @@ over-fetches by its number of deleted rows and drops them, so a search still ret
 
 from __future__ import annotations
 
+import functools
 import heapq
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ class Candidate:
     shard: int
     row: int
     score: float
+
+
+class _Metadata(list):
+    """A shard's rows' metadata, in row order, and every field any of them has (what a filter may name)."""
+
+    def __init__(self, rows: Iterable[dict]):
+        super().__init__(rows)
+        self.fields = frozenset(name for metadata in self for name in metadata)
 
 
 class _Shard:
@@ -83,10 +92,10 @@ class _Shard:
         return self._part("text", lambda: TextShard(self.dir / TEXT_DIR, self.info.count)) if self.info.text else None
 
     @property
-    def metadata(self) -> list[dict]:
-        """Every row's metadata, parsed once, on the first filtered search."""
-        return self._part("metadata", lambda: [row["metadata"] or {} for row in
-                                               self.store.rows(range(self.info.count), ["metadata"])])
+    def metadata(self) -> _Metadata:
+        """Every row's metadata and the fields they use, read once, on the first filtered search."""
+        return self._part("metadata", lambda: _Metadata(row["metadata"] or {} for row in
+                                                        self.store.rows(range(self.info.count), ["metadata"])))
 
     def live_rows(self, keep: Callable[[dict], bool]) -> np.ndarray:
         """Rows that are not deleted and whose metadata ``keep`` accepts, ascending."""
@@ -100,11 +109,23 @@ class _Shard:
             scores = self.dense.reconstruct(rows) @ query
             top = np.argsort(-scores, kind="stable")[:k]
             return [(int(rows[i]), float(scores[i])) for i in top]
-        allowed, fetch = set(rows.tolist()), k + len(self.deleted)
+
+        def search(n: int) -> list[tuple[int, float]]:
+            scores, found = self.dense.search(query[None, :], n)
+            return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if r >= 0]
+
+        return self.among(search, rows, k)
+
+    def among(self, search: Callable[[int], list[tuple[int, float]]], rows: np.ndarray,
+              k: int) -> list[tuple[int, float]]:
+        """The top k of ``rows`` from a search over the whole shard (``search(n)``: its best n as (row, score)),
+        asked for four times more each round until k of them are found or nothing more can come."""
+        allowed, fetch = set(np.asarray(rows).tolist()), k + len(self.deleted)
         while True:
-            scores, found = self.dense.search(query[None, :], min(fetch, self.info.count))
-            kept = [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if int(r) in allowed]
-            if len(kept) >= k or fetch >= self.info.count:
+            asked = min(fetch, self.info.count)
+            hits = search(asked)
+            kept = [(row, score) for row, score in hits if row in allowed]
+            if len(kept) >= k or len(hits) < asked or asked >= self.info.count:
                 return kept[:k]
             fetch *= 4
 
@@ -176,8 +197,9 @@ class Index:
             for s, shard in enumerate(self._shards):
                 if shard.text is None or (rows is not None and not len(rows.get(s, ()))):
                     continue
-                hits = shard.text.search_rows(text, rows[s], k) if rows is not None else \
-                    [h for h in shard.text.search(text, shard.fetch_depth(k)) if h[0] not in shard.deleted]
+                search = functools.partial(shard.text.search, text)  # search(n): its best n hits
+                hits = shard.among(search, rows[s], k) if rows is not None \
+                    else [h for h in search(shard.fetch_depth(k)) if h[0] not in shard.deleted]
                 lists.append([Candidate(s, row, score) for row, score in hits])
             out.append(_merge(lists, k))
         return out
@@ -192,7 +214,7 @@ class Index:
         search ranks, so that a filter keeping 1% of the documents still gets k hits. A field that no document
         has is a FilterError naming it."""
         flt = parse_filter(flt)
-        known = sorted({name for shard in self._shards for metadata in shard.metadata for name in metadata})
+        known = sorted(set().union(*(shard.metadata.fields for shard in self._shards)))
         check_fields(flt, known)
         return {position: shard.live_rows(flt.matches) for position, shard in enumerate(self._shards)}
 

@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from stair_search.index.jvm import import_pyserini, java_class
 
 TEXT_DIR = "text"
@@ -61,7 +59,8 @@ def build_text_index(folder: Path, texts: Sequence[str], threads: int = 1) -> bo
 
 
 class TextShard:
-    """Read side of one shard's text index: BM25 search (optionally among given rows) and matched words."""
+    """Read side of one shard's text index: BM25 search and matched words (a filtered search asks it for more
+    until enough allowed rows come back: ``reader._Shard.among``)."""
 
     def __init__(self, folder: Path, count: int):
         self.folder, self.count = Path(folder), count
@@ -88,16 +87,6 @@ class TextShard:
             return []
         self._open()
         return [(int(hit.docid), float(hit.score)) for hit in self._searcher.search(text, k)]
-
-    def search_rows(self, text: str, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The top k among ``rows``: BM25 over the whole shard, asked for more until k of them are found."""
-        allowed, fetch = set(np.asarray(rows).tolist()), max(k, 10)
-        while True:
-            hits = self.search(text, min(fetch, self.count))
-            kept = [(row, score) for row, score in hits if row in allowed]
-            if len(kept) >= k or len(hits) < min(fetch, self.count) or fetch >= self.count:
-                return kept[:k]
-            fetch *= 4
 
     def terms(self, text: str) -> list[str]:
         """The query's words as the index holds them (analyzed: lower case, no stop words, stemmed)."""

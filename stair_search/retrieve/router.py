@@ -118,6 +118,8 @@ class QueryRouter:
         ``use_text=False`` keeps ``auto`` from adding the text route (BM25 over captions)."""
         if offset < 0:
             raise ValueError(f"offset must be 0 or more, got {offset}")
+        if mode == "text" and not text:
+            raise ValueError("mode 'text' needs a text query")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
         if fusion not in FUSIONS:
@@ -140,10 +142,8 @@ class QueryRouter:
             decision = without_sparse(decision, chosen_by_auto=mode == "auto")
         allowed = self.index.filter_rows(filters) if filters else None
         # The text route: asked for, or added by auto to a text query when the index has text to search.
-        if mode == "text" and not text:
-            raise ValueError("mode 'text' needs a text query")
-        has_text = self.index.has_text
-        text_query = text if text and has_text and (decision.mode == "text" or (mode == "auto" and use_text)) else None
+        wanted = decision.mode == "text" or (mode == "auto" and use_text)
+        text_query = text if text and wanted and self.index.has_text else None
         routes = (_ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
         if text_query and len(routes) > 1:
             fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
@@ -158,7 +158,7 @@ class QueryRouter:
             info["note"] = "this index has no text route (built before it, or its documents have no captions)"
         hits = self._describe(fused[offset : offset + k], query_sparse, explain, first_rank=offset + 1,
                               text=text_query)
-        label = "+".join([decision.mode, "text"]) if text_query and decision.mode != "text" else decision.mode
+        label = f"{decision.mode}+text" if text_query and decision.mode != "text" else decision.mode
         return SearchResponse(mode=label, fusion=fusion if len(routes) > 1 else None, hits=hits,
                               query_tokens=query_sparse, decision=info)
 

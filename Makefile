@@ -6,7 +6,7 @@ VENV ?= .venv
 FAISS ?= cpu# cpu | gpu (faiss-gpu wheel; needs CUDA 12)
 BIN := $(VENV)/bin
 
-.PHONY: install install-test system-test-deps demo test lint bench
+.PHONY: install install-test wordnet system-test-deps demo test lint bench
 
 # pip's Linux torch wheels bring their CUDA libraries: the venv takes about 7.5 GB.
 NEEDED_GB := 8
@@ -29,8 +29,15 @@ install: $(VENV)/.installed-$(FAISS)
 
 install-test: $(VENV)/.installed-test-$(FAISS)
 
-demo: install
+demo: install wordnet
 	$(BIN)/stair-search demo
+
+# S^3's synonyms (--rerank s3, classify) read Debian's WordNet files; without them S^3 refuses with this fix.
+wordnet:
+	@if [ ! -f /usr/share/wordnet/data.noun ] && [ -z "$$STAIR_WORDNET" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null; \
+	  else echo "note: S^3 (--rerank s3) needs WordNet: sudo apt-get install wordnet-base (or set STAIR_WORDNET)"; fi; fi
 
 # Debian packages the tests use: Chromium for the web page test, WordNet for S^3 synonyms.
 SYSTEM_TEST_DEPS := chromium chromium-driver wordnet-base

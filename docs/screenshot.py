@@ -1,6 +1,7 @@
 """Screenshot of the search page for the README: serve an index on loopback, search in headless Chromium, save a PNG.
 
     python docs/screenshot.py indexes/demo --query "red heart" [--image query.png] [--out docs/search-page.png]
+    python docs/screenshot.py indexes/demo --query "red heart" --width 390 --out docs/search-page-phone.png
 
 Needs Debian's ``chromium`` and the ``playwright`` package (the test extra), like the browser test.
 """
@@ -28,7 +29,7 @@ def take_screenshot(index_dir: Path, query: str, out: Path, mode: str = "hybrid"
     app = create_app({index_dir.name: index_dir}, ServerSettings(reload_interval_s=0))
     with serve_in_background(app) as base_url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": 700})
+        page = browser.new_page(viewport={"width": width, "height": 700 if width > 600 else 844})
         page.goto(base_url + "/")
         page.wait_for_selector(f"#mode option[value={mode}]", state="attached")
         page.select_option("#mode", mode)
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, help="Also search with this image (as if dropped on the page).")
     parser.add_argument("--mode", default="hybrid")
     parser.add_argument("-k", type=int, default=12)
+    parser.add_argument("--width", type=int, default=1100, help="Viewport width in pixels (390: a phone).")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("search-page.png"))
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.index} is not an index (no manifest.json); build one with `stair-search demo`")
     if args.image is not None and not args.image.is_file():
         parser.error(f"--image {args.image}: no such file")
-    hits = take_screenshot(args.index, args.query, args.out, args.mode, args.k, args.image)
+    hits = take_screenshot(args.index, args.query, args.out, args.mode, args.k, args.image, args.width)
     print(f"{args.out}: the page with {hits} hits for '{args.query}' ({args.mode})")
     return 0
 

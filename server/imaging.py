@@ -109,6 +109,11 @@ def _decode(stream: io.BytesIO, max_pixels: int, what: str) -> Image.Image:
         raise ImageRejected(422, f"'{what}' is not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
+def is_remote(source: str) -> bool:
+    """A stored source that is an http(s) URL (a URL-sourced collection): shown by the client, never fetched."""
+    return source.startswith(("http://", "https://"))
+
+
 def stored_image(source: str, max_pixels: int) -> Image.Image:
     """The image a document was indexed from, read from its stored ``source`` (a file or ``file.tar#member``).
 

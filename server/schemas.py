@@ -102,6 +102,8 @@ class MatchedToken(BaseModel):
     token: str
     query: float = Field(description="Weight of the word-piece in the query.")
     document: float = Field(description="Weight of the word-piece in the document.")
+    word: bool = Field(True, description="A content word (false for punctuation and grammar words such as 'and', "
+                                         "which the page leaves out of its explanation chips).")
 
 
 class Hit(BaseModel):
@@ -111,7 +113,11 @@ class Hit(BaseModel):
     parts: dict[str, float] = Field(description="Score of each route / reranker.")
     caption: str
     metadata: dict[str, Any]
-    thumbnail: str = Field(description="URL of the thumbnail, served from the index's stored source.")
+    source: str = Field(description="Where the document was indexed from: a file path (``file.tar#member`` in a "
+                                    "tar shard) or an http(s) URL.")
+    thumbnail: str = Field(description="URL of the thumbnail: made by this server from a local stored source, or "
+                                       "the source URL itself for a URL-sourced document (the browser loads it; "
+                                       "the server never fetches it).")
     document: str = Field(description="URL of the stored document.")
     matched: list[MatchedToken] = Field(default_factory=list)
     text_matched: dict[str, int] = Field(default_factory=dict, description="Text route: the query's words (as "
@@ -185,6 +191,7 @@ class Document(BaseModel):
     index: str
     caption: str
     metadata: dict[str, Any]
+    source: str = Field(description="Where the document was indexed from (a file path or an http(s) URL).")
     width: int
     height: int
     thumbnail: str

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request
 
-from server.imaging import source_state, stored_image, thumbnail_png
+from server.imaging import is_remote, source_state, stored_image, thumbnail_png
 from server.limits import require_api_key
 from server.metrics import Metrics
 from server.registry import IndexRegistry, IndexVersion
@@ -99,7 +99,11 @@ def find_document(version: IndexVersion, doc_id: str) -> dict:
     raise HTTPException(404, f"no document with id '{doc_id[:200]}' in index '{version.name}'")
 
 
-def thumbnail_url(index: str, doc_id: str) -> str:
+def thumbnail_url(index: str, doc_id: str, source: str) -> str:
+    """Where a client gets a document's thumbnail: this server's ``/thumbnails`` for a local source; the source
+    URL itself for a URL-sourced document (its browser loads it: the server never fetches stored URLs)."""
+    if is_remote(source):
+        return source
     return f"/thumbnails/{quote(doc_id, safe='')}?index={quote(index, safe='')}"
 
 

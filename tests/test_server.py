@@ -182,10 +182,11 @@ def test_classify_scores_every_label(client):
 # --------------------------------------------------------------------------------------- documents, thumbnails
 
 
-def test_document_returns_the_stored_fields(client):
+def test_document_returns_the_stored_fields(client, shapes_index):
     body = client.get("/documents/red/circle").json()
+    source = str(shapes_index.parent / "images" / "red-circle.png")
     assert body == {"id": "red/circle", "index": "shapes", "caption": "a red circle",
-                    "metadata": {"colour": "red", "shape": "circle"}, "width": 64, "height": 64,
+                    "metadata": {"colour": "red", "shape": "circle"}, "source": source, "width": 64, "height": 64,
                     "thumbnail": "/thumbnails/red%2Fcircle?index=shapes"}
     assert client.get("/documents/red%2Fcircle").json()["id"] == "red/circle"
 

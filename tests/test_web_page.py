@@ -1,26 +1,38 @@
-"""The search page in headless Chromium against a real server on loopback: type a query and see the thumbnails
-the library ranks first, with matched tokens; drop an image and see it found. Saves a screenshot artefact
-(``$STAIR_ARTIFACTS`` or ``artifacts/`` at the repository root, which git ignores)."""
+"""The search page in headless Chromium against a real server on loopback, serving two real indexes: drawn
+shapes from local files, and a URL-sourced collection whose images a real HTTP server on loopback holds.
+Type a query and see the thumbnails the library ranks first with their word chips; drop an image; share the
+query through the URL; pick the index; open a hit and find similar ones; see the route's note; no sideways
+scrolling at a phone's 390 px. Saves screenshot artefacts (``$STAIR_ARTIFACTS`` or ``artifacts/`` at the
+repository root, which git ignores); ``docs/screenshot.py`` makes the README's own from the demo index."""
 
 from __future__ import annotations
 
 import base64
+import http.server
 import os
+import threading
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from fastapi.testclient import TestClient
 
-from server import ServerSettings, create_app
+import indexer
+from server import IndexRegistry, ServerSettings, create_app
 from server.background import serve_in_background
 from stair_search.index.reader import Index
+from stair_search.query.words import is_content_piece
 from stair_search.retrieve.router import QueryRouter
 from tests.conftest import draw_shape
-from tests.test_server import png_bytes, registry, shapes_index  # noqa: F401 - fixtures shared with the API tests
+from tests.test_server import OPTIONS, png_bytes, shapes_index  # noqa: F401 - fixtures shared with the API tests
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("STAIR_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
+PHONE = {"width": 390, "height": 844}
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
@@ -28,32 +40,94 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwrig
 
 
 @pytest.fixture(scope="module")
-def base_url(registry):  # noqa: F811 - the fixture imported above
+def image_host():
+    """A real HTTP server on 127.0.0.1 holding drawn PNGs; it records the headers of each request it gets."""
+    pictures = {f"/{c}-{s}.png": png_bytes(draw_shape(c, s)) for c in ("red", "blue") for s in ("circle", "square")}
+    asked: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(dict(self.headers))
+            body = pictures.get(self.path.split("?")[0])
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", sorted(pictures), asked
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def remote_index(tmp_path_factory, image_host, tiny_encoder) -> Path:
+    """A parquet of image URLs (no local files), indexed without a text route."""
+    base, names, _ = image_host
+    root = tmp_path_factory.mktemp("remote")
+    rows = [{"id": f"web{name[:-4]}", "path": base + name, "caption": f"a {name[1:-4].replace('-', ' ')} online",
+             "colour": name[1:].split("-")[0], "shape": name[:-4].split("-")[1]} for name in names]
+    pq.write_table(pa.Table.from_pylist(rows), root / "urls.parquet")
+    indexer.run(root / "urls.parquet", root / "remote", encoder=tiny_encoder, options=OPTIONS, text_fields=None)
+    return root / "remote"
+
+
+@pytest.fixture(scope="module")
+def registry(shapes_index, remote_index):  # noqa: F811
+    return IndexRegistry({"shapes": shapes_index, "remote": remote_index})
+
+
+@pytest.fixture(scope="module")
+def base_url(registry):
     with serve_in_background(create_app(registry, ServerSettings(reload_interval_s=0))) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def page(base_url):
+def browser():
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 800})
-        page.on("console", lambda m: print("CONSOLE", m.text))
-        page.on("requestfailed", lambda r: print("FAILED", r.url, r.failure))
-        page.on("response", lambda r: print("RESP", r.status, r.url))
-        page.goto(base_url + "/")
-        page.wait_for_selector("#mode option[value=hybrid]", state="attached")
-        yield page
+        yield browser
         browser.close()
 
 
+def open_page(browser, url: str, viewport: dict | None = None):
+    page = browser.new_page(viewport=viewport or {"width": 1100, "height": 800})
+    page.on("console", lambda m: print("CONSOLE", m.text))
+    page.on("requestfailed", lambda r: print("FAILED", r.url, r.failure))
+    page.goto(url)
+    page.wait_for_selector("#mode option[value=hybrid]", state="attached")
+    return page
+
+
 @pytest.fixture(scope="module")
-def library_router(shapes_index, tiny_encoder):  # noqa: F811
+def page(browser, base_url):
+    page = open_page(browser, base_url + "/")
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def shapes_router(shapes_index, tiny_encoder):  # noqa: F811
     return QueryRouter(Index(shapes_index), tiny_encoder)
+
+
+@pytest.fixture(scope="module")
+def remote_router(remote_index, tiny_encoder):
+    return QueryRouter(Index(remote_index), tiny_encoder)
 
 
 def shown_hits(page) -> list[str]:
     return page.eval_on_selector_all(".hit", "cards => cards.map(c => c.dataset.id)")
+
+
+def wait_for_hits(page, ids: list[str]) -> None:
+    page.wait_for_function("ids => JSON.stringify([...document.querySelectorAll('.hit')].map(c => c.dataset.id))"
+                           " === JSON.stringify(ids)", arg=ids, timeout=10000)
 
 
 def wait_for_thumbnails(page, count: int) -> None:
@@ -68,30 +142,42 @@ def missing_thumbnails(page) -> list[str]:
     return page.eval_on_selector_all(".hit:has(img.missing)", "cards => cards.map(c => c.dataset.id)")
 
 
-def test_typing_a_query_shows_the_expected_thumbnails_and_matched_tokens(page, library_router):
-    page.fill("#k", "6")
-    page.select_option("#mode", "hybrid")
-    page.fill("#query", "a red circle")
+def word_chips(matched) -> list[str]:
+    return [token for token in matched if is_content_piece(token)]
+
+
+def search_on(page, text: str, mode: str, k: int, index: str = "shapes") -> None:
+    page.select_option("#index", index)
+    page.select_option("#mode", mode)
+    page.fill("#k", str(k))
+    page.fill("#query", text)
     page.press("#query", "Enter")
-    expected = library_router.search(text="a red circle", mode="hybrid", k=6, explain=True).hits
-    try:
-        wait_for_thumbnails(page, len(expected))
-    finally:
-        print("STATUS", page.text_content("#status"), shown_hits(page))
-        print(page.eval_on_selector_all(".hit img", "imgs => imgs.map(i => [i.src, i.complete, i.naturalWidth])"))
-    assert shown_hits(page) == [hit.id for hit in expected]
+
+
+def test_typing_a_query_shows_the_expected_thumbnails_captions_and_word_chips(page, shapes_router):
+    search_on(page, "a red circle", "hybrid", 6)
+    expected = shapes_router.search(text="a red circle", mode="hybrid", k=6, explain=True).hits
+    wait_for_hits(page, [hit.id for hit in expected])
+    wait_for_thumbnails(page, len(expected))
     assert missing_thumbnails(page) == [h.id for h in expected if h.id == "linked/outside"]  # refused, not shown
-    first_tokens = page.eval_on_selector_all(".hit:first-child .token", "spans => spans.map(s => s.textContent)")
-    assert first_tokens == list(expected[0].matched)[:8]
+    titles = page.eval_on_selector_all(".hit .title", "nodes => nodes.map(n => n.textContent)")
+    assert titles == [f"{h.rank}. {h.caption or h.id}" for h in expected]  # the caption is the bold line
+    first_tokens = page.eval_on_selector_all(".hit:first-child .token:not(.text)", "s => s.map(x => x.textContent)")
+    assert first_tokens == word_chips(expected[0].matched)[:8]
     assert "6 hits" in page.text_content("#status")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "search-page.png"), full_page=True)
     assert (ARTIFACTS / "search-page.png").stat().st_size > 10_000
 
 
+def test_only_word_chips_are_flagged_for_the_page():
+    assert [t for t in [",", ".", "and", "of", "dog", "##s", "3", "##,"] if is_content_piece(t)] == ["dog", "##s", "3"]
+
+
 def test_dropping_an_image_searches_with_it(page):
     page.fill("#query", "")
     page.fill("#k", "4")
+    page.select_option("#index", "shapes")
     page.select_option("#mode", "dense")
     data = base64.b64encode(png_bytes(draw_shape("yellow", "triangle"))).decode()
     page.evaluate("""data => {
@@ -105,11 +191,117 @@ def test_dropping_an_image_searches_with_it(page):
     wait_for_thumbnails(page, 4)
     assert "yellow/triangle" not in missing_thumbnails(page)
     assert page.is_visible("#image-chip")
+    page.click("#clear-image")
 
 
-def test_the_api_docs_render_offline(page, base_url):
+def test_the_url_holds_query_mode_and_index_and_reloads_the_search(browser, base_url, page, shapes_router):
+    search_on(page, "a blue square", "dense", 5)
+    expected = [h.id for h in shapes_router.search(text="a blue square", mode="dense", k=5).hits]
+    wait_for_hits(page, expected)
+    state = parse_qs(urlsplit(page.url).query)
+    assert state == {"q": ["a blue square"], "mode": ["dense"], "index": ["shapes"], "k": ["5"]}
+    shared = open_page(browser, page.url)  # someone opens the shared link: the same search runs
+    try:
+        wait_for_hits(shared, expected)
+        assert shared.input_value("#query") == "a blue square" and shared.input_value("#mode") == "dense"
+        search_on(shared, "a green triangle", "sparse", 3)
+        wait_for_hits(shared, [h.id for h in shapes_router.search(text="a green triangle", mode="sparse", k=3).hits])
+        shared.go_back()  # Back: the previous search, from the URL
+        wait_for_hits(shared, expected)
+        assert shared.input_value("#query") == "a blue square"
+    finally:
+        shared.close()
+
+
+def test_the_index_selector_and_url_sourced_images(page, remote_router, image_host):
+    base, _, asked = image_host
+    assert page.eval_on_selector_all("#index option", "o => o.map(x => x.value)") == ["shapes", "remote"]
+    assert page.is_visible("#index")
+    page.evaluate("sessionStorage.setItem('stair-api-key', 'not-for-other-hosts')")  # must never reach the host
+    search_on(page, "a red circle", "dense", 4, index="remote")
+    expected = remote_router.search(text="a red circle", mode="dense", k=4).hits
+    wait_for_hits(page, [h.id for h in expected])
+    wait_for_thumbnails(page, 4)
+    sources = page.eval_on_selector_all(".hit img", "imgs => imgs.map(i => i.src)")
+    assert sources == [h.source for h in expected] and all(s.startswith(base) for s in sources)
+    assert missing_thumbnails(page) == []  # the browser loaded every URL
+    assert asked and not any("X-API-Key" in headers or "Referer" in headers for headers in asked)
+    assert "remote: 4 documents" in page.text_content("#index-info")
+    page.evaluate("sessionStorage.removeItem('stair-api-key')")
+
+
+def test_a_url_sourced_document_carries_its_source_and_its_thumbnail_is_never_fetched(registry, remote_router):
+    hit = remote_router.search(text="a blue square", mode="dense", k=1).hits[0]
+    with TestClient(create_app(registry, ServerSettings(reload_interval_s=0))) as client:
+        found = client.post("/search", json={"query": "a blue square", "mode": "dense", "k": 1, "index": "remote"})
+        api_hit = found.json()["hits"][0]
+        assert api_hit["source"] == api_hit["thumbnail"] == hit.source and hit.source.startswith("http://")
+        thumbnail = client.get(f"/thumbnails/{hit.id}", params={"index": "remote"}, follow_redirects=False)
+        assert thumbnail.status_code == 307 and thumbnail.headers["location"] == hit.source
+        document = client.get(f"/documents/{hit.id}", params={"index": "remote"}).json()
+        assert document["source"] == hit.source
+        local = client.post("/search", json={"query": "a red circle", "mode": "sparse", "k": 3}).json()["hits"]
+        assert all(h["source"].startswith("/") and h["thumbnail"].startswith("/thumbnails/") for h in local)
+        assert all(m["word"] == is_content_piece(m["token"]) for h in local for m in h["matched"])
+
+
+def test_a_hit_opens_a_detail_view_with_find_similar(page, shapes_router):
+    search_on(page, "a red square", "hybrid", 6)
+    expected = shapes_router.search(text="a red square", mode="hybrid", k=6, explain=True).hits
+    wait_for_hits(page, [h.id for h in expected])
+    page.click(".hit:first-child")
+    page.wait_for_selector("#detail[open]")
+    first = expected[0]
+    assert page.text_content("#detail-title") == (first.caption or first.id)
+    fields = dict(zip(page.eval_on_selector_all("#detail dt", "n => n.map(x => x.textContent)"),
+                      page.eval_on_selector_all("#detail dd", "n => n.map(x => x.textContent)"), strict=True))
+    assert fields["id"] == first.id and fields["source"] == first.source
+    assert {k: fields[k] for k in first.metadata} == {k: str(v) for k, v in first.metadata.items()}
+    chips = page.eval_on_selector_all("#detail-tokens .token:not(.text)", "s => s.map(x => x.textContent)")
+    assert chips == word_chips(first.matched)
+    page.wait_for_function("() => document.getElementById('detail-image').naturalWidth > 0")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "search-page-detail.png"))
+    page.click("#find-similar")
+    similar = shapes_router.more_like(first.id, mode="hybrid", k=6).hits
+    wait_for_hits(page, [h.id for h in similar])
+    assert first.id not in shown_hits(page)
+    assert parse_qs(urlsplit(page.url).query)["like"] == [first.id]
+    assert page.is_visible("#like-chip") and page.text_content("#like-label") == (first.caption or first.id)
+
+
+def test_the_routes_note_is_shown(page, remote_router):
+    search_on(page, "red", "text", 3, index="remote")  # an index built without a text route
+    note = remote_router.search(text="red", mode="text", k=3).decision["note"]
+    page.wait_for_selector("#note:not([hidden])")
+    assert page.text_content("#note") == note and "no text route" in note
+    search_on(page, "red", "dense", 3, index="remote")
+    page.wait_for_selector("#note", state="hidden")
+
+
+def test_nothing_scrolls_sideways_at_phone_width(browser, base_url, shapes_router):
+    phone = open_page(browser, base_url + "/?q=a+red+circle&mode=hybrid&index=shapes&k=12", PHONE)
+    try:
+        wait_for_hits(phone, [h.id for h in shapes_router.search(text="a red circle", mode="hybrid", k=12).hits])
+        wait_for_thumbnails(phone, 12)
+        overflow = "() => document.documentElement.scrollWidth - window.innerWidth"
+        assert phone.evaluate(overflow) <= 0
+        columns = phone.evaluate("() => getComputedStyle(document.getElementById('results'))"
+                                 ".gridTemplateColumns.split(' ').length")
+        assert columns == 2
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        phone.screenshot(path=str(ARTIFACTS / "search-page-phone.png"), full_page=True)
+        phone.click(".hit:first-child")
+        phone.wait_for_selector("#detail[open]")
+        assert phone.evaluate(overflow) <= 0
+        assert phone.evaluate("() => document.getElementById('detail').getBoundingClientRect().right") <= PHONE["width"]
+    finally:
+        phone.close()
+
+
+def test_the_api_docs_render_offline(browser, base_url):
     """/docs draws every operation of the OpenAPI document with every request outside the server blocked."""
-    docs = page.context.browser.new_page()  # the module's browser: one playwright per process
+    docs = browser.new_page()
     outside = []
 
     def only_this_server(route):

@@ -27,6 +27,8 @@ from server.schemas import (
 )
 from server.state import State, authorized, document_url, thumbnail_url
 from stair_search.query.filters import FilterError
+from stair_search.query.wordnet import WordNetMissing
+from stair_search.query.words import is_content_piece
 from stair_search.rerank.s3 import classify as classify_image
 
 QUERY_TOKENS_SHOWN = 32
@@ -99,6 +101,8 @@ async def classify(state: State, request: Request) -> ClassifyResult:
     def run() -> ClassifyResult:
         try:
             scores = classify_image(version.router.encoder, image, body.labels)
+        except WordNetMissing as exc:
+            raise HTTPException(501, str(exc)) from None
         finally:
             version.release()
         return ClassifyResult(index=version.name, labels=[LabelScore(label=k, score=v) for k, v in scores])
@@ -122,6 +126,8 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
             response = version.router.search(text=body.query, image=image, rerank=list(body.rerank), **options)
     except FilterError as exc:
         raise HTTPException(422, f"filters: {exc}") from None
+    except WordNetMissing as exc:  # S^3 asked for on a server without WordNet files
+        raise HTTPException(501, str(exc)) from None
     except KeyError as exc:  # more like this: no such document
         raise HTTPException(404, str(exc.args[0])) from None
     except ValueError as exc:  # a vector query that does not fit the index
@@ -136,9 +142,10 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
         index=version.name, version=version.number, mode=response.mode, fusion=response.fusion,
         decision=getattr(response, "decision", None), took_ms=round(took * 1000, 3), query_tokens=tokens,
         hits=[Hit(rank=h.rank, id=h.id, score=h.score, parts=h.parts, caption=h.caption or "",
-                  metadata=h.metadata or {}, thumbnail=thumbnail_url(version.name, h.id),
+                  metadata=h.metadata or {}, source=h.source, thumbnail=thumbnail_url(version.name, h.id, h.source),
                   document=document_url(version.name, h.id),
-                  matched=[MatchedToken(token=t, query=q, document=d) for t, (q, d) in (h.matched or {}).items()],
+                  matched=[MatchedToken(token=t, query=q, document=d, word=is_content_piece(t))
+                           for t, (q, d) in (h.matched or {}).items()],
                   text_matched=h.text_matched or {})
               for h in hits])
 

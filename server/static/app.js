@@ -1,11 +1,15 @@
-// The search page: a text box, mode / reranker toggles, drag-and-drop image queries, and a grid of hits
-// with their scores and matched word-pieces. Thumbnails are fetched with the API key header when one is set.
+// The search page: a text box, index / mode / reranker choices, drag-and-drop image queries, and a grid of hits
+// with their scores and matched words. A hit opens a detail view with "Find similar". The query, mode, index
+// and k live in the page's URL (/?q=...&mode=...&index=...&k=..., or like=<id>), so a search can be shared,
+// reloaded and stepped through with Back. Thumbnails of local sources come from this server (with the API key
+// header when one is set); URL-sourced documents are shown by the browser loading their URL, without the key.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let queryImage = null;   // File of the image query, if any
+const query = { image: null, like: null };  // the image file or the {id, caption} of "find similar", if any
 let info = null;
 let searchSeq = 0;       // answers to older searches are dropped
+let shown = null;        // the hit in the detail view
 
 function apiHeaders() {
   const key = $("api-key").value || sessionStorage.getItem("stair-api-key") || "";
@@ -38,40 +42,89 @@ async function loadInfo() {
     label.append(box, " " + name);
     return label;
   }));
-  if (info.indexes.length) {
-    const first = info.indexes[0];
-    const sparse = { heads: "", concepts: ", sparse words training-free (concept similarity)",
-                     none: ", no sparse words" }[first.sparse || "heads"] ?? "";
-    $("index-info").textContent = `${first.name}: ${first.documents} documents, model ${first.model}${sparse}`;
-  }
+  $("index").replaceChildren(...info.indexes.map((x, i) => new Option(x.name, x.name, i === 0, i === 0)));
+  $("index-label").hidden = info.indexes.length < 2;
+  describeIndex();
 }
+
+function describeIndex() {
+  const chosen = info.indexes.find((x) => x.name === $("index").value) || info.indexes[0];
+  if (!chosen) { $("index-info").textContent = ""; return; }
+  const sparse = { heads: "", concepts: ", sparse words training-free (concept similarity)",
+                   none: ", no sparse words" }[chosen.sparse || "heads"] ?? "";
+  $("index-info").textContent = `${chosen.name}: ${chosen.documents} documents, model ${chosen.model}${sparse}`;
+}
+
+// ----------------------------------------------------------------------------------------- the page's URL
+
+function stateFromUrl() {
+  const params = new URLSearchParams(location.search);
+  $("query").value = params.get("q") || "";
+  for (const name of ["mode", "index"]) {
+    const value = params.get(name);
+    if (value && [...$(name).options].some((o) => o.value === value)) $(name).value = value;
+  }
+  if (params.get("k")) $("k").value = params.get("k");
+  setLike(params.get("like") ? { id: params.get("like"), caption: params.get("like") } : null);
+  describeIndex();
+  return Boolean($("query").value.trim() || query.like);
+}
+
+function urlOfState() {
+  const params = new URLSearchParams();
+  if (query.like) params.set("like", query.like.id);
+  else if ($("query").value.trim()) params.set("q", $("query").value.trim());
+  params.set("mode", $("mode").value);
+  if (!$("index-label").hidden) params.set("index", $("index").value);
+  params.set("k", $("k").value);
+  return "?" + params.toString();
+}
+
+function rememberInUrl() {
+  if (query.image) return;  // an image query is not in the URL: there is nothing to share but the file
+  const url = urlOfState();
+  if (url !== location.search) history.pushState(null, "", url);
+}
+
+// ----------------------------------------------------------------------------------------------- queries
 
 function setImage(file) {
   if (!file || !file.type.startsWith("image/")) { $("status").textContent = "That is not an image file."; return; }
-  queryImage = file;
+  setLike(null);
+  query.image = file;
   $("image-preview").src = URL.createObjectURL(file);
   $("image-chip").hidden = false;
   search();
 }
 
 function clearImage() {
-  queryImage = null;
+  query.image = null;
   $("image-chip").hidden = true;
   $("image-file").value = "";
 }
 
-async function search(event) {
+function setLike(like) {
+  query.like = like;
+  $("like-chip").hidden = !like;
+  $("like-label").textContent = like ? like.caption || like.id : "";
+}
+
+async function search(event, fromHistory = false) {
   if (event) event.preventDefault();
   const text = $("query").value.trim();
-  if (!text && !queryImage) { $("status").textContent = "Type a query or drop an image."; return; }
+  if (event && text) setLike(null);  // a typed query replaces "find similar"
+  if (!text && !query.image && !query.like) { $("status").textContent = "Type a query or drop an image."; return; }
   const fields = {
     mode: $("mode").value, k: Number($("k").value) || 24, explain: true,
     rerank: [...document.querySelectorAll(".rerank:checked")].map((b) => b.value),
   };
-  if (text) fields.query = text;
+  if ($("index").value) fields.index = $("index").value;
+  if (query.like) fields.like = query.like.id;
+  else if (text) fields.query = text;
   const form = new FormData();
   form.append("request", JSON.stringify(fields));
-  if (queryImage) form.append("image", queryImage);
+  if (query.image && !query.like) form.append("image", query.image);
+  if (!fromHistory) rememberInUrl();
   const seq = ++searchSeq;
   $("status").textContent = "Searching…";
   try {
@@ -82,50 +135,105 @@ async function search(event) {
     if (seq !== searchSeq) return;
     $("status").innerHTML = "";
     $("status").append(Object.assign(document.createElement("span"), { className: "error", textContent: error.message }));
+    $("note").hidden = true;
     $("results").replaceChildren();
   }
 }
 
+// ------------------------------------------------------------------------------------------------ results
+
 function render(result) {
-  const decision = result.decision && result.decision.reason ? ` — ${result.decision.reason}` : "";
+  const decision = result.decision || {};
+  const reason = decision.reason ? ` — ${decision.reason}` : "";
   $("status").textContent = `${result.hits.length} hits in ${result.took_ms.toFixed(1)} ms, mode ${result.mode}` +
-    (result.fusion ? ` (${result.fusion})` : "") + decision;
+    (result.fusion ? ` (${result.fusion})` : "") + reason;
+  $("note").textContent = decision.note || "";
+  $("note").hidden = !decision.note;
   $("results").replaceChildren(...result.hits.map(card));
 }
 
+function isRemote(url) {
+  return /^https?:\/\//i.test(url) && new URL(url).origin !== location.origin;
+}
+
+function wordChips(hit, limit) {
+  // Only words: punctuation and grammar words ("," "." "and") are true matches that explain nothing.
+  const chips = hit.matched.filter((m) => m.word).slice(0, limit).map((m) => Object.assign(
+    document.createElement("span"),
+    { className: "token", textContent: m.token, title: `query ${m.query.toFixed(2)} × document ${m.document.toFixed(2)}` }));
+  const text = Object.entries(hit.text_matched || {}).map(([word, count]) => Object.assign(
+    document.createElement("span"), { className: "token text", textContent: word, title: `in the caption ${count}×` }));
+  return [...chips, ...text];
+}
+
 function card(hit) {
-  const item = Object.assign(document.createElement("figure"), { className: "hit" });
+  const item = Object.assign(document.createElement("figure"), { className: "hit", tabIndex: 0 });
   item.dataset.id = hit.id;
   const image = Object.assign(document.createElement("img"), { alt: hit.caption || hit.id, loading: "lazy" });
-  loadThumbnail(image, hit.thumbnail);
+  loadImage(image, hit.thumbnail);
   const parts = Object.entries(hit.parts).map(([route, score]) => `${route} ${score.toFixed(3)}`).join(" · ");
   const caption = document.createElement("figcaption");
+  caption.append(Object.assign(document.createElement("div"),
+                               { className: "title", textContent: `${hit.rank}. ${hit.caption || hit.id}` }));
+  if (hit.caption) caption.append(Object.assign(document.createElement("div"), { className: "id muted", textContent: hit.id }));
   caption.append(
-    Object.assign(document.createElement("div"), { className: "id", textContent: `${hit.rank}. ${hit.id}` }),
-    Object.assign(document.createElement("div"), { className: "caption", textContent: hit.caption }),
     Object.assign(document.createElement("div"), { className: "score", textContent: `score ${hit.score.toFixed(4)}` }),
     Object.assign(document.createElement("div"), { className: "muted", textContent: parts }),
   );
   const tokens = Object.assign(document.createElement("div"), { className: "tokens" });
-  for (const m of hit.matched.slice(0, 8)) {
-    tokens.append(Object.assign(document.createElement("span"), {
-      className: "token", textContent: m.token, title: `query ${m.query.toFixed(2)} × document ${m.document.toFixed(2)}`,
-    }));
-  }
+  tokens.append(...wordChips(hit, 8));
   caption.append(tokens);
   item.append(image, caption);
+  item.addEventListener("click", () => openDetail(hit));
+  item.addEventListener("keydown", (e) => { if (e.key === "Enter") openDetail(hit); });
   return item;
 }
 
-async function loadThumbnail(image, url) {
+async function loadImage(image, url) {
   // A document whose stored image cannot be served (moved, or outside the index's sources) keeps its card,
   // marked "missing", instead of a broken image.
   image.addEventListener("error", () => image.classList.add("missing"), { once: true });
+  image.classList.remove("missing");
+  if (isRemote(url)) {  // a URL-sourced document: the browser loads it; the API key never leaves for that host
+    image.referrerPolicy = "no-referrer";
+    image.src = url;
+    return;
+  }
   const headers = apiHeaders();
   if (!Object.keys(headers).length) { image.src = url; return; }
   const response = await fetch(url, { headers });
   if (response.ok) image.src = URL.createObjectURL(await response.blob());
   else image.classList.add("missing");
+}
+
+// ------------------------------------------------------------------------------------------- detail view
+
+function openDetail(hit) {
+  shown = hit;
+  $("detail-image").alt = hit.caption || hit.id;
+  loadImage($("detail-image"), isRemote(hit.thumbnail) ? hit.thumbnail : hit.thumbnail + "&size=512");
+  $("detail-title").textContent = hit.caption || hit.id;
+  const rows = [["id", hit.id], ["source", hit.source], ["rank", hit.rank], ["score", hit.score.toFixed(4)],
+                ...Object.entries(hit.parts).map(([route, score]) => [route, score.toFixed(4)]),
+                ...Object.entries(hit.metadata || {}).map(([key, value]) => [key, value])];
+  $("detail-fields").replaceChildren(...rows.flatMap(([key, value]) => {
+    const dd = document.createElement("dd");
+    const text = typeof value === "string" ? value : JSON.stringify(value);
+    if (key === "source" && /^https?:\/\//i.test(text)) {
+      dd.append(Object.assign(document.createElement("a"), { href: text, textContent: text, rel: "noreferrer", target: "_blank" }));
+    } else dd.textContent = text;
+    return [Object.assign(document.createElement("dt"), { textContent: key }), dd];
+  }));
+  $("detail-tokens").replaceChildren(...wordChips(hit, 64));
+  $("detail").showModal();
+}
+
+function findSimilar() {
+  $("detail").close();
+  clearImage();
+  $("query").value = "";
+  setLike({ id: shown.id, caption: shown.caption || shown.id });
+  search();
 }
 
 function setUpDragAndDrop() {
@@ -139,12 +247,17 @@ function setUpDragAndDrop() {
   zone.addEventListener("drop", (e) => setImage(e.dataTransfer.files[0]));
 }
 
-document.addEventListener("DOMContentLoaded", () => {
+document.addEventListener("DOMContentLoaded", async () => {
   $("search-form").addEventListener("submit", search);
   $("pick-image").addEventListener("click", () => $("image-file").click());
   $("image-file").addEventListener("change", (e) => setImage(e.target.files[0]));
   $("clear-image").addEventListener("click", clearImage);
+  $("clear-like").addEventListener("click", () => setLike(null));
+  $("find-similar").addEventListener("click", findSimilar);
+  $("index").addEventListener("change", describeIndex);
   $("api-key").addEventListener("change", (e) => { sessionStorage.setItem("stair-api-key", e.target.value); loadInfo(); });
+  window.addEventListener("popstate", () => { clearImage(); if (stateFromUrl()) search(null, true); });
   setUpDragAndDrop();
-  loadInfo();
+  await loadInfo();
+  if (stateFromUrl()) search(null, true);
 });

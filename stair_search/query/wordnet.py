@@ -5,7 +5,8 @@ content is fixed: the 45 lexicographer file names of WordNet 3.0, listed in ``le
 reads files that really lie inside a folder on its data path (it refuses symlinks and hard links out of it).
 So, once, a folder under the stair-search data directory gets copies of the Debian files (~28 MB) plus a
 written ``lexnames``, and joins ``nltk.data.path``. Nothing is downloaded.
-``STAIR_WORDNET`` points at another WordNet 3.0 ``dict`` folder.
+``STAIR_WORDNET`` points at another WordNet 3.0 ``dict`` folder. Without WordNet files a look-up raises
+:class:`WordNetMissing` naming the fix: S^3 without synonyms would quietly be the plain dense score.
 """
 
 from __future__ import annotations
@@ -44,17 +45,25 @@ def available() -> bool:
     return (source_dir() / "data.noun").is_file()
 
 
-@lru_cache(maxsize=1)
+class WordNetMissing(RuntimeError):
+    """S^3 was asked for WordNet synonyms and no WordNet files are installed: refused, not silently skipped."""
+
+
 def reader():
-    """The shared WordNetCorpusReader, or None (with a warning) when no WordNet files are installed."""
+    """The shared WordNetCorpusReader of the installed WordNet files; WordNetMissing (naming the fix) if none."""
     if not available():
-        warnings.warn(f"WordNet not found in {source_dir()}: install Debian's wordnet-base (or set "
-                      f"STAIR_WORDNET); synonyms fall back to the given tags and the label alone.", stacklevel=2)
-        return None
+        raise WordNetMissing(f"S^3 needs WordNet and there is none in {source_dir()}: install Debian's wordnet-base "
+                             f"(apt-get install wordnet-base; `make demo` does it as root) or point STAIR_WORDNET at a "
+                             f"WordNet 3.0 dict folder")
+    return _reader(source_dir())
+
+
+@lru_cache(maxsize=2)
+def _reader(source: Path):
     import nltk.data
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    folder = _prepare_folder(source_dir())
+    folder = _prepare_folder(source)
     if str(folder) not in nltk.data.path:
         nltk.data.path.append(str(folder))
     with warnings.catch_warnings():
@@ -95,16 +104,18 @@ def _copy(source: Path, dest: Path) -> None:
 
 def synonyms(term: str, limit: int = 8, senses: int = 3, pos: str | None = None) -> list[str]:
     """Up to ``limit`` WordNet synonyms of ``term`` (lemmas of its first ``senses`` synsets, most frequent
-    sense first), without ``term`` itself; [] when WordNet is missing or does not know the term."""
+    sense first), without ``term`` itself; [] when WordNet does not know the term. WordNetMissing without
+    WordNet files (S^3 must not silently become the plain dense score)."""
+    reader()  # WordNet files removed since a look-up was cached: still refused
     return list(_synonyms(term, limit, senses, pos))
 
 
 @lru_cache(maxsize=65_536)
 def _synonyms(term: str, limit: int, senses: int, pos: str | None) -> tuple[str, ...]:
     """Cached: a query asks for the same words several times (variants, sparse expansion), and so do users."""
-    wn = reader()
-    if wn is None or not term.strip():
+    if not term.strip():
         return ()
+    wn = reader()
     key = "_".join(term.lower().split())
     found: list[str] = []
     for synset in wn.synsets(key, pos=pos)[:senses]:

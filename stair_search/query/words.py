@@ -31,3 +31,10 @@ def tokens(text: str) -> list[str]:
 def words(text: str) -> list[str]:
     """Lower-cased words, punctuation dropped."""
     return [t for t in tokens(text) if t != ","]
+
+
+def is_content_piece(token: str) -> bool:
+    """Whether a word-piece is worth showing as a matched word: it holds a letter or digit (punctuation does
+    not) and is not a grammar word (``FUNCTION_WORDS``). A true match either way; only what is shown differs."""
+    bare = token.removeprefix("##").removesuffix("</w>")
+    return any(c.isalnum() for c in bare) and bare.lower() not in FUNCTION_WORDS

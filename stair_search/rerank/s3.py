@@ -5,8 +5,9 @@ region that describes the concept more robustly. WordNet also returns unrelated 
 Vietoris–Rips step removes them.
 
 - Synonym set of a concept: the label, its WordNet synonyms (Debian ``wordnet-base`` read with nltk, see
-  :mod:`stair_search.query.wordnet`), then any given tags (the data set's CLDR tags); without WordNet and tags,
-  the label alone. An optional ``synonyms`` callable (e.g. an LLM) replaces WordNet.
+  :mod:`stair_search.query.wordnet`), then any given tags (the data set's CLDR tags). Without WordNet files S^3
+  refuses (``WordNetMissing``, naming the fix) instead of silently scoring the label alone. An optional
+  ``synonyms`` callable (e.g. an LLM, or ``lambda _: []`` for the label alone) replaces WordNet.
 - Embed them; Vietoris–Rips graph at radius ε (an edge when two embeddings are closer than ε, Euclidean on unit
   vectors); keep the largest connected component (0-dimensional persistence at ε; ties: the one holding the
   label). Default ε: the median pairwise distance of the set, so a synonym far from all others drops out.

@@ -392,7 +392,8 @@ def evaluate_index(
 def serve(
     indexes: Annotated[list[str], typer.Argument(metavar="INDEX...", help="Index directories to serve, each "
                                                  "as PATH or NAME=PATH; the first is the default.")],
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(envvar="STAIR_HOST", help="Interface to listen on (0.0.0.0: every "
+                                      "interface, as the Docker image sets).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="STAIR_API_KEY",
                                                 help="Require this key in the X-API-Key header.")] = None,
@@ -480,9 +481,10 @@ def _open_image(path: Path):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from stair_search.index.lock import IndexLockedError
+    from stair_search.query.wordnet import WordNetMissing
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IndexLockedError,
-            ModuleNotFoundError)
+            ModuleNotFoundError, WordNetMissing)
 
 
 def main(argv: list[str] | None = None) -> None:

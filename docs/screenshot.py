@@ -2,6 +2,7 @@
 
     python docs/screenshot.py indexes/demo --query "red heart" [--image query.png] [--out docs/search-page.png]
     python docs/screenshot.py indexes/demo --query "red heart" --width 390 --out docs/search-page-phone.png
+    python docs/screenshot.py indexes/demo --query "red heart" --open-first --out docs/search-page-detail.png
 
 Needs Debian's ``chromium`` and the ``playwright`` package (the test extra), like the browser test.
 """
@@ -18,8 +19,9 @@ THUMBNAILS_SETTLED = ("n => { const imgs = [...document.querySelectorAll('.hit i
 
 
 def take_screenshot(index_dir: Path, query: str, out: Path, mode: str = "hybrid", k: int = 12,
-                    image: Path | None = None, width: int = 1100) -> int:
-    """Search ``index_dir`` through the page (typed ``query``, optionally a dropped ``image``); returns the hits."""
+                    image: Path | None = None, width: int = 1100, open_first: bool = False) -> int:
+    """Search ``index_dir`` through the page (typed ``query``, optionally a dropped ``image``; ``open_first``:
+    the first hit's detail view open); returns the hits."""
     from playwright.sync_api import sync_playwright
 
     from server.app import create_app
@@ -42,8 +44,11 @@ def take_screenshot(index_dir: Path, query: str, out: Path, mode: str = "hybrid"
         page.wait_for_function("() => /hits in/.test(document.getElementById('status').textContent)")
         hits = page.eval_on_selector_all(".hit", "cards => cards.length")
         page.wait_for_function(THUMBNAILS_SETTLED, arg=hits, timeout=15000)
+        if open_first:
+            page.click(".hit:first-child")
+            page.wait_for_function("() => document.getElementById('detail-image').naturalWidth > 0")
         out.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(out), full_page=True)
+        page.screenshot(path=str(out), full_page=not open_first)
         browser.close()
     return hits
 
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="hybrid")
     parser.add_argument("-k", type=int, default=12)
     parser.add_argument("--width", type=int, default=1100, help="Viewport width in pixels (390: a phone).")
+    parser.add_argument("--open-first", action="store_true", help="Open the first hit's detail view.")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("search-page.png"))
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.index} is not an index (no manifest.json); build one with `stair-search demo`")
     if args.image is not None and not args.image.is_file():
         parser.error(f"--image {args.image}: no such file")
-    hits = take_screenshot(args.index, args.query, args.out, args.mode, args.k, args.image, args.width)
+    hits = take_screenshot(args.index, args.query, args.out, args.mode, args.k, args.image, args.width,
+                           args.open_first)
     print(f"{args.out}: the page with {hits} hits for '{args.query}' ({args.mode})")
     return 0
 

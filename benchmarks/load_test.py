@@ -1,9 +1,13 @@
-"""Bounded load test of the HTTP service, loopback only.
+"""Bounded load test of the HTTP service, loopback only: dynamic batching on against off, in one run.
 
-Starts the real server (`stair-search serve`, its own process, uvicorn) on 127.0.0.1, then for each mode runs
-N concurrent clients for T seconds. Each client loops over a mix of text queries and image queries (base64,
-made from thumbnails of the index's own documents) against ``POST /search``. Prints one table: requests,
-requests/s, p50/p95/p99 latency and errors per mode. Exit status 1 when any request failed.
+Starts two real servers (`stair-search serve`, each its own process, uvicorn) on 127.0.0.1, one with query
+encodes batched (the default) and one with ``--no-batching`` (each encode alone, one at a time: the old
+behaviour), then for each mode runs 1 client and N concurrent clients for T seconds against each, blocks
+alternating between the servers. Each client loops over a mix of text queries and image queries (base64,
+made from thumbnails of the index's own documents) against ``POST /search``. Prints one table (requests,
+requests/s, p50/p95/p99 latency and errors per server, mode and client count) and, per mode, the N-client /
+1-client throughput ratio of each server (target with batching: >= 3) and the N-client p95 with batching
+against without. Exit status 1 when any request failed.
 
     python benchmarks/load_test.py [INDEX] [--clients 8] [--seconds 30] [--modes sparse dense hybrid auto]
 
@@ -29,6 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from stair_search.models import DEFAULT_MODEL
+
 DEFAULT_TEXT_QUERIES = ("dog", "red heart", "smiling face", "flag", "cat", "party", "food", "car", "music", "tree")
 IMAGE_QUERIES = 4  # image queries in the mix, next to the text queries
 TEXT_QUERIES = 48  # at most this many text queries (from the data set, or the defaults)
@@ -42,6 +48,7 @@ class ModeResult:
     mode: str
     clients: int
     seconds: float
+    server: str = "batching"
     latencies_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -52,18 +59,37 @@ class ModeResult:
     def row(self) -> list[str]:
         p50, p95, p99 = (np.percentile(self.latencies_s, [50, 95, 99]) * 1000 if self.latencies_s
                          else (float("nan"),) * 3)
-        return [self.mode, str(self.clients), f"{self.seconds:.0f}", str(self.requests),
+        return [self.server, self.mode, str(self.clients), f"{self.seconds:.0f}", str(self.requests),
                 f"{len(self.latencies_s) / self.seconds:.1f}", f"{p50:.0f}", f"{p95:.0f}", f"{p99:.0f}",
                 str(len(self.errors))]
 
 
-HEADER = ["mode", "clients", "seconds", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"]
+HEADER = ["server", "mode", "clients", "seconds", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"]
 
 
 def format_table(results: Sequence[ModeResult]) -> str:
     """A markdown table (pastes into the README as is)."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(result.row()) + " |" for result in results]
+    return "\n".join(lines)
+
+
+def format_ratios(results: Sequence[ModeResult], clients: int) -> str:
+    """Per mode: each server's N-client / 1-client throughput, and the N-client p95 with against without."""
+    def find(server: str, mode: str, count: int) -> ModeResult:
+        return next(r for r in results if (r.server, r.mode, r.clients) == (server, mode, count))
+
+    def rate(r: ModeResult) -> float:
+        return len(r.latencies_s) / r.seconds
+
+    lines = [f"| mode | batching: {clients} / 1 client req/s (target >= 3) | no batching: {clients} / 1 | "
+             f"{clients}-client p95 ms, batching / no batching |", "|---|---|---|---|"]
+    for mode in dict.fromkeys(r.mode for r in results):
+        on1, on_n = find("batching", mode, 1), find("batching", mode, clients)
+        off1, off_n = find("no batching", mode, 1), find("no batching", mode, clients)
+        p95 = [np.percentile(r.latencies_s, 95) * 1000 if r.latencies_s else float("nan") for r in (on_n, off_n)]
+        lines.append(f"| {mode} | {rate(on_n) / max(rate(on1), 1e-9):.2f} | {rate(off_n) / max(rate(off1), 1e-9):.2f}"
+                     f" | {p95[0]:.0f} / {p95[1]:.0f} |")
     return "\n".join(lines)
 
 
@@ -133,7 +159,8 @@ def supported_modes(base_url: str, wanted: Sequence[str], headers: dict[str, str
 
 
 @contextmanager
-def serve_process(index_dir: Path, threads: int, start_timeout_s: float = 300) -> Iterator[str]:
+def serve_process(index_dir: Path, threads: int, start_timeout_s: float = 300,
+                  extra: Sequence[str] = ()) -> Iterator[str]:
     """``stair-search serve INDEX`` in its own process on a free loopback port; yields the base URL once ready.
 
     Its own process, so the clients' Python threads do not share a GIL with the server they measure.
@@ -142,7 +169,8 @@ def serve_process(index_dir: Path, threads: int, start_timeout_s: float = 300) -
 
     port = free_port()
     command = [sys.executable, "-m", "stair_search.cli", "serve", str(index_dir), "--host", LOOPBACK,
-               "--port", str(port), "--threads", str(threads), "--reload-interval", "0", "--log-level", "warning"]
+               "--port", str(port), "--threads", str(threads), "--reload-interval", "0", "--log-level", "warning",
+               *extra]
     process = subprocess.Popen(command)
     base_url = f"http://{LOOPBACK}:{port}"
     try:
@@ -209,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
     parser.add_argument("--seconds", type=float, default=30.0, help="Seconds of load per mode.")
     parser.add_argument("--modes", nargs="+", default=["sparse", "dense", "hybrid", "auto"])
-    parser.add_argument("--threads", type=int, default=4, help="The server's search threads.")
+    parser.add_argument("--threads", type=int, default=8, help="The server's search threads.")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--model", default="stair-tiny", help="Model for the emoji index (without INDEX).")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Model for the emoji index (without INDEX).")
     parser.add_argument("--work-dir", type=Path, default=data_dir() / "load-test")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0:
@@ -223,18 +251,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         index_dir, texts = args.index, list(DEFAULT_TEXT_QUERIES)
     headers = {"X-API-Key": os.environ["STAIR_API_KEY"]} if os.environ.get("STAIR_API_KEY") else None
-    with serve_process(index_dir, args.threads) as base_url:
-        requests = query_mix(base_url, spread(texts, TEXT_QUERIES), args.k, headers)
-        for body in requests:  # warm-up, not measured: first encodes, page cache, JIT of the JVM searcher
-            httpx.post(f"{base_url}/search", json={**body, "mode": "hybrid"}, headers=headers, timeout=60)
+    servers = {"batching": (), "no batching": ("--no-batching",)}
+    with serve_process(index_dir, args.threads, extra=servers["batching"]) as on, \
+            serve_process(index_dir, args.threads, extra=servers["no batching"]) as off:
+        urls = {"batching": on, "no batching": off}
+        requests = query_mix(on, spread(texts, TEXT_QUERIES), args.k, headers)
+        for url in urls.values():  # warm-up, not measured: first encodes, page cache, JIT of the JVM searcher
+            for body in requests:
+                httpx.post(f"{url}/search", json={**body, "mode": "hybrid"}, headers=headers, timeout=60)
         results = []
-        for mode in supported_modes(base_url, args.modes, headers):
-            results.append(run_load(base_url, requests, mode, args.clients, args.seconds, headers))
-            print(f"{mode}: {results[-1].requests} requests, {len(results[-1].errors)} errors", flush=True)
+        for mode in supported_modes(on, args.modes, headers):
+            for clients in dict.fromkeys((1, args.clients)):
+                for name, url in urls.items():  # alternating blocks: the same load drift for both servers
+                    result = run_load(url, requests, mode, clients, args.seconds, headers)
+                    result.server = name
+                    results.append(result)
+                    print(f"{name}, {mode}, {clients} clients: {result.requests} requests, {len(result.errors)} "
+                          f"errors", flush=True)
     texts_count = sum("query" in body for body in requests)
-    print(f"\n{index_dir}: {args.clients} clients x {args.seconds:.0f} s per mode, {texts_count} text + "
-          f"{len(requests) - texts_count} image queries in the mix, k={args.k}\n")
+    print(f"\n{index_dir}: 1 and {args.clients} clients x {args.seconds:.0f} s per mode and server, {texts_count} "
+          f"text + {len(requests) - texts_count} image queries in the mix, k={args.k}, {args.threads} search "
+          f"threads\n")
     print(format_table(results))
+    print(f"\n{format_ratios(results, args.clients)}")
     failed = [error for result in results for error in result.errors]
     for error in sorted(set(failed))[:5]:
         print(f"error: {error}")

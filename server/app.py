@@ -1,8 +1,9 @@
 """The FastAPI app: one :class:`~server.state.ServiceState` and the routers (search, documents, operations, page).
 
-Searches run on a small thread pool with a timeout; the encoder runs one call at a time (LockedEncoder),
-while Lucene (its IndexSearcher is shared by Anserini's own multi-threaded batch search) and FAISS (CPU
-indexes are safe for concurrent searches) serve threads in parallel.
+Searches run on a small thread pool with a timeout; their encodes are gathered into shared forwards
+(server/batching.py: one forward at a time, over every query that queued meanwhile), while Lucene (its
+IndexSearcher is shared by Anserini's own multi-threaded batch search) and FAISS (CPU indexes are safe for
+concurrent searches) serve threads in parallel.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
                model: str | None = None) -> FastAPI:
     """The service over ``indexes`` (a registry, or {name: index directory}); the first index is the default."""
     settings = settings or ServerSettings()
-    registry = indexes if isinstance(indexes, IndexRegistry) else IndexRegistry(indexes, model=model)
+    registry = indexes if isinstance(indexes, IndexRegistry) else IndexRegistry(
+        indexes, model=model, batching=settings.encode_batching, batch_wait_s=settings.batch_wait_s)
     state = ServiceState(registry, settings)
 
     @asynccontextmanager

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from server.batching import MAX_WAIT_S, BatchingEncoder
 from stair_search.encode import Encoder
 from stair_search.index.layout import MANIFEST
 from stair_search.index.manifest import IndexMismatchError
@@ -27,38 +27,6 @@ from stair_search.index.reader import Index
 from stair_search.retrieve.router import QueryRouter
 
 log = logging.getLogger("stair_search.server")
-
-
-class LockedEncoder:
-    """An Encoder whose encode calls run one at a time.
-
-    A torch module is not documented as safe to call from several threads at once, and on a CPU box
-    concurrent forwards only fight over the same cores; queries are tiny, so serialising them costs little.
-    Everything else (name, fingerprint, model) is the wrapped encoder's.
-    """
-
-    def __init__(self, encoder: Encoder):
-        self._encoder = encoder
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._encoder, name)
-
-    def encode_texts(self, texts):  # same signature as Encoder
-        with self._lock:
-            return self._encoder.encode_texts(texts)
-
-    def embed_texts(self, texts):
-        with self._lock:
-            return self._encoder.embed_texts(texts)
-
-    def encode_images(self, images):
-        with self._lock:
-            return self._encoder.encode_images(images)
-
-    def encode_pixels(self, pixels):
-        with self._lock:
-            return self._encoder.encode_pixels(pixels)
 
 
 def manifest_signature(index_dir: Path) -> tuple[int, int, int, int]:
@@ -115,12 +83,15 @@ class IndexVersion:
 class IndexRegistry:
     """Named indexes, each served from its newest published version."""
 
-    def __init__(self, indexes: Mapping[str, str | Path], model: str | None = None):
+    def __init__(self, indexes: Mapping[str, str | Path], model: str | None = None, batching: bool = True,
+                 batch_wait_s: float = MAX_WAIT_S):
+        """``batching``: concurrent searches' encodes share forwards (server/batching.py), waiting up to
+        ``batch_wait_s`` for more under load; off, each encode runs alone, one at a time."""
         if not indexes:
             raise ValueError("give at least one index directory to serve")
         self.dirs = {name: Path(path) for name, path in indexes.items()}
-        self.model = model
-        self._encoders: dict[tuple[str, str | None], LockedEncoder] = {}
+        self.model, self.batching, self.batch_wait_s = model, batching, batch_wait_s
+        self._encoders: dict[tuple[str, str | None], BatchingEncoder] = {}
         self._current: dict[str, IndexVersion] = {}
         self._swap_lock = threading.Lock()
         self.errors: dict[str, str] = {}
@@ -204,7 +175,7 @@ class IndexRegistry:
         _warm(index)
         return IndexVersion(name=name, number=number, router=router, signature=signature)
 
-    def _encoder_for(self, index: Index) -> LockedEncoder:
+    def _encoder_for(self, index: Index) -> BatchingEncoder:
         """One encoder per model, shared by every index and version built with it (models are big)."""
         recorded = index.manifest.model
         key = (self.model or recorded["spec"], None if self.model else recorded.get("pretrained"))
@@ -215,7 +186,8 @@ class IndexRegistry:
                 return encoder
             except IndexMismatchError:
                 pass  # the model file changed under the same name: load it again
-        encoder = LockedEncoder(Encoder(key[0], pretrained=key[1]))
+        encoder = BatchingEncoder(Encoder(key[0], pretrained=key[1]), max_wait_s=self.batch_wait_s,
+                                  enabled=self.batching)
         self._encoders[key] = encoder
         return encoder
 

@@ -35,7 +35,9 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None  # when set, every API route needs the header X-API-Key (health probes do not)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API from other sites
-    search_threads: int = 4  # worker threads running searches (the encoder itself runs one call at a time)
+    search_threads: int = 8  # worker threads running searches; their encodes are batched into shared forwards
+    encode_batching: bool = True  # concurrent searches' encodes gathered into one forward (server/batching.py)
+    batch_wait_s: float = 0.002  # under load, how long a forward waits for more searches' queries
     reload_interval_s: float = 2.0  # how often the registry looks for a newly published index; 0 = never
     thumbnail_size: int = 128  # default longest side of a thumbnail, in pixels
     # Query images by URL ("image_url"): off unless hosts are listed. Only http(s) URLs of exactly these host

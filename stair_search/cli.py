@@ -399,7 +399,14 @@ def serve(
                                                 help="Require this key in the X-API-Key header.")] = None,
     cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin "
                                                           "(repeatable).")] = None,
-    threads: Annotated[int, typer.Option(min=1, max=64, help="Search worker threads.")] = 4,
+    threads: Annotated[int, typer.Option(min=1, max=64, help="Search worker threads.")] = 8,
+    encode_threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads of the query encoder (1: no "
+                                                "oversubscribed cores under load; see benchmarks/encode_threads.py)"
+                                                )] = 1,
+    batching: Annotated[bool, typer.Option(help="Gather concurrent searches' query encodes into shared forwards."
+                                           )] = True,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, max=100, help="Under load, how long a forward waits for "
+                                                 "more queries (ms).")] = 2.0,
     reload_interval: Annotated[float, typer.Option(min=0, help="Seconds between checks for a newly "
                                                    "published index (0: never).")] = 2.0,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
@@ -437,7 +444,11 @@ def serve(
         raise typer.BadParameter(str(exc)) from exc
     settings = ServerSettings(limits=limits, api_key=api_key, cors_origins=tuple(cors_origin or ()),
                               search_threads=threads, reload_interval_s=reload_interval,
-                              image_url_hosts=tuple(allow_image_url_host or ()))
+                              image_url_hosts=tuple(allow_image_url_host or ()), encode_batching=batching,
+                              batch_wait_s=batch_wait_ms / 1000)
+    import torch
+
+    torch.set_num_threads(encode_threads)  # this process serves: its encodes' thread policy (see the option)
     uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
 
 

@@ -35,6 +35,14 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.sparse)
 
+    def rows(self, start: int, stop: int) -> EncodedBatch:
+        """Items ``start:stop`` (one caller's share of a batch that several callers' items were encoded in)."""
+        def part(array: np.ndarray | None) -> np.ndarray | None:
+            return None if array is None else array[start:stop]
+
+        return EncodedBatch(dense=self.dense[start:stop], sparse=self.sparse[start:stop], local=part(self.local),
+                            local_positions=part(self.local_positions))
+
 
 class Encoder:
     """Wraps a StairModel with batching, preprocessing and conversion to numpy / token dicts."""

@@ -625,8 +625,15 @@ def test_the_load_test_measures_a_real_server_and_counts_failures(registry):
     assert good.errors == [] and good.requests >= 3 and len(good.latencies_s) == good.requests
     assert bad.latencies_s == [] and bad.requests >= 2 and all(e.startswith("422") for e in bad.errors)
     table = load_test.format_table([good, bad]).splitlines()
-    assert table[0].startswith("| mode | clients") and table[2].split(" | ")[0] == "| hybrid"
+    assert table[0].startswith("| server | mode | clients") and table[2].split(" | ")[1] == "hybrid"
     assert table[3].split(" | ")[-1] == f"{bad.requests} |"
+    alone = load_test.ModeResult(mode="hybrid", clients=1, seconds=1.0, server="no batching",
+                                 latencies_s=[0.1] * 10)
+    rows = [load_test.ModeResult(mode="hybrid", clients=1, seconds=1.0, latencies_s=[0.1] * 10), good,
+            alone, load_test.ModeResult(mode="hybrid", clients=3, seconds=1.0, server="no batching",
+                                        latencies_s=[0.3] * 10)]
+    ratios = load_test.format_ratios(rows, clients=3).splitlines()
+    assert ratios[2].split(" | ")[1:3] == [f"{len(good.latencies_s) / 10:.2f}", "1.00"]
 
 
 def test_serve_refuses_contradictory_limits_before_opening_anything(tmp_path):

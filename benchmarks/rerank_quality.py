@@ -39,9 +39,8 @@ from stair_search.encode import Encoder
 from stair_search.eval import metrics
 from stair_search.eval.datasets.synthetic import CompositionalExample, make_compositional
 from stair_search.eval.runner import compute_metrics
-from stair_search.index.layout import FEATURES_FILE
 from stair_search.index.reader import Index
-from stair_search.index.store import FeatureRecord
+from stair_search.index.store import FeatureRecord, array_paths, store_path
 from stair_search.index.writer import IndexWriter
 from stair_search.rerank import RERANKERS
 from stair_search.retrieve.router import QueryRouter
@@ -152,12 +151,19 @@ def added_ms(measured: Measured, baseline: Measured) -> float:
 
 
 def local_feature_bytes(index: Index, index_dir: Path) -> tuple[float, int]:
-    """(on-disk bytes per image of the local-feature columns, raw m x (D + 2) x 2 bytes)."""
-    meta = pq.ParquetFile(next(index_dir.glob(f"shards/*/{FEATURES_FILE}"))).metadata
-    columns = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
-    stored = sum(c.total_compressed_size for c in columns if c.path_in_schema.split(".")[0].startswith("local"))
+    """(on-disk bytes per image of the local features and their positions, raw m x (D + 2) x 2 bytes).
+
+    Format 2 stores them as two .npy arrays; a format 1 shard (features.parquet) as two parquet columns."""
+    path = store_path(next(index_dir.glob("shards/*")))
     m, dim = index.manifest.num_local, index.manifest.embed_dim
-    return stored / meta.num_rows, m * (dim + 2) * 2
+    if path.suffix == ".parquet":
+        meta = pq.ParquetFile(path).metadata
+        columns = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
+        stored = sum(c.total_compressed_size for c in columns if c.path_in_schema.split(".")[0].startswith("local"))
+        return stored / meta.num_rows, m * (dim + 2) * 2
+    arrays = array_paths(path)
+    rows = np.load(arrays["local"], mmap_mode="r").shape[0]
+    return sum(file.stat().st_size for file in arrays.values()) / rows, m * (dim + 2) * 2
 
 
 def table(compositional: dict[str, Measured], emoji: dict[str, Measured] | None,

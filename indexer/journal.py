@@ -30,10 +30,9 @@ import numpy as np
 
 from stair_search.atomic import atomic_path, atomic_write
 from stair_search.encode import EncodedBatch
-from stair_search.index.layout import FEATURES_FILE
 from stair_search.index.manifest import ShardInfo
 from stair_search.index.skipped import Skip
-from stair_search.index.store import FeatureRecord, FeatureStore
+from stair_search.index.store import FeatureRecord, FeatureStore, store_path
 
 RECORD_FIELDS = ("id", "source", "width", "height", "caption", "metadata")
 
@@ -181,7 +180,7 @@ class JobDir:
     def shard_ids(self, state: JournalState) -> Iterator[str]:
         """Ids of the documents inside the journal's shards (to refuse duplicates after a restart)."""
         for shard in state.shards:
-            with FeatureStore.open(shard.path(self.build_dir) / FEATURES_FILE) as store:
+            with FeatureStore.open(store_path(shard.path(self.build_dir))) as store:  # a pre-v2 job's: parquet
                 yield from store.ids
 
 

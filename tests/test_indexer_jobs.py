@@ -34,11 +34,19 @@ from indexer.pipeline import PREFETCH_PER_WORKER
 from indexer.sources import SourceOptions
 from stair_search.cli import app
 from stair_search.encode import Encoder
-from stair_search.index.layout import DENSE_FILE, FEATURES_FILE, SKIPPED_REPORT, SPARSE_DIR, read_tombstone
+from stair_search.index.layout import (
+    DENSE_FILE,
+    FEATURES_FILE,
+    LEGACY_FEATURES_FILE,
+    SKIPPED_REPORT,
+    SPARSE_DIR,
+    read_tombstone,
+)
 from stair_search.index.manifest import MANIFEST, Manifest
-from stair_search.index.reader import Candidate, Index
-from stair_search.index.store import FeatureStore
+from stair_search.index.reader import STORED_FIELDS, Candidate, Index
+from stair_search.index.store import FeatureRecord, FeatureStore, store_files, store_path
 from tests.conftest import COLOURS, draw_shape, png_header
+from tests.test_store import write_v1
 
 BACKGROUNDS = ("white", "black", "gray", "pink", "orange")
 SHAPES = ("circle", "square", "triangle")
@@ -595,3 +603,54 @@ def test_a_killed_append_leaves_the_published_index_readable_and_unchanged(tmp_p
     resumed = run_cli_process(args, tmp_path / "resumed.log")
     assert resumed.returncode == 0, resumed.output
     assert sorted(Index(out).ids()) == sorted([*contents_before, *map(str, new_images)])
+
+
+# ------------------------------------------------------------------------------------------------ store format 1
+
+
+def test_an_index_built_before_store_format_2_still_reads_filters_appends_deletes_and_exports(tmp_path,
+                                                                                               tiny_encoder):
+    """Its shards hold features.parquet (format 1, written as the parquet writer made it): reads give the same
+    answers, an append writes format 2 shards beside them, and deletes and exports span both formats."""
+    out = tmp_path / "index"
+    draw_images(tmp_path / "old", 6)
+    indexer.run(tmp_path / "old", out, encoder=tiny_encoder, workers=0, progress=False)
+    with Index(out) as index:
+        ids = sorted(index.ids())
+        found = [index.find(doc_id) for doc_id in ids]
+        fields_before, local_before = index.documents(found, STORED_FIELDS), index.local_features(found)
+        dense = index.vectors(found)
+    for shard in Manifest.load(out).shards:
+        folder = shard.path(out)
+        with FeatureStore.open(folder / FEATURES_FILE) as store:
+            records = [FeatureRecord(**row) for row in store.rows(range(len(store)))]
+        for row, record in enumerate(records):
+            record.metadata = {"row": row}  # something for a filter to read (a folder's images have no metadata)
+        write_v1(folder / LEGACY_FEATURES_FILE, records, row_group_size=4)
+        for path in store_files(folder / FEATURES_FILE):
+            path.unlink()
+    assert not list(out.glob(f"shards/*/{FEATURES_FILE}")) and list(out.glob(f"shards/*/{LEGACY_FEATURES_FILE}"))
+
+    with Index(out) as index:
+        assert sorted(index.ids()) == ids
+        found = [index.find(doc_id) for doc_id in ids]
+        assert index.documents(found, STORED_FIELDS) == [{**f, "metadata": {"row": c.row}}
+                                                         for f, c in zip(fields_before, found, strict=True)]
+        for got, want in zip(index.local_features(found), local_before, strict=True):
+            np.testing.assert_array_equal(got, want)
+        hits = index.search_dense(dense[2:3], k=3, rows=index.filter_rows({"row": [found[2].row, found[4].row]}))[0]
+        assert [doc["id"] for doc in index.documents(hits, ["id"])] == [ids[2], ids[4]]
+
+    draw_images(tmp_path / "new", 3, prefix="new-", skip=6)
+    indexer.run(tmp_path / "new", out, encoder=tiny_encoder, workers=0, progress=False, append=True)
+    kinds = sorted(store_path(shard.path(out)).name for shard in Manifest.load(out).shards)
+    assert kinds == [FEATURES_FILE, LEGACY_FEATURES_FILE]
+    with Index(out) as index:
+        everything = sorted(index.ids())
+        assert len(everything) == 9 and set(ids) < set(everything)
+        assert index.delete([ids[0], next(i for i in everything if i not in ids)]) == 2
+        assert index.find(ids[0]) is None and index.find(ids[1]) is not None
+    exported = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "all.parquet")])
+    assert exported.exit_code == 0, exported.output
+    table = pq.read_table(tmp_path / "all.parquet")
+    assert table.num_rows == 7 and ids[0] not in table.column("id").to_pylist()

@@ -6,7 +6,8 @@ Layout of an index directory::
     skipped.parquet                                              (items a job could not index, optional)
     shards/<name>/sparse/{indptr,indices,values}.npy + lucene/   (SparseShard)
     shards/<name>/dense.faiss                                    (DenseIndex)
-    shards/<name>/features.parquet                               (FeatureStore)
+    shards/<name>/features.arrow, features.local.npy,            (FeatureStore, format 2, memory-mapped; a
+                  features.local_positions.npy                    shard written before it: features.parquet)
     shards/<name>/deleted-<id>.npy                               (tombstones: deleted rows, optional)
 
 and beside it, in the parent folder: ``.<name>.lock`` (the mutation lock while one is held, index/lock.py),
@@ -28,7 +29,8 @@ from stair_search.atomic import TEMP_SUFFIX
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 DENSE_FILE = "dense.faiss"
-FEATURES_FILE = "features.parquet"
+FEATURES_FILE = "features.arrow"  # its arrays beside it: store.array_paths
+LEGACY_FEATURES_FILE = "features.parquet"  # format 1 store of a shard written before format 2
 SPARSE_DIR = "sparse"
 SKIPPED_REPORT = "skipped.parquet"
 TOMBSTONE_PREFIX = "deleted-"

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from stair_search.index.dense import DenseIndex, DenseSpec
-from stair_search.index.layout import DENSE_FILE, FEATURES_FILE, SPARSE_DIR, read_tombstone
+from stair_search.index.layout import DENSE_FILE, SPARSE_DIR, read_tombstone
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
-from stair_search.index.store import FeatureStore
+from stair_search.index.store import FeatureStore, store_files, store_path
 from stair_search.index.text import TEXT_DIR, TextShard
 from stair_search.models.vocab import Vocabulary
 from stair_search.query.filters import Filter, check_fields, parse_filter
@@ -60,7 +60,8 @@ class _Shard:
 
     def __init__(self, index_dir: Path, info: ShardInfo, vocabulary: Vocabulary, scale: float):
         self.dir, self.info, self.vocabulary, self.scale = info.path(index_dir), info, vocabulary, scale
-        required = [self.dir / DENSE_FILE, self.dir / FEATURES_FILE, *SparseShard.required_files(self.dir / SPARSE_DIR),
+        required = [self.dir / DENSE_FILE, *store_files(store_path(self.dir)),  # features.arrow or an old .parquet
+                    *SparseShard.required_files(self.dir / SPARSE_DIR),
                     *([self.dir / TEXT_DIR] if info.text else [])]
         missing = [str(p) for p in required if not p.exists()]
         if missing:
@@ -76,7 +77,7 @@ class _Shard:
 
     @property
     def store(self) -> FeatureStore:
-        return self._part("store", lambda: FeatureStore.open(self.dir / FEATURES_FILE))
+        return self._part("store", lambda: FeatureStore.open(store_path(self.dir)))
 
     @property
     def dense(self) -> DenseIndex:
@@ -302,6 +303,16 @@ class Index:
         """Ids of every live document, shard by shard in row order."""
         return [doc_id for shard in self._shards
                 for row, doc_id in enumerate(shard.store.ids) if row not in shard.deleted]
+
+    def document_frequencies(self) -> tuple[np.ndarray, int]:
+        """(per vocabulary token, how many documents' sparse vectors hold it; the number of documents), over
+        every stored row (deleted rows included, as Lucene's own statistics until a rebuild)."""
+        counts = np.zeros(len(self.vocabulary.tokens), np.int64)
+        documents = 0
+        for shard in self._shards:
+            counts += np.bincount(np.asarray(shard.sparse.indices), minlength=len(counts))
+            documents += len(shard.sparse)
+        return counts, documents
 
     def nonzeros_per_document(self) -> float:
         """Mean stored sparse non-zeros per document (deleted rows included): the index's sparsity."""

@@ -1,24 +1,46 @@
-"""Per-shard feature store: one parquet file of document metadata and small fp16 "local features".
+"""Per-shard feature store: each document's stored fields and its small fp16 "local features".
 
 Why this module exists: search results must show a document's source, size and caption, and the training-free
 rerankers need a few projected image-patch vectors per document. Both are read from here, so neither a search
 nor a rerank ever reopens an image file.
 
-Layout and invariants:
-- Row ``i`` of the parquet file is row ``i`` of the shard's dense FAISS index: the ``i``-th record written.
-- ``local`` holds ``m * D`` float16 values per row as a ``fixed_size_list`` (null for a document without local
-  features); ``local_positions`` holds ``m * 2`` float16 patch centres ``(x, y)`` in ``[0, 1]``. ``m`` and ``D``
-  live in the schema metadata under ``b"stair_search"``, so readers reshape without guessing.
-- Files are written in row groups of a fixed size. Readers map a row to its row group from the footer and
-  decode only the row groups (and columns) that hold the requested rows; nothing big is cached.
+Format 2 (written since issue 18; why: every read is a memory-mapped gather, not a decode). Files, named after
+the store's main file ``<stem>.arrow`` (``features.arrow`` in a shard, layout.FEATURES_FILE)::
 
-Thread safety: a :class:`FeatureStore` keeps one ``pyarrow.parquet.ParquetFile`` open (re-parsing the footer on
-every call would cost more than the reads themselves) and serialises reads through a lock, because the parquet
-reader is not documented as safe for concurrent use. Independent stores on the same file do not share state.
+    <stem>.arrow                  uncompressed Arrow IPC file: id, source, width, height, caption, metadata
+                                  (JSON text), has_local, has_local_positions; record batches of ``batch_size``
+    <stem>.local.npy              (N, m, D) float16 local features, zeros where a row has none
+    <stem>.local_positions.npy    (N, m, 2) float16 patch centres (x, y) in [0, 1], zeros where a row has none
+
+Opening memory-maps all three (``pa.memory_map`` + ``ipc.open_file().read_all()`` is zero-copy, the arrays are
+``np.load(mmap_mode="r")``), so opening costs the id -> row map and nothing of the file sizes; ``local_features``
+for the reranker's top 100 is one fancy-indexing gather (~0.1 ms instead of ~11 ms of parquet decoding) and the
+stored fields of 10 hits are a few zero-copy slices. The operating system's page cache holds what is hot.
+
+Format 1 (one ``features.parquet`` per shard, layout.LEGACY_FEATURES_FILE: the fields plus ``local`` and
+``local_positions`` fixed-size-list columns) is still read, by :class:`_ParquetStore` behind the same
+:meth:`FeatureStore.open`, so an index built before format 2 keeps working (appends to it write format 2 shards
+beside its format 1 ones); nothing writes format 1 any more.
+
+Invariants (both formats):
+- Row ``i`` is row ``i`` of the shard's dense FAISS index: the ``i``-th record written.
+- ``m`` and ``D`` live in the schema metadata under ``b"stair_search"`` (with the format version), so readers
+  reshape without guessing; a row stored without local features reads back as zeros from ``local_features``
+  (which add nothing to a max-similarity score) and as None from ``rows``.
+- Writing is atomic (stair_search.atomic) per file; the arrays are published before the Arrow file, and a
+  reader refuses arrays whose shape does not match the Arrow file (a crash between two renames of an in-place
+  rewrite; shards themselves are always built in a fresh folder and published whole).
+
+Thread safety: format 2 reads only immutable memory-mapped data (Arrow tables and read-only numpy maps), so
+they take no lock; ``close`` drops the store's references (reads already under way keep the maps alive until
+they finish; later reads raise ValueError). Format 1 keeps one ``pyarrow.parquet.ParquetFile`` open (re-parsing
+the footer on every call would cost more than the reads) and serialises reads through a lock, because the parquet
+reader is not documented as safe for concurrent use. Independent stores on the same files share no state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import operator
@@ -33,11 +55,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stair_search.atomic import atomic_path
+from stair_search.index.layout import FEATURES_FILE, LEGACY_FEATURES_FILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1  # features.parquet: read, never written
 SCHEMA_KEY = b"stair_search"
-COLUMNS = ("id", "source", "width", "height", "caption", "metadata", "local", "local_positions")
+FIELD_COLUMNS = ("id", "source", "width", "height", "caption", "metadata")
 LOCAL_COLUMNS = ("local", "local_positions")
+COLUMNS = (*FIELD_COLUMNS, *LOCAL_COLUMNS)
+PRESENT_COLUMNS = {"local": "has_local", "local_positions": "has_local_positions"}  # format 2: is the row's set
+ARRAY_SUFFIXES = {"local": ".local.npy", "local_positions": ".local_positions.npy"}
+ARROW_MAGIC, PARQUET_MAGIC = b"ARROW1", b"PAR1"
+# Up to this many rows, stored fields are gathered as one-row zero-copy slices of their record batches (~10 us a
+# row); beyond it one Arrow ``take`` over the whole table, whose fixed cost (~0.4 ms on 20,000 rows) then wins.
+SLICE_ROWS = 32
 
 
 @dataclass
@@ -54,39 +85,68 @@ class FeatureRecord:
     local_positions: np.ndarray | None = None  # (m, 2) float16 patch centres (x, y) in [0, 1]
 
 
+def array_paths(path: str | Path) -> dict[str, Path]:
+    """The .npy files of the format 2 store whose main file is ``path``: ``x.arrow`` -> ``x.local.npy``, ..."""
+    path = Path(path)
+    return {name: path.with_name(path.stem + suffix) for name, suffix in ARRAY_SUFFIXES.items()}
+
+
+def store_path(folder: str | Path) -> Path:
+    """A shard folder's store: ``features.arrow``, or ``features.parquet`` in a shard written before format 2
+    (``features.arrow`` when the folder has neither, so that errors name the current file)."""
+    folder = Path(folder)
+    legacy = folder / LEGACY_FEATURES_FILE
+    return legacy if legacy.exists() and not (folder / FEATURES_FILE).exists() else folder / FEATURES_FILE
+
+
+def store_files(path: str | Path) -> list[Path]:
+    """Every file the store at ``path`` consists of: a format 1 parquet alone, or format 2's three files."""
+    path = Path(path)
+    return [path] if _sniff(path) == "parquet" else [path, *array_paths(path).values()]
+
+
+def _sniff(path: Path) -> str | None:
+    """"arrow", "parquet" or None (missing, unreadable or neither), from the file's leading magic bytes."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(ARROW_MAGIC))
+    except OSError:
+        return None
+    if head.startswith(ARROW_MAGIC):
+        return "arrow"
+    return "parquet" if head.startswith(PARQUET_MAGIC) else None
+
+
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def write_features(path: str | Path, records: Sequence[FeatureRecord], row_group_size: int = 1024) -> None:
-    """Write ``records`` to ``path`` atomically (stair_search.atomic).
+def write_features(path: str | Path, records: Sequence[FeatureRecord], batch_size: int = 1024) -> None:
+    """Write ``records`` as a format 2 store whose main file is ``path`` (its arrays beside it), atomically.
 
-    Ids and local-feature shapes are validated before anything touches the disk. Metadata is JSON-encoded
-    one row group at a time (so a large shard is never held twice in memory); if that or anything else fails
-    mid-way, the temporary file is removed and an existing file at ``path`` is left exactly as it was.
-    Local arrays of another float dtype are cast to float16, the storage format.
+    Ids and local-feature shapes are validated before anything touches the disk. Fields are encoded one record
+    batch at a time and local features go straight into memory-mapped .npy files, so a large shard is never held
+    twice in memory; if anything fails mid-way (e.g. metadata JSON cannot hold), every temporary file is removed
+    and an existing store at ``path`` is left exactly as it was. Local arrays of another float dtype are cast to
+    float16, the storage format.
     """
-    if row_group_size < 1:
-        raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path)
     _check_ids(records)
     num_local, dim = _local_shape(records)
     schema = _schema(num_local, dim)
-    with atomic_path(path) as tmp, pq.ParquetWriter(str(tmp), schema, **_writer_options()) as writer:
-        for start in range(0, len(records), row_group_size):
-            chunk = records[start : start + row_group_size]
-            writer.write_table(_chunk_table(chunk, schema, num_local, dim), row_group_size=row_group_size)
-
-
-def _writer_options() -> dict[str, Any]:
-    """Plain, uncompressed encoding for the fp16 columns, which are what rerankers read on the hot path.
-
-    Measured on random fp16 features (m=8, D=256, 1,024-row groups): dictionary encoding saves ~5% of the
-    bytes but makes decoding a row group ~5x slower, and snappy saves nothing on plain fp16 while costing ~15%
-    of the decode time. The small string columns keep the defaults (dictionary + snappy).
-    """
-    other = [name for name in COLUMNS if name not in LOCAL_COLUMNS]
-    compression = {name: "snappy" for name in other} | {name: "none" for name in LOCAL_COLUMNS}
-    return {"use_dictionary": other, "compression": compression}
+    shapes = {"local": (num_local, dim), "local_positions": (num_local, 2)}
+    with contextlib.ExitStack() as publish:
+        main = publish.enter_context(atomic_path(path))  # entered first, so renamed last (after the arrays)
+        tmps = {name: publish.enter_context(atomic_path(p)) for name, p in array_paths(path).items()}
+        arrays = {name: np.lib.format.open_memmap(tmps[name], mode="w+", dtype=np.float16,
+                                                  shape=(len(records), *shapes[name])) for name in LOCAL_COLUMNS}
+        with pa.OSFile(str(main), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for start in range(0, len(records), batch_size):
+                writer.write_batch(_batch(records[start : start + batch_size], start, schema, arrays))
+        for array in arrays.values():
+            array.flush()
+        del arrays  # unmapped before the files are synced and renamed
 
 
 def _check_ids(records: Sequence[FeatureRecord]) -> None:
@@ -103,7 +163,7 @@ def _check_ids(records: Sequence[FeatureRecord]) -> None:
 def _local_shape(records: Sequence[FeatureRecord]) -> tuple[int, int]:
     """The (m, D) shared by every record's local features; (0, 0) when no record has any.
 
-    One shape per file keeps the column a fixed-size list, so a batch of rows reshapes to (n, m, D) for free.
+    One shape per store keeps the arrays rectangular, so a batch of rows is one (n, m, D) gather.
     """
     shape: tuple[int, int] | None = None
     for record in records:
@@ -132,7 +192,7 @@ def _check_positions(record: FeatureRecord, num_local: int) -> None:
 
 
 def _schema(num_local: int, dim: int) -> pa.Schema:
-    """The file schema; m and D go in the metadata so readers can reshape the flat lists."""
+    """The Arrow file's schema; m and D go in the metadata so readers know the arrays' shapes."""
     meta = {"format": FORMAT_VERSION, "num_local": num_local, "dim": dim}
     return pa.schema(
         [
@@ -142,15 +202,23 @@ def _schema(num_local: int, dim: int) -> pa.Schema:
             pa.field("height", pa.int32()),
             pa.field("caption", pa.string()),
             pa.field("metadata", pa.string()),
-            pa.field("local", pa.list_(pa.float16(), num_local * dim)),
-            pa.field("local_positions", pa.list_(pa.float16(), num_local * 2)),
+            pa.field(PRESENT_COLUMNS["local"], pa.bool_(), nullable=False),
+            pa.field(PRESENT_COLUMNS["local_positions"], pa.bool_(), nullable=False),
         ],
         metadata={SCHEMA_KEY: json.dumps(meta).encode()},
     )
 
 
-def _chunk_table(chunk: Sequence[FeatureRecord], schema: pa.Schema, num_local: int, dim: int) -> pa.Table:
-    """One row group's worth of records as an Arrow table."""
+def _batch(chunk: Sequence[FeatureRecord], start: int, schema: pa.Schema,
+           arrays: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """One record batch of fields; the chunk's local features are written into ``arrays`` (rows left zero)."""
+    present = {}
+    for name in LOCAL_COLUMNS:
+        values = [getattr(r, name) for r in chunk]
+        present[name] = [v is not None for v in values]
+        for i, value in enumerate(values):
+            if value is not None:
+                arrays[name][start + i] = np.asarray(value, dtype=np.float16)
     columns = {
         "id": pa.array([r.id for r in chunk], pa.string()),
         "source": pa.array([r.source for r in chunk], pa.string()),
@@ -158,10 +226,9 @@ def _chunk_table(chunk: Sequence[FeatureRecord], schema: pa.Schema, num_local: i
         "height": pa.array([r.height for r in chunk], pa.int32()),
         "caption": pa.array([r.caption for r in chunk], pa.string()),
         "metadata": pa.array([_metadata_json(r) for r in chunk], pa.string()),
-        "local": _fixed_lists([r.local for r in chunk], num_local * dim),
-        "local_positions": _fixed_lists([r.local_positions for r in chunk], num_local * 2),
+        **{PRESENT_COLUMNS[name]: pa.array(present[name], pa.bool_()) for name in LOCAL_COLUMNS},
     }
-    return pa.table(columns, schema=schema)
+    return pa.record_batch(columns, schema=schema)
 
 
 def _metadata_json(record: FeatureRecord) -> str:
@@ -172,60 +239,38 @@ def _metadata_json(record: FeatureRecord) -> str:
         raise ValueError(f"metadata of record {record.id!r} is not JSON-serialisable: {exc}") from exc
 
 
-def _fixed_lists(arrays: list[np.ndarray | None], size: int) -> pa.FixedSizeListArray:
-    """Flatten per-record arrays into a fixed-size-list column; None becomes a null row."""
-    list_type = pa.list_(pa.float16(), size)
-    if size == 0 or all(a is None for a in arrays):
-        return pa.nulls(len(arrays), list_type)
-    flat = np.zeros((len(arrays), size), dtype=np.float16)
-    mask = np.zeros(len(arrays), dtype=bool)
-    for i, array in enumerate(arrays):
-        if array is None:
-            mask[i] = True
-        else:
-            flat[i] = np.asarray(array, dtype=np.float16).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), type=list_type, mask=pa.array(mask))
-
-
 # --------------------------------------------------------------------------------------------------- reading
+
+Locals = dict[str, tuple[np.ndarray, np.ndarray]]  # local column -> (values (n, m, D|2) float16, present (n,))
 
 
 class FeatureStore:
-    """Read side of one shard's feature file.
+    """Read side of one shard's feature store (either format; :meth:`open` picks the class).
 
-    Opening reads only the ``id`` column to build the id -> row map. Row lookups decode only the row groups
-    (and columns) that hold the requested rows, never the whole table, and keep nothing once they return.
-    Reads are serialised by a per-store lock around the single open ``ParquetFile``.
+    Opening reads only the ids, to build the id -> row map. Lookups touch only the requested rows (format 2) or
+    the row groups that hold them (format 1) and keep nothing once they return.
     """
 
-    def __init__(self, path: Path, parquet_file: pq.ParquetFile, num_local: int, dim: int) -> None:
-        """Use :meth:`open`; this constructor trusts that the file was already validated."""
+    def __init__(self, path: Path, ids: list[str], num_local: int, dim: int) -> None:
+        """Use :meth:`open`; subclasses pass what they validated."""
         self._path = path
-        self._file = parquet_file
-        self._lock = threading.Lock()
         self._num_local = num_local
         self._dim = dim
-        sizes = [parquet_file.metadata.row_group(i).num_rows for i in range(parquet_file.num_row_groups)]
-        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._ids: list[str] = parquet_file.read(columns=["id"], use_threads=False).column("id").to_pylist()
-        self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
+        self._ids = ids
+        self._row_of = {doc_id: row for row, doc_id in enumerate(ids)}
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
-        """Open a file written by :func:`write_features`; anything else is refused with ValueError."""
+        """Open a store written by :func:`write_features` (or a format 1 parquet); anything else: ValueError."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(errno.ENOENT, f"feature store not found: {path}", str(path))
-        try:
-            parquet_file = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"{path} is not a parquet file: {exc}") from exc
-        try:
-            num_local, dim = _read_schema_meta(path, parquet_file.schema_arrow)
-            return cls(path, parquet_file, num_local, dim)
-        except BaseException:
-            parquet_file.close()
-            raise
+        kind = _sniff(path)
+        if kind == "arrow":
+            return _MappedStore.load(path)
+        if kind == "parquet":
+            return _ParquetStore.load(path)
+        raise ValueError(f"{path} is not a feature store: neither an Arrow IPC file (format 2) nor parquet (format 1)")
 
     # -------------------------------------------------------------------------------------- small accessors
 
@@ -239,9 +284,7 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
-        """Release the file handle; the store cannot read afterwards."""
-        with self._lock:
-            self._file.close()
+        """Release the files; the store cannot read afterwards."""
 
     @property
     def path(self) -> Path:
@@ -271,14 +314,21 @@ class FeatureStore:
     def rows(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
         """Records of ``rows`` as dicts, in the requested order (repeats allowed).
 
-        ``columns`` limits both what is decoded and the keys returned (default: all). ``metadata`` comes back
+        ``columns`` limits both what is read and the keys returned (default: all). ``metadata`` comes back
         parsed; ``local`` as float16 ``(m, D)`` and ``local_positions`` as float16 ``(m, 2)``, or None.
         Negative rows are out of range (no Python-style wrap-around): a FAISS -1 must not become the last row.
         """
         wanted = self._check_columns(columns)
-        table = self._take(self._check_rows(rows), wanted)
-        decoded = {name: _decode_column(name, table.column(name), self._num_local, self._dim) for name in wanted}
-        return [{name: decoded[name][i] for name in wanted} for i in range(table.num_rows)]
+        indices = self._check_rows(rows)
+        fields = [name for name in wanted if name in FIELD_COLUMNS]
+        local_names = [name for name in wanted if name in LOCAL_COLUMNS]
+        decoded: dict[str, list[Any]] = {}
+        if fields:
+            table = self._fields(indices, fields)
+            decoded.update((name, _decode_field(name, table.column(name))) for name in fields)
+        for name, (values, present) in (self._locals(indices, local_names) if local_names else {}).items():
+            decoded[name] = [values[i].copy() if present[i] else None for i in range(len(values))]
+        return [{name: decoded[name][i] for name in wanted} for i in range(len(indices))]
 
     def get(self, doc_ids: Sequence[str], columns: Sequence[str] | None = None) -> list[dict | None]:
         """Like :meth:`rows` but by id; None in place of an id this shard does not hold."""
@@ -289,13 +339,21 @@ class FeatureStore:
     def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Local features ``(n, m, D)`` and patch centres ``(n, m, 2)``, float16, for ``rows`` in order.
 
-        Only the two local columns of the needed row groups are decoded. A row stored without local features
-        (or without positions) comes back as zeros, which add nothing to a max-similarity rerank score.
+        A row stored without local features (or without positions) comes back as zeros, which add nothing to a
+        max-similarity rerank score.
         """
-        table = self._take(self._check_rows(rows), list(LOCAL_COLUMNS))
-        local, _ = _fixed_list_numpy(table.column("local"), (self._num_local, self._dim))
-        positions, _ = _fixed_list_numpy(table.column("local_positions"), (self._num_local, 2))
-        return local, positions
+        local = self._locals(self._check_rows(rows), list(LOCAL_COLUMNS))
+        return local["local"][0], local["local_positions"][0]
+
+    # --------------------------------------------------------------------------------- what a format reads
+
+    def _fields(self, rows: np.ndarray, names: list[str]) -> pa.Table:
+        """The stored-field columns ``names`` of ``rows``, in request order."""
+        raise NotImplementedError
+
+    def _locals(self, rows: np.ndarray, names: list[str]) -> Locals:
+        """The local columns ``names`` of ``rows``, in request order, zeros where a row has none."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- internals
 
@@ -316,6 +374,133 @@ class FeatureStore:
             raise IndexError(f"row {int(bad[0])} out of range for a store of {len(self)} rows ({self._path})")
         return indices
 
+
+@dataclass(frozen=True)
+class _Mapped:
+    """What a format 2 store reads from, all memory-mapped and immutable (swapped out whole by ``close``)."""
+
+    table: pa.Table
+    batches: list[pa.RecordBatch]
+    starts: np.ndarray  # first row of each batch, plus the row count
+    arrays: dict[str, np.ndarray]  # local column -> read-only (N, m, D|2) float16 map
+    present: dict[str, np.ndarray]  # local column -> (N,) bool
+
+
+class _MappedStore(FeatureStore):
+    """Format 2: an Arrow IPC file and two .npy arrays, all memory-mapped; reads take no lock."""
+
+    def __init__(self, path: Path, source: pa.MemoryMappedFile, mapped: _Mapped, num_local: int, dim: int) -> None:
+        super().__init__(path, mapped.table.column("id").to_pylist(), num_local, dim)
+        self._source: pa.MemoryMappedFile | None = source
+        self._mapped: _Mapped | None = mapped
+
+    @classmethod
+    def load(cls, path: Path) -> _MappedStore:
+        try:
+            source = pa.memory_map(str(path), "r")
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{path} is not a readable Arrow IPC file: {exc}") from exc
+        try:
+            try:
+                table = pa.ipc.open_file(source).read_all()  # zero-copy: the columns point into the map
+            except (pa.ArrowException, OSError) as exc:
+                raise ValueError(f"{path} is not a readable Arrow IPC file: {exc}") from exc
+            names = [*FIELD_COLUMNS, *PRESENT_COLUMNS.values()]
+            num_local, dim = _read_schema_meta(path, table.schema, FORMAT_VERSION, names)
+            shapes = {"local": (num_local, dim), "local_positions": (num_local, 2)}
+            arrays = {name: _load_array(file, (table.num_rows, *shapes[name]), path)
+                      for name, file in array_paths(path).items()}
+            batches = table.to_batches()
+            starts = np.cumsum([0, *(batch.num_rows for batch in batches)], dtype=np.int64)
+            present = {name: table.column(PRESENT_COLUMNS[name]).to_numpy() if table.num_rows
+                       else np.zeros(0, dtype=bool) for name in LOCAL_COLUMNS}
+            return cls(path, source, _Mapped(table, batches, starts, arrays, present), num_local, dim)
+        except BaseException:
+            source.close()
+            raise
+
+    def close(self) -> None:
+        """Drop the maps (reads under way keep them alive until they return) and close the file handle."""
+        source, self._source, self._mapped = self._source, None, None
+        if source is not None:
+            source.close()
+
+    def _data(self) -> _Mapped:
+        mapped = self._mapped  # one read of the attribute: a concurrent close cannot pull it away mid-call
+        if mapped is None:
+            raise ValueError(f"feature store {self._path} is closed")
+        return mapped
+
+    def _fields(self, rows: np.ndarray, names: list[str]) -> pa.Table:
+        mapped = self._data()
+        if len(rows) > SLICE_ROWS:
+            return mapped.table.select(names).take(pa.array(rows, pa.int64()))
+        if not len(rows):
+            return mapped.table.schema.empty_table().select(names)
+        batch = np.searchsorted(mapped.starts, rows, side="right") - 1
+        offsets = rows - mapped.starts[batch]
+        parts = [mapped.batches[b].slice(o, 1) for b, o in zip(batch.tolist(), offsets.tolist(), strict=True)]
+        return pa.Table.from_batches(parts, mapped.table.schema).select(names).combine_chunks()  # to_pylist: fast
+
+    def _locals(self, rows: np.ndarray, names: list[str]) -> Locals:
+        mapped = self._data()
+        return {name: (np.asarray(mapped.arrays[name][rows]), mapped.present[name][rows]) for name in names}
+
+
+def _load_array(file: Path, shape: tuple[int, ...], store: Path) -> np.ndarray:
+    """One of a store's .npy arrays, memory-mapped read-only and checked against the Arrow file's shape."""
+    if not file.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"feature store {store} is missing its array file {file}", str(file))
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{file} (part of feature store {store}) is not a readable .npy file: {exc}") from exc
+    if array.dtype != np.float16 or array.shape != shape:
+        raise ValueError(f"{file} holds {array.dtype} {array.shape}, but its feature store {store} needs float16 "
+                         f"{shape}: the files come from different writes. Rebuild the shard.")
+    return array
+
+
+class _ParquetStore(FeatureStore):
+    """Format 1 (an index built before format 2): one parquet file, read a row group at a time under a lock."""
+
+    def __init__(self, path: Path, parquet_file: pq.ParquetFile, num_local: int, dim: int) -> None:
+        self._file = parquet_file
+        self._lock = threading.Lock()
+        sizes = [parquet_file.metadata.row_group(i).num_rows for i in range(parquet_file.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        ids = parquet_file.read(columns=["id"], use_threads=False).column("id").to_pylist()
+        super().__init__(path, ids, num_local, dim)
+
+    @classmethod
+    def load(cls, path: Path) -> _ParquetStore:
+        try:
+            parquet_file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{path} is not a parquet file: {exc}") from exc
+        try:
+            num_local, dim = _read_schema_meta(path, parquet_file.schema_arrow, LEGACY_FORMAT_VERSION, COLUMNS)
+            return cls(path, parquet_file, num_local, dim)
+        except BaseException:
+            parquet_file.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def _fields(self, rows: np.ndarray, names: list[str]) -> pa.Table:
+        return self._take(rows, names)
+
+    def _locals(self, rows: np.ndarray, names: list[str]) -> Locals:
+        table = self._take(rows, names)
+        shapes = {"local": (self._num_local, self._dim), "local_positions": (self._num_local, 2)}
+        out = {}
+        for name in names:
+            values, null = _fixed_list_numpy(table.column(name), shapes[name])
+            out[name] = (values, ~null)
+        return out
+
     def _take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
         """Decode just the row groups holding ``rows`` and pick the rows, in request order, from them."""
         groups = np.searchsorted(self._starts, rows, side="right") - 1
@@ -330,30 +515,26 @@ class FeatureStore:
         return table.take(pa.array(positions, pa.int64()))
 
 
-def _read_schema_meta(path: Path, schema: pa.Schema) -> tuple[int, int]:
-    """(m, D) from our schema metadata; ValueError for a parquet file that is not a feature store."""
+def _read_schema_meta(path: Path, schema: pa.Schema, version: int, columns: Sequence[str]) -> tuple[int, int]:
+    """(m, D) from our schema metadata; ValueError for a file that is not a feature store of ``version``."""
     raw = (schema.metadata or {}).get(SCHEMA_KEY)
     if raw is None:
         raise ValueError(f"{path} is not a stair_search feature store (no {SCHEMA_KEY.decode()!r} schema metadata)")
     try:
         meta = json.loads(raw)
-        version, num_local, dim = meta["format"], int(meta["num_local"]), int(meta["dim"])
+        found, num_local, dim = meta["format"], int(meta["num_local"]), int(meta["dim"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} has unreadable {SCHEMA_KEY.decode()!r} schema metadata: {raw!r}") from exc
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has feature store format {version!r}; this version reads {FORMAT_VERSION}")
-    missing = [name for name in COLUMNS if name not in schema.names]
+    if found != version:
+        raise ValueError(f"{path} has feature store format {found!r}; a file of this kind must be format {version}")
+    missing = [name for name in columns if name not in schema.names]
     if missing:
         raise ValueError(f"{path} lacks the feature store columns {missing}")
     return num_local, dim
 
 
-def _decode_column(name: str, column: pa.ChunkedArray, num_local: int, dim: int) -> list[Any]:
-    """Python values of one column: JSON parsed, local features as float16 arrays (None for null rows)."""
-    if name in LOCAL_COLUMNS:
-        shape = (num_local, dim) if name == "local" else (num_local, 2)
-        values, null = _fixed_list_numpy(column, shape)
-        return [None if null[i] else values[i].copy() for i in range(len(values))]
+def _decode_field(name: str, column: pa.ChunkedArray) -> list[Any]:
+    """Python values of one stored-field column, metadata JSON parsed."""
     values = column.to_pylist()
     if name == "metadata":
         return [None if text is None else json.loads(text) for text in values]
@@ -361,7 +542,7 @@ def _decode_column(name: str, column: pa.ChunkedArray, num_local: int, dim: int)
 
 
 def _fixed_list_numpy(column: pa.ChunkedArray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-size-list float16 column as ``(n, *shape)`` float16 (nulls zeroed) plus its null mask."""
+    """A format 1 fixed-size-list float16 column as ``(n, *shape)`` float16 (nulls zeroed) plus its null mask."""
     array = column.combine_chunks()
     count, size = len(array), shape[0] * shape[1]
     null = array.is_null().to_numpy(zero_copy_only=False) if count else np.zeros(0, dtype=bool)

@@ -5,6 +5,7 @@ that do not search Lucene."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +93,9 @@ def test_dense_only_paths_do_not_import_pyserini():
 
 
 def test_a_dense_search_with_explanations_never_starts_java(tmp_path, tiny_config_path, tiny_encoder):
-    """Explanations read the stored CSR vectors; only a sparse search opens Lucene (and the JVM), which then
-    prints no warnings."""
+    """Explanations read the stored CSR vectors; a sparse search is answered in process by the shard's
+    accelerated searcher, and only a shard without one opens Lucene (and the JVM), which then prints no
+    warnings."""
     import indexer
     from tests.conftest import draw_shape
 
@@ -106,10 +108,15 @@ def test_a_dense_search_with_explanations_never_starts_java(tmp_path, tiny_confi
             "args = ['search', sys.argv[1], 'red circle', '--mode', sys.argv[3], '--json', '--model', sys.argv[2]]\n"
             "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
             "print('JAVA' if 'pyserini.search.lucene' in sys.modules or 'jnius' in sys.modules else 'NO-JAVA')")
-    for mode, java in (("dense", "NO-JAVA"), ("sparse", "JAVA")):
-        result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tiny_config_path), mode],
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+    accelerated = list((tmp_path / "index").glob("shards/*/sparse/accelerated"))
+    assert accelerated, "the writer builds each shard's accelerated searcher"
+    for mode, java in (("dense", "NO-JAVA"), ("sparse", "NO-JAVA"), ("sparse without accelerated", "JAVA")):
+        if mode == "sparse without accelerated":
+            for folder in accelerated:
+                shutil.rmtree(folder)  # an index built before it: Lucene answers
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tiny_config_path),
+                                 mode.split()[0]], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.strip().splitlines()
-        assert lines[-1] == java and (mode == "sparse" or len(lines) == 3), (mode, lines)  # hits as JSON, the check
+        assert lines[-1] == java and (mode != "dense" or len(lines) == 3), (mode, lines)  # hits as JSON, the check
         assert "WARNING" not in result.stderr, result.stderr  # not Lucene's "running with Java 22 or later" either

@@ -333,9 +333,12 @@ class Index:
         return len(result.deleted)
 
     def warm(self) -> None:
-        """Open every part now (Lucene searchers, FAISS, parquet), so that the first request pays nothing."""
+        """Open every part now (the feature store, FAISS, and the sparse searcher that will answer: the in-process
+        accelerated one, else Lucene), so that the first request pays nothing."""
         for shard in self._shards:
-            _ = shard.store, shard.dense, shard.sparse.open_searcher()
+            _ = shard.store, shard.dense
+            if shard.sparse.accelerated() is None:
+                shard.sparse.open_searcher()
 
     def close(self) -> None:
         """Release the Lucene readers, FAISS indexes and parquet handles opened so far (reopened if used again)."""

@@ -1,4 +1,4 @@
-"""Sparse shard: a Lucene impact index (written and searched through Pyserini) + the same vectors as numpy CSR.
+"""Sparse shard: a Lucene impact index (written through Lucene's API, searched through Pyserini) + numpy CSR.
 
 Lucene impacts are integers, so weights are quantised: ``impact = max(1, round(weight * scale))`` — a weight
 that was non-zero never becomes 0 (Pyserini's own path truncates with ``asInt()``). Queries are quantised with
@@ -12,10 +12,9 @@ Lucene against, and is the source for rebuilding a shard.
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stair_search.index.accelerated import MAX_K, AcceleratedSparse
 from stair_search.index.jvm import import_pyserini, java_class
 from stair_search.models.vocab import Vocabulary, spell
 
@@ -90,35 +90,163 @@ def available_cores() -> int:
 
 def build_lucene(index_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
                  vocabulary: Vocabulary, threads: int | None = None) -> None:
-    """Anserini ``IndexCollection -impact -pretokenized`` over a JsonVectorCollection written from the CSR.
+    """Write the shard's Lucene impact index from the CSR directly through Lucene's ``IndexWriter``.
 
-    Anserini spells each term out ``impact`` times (~6,000 words per image at the default scale), about 1 ms
-    per document and thread; it runs one thread per collection file, so the rows are split into ``threads``
-    files (default: one per available core). Rows without a token (an image whose sparse vector is all
-    zeros) are left out: Anserini drops empty documents anyway, and such a row can never match a sparse
-    query. Lucene ids stay the CSR row numbers, whatever order the threads add them in."""
-    terms = [spell(t) for t in vocabulary.tokens]
+    Every document is one string ``term|impact term|impact ...`` that a whitespace tokenizer and Lucene's
+    ``DelimitedTermFrequencyTokenFilter`` turn into postings whose term frequency *is* the impact. Anserini's
+    ``IndexCollection -impact -pretokenized`` (the path this replaces) spelled each term out ``impact`` times
+    (~6,000 words per image at scale 100) and so cost ~1 ms per document and thread; this writes the same
+    postings in ~50-80 µs, 10-15x faster per thread (benchmarks/lucene_build.py). The documents are what Anserini's
+    ``DefaultLuceneDocumentGenerator`` makes and Pyserini's ``LuceneImpactSearcher`` expects: ``id`` (stored
+    string + binary doc values, which break score ties) and ``contents`` (docs and freqs, not stored); the
+    writer is configured like Anserini's (``ImpactSimilarity``, no compound files, default codec).
+
+    Rows without a token (an image whose sparse vector is all zeros) are left out: such a row can never match
+    a sparse query. Each document's id (Pyserini's docid) is its CSR row number. ``threads`` Python threads
+    (default 1) feed the one writer, blocks of rows each; pyjnius releases the GIL while Lucene indexes, so
+    they can overlap, but on 2 shared cores 2 threads measured 0.9-1.1x one (Python builds the strings under
+    the GIL, and Lucene's merge, GC and JIT threads want the other core), hence the default. Ids, postings
+    and search results never depend on ``threads``: only Lucene's internal document order does."""
+    index_dir = Path(index_dir)
     rows = len(indptr) - 1
-    threads = max(1, min(threads or available_cores(), rows))
-    with tempfile.TemporaryDirectory(prefix="stair-collection-") as tmp:
-        for part, block in enumerate(np.array_split(np.arange(rows), threads)):
-            with open(Path(tmp) / f"part-{part}.jsonl", "w", encoding="utf-8") as out:
-                for row in block.tolist():
-                    lo, hi = indptr[row], indptr[row + 1]
-                    if lo == hi:
-                        continue
-                    pairs = zip(indices[lo:hi].tolist(), values[lo:hi].tolist(), strict=True)
-                    vector = {terms[i]: int(v) for i, v in pairs}
-                    out.write(json.dumps({"id": str(row), "contents": "", "vector": vector}) + "\n")
-        if index_dir.exists():
-            shutil.rmtree(index_dir)
-        java_class("io.anserini.index.IndexCollection").main([
-            "-collection", "JsonVectorCollection", "-input", tmp, "-index", str(index_dir),
-            "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(threads),
-            "-impact", "-pretokenized", "-quiet",
-        ])
+    threads = max(1, min(threads or 1, -(-rows // _BLOCK_ROWS)))
+    if len(values) and (int(np.min(values)) < 1 or int(np.max(values)) > MAX_IMPACT):
+        raise ValueError(f"Impacts must be integers in 1..{MAX_IMPACT} (quantise() makes them).")
+    terms = _delimited_terms(vocabulary)
+    if index_dir.exists():
+        shutil.rmtree(index_dir)
+    writer = _impact_writer(index_dir)
+    try:
+        _add_documents(writer, indptr, indices, values, terms, threads)
+        writer.commit()
+    except BaseException:
+        writer.rollback()  # close() would commit what was added: no partial index
+        raise
+    writer.close()
     if not any(index_dir.glob("segments_*")):
-        raise RuntimeError(f"Anserini wrote no Lucene index at {index_dir}; see the Java log above.")
+        raise RuntimeError(f"Lucene wrote no index at {index_dir}; see the Java log above.")
+
+
+_DELIMITER = "|"  # term|impact; spell() percent-encodes "|" and whitespace, so neither occurs inside a term
+_BLOCK_ROWS = 2048  # rows turned into Lucene documents per step (one numpy pass builds their strings)
+_FIELD_LOCK = threading.Lock()  # see _DocumentSlots
+
+
+def _delimited_terms(vocabulary: Vocabulary) -> np.ndarray:
+    """``spell(token) + "|"`` per token id (an object array, so a row's pieces come from one fancy index)."""
+    terms = [spell(t) for t in vocabulary.tokens]
+    bad = [t for t in terms if not t or _DELIMITER in t or any(c.isspace() for c in t)]
+    if bad:
+        raise ValueError(f"Lucene terms {bad[:5]} are empty or contain whitespace or '{_DELIMITER}'.")
+    return np.array([t + _DELIMITER for t in terms], dtype=object)
+
+
+def _impact_strings() -> np.ndarray:
+    """str(impact) for every possible impact, as an object array."""
+    return np.array([str(i) for i in range(MAX_IMPACT + 1)], dtype=object)
+
+
+def _impact_writer(index_dir: Path):
+    """A Lucene IndexWriter set up as Anserini's ``IndexCollection -impact -pretokenized`` sets up its own, but
+    whose analyzer reads ``term|impact`` (whitespace tokenizer + delimited term frequency)."""
+    custom = java_class("org.apache.lucene.analysis.custom.CustomAnalyzer")
+    hash_map = java_class("java.util.HashMap")
+    delimiter = hash_map()
+    delimiter.put("delimiter", _DELIMITER)
+    analyzer = (custom.builder().withTokenizer("whitespace", hash_map())
+                .addTokenFilter("delimitedTermFrequency", delimiter).build())
+    config = java_class("org.apache.lucene.index.IndexWriterConfig")(analyzer)
+    config.setSimilarity(java_class("io.anserini.search.similarity.ImpactSimilarity")())
+    config.setOpenMode(java_class("org.apache.lucene.index.IndexWriterConfig$OpenMode").CREATE)
+    heap_mb = java_class("java.lang.Runtime").getRuntime().maxMemory() / 2**20
+    config.setRAMBufferSizeMB(float(max(16, min(1024, heap_mb // 4))))  # Anserini: 4 GB, more than our heap
+    config.setUseCompoundFile(False)
+    config.setMergeScheduler(java_class("org.apache.lucene.index.ConcurrentMergeScheduler")())
+    path = java_class("java.io.File")(str(index_dir)).toPath()
+    return java_class("org.apache.lucene.index.IndexWriter")(
+        java_class("org.apache.lucene.store.FSDirectory").open(path), config)
+
+
+class _DocumentSlots:
+    """One Lucene document whose fields are refilled for every row (Lucene allows reusing Field instances
+    between ``addDocument`` calls): four Java calls per document instead of building one.
+
+    pyjnius keeps one method object per Java class and binds it to an instance on attribute access, so two
+    threads setting fields of *different* documents could swap them; those calls run under ``_FIELD_LOCK``.
+    ``IndexWriter.addDocument`` (the writer is the same object for every thread) runs outside it, and
+    pyjnius releases the GIL while Java indexes."""
+
+    def __init__(self):
+        field = "org.apache.lucene.document."
+        with _FIELD_LOCK:
+            store = java_class(field + "Field$Store")
+            options = java_class("org.apache.lucene.index.IndexOptions")
+            contents_type = java_class(field + "FieldType")()
+            contents_type.setStored(False)
+            contents_type.setIndexOptions(options.DOCS_AND_FREQS)
+            contents_type.freeze()
+            self.document = java_class(field + "Document")()
+            self.id = java_class(field + "StringField")("id", "0", store.YES)
+            self.id_values = java_class(field + "BinaryDocValuesField")(
+                "id", java_class("org.apache.lucene.util.BytesRef")(b"0"))
+            self.contents = java_class(field + "Field")(
+                "contents", "", contents_type,
+                signature="(Ljava/lang/String;Ljava/lang/CharSequence;Lorg/apache/lucene/index/IndexableFieldType;)V")
+            for f in (self.id, self.id_values, self.contents):
+                self.document.add(f)
+
+    def add(self, writer, docid: str, text: str) -> None:
+        with _FIELD_LOCK:
+            self.id.setStringValue(docid)
+            self.id_values.setBytesValue(docid.encode())
+            self.contents.setStringValue(text)
+        writer.addDocument(self.document)
+
+
+def _add_documents(writer, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, terms: np.ndarray,
+                   threads: int) -> None:
+    """Add every row with tokens as a document, block by block, on ``threads`` threads (1: this one)."""
+    rows = len(indptr) - 1
+    impacts = _impact_strings()
+    blocks = iter(range(0, rows, _BLOCK_ROWS))
+    blocks_lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        slots = _DocumentSlots()
+        while not errors:
+            with blocks_lock:
+                lo = next(blocks, None)
+            if lo is None:
+                return
+            ptr = np.asarray(indptr[lo:min(lo + _BLOCK_ROWS, rows) + 1], dtype=np.int64)
+            first, last = int(ptr[0]), int(ptr[-1])
+            pieces = (terms[indices[first:last]] + impacts[values[first:last]]).tolist()
+            bounds = (ptr - first).tolist()
+            for r, (a, b) in enumerate(itertools.pairwise(bounds)):
+                if a != b:
+                    slots.add(writer, str(lo + r), " ".join(pieces[a:b]))
+
+    def worker() -> None:
+        import jnius
+
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            jnius.detach()  # a Python thread that used Java must detach before it ends
+
+    if threads == 1:
+        work()
+        return
+    pool = [threading.Thread(target=worker, name=f"lucene-build-{i}") for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class _PreEncoded:
@@ -146,6 +274,7 @@ class SparseShard:
         self._terms = [spell(t) for t in vocabulary.tokens]
         self._with_tokens = int(np.count_nonzero(np.diff(self.indptr)))
         self._searcher = None
+        self._accelerated: AcceleratedSparse | bool | None = False  # False: not looked for yet
         self._csr = None
         self._lock = threading.Lock()
 
@@ -209,9 +338,35 @@ class SparseShard:
     def search(self, query: Mapping[str, float], k: int = 10) -> list[SparseHit]:
         return self.batch_search([query], k, threads=1)[0]
 
+    def accelerated(self) -> AcceleratedSparse | None:
+        """The shard's in-process searcher (accelerated.py), opened once; None when the shard has none, its files
+        are damaged or ``seismic`` is not installed: Lucene answers then."""
+        if self._accelerated is False:
+            with self._lock:
+                if self._accelerated is False:
+                    self._accelerated = AcceleratedSparse.open(self.dir, (self.indptr, self.indices, self.values),
+                                                               len(self.vocabulary.tokens))
+        return self._accelerated
+
+    def _query_impacts(self, query: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and quantised impacts of a query (tokens outside the vocabulary are ignored)."""
+        index = self.vocabulary.index
+        ids = np.asarray([index[t] for t in query if t in index and query[t] > 0], dtype=np.int64)
+        return ids, quantise(np.asarray([query[self.vocabulary.tokens[i]] for i in ids]), self.scale)
+
     def batch_search(self, queries: Sequence[Mapping[str, float]], k: int = 10,
                      threads: int = 1) -> list[list[SparseHit]]:
-        """Top-k per query; Lucene runs the queries on ``threads`` Java threads."""
+        """Top-k per query: in process when the shard has an accelerated searcher (and k <= MAX_K), else Lucene,
+        which runs the queries on ``threads`` Java threads. Both give the same scores."""
+        accelerated = self.accelerated() if k <= MAX_K else None
+        if accelerated is not None:
+            norm = self.scale * self.scale
+            try:
+                return [[SparseHit(int(r), float(s) / norm)
+                         for r, s in zip(*accelerated.search(*self._query_impacts(q), k), strict=True)]
+                        for q in queries]
+            except Exception:  # a damaged file that loaded: Lucene, the index of record, answers
+                self._accelerated = None
         encoded = [self.encode_query(q) for q in queries]
         searcher = self.open_searcher() if any(encoded) else None
         if searcher is None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from stair_search.atomic import atomic_path
 from stair_search.encode import EncodedBatch, Encoder
+from stair_search.index.accelerated import build_accelerated
 from stair_search.index.dense import DenseIndex, DenseSpec
 from stair_search.index.layout import (
     DENSE_FILE,
@@ -286,6 +287,7 @@ def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: 
     shard = ShardInfo(name=name, count=len(records), dense={})
     folder = shard.path(root)
     write_sparse_shard(folder / SPARSE_DIR, csr, vocabulary, threads=threads)
+    build_accelerated(folder / SPARSE_DIR, *csr, len(vocabulary.tokens), threads)  # skipped without seismic
     if text_fields:
         texts = [document_text(r.caption, r.metadata, text_fields) for r in records]
         shard.text = build_text_index(folder / TEXT_DIR, texts, threads or available_cores())

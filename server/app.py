@@ -38,7 +38,8 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
     """The service over ``indexes`` (a registry, or {name: index directory}); the first index is the default."""
     settings = settings or ServerSettings()
     registry = indexes if isinstance(indexes, IndexRegistry) else IndexRegistry(
-        indexes, model=model, batching=settings.encode_batching, batch_wait_s=settings.batch_wait_s)
+        indexes, model=model, batching=settings.encode_batching, batch_wait_s=settings.batch_wait_s,
+        query_weights=settings.query_weights)
     state = ServiceState(registry, settings)
 
     @asynccontextmanager

@@ -84,13 +84,14 @@ class IndexRegistry:
     """Named indexes, each served from its newest published version."""
 
     def __init__(self, indexes: Mapping[str, str | Path], model: str | None = None, batching: bool = True,
-                 batch_wait_s: float = MAX_WAIT_S):
+                 batch_wait_s: float = MAX_WAIT_S, query_weights: str = "auto"):
         """``batching``: concurrent searches' encodes share forwards (server/batching.py), waiting up to
-        ``batch_wait_s`` for more under load; off, each encode runs alone, one at a time."""
+        ``batch_wait_s`` for more under load; off, each encode runs alone, one at a time. ``query_weights``:
+        the routers' (see :class:`QueryRouter`)."""
         if not indexes:
             raise ValueError("give at least one index directory to serve")
         self.dirs = {name: Path(path) for name, path in indexes.items()}
-        self.model, self.batching, self.batch_wait_s = model, batching, batch_wait_s
+        self.model, self.batching, self.batch_wait_s, self.query_weights = model, batching, batch_wait_s, query_weights
         self._encoders: dict[tuple[str, str | None], BatchingEncoder] = {}
         self._current: dict[str, IndexVersion] = {}
         self._swap_lock = threading.Lock()
@@ -171,7 +172,7 @@ class IndexRegistry:
         index_dir = self.dirs[name]
         signature = manifest_signature(index_dir)  # read before opening: a change during opening is seen next time
         index = Index(index_dir)
-        router = QueryRouter(index, self._encoder_for(index))
+        router = QueryRouter(index, self._encoder_for(index), query_weights=self.query_weights)
         _warm(index)
         return IndexVersion(name=name, number=number, router=router, signature=signature)
 

@@ -38,6 +38,7 @@ class ServerSettings:
     search_threads: int = 8  # worker threads running searches; their encodes are batched into shared forwards
     encode_batching: bool = True  # concurrent searches' encodes gathered into one forward (server/batching.py)
     batch_wait_s: float = 0.002  # under load, how long a forward waits for more searches' queries
+    query_weights: str = "auto"  # sparse-route text queries: auto (idf for grounded models) | model | idf
     reload_interval_s: float = 2.0  # how often the registry looks for a newly published index; 0 = never
     thumbnail_size: int = 128  # default longest side of a thumbnail, in pixels
     # Query images by URL ("image_url"): off unless hosts are listed. Only http(s) URLs of exactly these host

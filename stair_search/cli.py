@@ -132,6 +132,9 @@ def search(
     sparse: Annotated[str | None, typer.Option(help='A sparse query as JSON: {"dog": 1.2, "beach": 0.5}.')] = None,
     queries: Annotated[Path | None, typer.Option(help="Batch: one query per line (or 'id<TAB>query'); prints "
                                                       "one JSON object per hit with its query id.")] = None,
+    query_weights: Annotated[str, typer.Option(help="Sparse route alone: auto (idf for a grounded model) | "
+                                               "model (the text tower weighs the query) | idf (no tower run)")]
+    = "auto",
 ) -> None:
     """Search an index with a text and/or an image, a stored document (--like), given vectors, or a file of
     queries."""
@@ -145,7 +148,7 @@ def search(
     if len(kinds) != 1:
         raise typer.BadParameter("give one kind of query: a text QUERY and/or --image, --like ID, --vector and/or "
                                  f"--sparse, or --queries FILE (got {', '.join(kinds) or 'none'})")
-    router = open_router(index_dir, model)
+    router = open_router(index_dir, model, query_weights=query_weights)
     options = {"mode": mode, "k": k, "fusion": fusion, "alpha": alpha, "explain": explain or as_json,
                "offset": offset}
     try:
@@ -407,6 +410,8 @@ def serve(
                                            )] = True,
     batch_wait_ms: Annotated[float, typer.Option(min=0, max=100, help="Under load, how long a forward waits for "
                                                  "more queries (ms).")] = 2.0,
+    query_weights: Annotated[str, typer.Option(help="Sparse route alone: auto (idf for a grounded model) | "
+                                               "model | idf (no text tower run)")] = "auto",
     reload_interval: Annotated[float, typer.Option(min=0, help="Seconds between checks for a newly "
                                                    "published index (0: never).")] = 2.0,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
@@ -445,7 +450,7 @@ def serve(
     settings = ServerSettings(limits=limits, api_key=api_key, cors_origins=tuple(cors_origin or ()),
                               search_threads=threads, reload_interval_s=reload_interval,
                               image_url_hosts=tuple(allow_image_url_host or ()), encode_batching=batching,
-                              batch_wait_s=batch_wait_ms / 1000)
+                              batch_wait_s=batch_wait_ms / 1000, query_weights=query_weights)
     import torch
 
     torch.set_num_threads(encode_threads)  # this process serves: its encodes' thread policy (see the option)

@@ -7,15 +7,17 @@ from pathlib import Path
 from stair_search.retrieve.router import QueryRouter, SearchResponse
 
 
-def open_router(index_dir: str | Path, model: str | None = None, depth: int = 100) -> QueryRouter:
-    """Index + the encoder it was built with (or ``model``, which must match it)."""
+def open_router(index_dir: str | Path, model: str | None = None, depth: int = 100,
+                query_weights: str = "auto") -> QueryRouter:
+    """Index + the encoder it was built with (or ``model``, which must match it); ``query_weights``: see
+    :class:`QueryRouter`."""
     from stair_search.encode import Encoder
     from stair_search.index.reader import Index
 
     index = Index(index_dir)
     recorded = index.manifest.model
     encoder = Encoder(model or recorded["spec"], pretrained=None if model else recorded.get("pretrained"))
-    return QueryRouter(index, encoder, depth=depth)
+    return QueryRouter(index, encoder, depth=depth, query_weights=query_weights)
 
 
 def print_response(response: SearchResponse, explain: bool = False, title: str | None = None) -> None:

@@ -29,6 +29,7 @@ from PIL import Image
 from stair_search.encode import EncodedBatch, Encoder
 from stair_search.index.reader import Allowed, Candidate, Index
 from stair_search.query.route import Decision, decide, without_sparse
+from stair_search.query.weights import QUERY_WEIGHTS, idf_table, lookup_query
 from stair_search.rerank import check_names, make_reranker
 from stair_search.rerank.base import RerankInput, candidate_vectors
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
@@ -70,11 +71,25 @@ class SearchResponse:
 
 class QueryRouter:
     def __init__(self, index: Index, encoder: Encoder, depth: int = 100,
-                 reranker_knobs: dict[str, dict[str, Any]] | None = None):
+                 reranker_knobs: dict[str, dict[str, Any]] | None = None, query_weights: str = "auto"):
         """``depth``: candidates per route and how many fused candidates are reranked (the issue's N).
-        ``reranker_knobs``: name -> keyword arguments of that reranker (see ``stair_search.rerank``)."""
+        ``reranker_knobs``: name -> keyword arguments of that reranker (see ``stair_search.rerank``).
+        ``query_weights``: "model" (the text tower weighs a query's word-pieces) or "idf": a text query on the
+        sparse route alone, without rerankers, is weighted by the index's idf and never runs the text tower
+        (inference-free, ``query/weights.py``; for grounded models, whose queries hold only their own pieces;
+        as good as the tower's weights on the emoji test split, 50x faster: benchmarks/query_weights.py).
+        "auto": "idf" for a grounded model, else "model"."""
         index.manifest.check_encoder(encoder)
-        self.index, self.encoder, self.depth = index, encoder, depth
+        if query_weights not in QUERY_WEIGHTS:
+            raise ValueError(f"query_weights must be one of {QUERY_WEIGHTS}, got '{query_weights}'")
+        grounded = bool(encoder.model.config.ground_text)
+        if query_weights == "auto":
+            query_weights = "idf" if grounded else "model"
+        if query_weights == "idf" and not grounded:
+            raise ValueError(f"query_weights 'idf' needs a grounded model (a query's sparse vector holding only "
+                             f"its own words); {encoder.name} is not: use 'model'")
+        self.index, self.encoder, self.depth, self.query_weights = index, encoder, depth, query_weights
+        self._idf: np.ndarray | None = None
         with torch.no_grad():  # BSAP's temperature: read once, outside autograd
             self.logit_scale = float(encoder.model.logit_scale)
         self.rerankers = {name: make_reranker(name, **(reranker_knobs or {}).get(name, {}))
@@ -136,7 +151,10 @@ class QueryRouter:
             decision = Decision(mode, tuple(names), "requested")
         depth = depth or self.depth
         phrases = self._embed_phrases([p for name in names for p in self.rerankers[name].phrases(text)])
-        query = self.encode_query(text, image)
+        if self.query_weights == "idf" and text and image is None and not names and decision.mode == "sparse":
+            query = EncodedBatch(dense=np.zeros((1, 0), np.float32), sparse=[self._lookup(text)])  # no tower
+        else:
+            query = self.encode_query(text, image)
         query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
         if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
             decision = without_sparse(decision, chosen_by_auto=mode == "auto")
@@ -161,6 +179,12 @@ class QueryRouter:
         label = f"{decision.mode}+text" if text_query and decision.mode != "text" else decision.mode
         return SearchResponse(mode=label, fusion=fusion if len(routes) > 1 else None, hits=hits,
                               query_tokens=query_sparse, decision=info)
+
+    def _lookup(self, text: str) -> dict[str, float]:
+        """The inference-free sparse query vector (the index's idf table, computed once per router)."""
+        if self._idf is None:
+            self._idf = idf_table(*self.index.document_frequencies())
+        return lookup_query(self.index.vocabulary, text, self._idf)
 
     def _expand(self, query_sparse: dict[str, float], text: str | None, mode: str, names: list[str]
                 ) -> tuple[dict[str, float], dict[str, str]]:

@@ -62,5 +62,9 @@ bench: install
 	$(BIN)/python benchmarks/lucene_build.py
 	$(BIN)/python benchmarks/rerank_quality.py --model stair-lite
 	$(BIN)/python benchmarks/load_test.py --seconds 15
+	$(BIN)/python benchmarks/encode_threads.py
+	$(BIN)/python benchmarks/store_reads.py
+	$(BIN)/python benchmarks/query_weights.py
+	$(BIN)/python benchmarks/router_latency.py
 	$(BIN)/python benchmarks/emoji_eval.py --models stair-tiny stair-lite
 	$(BIN)/python benchmarks/photo_queries.py --models stair-tiny stair-lite

@@ -1,8 +1,9 @@
 """Inference-free sparse queries against the text tower's weights: quality and speed, side by side in one run.
 
 On the emoji test split (Google + Twitter in one index, concepts never seen in training) indexed with the
-default model, the sparse route is searched with each query's word-pieces weighted by the text tower
-(``query_weights="model"``) and by the index's idf without running the tower (``"idf"``, query/weights.py).
+default model, the sparse route alone, hybrid (RRF) and auto are searched with each query's word-pieces
+weighted by the text tower (``query_weights="model"``) and by the index's idf (``"idf"``, query/weights.py:
+the tower then computes the dense embedding only, and none for the sparse route alone).
 Quality: label R@1 and MRR@10, tag nDCG@10 and R@10, through the project's own evaluation. Speed: end-to-end
 ``router.search(mode="sparse")`` per query, the two routers interleaved query by query.
 
@@ -26,6 +27,7 @@ from stair_search.models import DEFAULT_MODEL
 from stair_search.paths import data_dir
 from stair_search.retrieve.router import QueryRouter
 
+ROUTES = ["sparse", "hybrid-rrf", "auto"]  # the evaluation's routes whose sparse part the weights change
 WEIGHTS = ("model", "idf")  # the router's default ("auto") is idf for a grounded model such as stair-lite
 
 
@@ -52,14 +54,16 @@ def main() -> None:
     routers = {name: QueryRouter(index, encoder, query_weights=name) for name in WEIGHTS}
     print(f"\n{index_dir.name}: sparse route, query weights from the text tower ('model') or the index's idf "
           f"('idf', no tower)\n")
-    print("| queries | metric (%) | model | idf | idf - model |\n|---|---|---|---|---|")
+    print("| route | queries | metric (%) | model | idf | idf - model |\n|---|---|---|---|---|---|")
     for kind, metrics in (("label", ("R@1", "MRR@10")), ("tag", ("nDCG@10", "R@10"))):
         queries, qrels = dataset.queries("test", kind), dataset.qrels("test", kind, "all")
-        rows = {name: evaluate_router(router, queries, qrels, modes=["sparse"]).rows[0].metrics
-                for name, router in routers.items()}
-        for metric in metrics:
-            model, idf = 100 * rows["model"][metric], 100 * rows["idf"][metric]  # in %
-            print(f"| {kind} ({len(queries)}) | {metric} | {model:.1f} | {idf:.1f} | {idf - model:+.1f} |")
+        reports = {name: evaluate_router(router, queries, qrels, modes=ROUTES).rows
+                   for name, router in routers.items()}
+        for position, route in enumerate(ROUTES):
+            for metric in metrics:
+                model, idf = (100 * reports[name][position].metrics[metric] for name in WEIGHTS)  # in %
+                print(f"| {route} | {kind} ({len(queries)}) | {metric} | {model:.1f} | {idf:.1f} | "
+                      f"{idf - model:+.1f} |")
     texts = sorted(set(dataset.queries("test", "label").values()))[:200]
     latencies(routers, texts[:10], rounds=1)  # warm-up: JVM, page cache, idf table
     timed = latencies(routers, texts)

@@ -7,11 +7,13 @@ are real text (the emoji test split's labels) encoded by the real model. Per que
 
 - ``encode``: the dense query encode alone (``encoder.encode_texts``): the reference of the hybrid target;
 - ``sparse (model)`` / ``sparse (idf)``: the sparse route, query weights from the text tower or inference-free;
-- ``dense`` and ``hybrid``: full searches (RRF), hits' stored fields read (k = 10).
+- ``dense`` and ``hybrid``: full searches (RRF), hits' stored fields read (k = 10);
+- ``hybrid + <reranker>``: the same with one reranker over the top 100 (its added time: the difference).
 
     python benchmarks/router_latency.py [--docs 100000] [--queries 200] [--work-dir DIR]
 
-Targets (issue 18): sparse route p50 <= 3 ms; hybrid p50 <= 1.2x the dense encode alone. The index is built
+Targets (issue 18): sparse route p50 <= 3 ms; hybrid p50 <= 1.2x the dense encode alone; a reranker adds
+<= 3 ms over the top 100. The index is built
 once into ``--work-dir`` and reused.
 """
 
@@ -30,6 +32,7 @@ from stair_search.index.store import FeatureRecord
 from stair_search.index.writer import IndexWriter
 from stair_search.models import DEFAULT_MODEL
 from stair_search.paths import data_dir
+from stair_search.rerank import RERANKERS
 from stair_search.retrieve.router import QueryRouter
 
 QUERIES = ("dog", "red heart", "cat face", "flag", "cup of coffee", "smiling face", "car", "tree", "music", "fire")
@@ -76,6 +79,8 @@ def main() -> None:
         "sparse (idf)": lambda q: free.search(text=q, mode="sparse", k=10),
         "dense": lambda q: model.search(text=q, mode="dense", k=10),
         "hybrid": lambda q: model.search(text=q, mode="hybrid", k=10),
+        **{f"hybrid + {name}": (lambda q, name=name: model.search(text=q, mode="hybrid", k=10, rerank=[name]))
+           for name in RERANKERS},
     }
     texts = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(args.queries)]
     for text in texts[:10]:  # warm-up: JVM, FAISS, page cache, idf table
@@ -96,6 +101,9 @@ def main() -> None:
     print(f"\nsparse route p50 (idf): {p50['sparse (idf)']:.2f} ms (target <= 3); (model): "
           f"{p50['sparse (model)']:.2f} ms")
     print(f"hybrid p50 / dense encode alone: {p50['hybrid'] / p50['encode']:.2f} (target <= 1.2)")
+    added = {name: p50[f"hybrid + {name}"] - p50["hybrid"] for name in RERANKERS}
+    print("reranker added p50 ms over the top 100 (target <= 3): "
+          + ", ".join(f"{name} {ms:+.2f}" for name, ms in added.items()))
 
 
 if __name__ == "__main__":

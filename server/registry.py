@@ -75,8 +75,8 @@ class IndexVersion:
         return self._retired and self._leases == 0
 
     def _close(self) -> None:
-        """Release Lucene readers and parquet handles (only parts that were opened)."""
-        self.index.close()
+        """Release Lucene readers, store maps and the router's threads (only parts that were opened)."""
+        self.router.close()
         log.info("closed %s version %d", self.name, self.number)
 
 

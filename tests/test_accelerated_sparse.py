@@ -142,15 +142,20 @@ def test_edge_cases(shard_data, vocab, tmp_path):
     absent = next(t for t in vocab.tokens if t not in set(shard.document_vector(0)) and
                   int(shard.accelerated().ptr[vocab.index[t]]) == int(shard.accelerated().ptr[vocab.index[t] + 1]))
     assert shard.search({absent: 1.0}) == []
-    long = dict(queries[16][0])
-    long[absent] = 5.0  # a token no document has, in a Seismic query
-    assert hits(shard.search(long)) == hits(shard.search(queries[16][0]))
+    long = dict(list(queries[16][0].items())[:15])
+    long[absent] = 5.0  # a token no document has, in a Seismic query (16 tokens: still accelerated)
+    assert hits(shard.search(long)) == hits(shard.search(dict(list(queries[16][0].items())[:15])))
     assert shard.batch_search([{}, queries[1][0]], K)[0] == []
-    deep = shard.batch_search(queries[2][:3], 200)  # deeper than 10: still exact
+    deep = shard.batch_search(queries[2][:3], acc.MAX_K)  # deeper than 10: still exact
     everything = np.arange(len(shard))
-    assert [hits(d) for d in deep] == [hits(shard.search_rows(q, everything, 200)) for q in queries[2][:3]]
+    assert [hits(d) for d in deep] == [hits(shard.search_rows(q, everything, acc.MAX_K)) for q in queries[2][:3]]
     assert shard.batch_search(queries[8][:2], K) == shard.batch_search(queries[8][:2], K)  # deterministic
-    assert shard._searcher is None
+    assert shard._searcher is None  # Lucene never opened
+    longer = {**queries[16][0], **queries[16][1]}  # over MAX_QUERY_TOKENS (a document vector): Lucene, exact
+    assert len(longer) > acc.MAX_QUERY_TOKENS
+    for query, k in ((longer, K), (queries[2][0], acc.MAX_K + 50)):
+        assert matches_exact(hits(shard.search(query, k)), hits(shard.search_rows(query, everything, k)))
+    assert shard._searcher is not None
     shard.close()
 
     empty = tmp_path / "empty"

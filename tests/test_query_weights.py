@@ -15,7 +15,7 @@ from stair_search.index.reader import Index
 from stair_search.models import create_model
 from stair_search.query.weights import idf_table, lookup_query
 from stair_search.retrieve.router import QueryRouter
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, draw_shape
 from tests.test_server import COLOURS, OPTIONS, SHAPES, shapes_index, write_source  # noqa: F401 - its index
 
 
@@ -33,7 +33,8 @@ def grounded(tmp_path_factory):
 
 def test_idf_is_positive_and_larger_for_rarer_tokens():
     table = idf_table(np.array([10, 5, 1, 0]), documents=10)
-    assert np.all(table > 0) and np.all(np.diff(table) > 0)
+    assert np.all(table[:3] > 0) and np.all(np.diff(table[:3]) > 0)
+    assert table[3] == 0  # held by no document: can match nothing, left out of queries
 
 
 def held_words(index: Index, count: int) -> list[str]:
@@ -67,14 +68,23 @@ def test_a_sparse_query_runs_no_text_tower_and_searches_the_lookup_vector(ground
     assert counting.calls == 1 and set(model.query_tokens) >= set(expected)  # the model path runs the tower
 
 
-def test_other_modes_and_rerankers_still_use_the_model(grounded):
+def test_every_mode_takes_the_lookup_and_the_towers_dense_embedding(grounded):
     encoder, index = grounded
     free, model = QueryRouter(index, encoder, query_weights="idf"), QueryRouter(index, encoder, query_weights="model")
-    for mode in ("dense", "hybrid"):
-        assert [h.id for h in free.search(text="a blue square", mode=mode, k=4).hits] == \
-               [h.id for h in model.search(text="a blue square", mode=mode, k=4).hits]
-    reranked = free.search(text="a blue square", mode="sparse", k=4, rerank=["bsap"])
-    assert reranked.query_tokens == model.search(text="a blue square", mode="sparse", k=4).query_tokens
+    text = "a " + " ".join(held_words(index, 3))
+    lookup = free.search(text=text, mode="sparse", k=5).query_tokens
+    dense = encoder.embed_texts([text])[0]
+    assert [h.id for h in free.search(text=text, mode="dense", k=4).hits] == \
+           [h.id for h in model.search(text=text, mode="dense", k=4).hits]  # the same dense embedding
+    hybrid = free.search(text=text, mode="hybrid", k=6)
+    by_vectors = free.search_vectors(dense=dense, sparse=lookup, mode="hybrid", k=6)
+    assert hybrid.query_tokens == lookup and [h.id for h in hybrid.hits] == [h.id for h in by_vectors.hits]
+    assert [h.score for h in hybrid.hits] == pytest.approx([h.score for h in by_vectors.hits])
+    reranked = free.search(text=text, mode="sparse", k=4, rerank=["bsap"])
+    assert reranked.query_tokens == lookup and len(reranked.hits) == 4
+    both = free.search(text=text, image=draw_shape("red", "circle"), mode="hybrid", k=3)
+    image_sparse = encoder.encode_images([draw_shape("red", "circle")]).sparse[0]
+    assert set(both.query_tokens) == set(lookup) | set(image_sparse)  # a text-refined image query
 
 
 def test_idf_weights_need_a_grounded_model(shapes_index, tiny_encoder):  # noqa: F811

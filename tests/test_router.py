@@ -129,7 +129,7 @@ def test_a_query_whose_words_the_model_never_emits_goes_dense_in_auto_and_is_exp
     with IndexWriter(tmp_path / "index", encoder) as writer:
         writer.add(records, encoder.encode_images([draw_shape(c, s) for c in ("red", "blue") for s in SHAPES]))
         writer.commit()
-    router = QueryRouter(Index(tmp_path / "index"), encoder)
+    router = QueryRouter(Index(tmp_path / "index"), encoder, query_weights="model")
     assert router.encoder.encode_texts(["xylophone"]).sparse == [{}]
     sparse = router.search(text="xylophone", mode="sparse", k=3)
     assert sparse.hits == [] and "none of the query's word-pieces" in sparse.decision["note"]
@@ -140,6 +140,12 @@ def test_a_query_whose_words_the_model_never_emits_goes_dense_in_auto_and_is_exp
     for words in ("red", "blue", "circle", "red circle", "blue circle"):  # auto goes dense exactly when empty
         has_tokens = bool(encoder.encode_texts([words]).sparse[0])
         response = router.search(text=words, mode="auto", k=3)
+        assert (response.mode, "note" in response.decision) == (("hybrid", False) if has_tokens else ("dense", True))
+    free = QueryRouter(Index(tmp_path / "index"), encoder, query_weights="idf")  # the lookup: words images hold
+    assert free.search(text="xylophone", mode="auto", k=3).mode == "dense"
+    for words in ("red", "blue", "circle", "red circle", "xylophone circle"):
+        has_tokens = bool(free.search(text=words, mode="sparse", k=1).query_tokens)
+        response = free.search(text=words, mode="auto", k=3)
         assert (response.mode, "note" in response.decision) == (("hybrid", False) if has_tokens else ("dense", True))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stair_search.index.accelerated import MAX_K, AcceleratedSparse
+from stair_search.index.accelerated import MAX_K, MAX_QUERY_TOKENS, AcceleratedSparse
 from stair_search.index.jvm import import_pyserini, java_class
 from stair_search.models.vocab import Vocabulary, spell
 
@@ -356,28 +356,40 @@ class SparseShard:
 
     def batch_search(self, queries: Sequence[Mapping[str, float]], k: int = 10,
                      threads: int = 1) -> list[list[SparseHit]]:
-        """Top-k per query: in process when the shard has an accelerated searcher (and k <= MAX_K), else Lucene,
-        which runs the queries on ``threads`` Java threads. Both give the same scores."""
+        """Top-k per query: in process when the shard has an accelerated searcher and the query suits it (k <=
+        MAX_K, at most MAX_QUERY_TOKENS tokens: text queries), else Lucene, exact, which runs the queries on
+        ``threads`` Java threads. Both give the same scores."""
+        results: list[list[SparseHit] | None] = [None] * len(queries)
         accelerated = self.accelerated() if k <= MAX_K else None
         if accelerated is not None:
             norm = self.scale * self.scale
             try:
-                return [[SparseHit(int(r), float(s) / norm)
-                         for r, s in zip(*accelerated.search(*self._query_impacts(q), k), strict=True)]
-                        for q in queries]
+                for i, query in enumerate(queries):
+                    ids, impacts = self._query_impacts(query)
+                    if len(ids) <= MAX_QUERY_TOKENS:
+                        results[i] = [SparseHit(int(r), float(s) / norm)
+                                      for r, s in zip(*accelerated.search(ids, impacts, k), strict=True)]
             except Exception:  # a damaged file that loaded: Lucene, the index of record, answers
                 self._accelerated = None
+                results = [None] * len(queries)
+        rest = [i for i, found in enumerate(results) if found is None]
+        if rest:
+            for i, hits in zip(rest, self._lucene_search([queries[i] for i in rest], k, threads), strict=True):
+                results[i] = hits
+        return results  # type: ignore[return-value]
+
+    def _lucene_search(self, queries: Sequence[Mapping[str, float]], k: int, threads: int) -> list[list[SparseHit]]:
         encoded = [self.encode_query(q) for q in queries]
         searcher = self.open_searcher() if any(encoded) else None
         if searcher is None:
             return [[] for _ in encoded]
         if len(encoded) == 1:
-            results = {"0": searcher.search(encoded[0], k) if encoded[0] else []}
+            found = {"0": searcher.search(encoded[0], k) if encoded[0] else []}
         else:
             live = {str(i): q for i, q in enumerate(encoded) if q}
-            results = searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
+            found = searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
         norm = self.scale * self.scale
-        return [[SparseHit(int(h.docid), float(h.score) / norm) for h in results.get(str(i), [])]
+        return [[SparseHit(int(h.docid), float(h.score) / norm) for h in found.get(str(i), [])]
                 for i in range(len(encoded))]
 
     def document_vector(self, row: int) -> dict[str, float]:

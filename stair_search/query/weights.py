@@ -20,17 +20,18 @@ QUERY_WEIGHTS = ("auto", "model", "idf")  # auto: idf for a grounded model, else
 
 def idf_table(document_frequency: np.ndarray, documents: int) -> np.ndarray:
     """Per-token idf, ``log(1 + (N - df + 0.5) / (df + 0.5))`` (BM25's, positive even for a token every
-    document holds)."""
+    document holds); 0 for a token no document holds, which can match nothing (so a query of only such words
+    is empty, and ``auto`` goes dense for it, as for a model's empty query vector)."""
     df = np.asarray(document_frequency, np.float64)
-    return np.log1p((documents - df + 0.5) / (df + 0.5)).astype(np.float32)
+    return np.where(df > 0, np.log1p((documents - df + 0.5) / (df + 0.5)), 0.0).astype(np.float32)
 
 
 def lookup_query(vocabulary: Vocabulary, text: str, table: np.ndarray) -> dict[str, float]:
     """The query's own words (function words aside) as their first whole-word piece -- the piece an image
-    vector can hold, as the model's own query floor picks -- each weighted by ``table``."""
+    vector can hold, as the model's own query floor picks -- each weighted by ``table`` (0: left out)."""
     whole = vocabulary.whole_words
     query: dict[str, float] = {}
     for ids in vocabulary.own_word_ids(text):
-        if ids and bool(whole[ids[0]]):
+        if ids and bool(whole[ids[0]]) and table[ids[0]] > 0:
             query[vocabulary.tokens[ids[0]]] = float(table[ids[0]])
     return query

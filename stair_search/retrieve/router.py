@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -90,6 +91,8 @@ class QueryRouter:
                              f"its own words); {encoder.name} is not: use 'model'")
         self.index, self.encoder, self.depth, self.query_weights = index, encoder, depth, query_weights
         self._idf: np.ndarray | None = None
+        # idf weights: the sparse route of a text query runs on this pool while the tower embeds the query
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparse-route")
         with torch.no_grad():  # BSAP's temperature: read once, outside autograd
             self.logit_scale = float(encoder.model.logit_scale)
         self.rerankers = {name: make_reranker(name, **(reranker_knobs or {}).get(name, {}))
@@ -97,19 +100,30 @@ class QueryRouter:
         self._phrases: dict[str, np.ndarray] = {}  # phrase -> unit embedding; auxiliary prompts stay cached
         self._lock = threading.Lock()
 
-    def encode_query(self, text: str | None = None, image: Image.Image | None = None) -> EncodedBatch:
-        """Text, image, or both (their vectors added: a text-refined image query)."""
-        parts = [self.encoder.encode_texts([text])] if text else []
+    def encode_query(self, text: str | None = None, image: Image.Image | None = None,
+                     dense: bool = True) -> EncodedBatch:
+        """Text, image, or both (their vectors added: a text-refined image query). With idf query weights a
+        text's sparse vector is the lookup and the tower computes its dense embedding only, and only when
+        ``dense`` (a sparse-route-only text query runs no tower); the returned dense row is then empty."""
+        if text is None and image is None:
+            raise ValueError("A query needs a text, an image, or both.")
+        parts = []
+        if text and self.query_weights == "idf":
+            embedded = self.encoder.embed_texts([text]) if dense or image is not None else None
+            parts.append(EncodedBatch(dense=embedded, sparse=[self._lookup(text)]))  # type: ignore[arg-type]
+        elif text:
+            parts.append(self.encoder.encode_texts([text]))
         if image is not None:
             parts.append(self.encoder.encode_images([image]))
-        if not parts:
-            raise ValueError("A query needs a text, an image, or both.")
-        dense = np.sum([p.dense[0] for p in parts], axis=0)
         sparse: dict[str, float] = {}
         for p in parts:
             for token, weight in p.sparse[0].items():
                 sparse[token] = sparse.get(token, 0.0) + weight
-        return EncodedBatch(dense=(dense / np.linalg.norm(dense))[None].astype(np.float32), sparse=[sparse])
+        denses = [p.dense[0] for p in parts if p.dense is not None]
+        if not denses:
+            return EncodedBatch(dense=np.zeros((1, 0), np.float32), sparse=[sparse])
+        summed = np.sum(denses, axis=0)
+        return EncodedBatch(dense=(summed / np.linalg.norm(summed))[None].astype(np.float32), sparse=[sparse])
 
     def _embed_phrases(self, phrases: Sequence[str]) -> dict[str, np.ndarray]:
         """phrase -> unit embedding for the rerankers' phrases; those not cached yet are embedded in one call,
@@ -151,13 +165,6 @@ class QueryRouter:
             decision = Decision(mode, tuple(names), "requested")
         depth = depth or self.depth
         phrases = self._embed_phrases([p for name in names for p in self.rerankers[name].phrases(text)])
-        if self.query_weights == "idf" and text and image is None and not names and decision.mode == "sparse":
-            query = EncodedBatch(dense=np.zeros((1, 0), np.float32), sparse=[self._lookup(text)])  # no tower
-        else:
-            query = self.encode_query(text, image)
-        query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
-        if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
-            decision = without_sparse(decision, chosen_by_auto=mode == "auto")
         allowed = self.index.filter_rows(filters) if filters else None
         # The text route: asked for, or added by auto to a text query when the index has text to search.
         wanted = decision.mode == "text" or (mode == "auto" and use_text)
@@ -165,8 +172,24 @@ class QueryRouter:
         routes = (_ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
         if text_query and len(routes) > 1:
             fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
-        fused = self._retrieve(query.dense, query_sparse, routes, k + offset, depth, fusion, alpha, rrf_k,
-                               bool(names), allowed, text_query)
+        early = None  # idf weights: a text query's sparse route runs while the tower embeds it (no wait for it)
+        if self.query_weights == "idf" and text and image is None:
+            query_sparse, expanded = self._expand(self._lookup(text), text, decision.mode, names)
+            if "sparse" in routes and query_sparse and ("dense" in routes or names):
+                early = self._pool.submit(self._route_lists, None, query_sparse, ("sparse",), k + offset, depth,
+                                          len(routes) > 1 or bool(names), allowed)
+        need_dense = "dense" in routes or bool(names) or image is not None
+        query = self.encode_query(text, image, dense=need_dense)
+        if not (self.query_weights == "idf" and text and image is None):
+            query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
+        if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
+            decision = without_sparse(decision, chosen_by_auto=mode == "auto")
+            routes = tuple(r for r in routes if r != "sparse") if mode == "auto" else routes
+        lists = self._route_lists(query.dense, query_sparse, tuple(r for r in routes if not (early and r == "sparse")),
+                                  k + offset, depth, len(routes) > 1 or bool(names), allowed, text_query)
+        if early is not None:
+            lists = early.result() | lists
+        fused = self._fuse(lists, fusion, alpha, rrf_k)
         if names:
             fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
         info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
@@ -179,6 +202,12 @@ class QueryRouter:
         label = f"{decision.mode}+text" if text_query and decision.mode != "text" else decision.mode
         return SearchResponse(mode=label, fusion=fusion if len(routes) > 1 else None, hits=hits,
                               query_tokens=query_sparse, decision=info)
+
+    def close(self) -> None:
+        """Release the index's readers and this router's sparse-route threads (both reopen if used again)."""
+        self._pool.shutdown(wait=False)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparse-route")
+        self.index.close()
 
     def _lookup(self, text: str) -> dict[str, float]:
         """The inference-free sparse query vector (the index's idf table, computed once per router)."""
@@ -257,7 +286,14 @@ class QueryRouter:
     def _retrieve(self, dense: np.ndarray | None, query_sparse: dict[str, float], routes: Sequence[str], k: int,
                   depth: int, fusion: str, alpha: float, rrf_k: int, reranking: bool, allowed: Allowed | None,
                   text: str | None = None) -> list[Fused]:
-        fetch = max(k, depth) if len(routes) > 1 or reranking else k
+        lists = self._route_lists(dense, query_sparse, routes, k, depth, len(routes) > 1 or reranking, allowed, text)
+        return self._fuse(lists, fusion, alpha, rrf_k)
+
+    def _route_lists(self, dense: np.ndarray | None, query_sparse: dict[str, float], routes: Sequence[str], k: int,
+                     depth: int, deep: bool, allowed: Allowed | None, text: str | None = None
+                     ) -> dict[str, list[Candidate]]:
+        """Each route's candidates: ``max(k, depth)`` of them when ``deep`` (fused or reranked), else ``k``."""
+        fetch = max(k, depth) if deep else k
         lists: dict[str, list[Candidate]] = {}
         if "sparse" in routes:
             lists["sparse"] = self.index.search_sparse([query_sparse], fetch, rows=allowed)[0]
@@ -265,10 +301,16 @@ class QueryRouter:
             lists["dense"] = self.index.search_dense(dense, fetch, rows=allowed)[0]
         if "text" in routes and text:
             lists["text"] = self.index.search_text([text], fetch, rows=allowed)[0]
+        return lists
+
+    @staticmethod
+    def _fuse(lists: Mapping[str, list[Candidate]], fusion: str, alpha: float, rrf_k: int) -> list[Fused]:
         keyed = {route: [((c.shard, c.row), c.score) for c in cands] for route, cands in lists.items()}
         if len(keyed) == 1:  # one route: keep its own scores
             (route, ranked), = keyed.items()
             return [Fused(key, score, {route: score}) for key, score in ranked]
+        if not keyed:
+            return []
         return convex(keyed, alpha) if fusion == "convex" else rrf(keyed, rrf_k)
 
     def _rerank(self, fused: list[Fused], depth: int, names: list[str], query: np.ndarray, text: str | None,

@@ -5,12 +5,15 @@ the default model's shapes: dense unit vectors of its width, trained-like sparse
 whole-word tokens, log-normal weights: ``search_latency.zipf_csr``) and its number of local features. Queries
 are real text (the emoji test split's labels) encoded by the real model. Per query, in turn:
 
-- ``encode``: the dense query encode alone (``encoder.encode_texts``): the reference of the hybrid target;
+- ``encode``: the dense query encode alone (``encoder.embed_texts``): the reference of the hybrid target;
+  ``encode + sparse head``: the tower with its sparse head (what ``query_weights="model"`` runs);
 - ``sparse (model)`` / ``sparse (idf)``: the sparse route, query weights from the text tower or inference-free;
-- ``dense`` and ``hybrid``: full searches (RRF), hits' stored fields read (k = 10);
+- ``dense`` and ``hybrid``: full searches (RRF), hits' stored fields read (k = 10), with the default query
+  weights (idf for this grounded model: the tower embeds, the sparse route runs meanwhile);
+  ``hybrid (model)``: hybrid with the tower's weights;
 - ``hybrid + <reranker>``: the same with one reranker over the top 100 (its added time: the difference).
 
-    python benchmarks/router_latency.py [--docs 100000] [--queries 200] [--work-dir DIR]
+    python benchmarks/router_latency.py [--docs 100000] [--queries 200] [--torch-threads 1] [--work-dir DIR]
 
 Targets (issue 18): sparse route p50 <= 3 ms; hybrid p50 <= 1.2x the dense encode alone; a reranker adds
 <= 3 ms over the top 100. The index is built
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from search_latency import zipf_csr
 
 from stair_search.encode import Encoder
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--work-dir", type=Path, default=data_dir() / "router-latency")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads for the query encodes (1: "
+                        "what `serve --encode-threads` defaults to)")
     args = parser.parse_args()
     encoder = Encoder(args.model)
     index_dir = args.work_dir / f"{args.model}-{args.docs}"
@@ -71,15 +77,18 @@ def main() -> None:
         started = time.perf_counter()
         build(index_dir, encoder, args.docs)
         print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+    torch.set_num_threads(args.torch_threads)
     index = Index(index_dir)
     model, free = QueryRouter(index, encoder, query_weights="model"), QueryRouter(index, encoder, query_weights="idf")
     runs = {
-        "encode": lambda q: encoder.encode_texts([q]),
+        "encode": lambda q: encoder.embed_texts([q]),
+        "encode + sparse head": lambda q: encoder.encode_texts([q]),
         "sparse (model)": lambda q: model.search(text=q, mode="sparse", k=10),
         "sparse (idf)": lambda q: free.search(text=q, mode="sparse", k=10),
-        "dense": lambda q: model.search(text=q, mode="dense", k=10),
-        "hybrid": lambda q: model.search(text=q, mode="hybrid", k=10),
-        **{f"hybrid + {name}": (lambda q, name=name: model.search(text=q, mode="hybrid", k=10, rerank=[name]))
+        "dense": lambda q: free.search(text=q, mode="dense", k=10),
+        "hybrid": lambda q: free.search(text=q, mode="hybrid", k=10),
+        "hybrid (model)": lambda q: model.search(text=q, mode="hybrid", k=10),
+        **{f"hybrid + {name}": (lambda q, name=name: free.search(text=q, mode="hybrid", k=10, rerank=[name]))
            for name in RERANKERS},
     }
     texts = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(args.queries)]

@@ -60,6 +60,33 @@ def test_auto_fuses_the_text_route_and_explicit_modes_leave_it_out(router):
     assert dense.mode == "dense" and all("text" not in h.parts for h in dense.hits)
 
 
+def test_concurrent_searches_through_java_answer_what_one_by_one_does(folder_index, tiny_encoder):
+    """Text-route searches and their explanations (Lucene through pyjnius) from 8 threads at once, with the sparse
+    route on Lucene too (no accelerated searcher): the same answers as one by one (pyjnius could swap the
+    receivers of concurrent calls on different Java objects: jvm.JAVA_CALLS)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    copy = folder_index.parent / "lucene-only"
+    shutil.copytree(folder_index, copy)
+    for folder in copy.glob("shards/*/sparse/accelerated"):
+        shutil.rmtree(folder)
+    from server.batching import BatchingEncoder
+
+    router = QueryRouter(Index(copy), BatchingEncoder(tiny_encoder))  # encodes one forward at a time, as served
+    queries = [text for text in CAPTIONS.values() if text] * 8
+
+    def answer(text):
+        response = router.search(text=text, explain=True, k=4)
+        sparse = router.search(text=text, mode="sparse", k=4, explain=True)
+        return ([(h.id, h.text_matched, sorted(h.matched or {})) for h in response.hits],
+                [(h.id, round(h.score, 6)) for h in sparse.hits])
+
+    alone = [answer(text) for text in queries]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(answer, queries)) == alone
+
+
 def test_filters_and_deletes_apply_to_the_text_route(folder_index, tiny_encoder, tmp_path):
     import shutil
 

@@ -28,6 +28,13 @@ DEFAULT_HEAP = "2g"
 LOGGING_PROPERTIES = Path(__file__).with_name("java-logging.properties")
 HEAP_ENV = "STAIR_JAVA_HEAP"
 _import_lock = threading.Lock()
+JAVA_CALLS = threading.RLock()
+"""Held around every Java call made on per-call Java objects (search hits, document vectors, analyzer output,
+a Lucene document's fields). pyjnius keeps one method object per Java class and binds it to whichever instance
+it was last looked up on, so two threads calling the same method of two instances of one class can swap their
+receivers: measured, ``a.toString()`` returned ``b``'s string, and under 8 concurrent searches a document vector's
+``HashMap.keySet()`` was dispatched on an ``ArrayList`` (IncompatibleClassChangeError, HTTP 500). A process-wide
+lock because the hazard is process-wide: pyjnius' per-class method table."""
 
 
 class JavaStartError(RuntimeError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from stair_search.index.accelerated import MAX_K, MAX_QUERY_TOKENS, AcceleratedSparse
-from stair_search.index.jvm import import_pyserini, java_class
+from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
 from stair_search.models.vocab import Vocabulary, spell
 
 DEFAULT_SCALE = 100.0
@@ -129,7 +129,6 @@ def build_lucene(index_dir: Path, indptr: np.ndarray, indices: np.ndarray, value
 
 _DELIMITER = "|"  # term|impact; spell() percent-encodes "|" and whitespace, so neither occurs inside a term
 _BLOCK_ROWS = 2048  # rows turned into Lucene documents per step (one numpy pass builds their strings)
-_FIELD_LOCK = threading.Lock()  # see _DocumentSlots
 
 
 def _delimited_terms(vocabulary: Vocabulary) -> np.ndarray:
@@ -172,13 +171,13 @@ class _DocumentSlots:
     between ``addDocument`` calls): four Java calls per document instead of building one.
 
     pyjnius keeps one method object per Java class and binds it to an instance on attribute access, so two
-    threads setting fields of *different* documents could swap them; those calls run under ``_FIELD_LOCK``.
+    threads setting fields of *different* documents could swap them; those calls run under ``jvm.JAVA_CALLS``.
     ``IndexWriter.addDocument`` (the writer is the same object for every thread) runs outside it, and
     pyjnius releases the GIL while Java indexes."""
 
     def __init__(self):
         field = "org.apache.lucene.document."
-        with _FIELD_LOCK:
+        with JAVA_CALLS:
             store = java_class(field + "Field$Store")
             options = java_class("org.apache.lucene.index.IndexOptions")
             contents_type = java_class(field + "FieldType")()
@@ -196,7 +195,7 @@ class _DocumentSlots:
                 self.document.add(f)
 
     def add(self, writer, docid: str, text: str) -> None:
-        with _FIELD_LOCK:
+        with JAVA_CALLS:
             self.id.setStringValue(docid)
             self.id_values.setBytesValue(docid.encode())
             self.contents.setStringValue(text)
@@ -282,7 +281,7 @@ class SparseShard:
         """The Lucene searcher (opened once, thread-safely); None for a shard none of whose documents has a token
         (there are no terms for Pyserini to open)."""
         if self._searcher is None and self._with_tokens:
-            with self._lock:
+            with self._lock, JAVA_CALLS:
                 if self._searcher is None:
                     lucene = import_pyserini("pyserini.search.lucene")
                     # min_idf=-1: Pyserini drops query terms with idf <= min_idf, and a term present in every
@@ -383,14 +382,15 @@ class SparseShard:
         searcher = self.open_searcher() if any(encoded) else None
         if searcher is None:
             return [[] for _ in encoded]
-        if len(encoded) == 1:
-            found = {"0": searcher.search(encoded[0], k) if encoded[0] else []}
-        else:
-            live = {str(i): q for i, q in enumerate(encoded) if q}
-            found = searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
         norm = self.scale * self.scale
-        return [[SparseHit(int(h.docid), float(h.score) / norm) for h in found.get(str(i), [])]
-                for i in range(len(encoded))]
+        with JAVA_CALLS:  # the hits are per-call Java objects (see jvm.JAVA_CALLS)
+            if len(encoded) == 1:
+                found = {"0": searcher.search(encoded[0], k) if encoded[0] else []}
+            else:
+                live = {str(i): q for i, q in enumerate(encoded) if q}
+                found = searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
+            return [[SparseHit(int(h.docid), float(h.score) / norm) for h in found.get(str(i), [])]
+                    for i in range(len(encoded))]
 
     def document_vector(self, row: int) -> dict[str, float]:
         """The stored (de-quantised) sparse vector of a row."""

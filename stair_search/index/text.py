@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stair_search.index.jvm import import_pyserini, java_class
+from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
 
 TEXT_DIR = "text"
 DEFAULT_TEXT_FIELDS = ("caption",)  # what a new index's text route holds unless the job names metadata fields
@@ -72,7 +72,7 @@ class TextShard:
 
     def _open(self) -> None:
         if self._searcher is None:
-            with self._lock:
+            with self._lock, JAVA_CALLS:
                 if self._searcher is None:
                     lucene = import_pyserini("pyserini.search.lucene")
                     index = import_pyserini("pyserini.index.lucene")
@@ -86,21 +86,24 @@ class TextShard:
         if not self.terms(text):
             return []
         self._open()
-        return [(int(hit.docid), float(hit.score)) for hit in self._searcher.search(text, k)]
+        with JAVA_CALLS:
+            return [(int(hit.docid), float(hit.score)) for hit in self._searcher.search(text, k)]
 
     def terms(self, text: str) -> list[str]:
         """The query's words as the index holds them (analyzed: lower case, no stop words, stemmed)."""
         self._open()
-        return list(dict.fromkeys(self._analyzer.analyze(text or "")))
+        with JAVA_CALLS:
+            return list(dict.fromkeys(self._analyzer.analyze(text or "")))
 
     def matched(self, row: int, text: str) -> dict[str, int]:
         """The query's analyzed words that document ``row`` holds, with their counts in it."""
         self._open()
-        vector = self._reader.get_document_vector(str(row)) or {}
-        return {term: int(vector[term]) for term in self.terms(text) if term in vector}
+        with JAVA_CALLS:
+            vector = self._reader.get_document_vector(str(row)) or {}
+            return {term: int(vector[term]) for term in self.terms(text) if term in vector}
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, JAVA_CALLS:
             if self._searcher is not None:
                 self._searcher.close()
             self._searcher = self._reader = self._analyzer = None

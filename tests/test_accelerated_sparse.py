@@ -151,7 +151,7 @@ def test_edge_cases(shard_data, vocab, tmp_path):
     assert [hits(d) for d in deep] == [hits(shard.search_rows(q, everything, acc.MAX_K)) for q in queries[2][:3]]
     assert shard.batch_search(queries[8][:2], K) == shard.batch_search(queries[8][:2], K)  # deterministic
     assert shard._searcher is None  # Lucene never opened
-    longer = {**queries[16][0], **queries[16][1]}  # over MAX_QUERY_TOKENS (a document vector): Lucene, exact
+    longer = {**queries[16][0], **queries[16][1], **queries[16][2]}  # over MAX_QUERY_TOKENS: Lucene, exact
     assert len(longer) > acc.MAX_QUERY_TOKENS
     for query, k in ((longer, K), (queries[2][0], acc.MAX_K + 50)):
         assert matches_exact(hits(shard.search(query, k)), hits(shard.search_rows(query, everything, k)))

@@ -648,8 +648,9 @@ def test_serve_refuses_contradictory_limits_before_opening_anything(tmp_path):
 
 
 def test_more_searches_than_the_in_flight_cap_answer_503_not_a_growing_queue(registry):
-    """The encoder's own lock is held, so the first search waits inside the pool holding the only slot."""
-    encoder_lock = registry.current().router.encoder._lock
+    """The batching encoder's forward lock is held, so the first search waits inside the pool holding the only
+    slot."""
+    encoder_lock = registry.current().router.encoder._alone
     statuses: list[int] = []
     with make_client(registry, limits=Limits(max_in_flight=1)) as c:
         def search(query: str) -> None:

@@ -11,11 +11,21 @@ Pure functions over numpy arrays, chosen by name (``QUERY_WEIGHTS``); the router
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, Protocol
+
 import numpy as np
 
-from stair_search.models.vocab import Vocabulary
-
 QUERY_WEIGHTS = ("auto", "model", "idf")  # auto: idf for a grounded model, else the text tower's weights
+
+
+class WordPieces(Protocol):
+    """What the lookup needs of a vocabulary (``models.vocab.Vocabulary`` has it; query/ stays below models/)."""
+
+    tokens: Sequence[str]
+    whole_words: Any  # (V,) bool: the token is a whole word, not a "##" continuation
+
+    def own_word_ids(self, text: str) -> list[list[int]]: ...
 
 
 def idf_table(document_frequency: np.ndarray, documents: int) -> np.ndarray:
@@ -26,7 +36,7 @@ def idf_table(document_frequency: np.ndarray, documents: int) -> np.ndarray:
     return np.where(df > 0, np.log1p((documents - df + 0.5) / (df + 0.5)), 0.0).astype(np.float32)
 
 
-def lookup_query(vocabulary: Vocabulary, text: str, table: np.ndarray) -> dict[str, float]:
+def lookup_query(vocabulary: WordPieces, text: str, table: np.ndarray) -> dict[str, float]:
     """The query's own words (function words aside) as their first whole-word piece -- the piece an image
     vector can hold, as the model's own query floor picks -- each weighted by ``table`` (0: left out)."""
     whole = vocabulary.whole_words

@@ -303,19 +303,15 @@ class SparseShard:
 
     def encode_query(self, query: Mapping[str, float]) -> dict[str, int]:
         """Token weights -> {Lucene term: impact}; tokens outside the vocabulary are ignored."""
-        index = self.vocabulary.index
-        ids = [index[t] for t in query if t in index and query[t] > 0]
-        impacts = quantise(np.asarray([query[self.vocabulary.tokens[i]] for i in ids]), self.scale)
-        return {self._terms[i]: int(v) for i, v in zip(ids, impacts.tolist(), strict=True)}
+        ids, impacts = self._query_impacts(query)
+        return {self._terms[i]: int(v) for i, v in zip(ids.tolist(), impacts.tolist(), strict=True)}
 
     def search_rows(self, query: Mapping[str, float], rows: np.ndarray, k: int = 10) -> list[SparseHit]:
         """Top-k of ``rows`` only, scored exactly from the stored CSR vectors: the quantised query impacts times
         the documents' impacts, as Lucene scores them (rows sharing no token with the query are left out)."""
-        index = self.vocabulary.index
-        ids = np.asarray([index[t] for t in query if t in index and query[t] > 0], dtype=np.int64)
+        ids, impacts = self._query_impacts(query)
         if not len(ids) or not len(rows):
             return []
-        impacts = quantise(np.asarray([query[self.vocabulary.tokens[i]] for i in ids]), self.scale)
         dense_query = np.zeros(len(self.vocabulary.tokens), np.float64)
         dense_query[ids] = impacts
         matrix = self._matrix()[np.asarray(rows, dtype=np.int64)]

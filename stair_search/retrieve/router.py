@@ -100,17 +100,14 @@ class QueryRouter:
         self._phrases: dict[str, np.ndarray] = {}  # phrase -> unit embedding; auxiliary prompts stay cached
         self._lock = threading.Lock()
 
-    def encode_query(self, text: str | None = None, image: Image.Image | None = None,
-                     dense: bool = True) -> EncodedBatch:
+    def encode_query(self, text: str | None = None, image: Image.Image | None = None) -> EncodedBatch:
         """Text, image, or both (their vectors added: a text-refined image query). With idf query weights a
-        text's sparse vector is the lookup and the tower computes its dense embedding only, and only when
-        ``dense`` (a sparse-route-only text query runs no tower); the returned dense row is then empty."""
+        text's sparse vector is the lookup and the tower computes its dense embedding only (no sparse head)."""
         if text is None and image is None:
             raise ValueError("A query needs a text, an image, or both.")
         parts = []
         if text and self.query_weights == "idf":
-            embedded = self.encoder.embed_texts([text]) if dense or image is not None else None
-            parts.append(EncodedBatch(dense=embedded, sparse=[self._lookup(text)]))  # type: ignore[arg-type]
+            parts.append(EncodedBatch(dense=self.encoder.embed_texts([text]), sparse=[self._lookup(text)]))
         elif text:
             parts.append(self.encoder.encode_texts([text]))
         if image is not None:
@@ -119,10 +116,7 @@ class QueryRouter:
         for p in parts:
             for token, weight in p.sparse[0].items():
                 sparse[token] = sparse.get(token, 0.0) + weight
-        denses = [p.dense[0] for p in parts if p.dense is not None]
-        if not denses:
-            return EncodedBatch(dense=np.zeros((1, 0), np.float32), sparse=[sparse])
-        summed = np.sum(denses, axis=0)
+        summed = np.sum([p.dense[0] for p in parts], axis=0)
         return EncodedBatch(dense=(summed / np.linalg.norm(summed))[None].astype(np.float32), sparse=[sparse])
 
     def _embed_phrases(self, phrases: Sequence[str]) -> dict[str, np.ndarray]:
@@ -172,26 +166,28 @@ class QueryRouter:
         routes = (_ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
         if text_query and len(routes) > 1:
             fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
+        need_dense = "dense" in routes or bool(names)
         early = None  # idf weights: a text query's sparse route runs while the tower embeds it (no wait for it)
-        if self.query_weights == "idf" and text and image is None:
+        if self.query_weights == "idf" and text and image is None:  # the lookup first; the tower for dense only
             query_sparse, expanded = self._expand(self._lookup(text), text, decision.mode, names)
-            if "sparse" in routes and query_sparse and ("dense" in routes or names):
+            if "sparse" in routes and query_sparse and need_dense:
                 early = self._pool.submit(self._route_lists, None, query_sparse, ("sparse",), k + offset, depth,
-                                          len(routes) > 1 or bool(names), allowed)
-        need_dense = "dense" in routes or bool(names) or image is not None
-        query = self.encode_query(text, image, dense=need_dense)
-        if not (self.query_weights == "idf" and text and image is None):
+                                          True, allowed)
+            dense = self.encoder.embed_texts([text]) if need_dense else np.zeros((1, 0), np.float32)
+        else:
+            query = self.encode_query(text, image)
+            dense = query.dense
             query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
         if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
             decision = without_sparse(decision, chosen_by_auto=mode == "auto")
             routes = tuple(r for r in routes if r != "sparse") if mode == "auto" else routes
-        lists = self._route_lists(query.dense, query_sparse, tuple(r for r in routes if not (early and r == "sparse")),
+        lists = self._route_lists(dense, query_sparse, tuple(r for r in routes if not (early and r == "sparse")),
                                   k + offset, depth, len(routes) > 1 or bool(names), allowed, text_query)
         if early is not None:
             lists = early.result() | lists
         fused = self._fuse(lists, fusion, alpha, rrf_k)
         if names:
-            fused = self._rerank(fused, depth, names, query.dense[0], text, phrases)
+            fused = self._rerank(fused, depth, names, dense[0], text, phrases)
         info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
         if text_query:
             info["text"] = True

@@ -51,7 +51,8 @@ def encoder_for(source: str, heads_only: Path | None = None) -> Encoder:
     return Encoder(model)
 
 
-def train_heads_only(pairs_file: Path, val_file: Path | None, sample: int, epochs: int, out: Path) -> Path:
+def train_heads_only(pairs_file: Path, val_file: Path | None, sample: int, epochs: int, out: Path,
+                     distill: float = 0.0) -> Path:
     """The random heads trained alone on stair-lite's frozen towers; returns the checkpoint, printing the time."""
     import time
 
@@ -62,10 +63,13 @@ def train_heads_only(pairs_file: Path, val_file: Path | None, sample: int, epoch
     save_checkpoint(encoder_for("random heads").model, start, half=True)
     pairs = load_pairs(pairs_file)
     chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:sample].tolist()
-    config = TrainConfig(model=str(start), epochs=(epochs, 0, 0), batch_size=256, heads_only=True, device="cpu")
+    config = TrainConfig(model=str(start), epochs=(epochs, 0, 0), batch_size=256, heads_only=True, device="cpu",
+                         distill=distill)
     began = time.perf_counter()
     result = train([pairs[i] for i in chosen], out / "heads-only", config,
-                   val_pairs=load_pairs(val_file) if val_file else ())
+                   val_pairs=load_pairs(val_file) if val_file else (),
+                   on_epoch=lambda e: print(f"  epoch {e.epoch}: loss {e.loss:.3f}, val R@1 sparse {e.val_r1_sparse}, "
+                                            f"{e.seconds:.0f} s", flush=True))
     print(f"heads-only: {len(chosen)} pairs, {epochs} epoch(s) in {time.perf_counter() - began:.0f} s "
           f"(stem features included): {[(e.loss, e.val_r1_sparse) for e in result.log]}", flush=True)
     return result.checkpoint
@@ -79,12 +83,13 @@ def main() -> None:
     parser.add_argument("--val", type=Path, default=None)
     parser.add_argument("--sample", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--distill", type=float, default=0.0, help="heads-only: weight of distilling the dense scores")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
     args = parser.parse_args()
     dataset = open_dataset(data_dir() / "emoji-set")
     out = args.out or Path(tempfile.mkdtemp(prefix="sparse-sources-"))
     rows = []
-    heads_only = train_heads_only(args.pairs, args.val, args.sample, args.epochs, out) \
+    heads_only = train_heads_only(args.pairs, args.val, args.sample, args.epochs, out, args.distill) \
         if args.pairs and "heads-only" in args.sources else None
     sources = [s for s in args.sources if s != "heads-only" or heads_only is not None]
     for setting in args.settings:

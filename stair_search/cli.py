@@ -283,6 +283,10 @@ def train(
                                                               "schedule, keeping its learning-rate curve.")] = None,
     heads_only: Annotated[bool, typer.Option(help="Train only the sparse heads of a pretrained dual encoder (its "
                                                   "towers and dense space stay as they are).")] = False,
+    words: Annotated[float, typer.Option(help="With --heads-only: weight of the caption-word loss (the image head "
+                                              "predicts its caption's words; 1 is a good start).")] = 0.0,
+    distill: Annotated[float, typer.Option(help="With --heads-only: weight of distilling the frozen dense scores "
+                                                "into the sparse ones.")] = 0.0,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its train-state.pt.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -296,7 +300,7 @@ def train(
     config = TrainConfig(model=model, epochs=stages, batch_size=batch_size, lr=lr, flops=flops,
                          ground_text=ground_text, seed=seed,
                          tower_frozen=tuple(s for s in tower_frozen.split(",") if s), stop_after=stop_after,
-                         heads_only=heads_only)
+                         heads_only=heads_only, words=words, distill=distill)
     training_pairs = [pair for path in pairs for pair in load_pairs(path)]
     result = run_training(training_pairs, out, config, val_pairs=load_pairs(val) if val else (), resume=resume,
                           on_epoch=lambda e: typer.echo(

@@ -10,7 +10,7 @@ import torch
 from stair_search.encode import Encoder
 from stair_search.models import create_model
 from stair_search.train import TrainConfig, train
-from stair_search.train.losses import flops, flops_weight, info_nce
+from stair_search.train.losses import distill, flops, flops_weight, info_nce, word_prediction
 from tests.conftest import COLOURS, draw_shape
 
 SHAPES = ("circle", "square", "triangle")
@@ -37,6 +37,30 @@ def test_info_nce_and_flops_match_their_formulas():
     weights = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
     assert float(flops(weights)) == pytest.approx(2.0**2 + 0 + 1.0**2)
     assert [flops_weight(s, 10, 0.5) for s in (0, 5, 10, 20)] == [0.0, 0.125, 0.5, 0.5]
+
+
+def test_distillation_is_the_kl_of_both_softmaxes_and_zero_only_on_the_teachers_ranking():
+    teacher = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+        p, q = p_logits.softmax(dim=1), q_logits.softmax(dim=1)
+        return float((p * (p / q).log()).sum(dim=1).mean())
+
+    expected = (kl(teacher, student) + kl(teacher.T, student.T)) / 2
+    assert float(distill(student, teacher)) == pytest.approx(expected)
+    assert float(distill(teacher + 5.0, teacher)) == pytest.approx(0.0, abs=1e-6)  # softmax ignores a shift
+    assert expected > 0.01
+
+
+def test_the_word_loss_balances_a_captions_words_against_the_rest():
+    logits = torch.tensor([[2.0, -1.0, 0.0], [0.0, 3.0, -2.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    sp = torch.nn.functional.softplus
+    positive = (sp(torch.tensor(-2.0)) + sp(torch.tensor(-3.0)) + sp(torch.tensor(2.0))) / 3
+    negative = (sp(torch.tensor(-1.0)) + sp(torch.tensor(0.0)) + sp(torch.tensor(0.0))) / 3
+    assert float(word_prediction(logits, targets)) == pytest.approx(float(positive + negative))
+    assert float(word_prediction(logits, torch.zeros_like(logits))) == 0.0
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_grounded_model(pairs, tiny_config_path, tmp_path):
@@ -144,7 +168,7 @@ def test_heads_only_training_changes_the_heads_and_nothing_else(pairs, tiny_conf
     start = create_model(str(tiny_config_path), device="cpu")
     save_checkpoint(start, tmp_path / "start.pt")
     config = TrainConfig(model=str(tmp_path / "start.pt"), epochs=(2, 0, 0), batch_size=12, device="cpu",
-                         heads_only=True)
+                         heads_only=True, words=1.0, distill=0.5)
     result = train(pairs, tmp_path / "heads", config)
     trained = create_model(str(result.checkpoint), device="cpu")
     before, after = start.state_dict(), trained.state_dict()
@@ -156,3 +180,33 @@ def test_heads_only_training_changes_the_heads_and_nothing_else(pairs, tiny_conf
     np_dense = Encoder(start).encode_images(images).dense
     assert abs(Encoder(trained).encode_images(images).dense - np_dense).max() < 2e-3  # fp16 checkpoint rounding
     assert trained.sparse_source == "heads"
+
+
+def test_heads_only_reads_the_tower_once_and_its_cache_gives_the_models_own_image_vectors(pairs, tmp_path):
+    """Heads-only steps run on :func:`head_inputs` (the frozen tower's outputs, fp16): the sparse and dense vectors
+    built from that cache are the ones the model computes from the pixels, on the pretrained CNN with its prior."""
+    from PIL import Image
+
+    from stair_search.images import to_rgb
+    from stair_search.train.trainer import head_inputs
+
+    model = create_model("stair-lite", device="cpu").eval()
+    pixels = torch.stack([model.preprocess(to_rgb(Image.open(path))) for path, _ in pairs[:4]])
+    cached = head_inputs(model, model.tower.stem(pixels)).to("cpu")
+    with torch.inference_mode():
+        direct = model.encode_image(pixels)
+        sparse, _ = model.image_sparse(cached.tokens, cached.features)
+    assert cached.tokens.shape[:2] == (4, 5) and cached.dense.shape == direct.dense.shape
+    assert torch.allclose(cached.dense, direct.dense, atol=1e-4)
+    assert (sparse - direct.sparse).abs().max() < 0.02  # fp16 rounding of the cached tokens
+    assert (direct.sparse > 0).sum() > 0
+
+
+def test_caption_words_are_the_first_whole_piece_of_each_content_word():
+    from stair_search.train.trainer import caption_words
+
+    model = create_model("stair-lite", device="cpu")
+    rows = caption_words(model, ["a red circle on the beach", "the of and"])
+    tokens = {model.vocabulary.tokens[int(model.image_head.token_ids[r])] for r in rows[0]}
+    assert tokens == {"red", "circle", "beach"}
+    assert len(rows[1]) == 0

@@ -50,13 +50,22 @@ class SparseHead(nn.Module):
         if only is not None:
             rows = self.emit_position[only]
             rows = rows[rows >= 0]
-        weights = self.pooled(features, mask, rows)
+        return self.expand(self.pooled(features, mask, rows), rows)
+
+    def expand(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) weights over the head's tokens (or the emit ``rows`` given) -> (B, V) over the vocabulary."""
         full = weights.new_zeros((weights.shape[0], self.vocab_size))
         return full.index_copy(1, self.token_ids if rows is None else self.token_ids[rows], weights)
 
     def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) weights over the head's own tokens (the compact form training works in)."""
+        return weights_of(self.pooled_logits(features, mask, rows))
+
+    def pooled_logits(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) max-pooled logits before the activation: what a word-prediction loss reads, since it has a
+        gradient for every token, where the weights have none for a token below zero."""
         batch, length, _ = features.shape
         width = len(self.token_ids) if rows is None else len(rows)
         step = max(1, _LOGIT_BUDGET // max(1, length * width))
@@ -66,7 +75,12 @@ class SparseHead(nn.Module):
             if mask is not None:
                 logits = logits.masked_fill(~mask[start : start + step, :, None], float("-inf"))
             pooled.append(logits.amax(dim=1))
-        return torch.log1p(torch.relu(torch.cat(pooled)))
+        return torch.cat(pooled)
+
+
+def weights_of(logits: torch.Tensor) -> torch.Tensor:
+    """The head's activation, ``log(1 + ReLU(logit))``: non-negative, and sparse where logits are below zero."""
+    return torch.log1p(torch.relu(logits))
 
 
 def top_k_sparse(weights: torch.Tensor, k: int) -> torch.Tensor:

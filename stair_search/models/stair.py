@@ -134,19 +134,30 @@ class StairModel(nn.Module):
 
     def image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
         """Dense, sparse and local outputs from the tower's features (what an accelerated tower hands back)."""
-        dense, local, keep = features.pooled, features.local, None
-        sparse = self.image_head(features.head_tokens)
+        dense, local = features.pooled, features.local
         if self.trust is not None:  # the learned parts, scaled down on images unlike the training data
             weight = self.trust(features.features)
-            dense, sparse = weight * dense, weight * sparse
-            local = weight.unsqueeze(2) * local
+            dense, local = weight * dense, weight.unsqueeze(2) * local
         if self.image_prior is not None:
             dense = dense + self.image_prior.dense(features.features)
             if with_local:
                 local = local + self.image_prior.dense(features.tokens)
-            prior = self.image_prior.sparse(features.features, sparse.shape[1])
-            sparse, keep = sparse + prior, prior >= PRIOR_KEEP
+        sparse, keep = self.image_sparse(features.head_tokens, features.features)
         return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid, keep=keep)
+
+    def image_sparse(self, head_tokens: torch.Tensor, features: torch.Tensor | None = None,
+                     head_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, V) sparse weights of the image side from what its head reads (``ImageFeatures.head_tokens``) and the
+        pooled network features the trust gate and the prior read, and (B, V) the tokens kept past the top-k cut
+        (or None): the part of :meth:`image_output` that heads-only training runs on cached tower features.
+        ``head_weights``: the head's (B, V) output when the caller already computed it from ``head_tokens``."""
+        sparse = self.image_head(head_tokens) if head_weights is None else head_weights
+        if self.trust is not None:
+            sparse = self.trust(features) * sparse
+        if self.image_prior is None:
+            return sparse, None
+        prior = self.image_prior.sparse(features, sparse.shape[1])
+        return sparse + prior, prior >= PRIOR_KEEP
 
     def floor_query(self, sparse: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Grounded query weights with each word of the text (stop words aside) raised to at least ``text_floor``

@@ -24,3 +24,24 @@ def flops_weight(step: int, warmup_steps: int, weight: float) -> float:
     if warmup_steps <= 0:
         return weight
     return weight * min(1.0, step / warmup_steps) ** 2
+
+
+def distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the row-wise and column-wise softmaxes of two (B, B) image x text score
+    matrices, averaged: the student's in-batch ranking pulled towards the teacher's, both directions (D2S)."""
+    rows = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), log_target=True,
+                    reduction="batchmean")
+    cols = F.kl_div(F.log_softmax(student.T, dim=1), F.log_softmax(teacher.T, dim=1), log_target=True,
+                    reduction="batchmean")
+    return (rows + cols) / 2
+
+
+def word_prediction(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Balanced binary cross-entropy of (B, n) pre-activation logits against (B, n) 0/1 targets (each image's
+    caption words): mean over the targets of ``softplus(-l)`` plus mean over the rest of ``softplus(l)``. It has
+    a gradient for every word, so a word whose logit starts below zero (no weight, hence no contrastive gradient)
+    still learns to rise, and the rest learn to stay below zero: the head's ReLU threshold becomes the decision."""
+    positive = targets > 0
+    if not positive.any():
+        return logits.new_zeros(())
+    return F.softplus(-logits[positive]).mean() + F.softplus(logits[~positive]).mean()

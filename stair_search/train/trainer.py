@@ -12,6 +12,8 @@ A pretrained image tower with a frozen stem (``StairConfig.unfrozen_blocks``) is
 every image goes through the stem once, and each step runs only the top of the network and the heads, so a
 CNN pretrained on ImageNet fine-tunes on CPU in minutes instead of hours. ``tower_frozen`` names the stages in
 which the rest of the tower stays frozen too (only the projection, the prior's weights and the heads learn).
+With ``heads_only`` nothing but the two sparse heads learns, so the whole image tower's outputs are cached
+(:class:`HeadInputs`) and a step costs only the heads: thousands of steps fit in minutes on CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from stair_search.atomic import atomic_path
 from stair_search.images import to_rgb
 from stair_search.models import StairModel, TowerOutput, save_checkpoint
 from stair_search.models.factory import build_model, resolve_config
-from stair_search.train.losses import flops, flops_weight, info_nce
+from stair_search.models.heads import weights_of
+from stair_search.train.losses import distill, flops, flops_weight, info_nce, word_prediction
 
 STAGES = ("grounded", "text", "joint")
 STATE_FILE = "train-state.pt"
@@ -62,6 +65,12 @@ class TrainConfig:
     # are, so a pretrained dual encoder keeps its dense space and gains heads (its images' stem features, or
     # pixels, are cached once as in any run).
     heads_only: bool = False
+    # Weight of distilling the frozen dense scores into the sparse ones (D2S): the in-batch softmax of the sparse
+    # image x text scores is pulled towards the dense one's, a soft target beside InfoNCE's one-hot.
+    distill: float = 0.0
+    # Weight of the caption-word loss (heads-only): the image head's logits predict the image's own caption words
+    # (losses.word_prediction), a direct signal for every word, where InfoNCE reaches only words already emitted.
+    words: float = 0.0
     seed: int = 0
     device: str | None = None
 
@@ -109,6 +118,8 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
     _seed(config.seed)
     model = _initial_model(config, [c for _, c in pairs])
     images = _cached_images(model, [p for p, _ in pairs], out / "stem-cache")
+    if config.heads_only:
+        images = head_inputs(model, images)
     captions = [c for _, c in pairs]
     _check_stages(config)
     if model.config.frozen_text and hasattr(getattr(model.clip, "text", None), "transformer"):
@@ -365,6 +376,63 @@ def _set_stage(model: StairModel, stage: str, config: TrainConfig) -> None:
             param.requires_grad_(not teacher and not config.heads_only)
 
 
+@dataclass
+class HeadInputs:
+    """What the sparse heads read of each training image, computed once through the frozen tower: a heads-only
+    step then runs the heads alone (the tower's forward is most of a step's cost, and it never changes)."""
+
+    tokens: torch.Tensor  # (N, L, C) ImageFeatures.head_tokens, fp16
+    features: torch.Tensor | None  # (N, C) pooled network features (the trust gate and the prior read them), fp16
+    dense: torch.Tensor  # (N, D) the images' dense embeddings (the distillation teacher's image side)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, rows: list[int]) -> HeadInputs:
+        return HeadInputs(self.tokens[rows], None if self.features is None else self.features[rows], self.dense[rows])
+
+    def to(self, device: torch.device | str) -> HeadInputs:
+        return HeadInputs(self.tokens.to(device).float(),
+                          None if self.features is None else self.features.to(device).float(), self.dense.to(device))
+
+
+@torch.inference_mode()
+def head_inputs(model: StairModel, images: torch.Tensor, batch_size: int = 128) -> HeadInputs:
+    """The frozen tower's outputs for ``images`` (pixels, or stem features when the tower has a stem)."""
+    was_training = model.training
+    model.eval()
+    device = model.image_head.bias.device
+    tokens, features, dense = [], [], []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device).float()
+        out = model.tower.tail(batch) if model.tower.has_stem else model.tower(batch)
+        tokens.append(out.head_tokens.half().cpu())
+        features.append(None if out.features is None else out.features.half().cpu())
+        dense.append(model.image_output(out, with_local=False).dense.float().cpu())
+    model.train(was_training)
+    return HeadInputs(torch.cat(tokens), None if features[0] is None else torch.cat(features), torch.cat(dense))
+
+
+def _encode_head_inputs(model: StairModel, inputs: HeadInputs) -> tuple[TowerOutput, torch.Tensor]:
+    """The image side from cached head inputs (heads-only), and the head's (B, n) pooled logits."""
+    logits = model.image_head.pooled_logits(inputs.tokens)
+    sparse, _ = model.image_sparse(inputs.tokens, inputs.features, model.image_head.expand(weights_of(logits)))
+    return TowerOutput(dense=inputs.dense, sparse=sparse), logits
+
+
+def caption_words(model: StairModel, captions: Sequence[str]) -> list[torch.Tensor]:
+    """Each caption's words as positions among the image head's tokens: the first whole-word piece of each word
+    (function words aside), the piece a query's lookup matches (query/weights.py)."""
+    whole, position = model.vocabulary.whole_words, model.image_head.emit_position.cpu()
+    out = []
+    for caption in captions:
+        ids = torch.tensor(sorted({ids[0] for ids in model.vocabulary.own_word_ids(caption) if ids and whole[ids[0]]}),
+                           dtype=torch.long)
+        rows = position[ids] if len(ids) else ids
+        out.append(rows[rows >= 0])
+    return out
+
+
 def _encode_images(model: StairModel, images: torch.Tensor) -> TowerOutput:
     """Pixels, or cached stem features when the tower has a frozen stem."""
     if model.tower.has_stem:
@@ -396,15 +464,16 @@ def _augment(pixels: torch.Tensor, max_zoom: float = 0.2, max_shift: float = 0.1
 
 
 def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
-                 images: torch.Tensor, captions: list[str],
+                 images: torch.Tensor | HeadInputs, captions: list[str],
                  stage: str, epoch: int, config: TrainConfig, total_steps: int,
                  steps_per_epoch: int) -> tuple[float, float, float]:
     optimizer, scheduler = optimizers
     _set_stage(model, stage, config)
-    cached = model.tower.has_stem
+    cached = model.tower.has_stem or isinstance(images, HeadInputs)
     model.train()
     device = model.image_head.bias.device
     order = torch.randperm(len(captions)).tolist()
+    targets = caption_words(model, captions) if config.words else None
     losses, image_nnz, text_nnz = [], [], []
     for step_in_epoch, start in enumerate(range(0, len(order), config.batch_size)):
         batch = _distinct_captions(order[start : start + config.batch_size], captions)
@@ -412,7 +481,11 @@ def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, tor
             continue
         texts = [captions[i] for i in batch]
         pixels = images[batch].to(device)
-        image_out = _encode_images(model, _augment(pixels) if config.augment and not cached else pixels)
+        if isinstance(pixels, HeadInputs):
+            image_out, logits = _encode_head_inputs(model, pixels)
+        else:
+            pixels = _augment(pixels) if config.augment and not cached else pixels
+            image_out, logits = _encode_images(model, pixels), None
         grounded = stage == "grounded" or model.config.ground_text  # a grounded model is searched masked
         text_out = model.encode_text(model.tokenizer(texts).to(device), ground=texts if grounded else None)
         image_sparse, text_sparse = image_out.sparse, text_out.sparse
@@ -423,8 +496,16 @@ def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, tor
         step = epoch * steps_per_epoch + step_in_epoch
         lam = flops_weight(step, int(config.flops_warmup * total_steps), config.flops)
         dense_weight = 0.0 if config.heads_only else config.dense_weight  # a frozen dense space: nothing to learn
-        loss = info_nce(image_sparse @ text_sparse.T) + dense_weight * info_nce(dense_logits) \
+        sparse_logits = image_sparse @ text_sparse.T
+        loss = info_nce(sparse_logits) + dense_weight * info_nce(dense_logits) \
             + lam * (flops(image_sparse) + flops(text_sparse))
+        if config.distill:
+            loss = loss + config.distill * distill(sparse_logits, dense_logits.detach())
+        if targets is not None and logits is not None:
+            hot = torch.zeros_like(logits)
+            for row, i in enumerate(batch):
+                hot[row, targets[i]] = 1.0
+            loss = loss + config.words * word_prediction(logits, hot)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

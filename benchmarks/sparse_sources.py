@@ -11,7 +11,8 @@ any pretrained CLIP"): the same dense embeddings in every index, only the sparse
 Label queries are known-item (R@1), tag queries have 3-50 relevant images (nDCG@10); metrics in %.
 
     python benchmarks/sparse_sources.py [--settings google google+twitter] [--out DIR]
-        [--pairs corpus/splits/train.parquet --sample 6000 --epochs 2 --val emoji/splits/val.google-twitter.parquet]
+        [--pairs corpus/splits/train.parquet --sample 18126 --epochs 5 --words 1 --lr 2e-3 --batch-size 128
+         --val emoji/splits/val.google-twitter.parquet] [--heads-only-model RUN/model.pt]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def encoder_for(source: str, heads_only: Path | None = None) -> Encoder:
 
 
 def train_heads_only(pairs_file: Path, val_file: Path | None, sample: int, epochs: int, out: Path,
-                     distill: float = 0.0) -> Path:
+                     **options: float) -> Path:
     """The random heads trained alone on stair-lite's frozen towers; returns the checkpoint, printing the time."""
     import time
 
@@ -63,8 +64,7 @@ def train_heads_only(pairs_file: Path, val_file: Path | None, sample: int, epoch
     save_checkpoint(encoder_for("random heads").model, start, half=True)
     pairs = load_pairs(pairs_file)
     chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:sample].tolist()
-    config = TrainConfig(model=str(start), epochs=(epochs, 0, 0), batch_size=256, heads_only=True, device="cpu",
-                         distill=distill)
+    config = TrainConfig(model=str(start), epochs=(epochs, 0, 0), heads_only=True, device="cpu", **options)
     began = time.perf_counter()
     result = train([pairs[i] for i in chosen], out / "heads-only", config,
                    val_pairs=load_pairs(val_file) if val_file else (),
@@ -84,13 +84,20 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--distill", type=float, default=0.0, help="heads-only: weight of distilling the dense scores")
+    parser.add_argument("--words", type=float, default=1.0, help="heads-only: weight of the caption-word loss")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--heads-only-model", type=Path, default=None,
+                        help="evaluate this heads-only checkpoint (trained from the seeded random heads) instead")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
     args = parser.parse_args()
     dataset = open_dataset(data_dir() / "emoji-set")
     out = args.out or Path(tempfile.mkdtemp(prefix="sparse-sources-"))
     rows = []
-    heads_only = train_heads_only(args.pairs, args.val, args.sample, args.epochs, out, args.distill) \
-        if args.pairs and "heads-only" in args.sources else None
+    heads_only = args.heads_only_model
+    if heads_only is None and args.pairs and "heads-only" in args.sources:
+        heads_only = train_heads_only(args.pairs, args.val, args.sample, args.epochs, out, distill=args.distill,
+                                      words=args.words, lr=args.lr, batch_size=args.batch_size)
     sources = [s for s in args.sources if s != "heads-only" or heads_only is not None]
     for setting in args.settings:
         styles = setting.split("+")

@@ -195,11 +195,18 @@ def test_heads_only_reads_the_tower_once_and_its_cache_gives_the_models_own_imag
     cached = head_inputs(model, model.tower.stem(pixels)).to("cpu")
     with torch.inference_mode():
         direct = model.encode_image(pixels)
-        sparse, _ = model.image_sparse(cached.tokens, cached.features)
+        sparse, _ = model.image_sparse(model.image_head(cached.tokens), cached.features)
     assert cached.tokens.shape[:2] == (4, 5) and cached.dense.shape == direct.dense.shape
     assert torch.allclose(cached.dense, direct.dense, atol=1e-4)
     assert (sparse - direct.sparse).abs().max() < 0.02  # fp16 rounding of the cached tokens
     assert (direct.sparse > 0).sum() > 0
+
+
+def test_the_word_loss_without_heads_only_is_refused_before_any_work(pairs, tiny_config_path, tmp_path):
+    config = TrainConfig(model=str(tiny_config_path), epochs=(1, 0, 0), batch_size=12, device="cpu", words=1.0)
+    with pytest.raises(ValueError, match="add --heads-only or drop --words"):
+        train(pairs, tmp_path / "run", config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_caption_words_are_the_first_whole_piece_of_each_content_word():

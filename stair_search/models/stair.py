@@ -134,6 +134,13 @@ class StairModel(nn.Module):
 
     def image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
         """Dense, sparse and local outputs from the tower's features (what an accelerated tower hands back)."""
+        dense, local = self.image_dense(features, with_local)
+        sparse, keep = self.image_sparse(self.image_head(features.head_tokens), features.features)
+        return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid, keep=keep)
+
+    def image_dense(self, features: ImageFeatures, with_local: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) dense and (B, N, D) local features of the image side (the local ones without the prior's
+        per-position term unless ``with_local``)."""
         dense, local = features.pooled, features.local
         if self.trust is not None:  # the learned parts, scaled down on images unlike the training data
             weight = self.trust(features.features)
@@ -142,16 +149,14 @@ class StairModel(nn.Module):
             dense = dense + self.image_prior.dense(features.features)
             if with_local:
                 local = local + self.image_prior.dense(features.tokens)
-        sparse, keep = self.image_sparse(features.head_tokens, features.features)
-        return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid, keep=keep)
+        return dense, local
 
-    def image_sparse(self, head_tokens: torch.Tensor, features: torch.Tensor | None = None,
-                     head_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, V) sparse weights of the image side from what its head reads (``ImageFeatures.head_tokens``) and the
-        pooled network features the trust gate and the prior read, and (B, V) the tokens kept past the top-k cut
-        (or None): the part of :meth:`image_output` that heads-only training runs on cached tower features.
-        ``head_weights``: the head's (B, V) output when the caller already computed it from ``head_tokens``."""
-        sparse = self.image_head(head_tokens) if head_weights is None else head_weights
+    def image_sparse(self, head_weights: torch.Tensor,
+                     features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, V) sparse weights of the image side from its head's (B, V) output and the pooled network features the
+        trust gate and the prior read, and (B, V) the tokens kept past the top-k cut (or None): the part of
+        :meth:`image_output` that heads-only training runs on cached tower features."""
+        sparse = head_weights
         if self.trust is not None:
             sparse = self.trust(features) * sparse
         if self.image_prior is None:
@@ -168,9 +173,7 @@ class StairModel(nn.Module):
             return sparse
         own = torch.zeros_like(sparse, dtype=torch.bool)
         for row, text in enumerate(texts):
-            for ids in self.vocabulary.own_word_ids(text):
-                if ids and self.vocabulary.whole_words[ids[0]]:
-                    own[row, ids[0]] = True
+            own[row, self.vocabulary.first_word_pieces(text)] = True
         return torch.where(own, sparse.clamp(min=floor), sparse)
 
     def encode_text(self, token_ids: torch.Tensor, ground: list[str] | None = None) -> TowerOutput:

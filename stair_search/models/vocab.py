@@ -140,6 +140,13 @@ class Vocabulary:
         out: what a query's own words are, for the query floor and for training-free query vectors."""
         return [self.token_ids(word) for word in words(text) if word not in FUNCTION_WORDS]
 
+    def first_word_pieces(self, text: str) -> list[int]:
+        """The first word-piece of each of ``text``'s own words (``own_word_ids``) when it is a whole word: the piece
+        an image vector can hold for that word (the heads emit whole-word pieces only), hence the one a query's
+        floor raises, a query lookup weighs and heads-only training teaches the image head to emit."""
+        whole = self.whole_words
+        return [ids[0] for ids in self.own_word_ids(text) if ids and bool(whole[ids[0]])]
+
     def embedding_matrix(self) -> torch.Tensor:
         """The model folder's word-piece embedding matrix (V x e), which the sparse heads are tied to.
 

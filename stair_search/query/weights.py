@@ -12,7 +12,7 @@ Pure functions over numpy arrays, chosen by name (``QUERY_WEIGHTS``); the router
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -23,9 +23,8 @@ class WordPieces(Protocol):
     """What the lookup needs of a vocabulary (``models.vocab.Vocabulary`` has it; query/ stays below models/)."""
 
     tokens: Sequence[str]
-    whole_words: Any  # (V,) bool: the token is a whole word, not a "##" continuation
 
-    def own_word_ids(self, text: str) -> list[list[int]]: ...
+    def first_word_pieces(self, text: str) -> list[int]: ...
 
 
 def idf_table(document_frequency: np.ndarray, documents: int) -> np.ndarray:
@@ -39,9 +38,8 @@ def idf_table(document_frequency: np.ndarray, documents: int) -> np.ndarray:
 def lookup_query(vocabulary: WordPieces, text: str, table: np.ndarray) -> dict[str, float]:
     """The query's own words (function words aside) as their first whole-word piece -- the piece an image
     vector can hold, as the model's own query floor picks -- each weighted by ``table`` (0: left out)."""
-    whole = vocabulary.whole_words
     query: dict[str, float] = {}
-    for ids in vocabulary.own_word_ids(text):
-        if ids and bool(whole[ids[0]]) and table[ids[0]] > 0:
-            query[vocabulary.tokens[ids[0]]] = float(table[ids[0]])
+    for i in vocabulary.first_word_pieces(text):
+        if table[i] > 0:
+            query[vocabulary.tokens[i]] = float(table[i])
     return query

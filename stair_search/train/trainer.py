@@ -62,8 +62,8 @@ class TrainConfig:
     tower_lr: float = 0.1  # LR multiplier of the image tower's pretrained trunk
     stop_after: int | None = None  # early stop: end after this many epochs of the schedule (its LR curve kept)
     # Train the sparse heads only (D2S-style): both towers, their projections and the prior stay exactly as they
-    # are, so a pretrained dual encoder keeps its dense space and gains heads (its images' stem features, or
-    # pixels, are cached once as in any run).
+    # are, so a pretrained dual encoder keeps its dense space and gains heads (what the image head reads is
+    # computed once through the frozen tower: HeadInputs).
     heads_only: bool = False
     # Weight of distilling the frozen dense scores into the sparse ones (D2S): the in-batch softmax of the sparse
     # image x text scores is pulled towards the dense one's, a soft target beside InfoNCE's one-hot.
@@ -113,6 +113,7 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
     config = config or TrainConfig()
     if not pairs:
         raise ValueError("No training pairs given.")
+    _check_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _seed(config.seed)
@@ -121,7 +122,7 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
     if config.heads_only:
         images = head_inputs(model, images)
     captions = [c for _, c in pairs]
-    _check_stages(config)
+    targets = caption_words(model, captions) if config.words else None
     if model.config.frozen_text and hasattr(getattr(model.clip, "text", None), "transformer"):
         model.clip.text.transformer = FrozenTextCache(model.clip.text.transformer, model.tokenizer(captions),
                                                       model.pad_id)
@@ -144,7 +145,7 @@ def train(pairs: Sequence[tuple[str, str]], out_dir: str | Path, config: TrainCo
     for epoch in range(done_epochs, min(len(schedule), config.stop_after or len(schedule))):
         started = time.perf_counter()
         stats = _train_epoch(model, (optimizer, scheduler), images, captions, schedule[epoch], epoch, config,
-                             total_steps, steps_per_epoch)
+                             total_steps, steps_per_epoch, targets)
         r1 = _validate(model, *val) if val else (None, None)
         entry = EpochLog(schedule[epoch], epoch + 1, *stats, *r1, round(time.perf_counter() - started, 1))
         log.append(entry)
@@ -282,10 +283,13 @@ def _fill_prior(model: StairModel) -> None:
     model.train()
 
 
-def _check_stages(config: TrainConfig) -> None:
+def _check_config(config: TrainConfig) -> None:
     unknown = sorted(set(config.tower_frozen) - set(STAGES))
     if unknown:
         raise ValueError(f"tower_frozen names unknown stages {unknown}; the stages are {STAGES}.")
+    if config.words and not config.heads_only:
+        raise ValueError("words (the caption-word loss) reads the image head's cached inputs, which only heads-only "
+                         "training has: add --heads-only or drop --words.")
 
 
 def _param_groups(model: StairModel, config: TrainConfig) -> list[dict]:
@@ -408,7 +412,7 @@ def head_inputs(model: StairModel, images: torch.Tensor, batch_size: int = 128) 
         out = model.tower.tail(batch) if model.tower.has_stem else model.tower(batch)
         tokens.append(out.head_tokens.half().cpu())
         features.append(None if out.features is None else out.features.half().cpu())
-        dense.append(model.image_output(out, with_local=False).dense.float().cpu())
+        dense.append(model.image_dense(out, with_local=False)[0].float().cpu())
     model.train(was_training)
     return HeadInputs(torch.cat(tokens), None if features[0] is None else torch.cat(features), torch.cat(dense))
 
@@ -416,19 +420,17 @@ def head_inputs(model: StairModel, images: torch.Tensor, batch_size: int = 128) 
 def _encode_head_inputs(model: StairModel, inputs: HeadInputs) -> tuple[TowerOutput, torch.Tensor]:
     """The image side from cached head inputs (heads-only), and the head's (B, n) pooled logits."""
     logits = model.image_head.pooled_logits(inputs.tokens)
-    sparse, _ = model.image_sparse(inputs.tokens, inputs.features, model.image_head.expand(weights_of(logits)))
+    sparse, _ = model.image_sparse(model.image_head.expand(weights_of(logits)), inputs.features)
     return TowerOutput(dense=inputs.dense, sparse=sparse), logits
 
 
 def caption_words(model: StairModel, captions: Sequence[str]) -> list[torch.Tensor]:
     """Each caption's words as positions among the image head's tokens: the first whole-word piece of each word
     (function words aside), the piece a query's lookup matches (query/weights.py)."""
-    whole, position = model.vocabulary.whole_words, model.image_head.emit_position.cpu()
+    position = model.image_head.emit_position.cpu()
     out = []
     for caption in captions:
-        ids = torch.tensor(sorted({ids[0] for ids in model.vocabulary.own_word_ids(caption) if ids and whole[ids[0]]}),
-                           dtype=torch.long)
-        rows = position[ids] if len(ids) else ids
+        rows = position[torch.tensor(sorted(set(model.vocabulary.first_word_pieces(caption))), dtype=torch.long)]
         out.append(rows[rows >= 0])
     return out
 
@@ -466,14 +468,14 @@ def _augment(pixels: torch.Tensor, max_zoom: float = 0.2, max_shift: float = 0.1
 def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
                  images: torch.Tensor | HeadInputs, captions: list[str],
                  stage: str, epoch: int, config: TrainConfig, total_steps: int,
-                 steps_per_epoch: int) -> tuple[float, float, float]:
+                 steps_per_epoch: int, targets: list[torch.Tensor] | None = None) -> tuple[float, float, float]:
+    """One epoch; ``targets``: each caption's words among the image head's tokens (the caption-word loss)."""
     optimizer, scheduler = optimizers
     _set_stage(model, stage, config)
-    cached = model.tower.has_stem or isinstance(images, HeadInputs)
+    cached = model.tower.has_stem
     model.train()
     device = model.image_head.bias.device
     order = torch.randperm(len(captions)).tolist()
-    targets = caption_words(model, captions) if config.words else None
     losses, image_nnz, text_nnz = [], [], []
     for step_in_epoch, start in enumerate(range(0, len(order), config.batch_size)):
         batch = _distinct_captions(order[start : start + config.batch_size], captions)
@@ -501,7 +503,7 @@ def _train_epoch(model: StairModel, optimizers: tuple[torch.optim.Optimizer, tor
             + lam * (flops(image_sparse) + flops(text_sparse))
         if config.distill:
             loss = loss + config.distill * distill(sparse_logits, dense_logits.detach())
-        if targets is not None and logits is not None:
+        if targets is not None:
             hot = torch.zeros_like(logits)
             for row, i in enumerate(batch):
                 hot[row, targets[i]] = 1.0

@@ -91,6 +91,29 @@ def test_frozen_minilm_text_tower_is_left_out_of_the_checkpoint(tmp_path):
     np.testing.assert_allclose(a.dense, b.dense, atol=2e-2)
 
 
+
+def test_the_default_is_stair_lite_2_and_stair_lite_still_loads_as_it_was(shape_images):
+    """stair-lite-2 ships weights only (stair-lite's towers, heads retrained): its config is its checkpoint's, its
+    dense space is stair-lite's exactly, its sparse vectors are its own, so an index built with either model keeps
+    opening with that model (a different fingerprint, never a silent swap)."""
+    from dataclasses import asdict
+
+    from stair_search.models import DEFAULT_MODEL, builtin_models
+    from stair_search.models.factory import resolve_config
+
+    assert DEFAULT_MODEL == "stair-lite-2" and {"stair-lite", "stair-lite-2", "stair-tiny"} <= set(builtin_models())
+    new, old = (Encoder(create_model(name, device="cpu")) for name in ("stair-lite-2", "stair-lite"))
+    assert (new.model.spec, new.name, old.name) == ("stair-lite-2", "stair-lite-2", "stair-lite")
+    assert new.fingerprint != old.fingerprint
+    ours, theirs = new.encode_images(shape_images[:3]), old.encode_images(shape_images[:3])
+    np.testing.assert_array_equal(ours.dense, theirs.dense)
+    assert [sorted(s) for s in ours.sparse] != [sorted(s) for s in theirs.sparse]
+    assert all(len(s) > 64 for s in ours.sparse)  # its 128 words per image, against stair-lite's 64
+    config = asdict(resolve_config("stair-lite-2"))  # what `train --model stair-lite-2` starts from
+    differs = {k for k, v in asdict(resolve_config("stair-lite")).items() if config[k] != v}
+    assert differs == {"name", "image_top_k", "keyword_alpha"}
+
+
 OFFLINE_LOAD = textwrap.dedent("""
     import sys, numpy as np
     from stair_search.encode import Encoder

@@ -2,7 +2,8 @@
 
 ``spec`` may be
 - a stair-search checkpoint file (``*.pt``, written by :func:`save_checkpoint`),
-- a StairConfig JSON file, or the name of one that ships with the package (``stair-tiny``),
+- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-2``, ``stair-tiny``):
+  its trained weights, and its config JSON or, for a retrained model that has none, its checkpoint's config,
 - an open_clip built-in model name (``ViT-B-32``) with ``pretrained`` = an open_clip tag
   (``laion2b_s34b_b79k``, resolved from the local Hugging Face cache) or a local open_clip checkpoint file.
 Nothing here reaches the network when the weights are local.
@@ -64,13 +65,18 @@ def _from_checkpoint(path: str | Path, device: str | None) -> StairModel:
     return load_checkpoint(model, payload).to(device or default_device()).eval()
 
 
+def builtin_models() -> list[str]:
+    """Names of the models that ship with the package: a config JSON, trained weights, or both."""
+    return sorted(set(builtin_configs()) | {p.stem for p in WEIGHTS_DIR.glob("*.pt")})
+
+
 def shipped_checkpoint(name: str) -> Path | None:
-    """The trained weights that ship with the package for a built-in config name (``stair-tiny``), if any.
+    """The trained weights that ship with the package for a built-in model name (``stair-tiny``), if any.
 
     ``create_model("stair-tiny")`` loads them; training starts from the config (``resolve_config``) instead.
     """
     path = WEIGHTS_DIR / f"{name}.pt"
-    return path if name in builtin_configs() and path.is_file() else None
+    return path if name in builtin_models() and path.is_file() else None
 
 
 def resolve_config(spec: str, pretrained: str | None = None) -> StairConfig:
@@ -81,13 +87,15 @@ def resolve_config(spec: str, pretrained: str | None = None) -> StairConfig:
         config = StairConfig.from_json(path)
     elif spec in builtin_configs():
         config = StairConfig.from_json(CONFIG_DIR / f"{spec}.json")
+    elif spec in builtin_models():  # shipped weights without a config of their own (heads retrained on a model)
+        config = checkpoint_config(read_checkpoint(WEIGHTS_DIR / f"{spec}.pt"))
     else:
         import open_clip
 
         if spec not in open_clip.list_models():
             raise ValueError(
                 f"Unknown model '{spec}'. Give a stair-search checkpoint (*.pt), a StairConfig JSON file, "
-                f"one of {builtin_configs()}, or an open_clip model name (open_clip.list_models())."
+                f"one of {builtin_models()}, or an open_clip model name (open_clip.list_models())."
             )
         config = StairConfig(name=spec, clip=spec)
     if pretrained is not None:

@@ -91,7 +91,6 @@ def test_frozen_minilm_text_tower_is_left_out_of_the_checkpoint(tmp_path):
     np.testing.assert_allclose(a.dense, b.dense, atol=2e-2)
 
 
-
 def test_the_default_is_stair_lite_2_and_stair_lite_still_loads_as_it_was(shape_images):
     """stair-lite-2 ships weights only (stair-lite's towers, heads retrained): its config is its checkpoint's, its
     dense space is stair-lite's exactly, its sparse vectors are its own, so an index built with either model keeps

@@ -87,8 +87,8 @@ def resolve_config(spec: str, pretrained: str | None = None) -> StairConfig:
         config = StairConfig.from_json(path)
     elif spec in builtin_configs():
         config = StairConfig.from_json(CONFIG_DIR / f"{spec}.json")
-    elif spec in builtin_models():  # shipped weights without a config of their own (heads retrained on a model)
-        config = checkpoint_config(read_checkpoint(WEIGHTS_DIR / f"{spec}.pt"))
+    elif (shipped := shipped_checkpoint(spec)) is not None:  # shipped weights without a config of their own
+        config = checkpoint_config(read_checkpoint(shipped))
     else:
         import open_clip
 

@@ -187,8 +187,9 @@ class IndexRegistry:
                 return encoder
             except IndexMismatchError:
                 pass  # the model file changed under the same name: load it again
-        encoder = BatchingEncoder(Encoder(key[0], pretrained=key[1]), max_wait_s=self.batch_wait_s,
-                                  enabled=self.batching)
+        model = Encoder(key[0], pretrained=key[1])
+        model.warm()  # the image trunk's fast copy now, not in the first image query
+        encoder = BatchingEncoder(model, max_wait_s=self.batch_wait_s, enabled=self.batching)
         self._encoders[key] = encoder
         return encoder
 

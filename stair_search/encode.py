@@ -21,6 +21,7 @@ from stair_search.images import model_view
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
 from stair_search.models.concepts import ConceptBank, query_vector
 from stair_search.models.heads import top_k_sparse
+from stair_search.models.runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,18 @@ class Encoder:
 
     def __init__(self, model: StairModel | str = DEFAULT_MODEL, batch_size: int = 32,
                  device: str | None = None, pretrained: str | None = None, accelerate: bool = True,
-                 concept_reference: Sequence[Image.Image] | None = None):
+                 concept_reference: Sequence[Image.Image] | None = None, runtimes: Sequence[str] = RUNTIMES):
         """``accelerate``: encode images through the tower's faster inference copy where it has one (a CNN on
         CPU: batch norm folded, channels-last), a snapshot taken at the first image batch; the model's weights
         must not change after that (an Encoder is for inference; training builds a new one to validate).
+        ``runtimes``: what may run that copy, the first that works here (models/runtime.py).
         ``concept_reference``: the images that calibrate training-free sparse vectors (``sparse_source``
         "concepts", models/concepts.py; default scikit-image's sample photos)."""
         self.model = model if isinstance(model, StairModel) else create_model(model, pretrained, device)
         self.batch_size = batch_size
         self.device = next(self.model.parameters()).device
         self._fast_tower: Callable | bool | None = None if accelerate else False  # False: none (or not wanted)
+        self.runtimes = tuple(runtimes)
         self.concept_reference = list(concept_reference) if concept_reference is not None else None
         self._concepts: ConceptBank | None = None
 
@@ -137,12 +140,20 @@ class Encoder:
                  for i in range(0, len(texts), self.batch_size)]
         return _concat(parts)
 
+    def warm(self) -> None:
+        """Build the image side's accelerated copy now (for a CNN on CPU, an ONNX export: ~1.5 s) instead of in
+        the first image batch, so that a server's first image query does not wait for it."""
+        self._accelerate(torch.zeros(2, 3, *self.model.tower.image_size, device=self.device))
+
+    def _accelerate(self, example: torch.Tensor) -> None:
+        if self._fast_tower is None and not self.model.training:
+            with torch.inference_mode(False):
+                self._fast_tower = self.model.tower.accelerated(example[:2].clone(), self.runtimes) or False
+
     @torch.inference_mode()
     def _encode_pixel_batch(self, pixels: torch.Tensor) -> EncodedBatch:
         pixels = pixels.to(self.device)
-        if self._fast_tower is None and not self.model.training:
-            with torch.inference_mode(False):
-                self._fast_tower = self.model.tower.accelerated(pixels[:2].clone()) or False
+        self._accelerate(pixels)
         if self._fast_tower and not self.model.training and pixels.device.type == "cpu":
             return self._image_batch(self.model.image_output(self._fast_tower(pixels)))
         return self._image_batch(self.model.encode_image(pixels))

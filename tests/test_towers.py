@@ -194,14 +194,18 @@ def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
     assert "missile" in hits[0].matched
 
 
-def test_the_accelerated_cpu_trunk_gives_the_networks_outputs(lite):
-    """Batch norm folded into the convolutions + channels-last layout: the same features as the eager network
-    (to float rounding), and the Encoder's vectors through it equal the eager path's."""
-    from stair_search.models.towers import fold_batch_norms
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_the_accelerated_cpu_trunk_gives_the_networks_outputs(lite, runtime):
+    """Batch norm folded into the convolutions, then ONNX Runtime or torch (channels-last, micro-batches): the
+    same features as the eager network (to float rounding), and the Encoder's vectors through it equal the eager
+    path's. Six images: more than one torch micro-batch, and a batch size the ONNX export never saw."""
+    from stair_search.models.towers import TRUNK_MICRO_BATCH, fold_batch_norms
 
-    pixels = torch.stack([lite.preprocess(_photo(name)) for name in ("coffee.png", "chelsea.png", "rocket.jpg")])
-    fast = lite.tower.accelerated(pixels[:2])
-    assert fast is not None
+    photos = [lite.preprocess(_photo(name)) for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
+    pixels = torch.stack(photos + [p.flip(-1) for p in photos])
+    assert len(pixels) > TRUNK_MICRO_BATCH
+    fast = lite.tower.accelerated(pixels[:2], runtimes=(runtime,))
+    assert fast is not None  # this runtime itself, not a fallback: onnxruntime is a dependency
     with torch.inference_mode():
         eager, quick = lite.tower(pixels), fast(pixels)
     torch.testing.assert_close(quick.pooled, eager.pooled, atol=1e-4, rtol=1e-4)
@@ -210,6 +214,8 @@ def test_the_accelerated_cpu_trunk_gives_the_networks_outputs(lite):
     folded = fold_batch_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     encoder, reference = Encoder(lite, batch_size=2), Encoder(lite, batch_size=2, accelerate=False)
+    encoder.warm()  # what a server does at start: the fast copy exists before any image
+    assert encoder.accelerated
     a, b = encoder.encode_pixels(pixels), reference.encode_pixels(pixels)
     assert encoder.accelerated and not reference.accelerated
     np.testing.assert_allclose(a.dense, b.dense, atol=1e-5)

@@ -9,6 +9,7 @@ and their ratio: how much of the encoder's speed survives the rest of the job (t
 first model's (the default model's target: >= 0.5x stair-tiny's).
 
     python benchmarks/indexing_throughput.py [--models ViT-S-32] [--images 256] [--batch-size 32] [--workers N]
+                                              [--repeats 3]
 
 ViT-S-32 is open_clip's ViT-S class config (random weights: speed does not depend on them). The images
 are 256x256 JPEGs drawn here, each a few coloured shapes, so decoding costs what a small photo costs.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,24 +79,31 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=256, help="side of the drawn JPEGs in pixels")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, models alternating; medians reported")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default min(4, cores))")
     args = parser.parse_args()
     workers = default_workers() if args.workers is None else args.workers
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} images of "
           f"{args.image_size} px, batch {args.batch_size}, {workers} workers")
     work = Path(tempfile.mkdtemp(prefix="indexing-bench-"))
-    rows = []
     try:
         paths = draw_images(work / "images", args.images, args.image_size)
         draw_images(work / "warm-up", args.batch_size, args.image_size, seed=1)
-        for model in args.models:
-            encoder = Encoder(model, batch_size=args.batch_size)
-            pipeline_rate(encoder, work / "warm-up", work / f"warm-{len(rows)}", args.batch_size, workers)
-            bare = bare_encoder_rate(encoder, paths)
-            pipeline = pipeline_rate(encoder, work / "images", work / f"run-{len(rows)}", args.batch_size, workers)
-            rows.append((model, bare, pipeline))
+        encoders = [Encoder(model, batch_size=args.batch_size) for model in args.models]
+        for i, encoder in enumerate(encoders):
+            pipeline_rate(encoder, work / "warm-up", work / f"warm-{i}", args.batch_size, workers)
+        rates: list[list[tuple[float, float]]] = [[] for _ in encoders]
+        for round_ in range(args.repeats):  # models alternate, so a slow spell of the machine hits them alike
+            for i, encoder in enumerate(encoders):
+                bare = bare_encoder_rate(encoder, paths)
+                run = work / f"run-{round_}-{i}"
+                rates[i].append((bare, pipeline_rate(encoder, work / "images", run, args.batch_size, workers)))
+                shutil.rmtree(run)
+        rows = [(model, statistics.median(b for b, _ in r), statistics.median(p for _, p in r))
+                for model, r in zip(args.models, rates, strict=True)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"\nmedians of {args.repeats} alternating rounds")
     print(f"\n| model | bare encoder images/s | pipeline images/s | pipeline / bare | pipeline vs {args.models[0]} |")
     print("|---|---|---|---|---|")
     for model, bare, pipeline in rows:

@@ -105,7 +105,7 @@ def index(
                           **{k: v for k, v in {"max_pixels": max_pixels, "max_bytes": max_bytes}.items() if v})
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
-    if summary.manifest.sparse != "heads":
+    if summary.manifest.sparse in SPARSE_NOTES:
         typer.echo(f"note: {SPARSE_NOTES[summary.manifest.sparse]}", err=True)
 
 
@@ -168,7 +168,7 @@ def search(
                    f"({response.decision['reason']})")
     if "note" in response.decision:
         typer.echo(f"note: {response.decision['note']}", err=True)
-    if response.mode != "dense" and router.index.manifest.sparse != "heads":
+    if response.mode != "dense" and router.index.manifest.sparse in SPARSE_NOTES:
         typer.echo(f"note: {SPARSE_NOTES[router.index.manifest.sparse]}", err=True)
     if as_json:
         for hit in response.hits:

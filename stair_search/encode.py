@@ -75,7 +75,8 @@ class Encoder:
 
     @property
     def sparse_source(self) -> str:
-        """Where this encoder's sparse vectors come from: "heads", "concepts" (training-free) or "none"."""
+        """Where this encoder's sparse vectors come from: "heads", "heads+concepts", "concepts" (training-free) or
+        "none" (models/stair.py SPARSE_SOURCES)."""
         return self.model.sparse_source
 
     def concepts(self) -> ConceptBank:
@@ -180,7 +181,11 @@ class Encoder:
             return self.concepts().image_vectors(dense, self.model.config.image_top_k)
         if self.sparse_source == "none":
             return [{} for _ in range(len(dense))]
-        return self._to_dicts(out.sparse, self.model.config.image_top_k, out.keep)
+        weights = out.sparse
+        if self.sparse_source == "heads+concepts":
+            concepts = torch.from_numpy(self.concepts().image_weights(dense)).to(weights.device)
+            weights = weights.float() + self.model.config.concept_weight * concepts
+        return self._to_dicts(weights, self.model.config.image_top_k, out.keep)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """(B, D) unit float32 dense embeddings only, for texts that are never searched sparsely (the rerankers'
@@ -198,7 +203,7 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_text_batch(self, texts: list[str]) -> EncodedBatch:
-        if self.sparse_source != "heads":  # the text tower's embedding only; query words from the vocabulary
+        if self.sparse_source not in ("heads", "heads+concepts"):  # the text tower's embedding; the query's own words
             sparse = [query_vector(self.model.vocabulary, t) if self.sparse_source == "concepts" else {}
                       for t in texts]
             return EncodedBatch(dense=self._embed_text_batch(texts), sparse=sparse)

@@ -97,10 +97,10 @@ def test_the_default_is_stair_lite_2_and_stair_lite_still_loads_as_it_was(shape_
     opening with that model (a different fingerprint, never a silent swap)."""
     from dataclasses import asdict
 
-    from stair_search.models import DEFAULT_MODEL, builtin_models
+    from stair_search.models import builtin_models
     from stair_search.models.factory import resolve_config
 
-    assert DEFAULT_MODEL == "stair-lite-2" and {"stair-lite", "stair-lite-2", "stair-tiny"} <= set(builtin_models())
+    assert {"stair-lite", "stair-lite-2", "stair-lite-3", "stair-tiny"} <= set(builtin_models())
     new, old = (Encoder(create_model(name, device="cpu")) for name in ("stair-lite-2", "stair-lite"))
     assert (new.model.spec, new.name, old.name) == ("stair-lite-2", "stair-lite-2", "stair-lite")
     assert new.fingerprint != old.fingerprint
@@ -199,3 +199,19 @@ def test_clip_text_over_its_used_positions_equals_open_clips_own_encode_text(tin
         tokens = model.tokenizer(texts)
         with torch.no_grad():
             torch.testing.assert_close(model.embed_text(tokens), model.clip.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_fields_added_later_leave_the_shipped_models_fingerprints_as_indexes_recorded_them(tiny_config_path):
+    """Indexes on users' disks hold these fingerprints: a StairConfig field added since (concept_weight, weights)
+    enters the hash only when set, so stair-tiny's is still the one its indexes recorded (c5938168dc53...)."""
+    from stair_search.models.checkpoint import HASHED_WHEN_SET
+
+    assert model_fingerprint(create_model("stair-tiny", device="cpu")).startswith("c5938168dc53")
+    model = create_model(str(tiny_config_path), device="cpu")
+    before = model_fingerprint(model)
+    for key, default in HASHED_WHEN_SET.items():
+        assert getattr(model.config, key) == default
+    model.config.concept_weight = 0.75
+    assert model_fingerprint(model) != before
+    model.config.concept_weight = HASHED_WHEN_SET["concept_weight"]
+    assert model_fingerprint(model) == before

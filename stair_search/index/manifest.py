@@ -56,7 +56,8 @@ class Manifest:
     num_local: int
     shards: list[ShardInfo] = field(default_factory=list)
     # How the sparse vectors were made (models/stair.py SPARSE_SOURCES): "heads" (trained STAIR heads; every
-    # index built before this field existed), "concepts" (training-free, models/concepts.py) or "none".
+    # index built before this field existed), "heads+concepts" (both, summed), "concepts" (training-free,
+    # models/concepts.py) or "none".
     sparse: str = "heads"
     # Keys of the indexing jobs that built this index (indexer/journal.py job_key): a finished job run again
     # finds its key here and stops, saying the index is complete.

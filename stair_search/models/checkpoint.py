@@ -20,6 +20,9 @@ from stair_search.models.stair import StairModel, resolve_sparse
 FORMAT = "stair-search/checkpoint"
 VERSION = 1
 FROZEN_TEXT_PREFIX = "clip.text.transformer."
+# StairConfig fields added after indexes were built with the shipped models, with their defaults: hashed into
+# the fingerprint only when set, so that those indexes keep opening.
+HASHED_WHEN_SET = {"concept_weight": 0.5, "weights": None}
 
 
 def file_sha256(path: Path) -> str:
@@ -54,7 +57,7 @@ def save_checkpoint(model: StairModel, path: str | Path, half: bool = False) -> 
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     config = model.config.to_dict()
-    config["pretrained"] = None  # the weights are in this file now
+    config["pretrained"] = config["weights"] = None  # the weights are in this file now
     payload = {"format": FORMAT, "version": VERSION, "config": config,
                "vocabulary_sha256": model.vocabulary.sha256, "state_dict": state, "omitted": omitted}
     with atomic_path(path) as tmp:
@@ -122,6 +125,9 @@ def model_fingerprint(model: StairModel) -> str:
     config = model.config.to_dict()
     config.pop("pretrained", None)  # where the weights came from does not matter, only what they are
     config.pop("name", None)
+    for key, default in HASHED_WHEN_SET.items():  # fields added later: every earlier model keeps its fingerprint
+        if config.get(key) == default:
+            config.pop(key)
     digest.update(repr(sorted(config.items())).encode())
     digest.update(model.vocabulary.sha256.encode())
     for key, value in sorted(model.state_dict().items()):

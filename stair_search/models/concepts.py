@@ -60,6 +60,14 @@ class ConceptBank:
         centred = unit(np.asarray(dense, np.float64) - self.image_mean)
         return (centred @ self.embeddings.T - self.mean) / self.std
 
+    def image_weights(self, dense: np.ndarray) -> np.ndarray:
+        """(B, V) float32 weights over the whole vocabulary: z / Z_SCALE for each concept with z >= MIN_Z, else 0
+        (what "heads+concepts" adds to a trained head's weights before its top-k cut)."""
+        z = self.z_scores(dense)
+        weights = np.zeros((len(z), len(self.vocabulary.tokens)), np.float32)
+        weights[:, self.token_ids] = np.where(z >= MIN_Z, z / Z_SCALE, 0.0)
+        return weights
+
     def image_vectors(self, dense: np.ndarray, top_k: int) -> list[dict[str, float]]:
         """The sparse vector of each image: its ``top_k`` concepts with z >= MIN_Z, weight z / Z_SCALE."""
         z = self.z_scores(dense)

@@ -56,10 +56,19 @@ class StairConfig:
     trust_components: int = 0
     # The sparse route's convex weight for keyword-like queries under ``auto`` (tuned per model on a val split).
     keyword_alpha: float = 0.7
-    # Where sparse vectors come from: "heads" (the STAIR heads), "concepts" (training-free: models/concepts.py)
-    # or "none". None: "heads" for a model loaded from a stair-search checkpoint (trained heads), "concepts" for
-    # one built from a config or an open_clip name (its heads would be random: never used silently).
+    # Where sparse vectors come from: "heads" (the STAIR heads), "heads+concepts" (the heads' image vectors plus
+    # ``concept_weight`` x the training-free ones, queries from the text head), "concepts" (training-free:
+    # models/concepts.py) or "none". None: "heads" for a model loaded from a stair-search checkpoint (trained
+    # heads), "concepts" for one built from a config or an open_clip name (its heads would be random: never used
+    # silently).
     sparse: str | None = None
+    # With sparse "heads+concepts": how much an image's training-free concept weights (z / Z_SCALE) add to its
+    # heads' weights before the image top-k cut (tuned per model on a val split).
+    concept_weight: float = 0.5
+    # Trained weights that a model built from this config loads (a stair-search checkpoint: a built-in model name
+    # or a .pt path), so that a shipped config can reuse a shipped model's weights with other settings. Its
+    # architecture fields must be the checkpoint's; a checkpoint saved from the model stores None here.
+    weights: str | None = None
     image_mean: list[float] | None = None  # preprocessing (None: open_clip's defaults)
     image_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -2,7 +2,7 @@
 
 ``spec`` may be
 - a stair-search checkpoint file (``*.pt``, written by :func:`save_checkpoint`),
-- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-2``, ``stair-tiny``):
+- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-3``, ``stair-tiny``):
   its trained weights, and its config JSON or, for a retrained model that has none, its checkpoint's config,
 - an open_clip built-in model name (``ViT-B-32``) with ``pretrained`` = an open_clip tag
   (``laion2b_s34b_b79k``, resolved from the local Hugging Face cache) or a local open_clip checkpoint file.
@@ -51,7 +51,9 @@ def create_model(spec: str | Path | StairConfig = DEFAULT_MODEL, pretrained: str
             model.spec = text
             return model
         config = resolve_config(text, pretrained)
-    model = build_model(config)
+    model = build_model(config, image_weights=config.weights is None)
+    if config.weights is not None:  # a config over a trained model's weights (StairConfig.weights)
+        load_checkpoint(model, read_checkpoint(shipped_checkpoint(config.weights) or config.weights))
     if not isinstance(spec, StairConfig):
         path = Path(str(spec)).expanduser()
         model.spec = str(path.resolve()) if path.suffix == ".json" else str(spec)

@@ -36,7 +36,9 @@ class TowerOutput:
 PRIOR_KEEP = 0.1  # a class word weighing at least this much (about p >= 0.1) stays past the image top-k cut
 
 
-SPARSE_SOURCES = ("heads", "concepts", "none")
+# "heads+concepts": the heads' image vectors plus StairConfig.concept_weight x the training-free ones; queries
+# from the text head, as with "heads".
+SPARSE_SOURCES = ("heads", "heads+concepts", "concepts", "none")
 
 
 def resolve_sparse(source: str | None, trained: bool) -> str:

@@ -119,3 +119,48 @@ def test_a_pretrained_dual_encoder_gets_words_related_to_real_photos():
     top = [list(v)[:12] for v in vectors]
     assert "coffee" in top[0] and "cat" in top[1] and "missile" in top[2], top
     assert np.isfinite([w for v in vectors for w in v.values()]).all()
+
+
+def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads(tmp_path):
+    """stair-lite-3 is stair-lite-2's weights (StairConfig.weights) with sparse "heads+concepts": each image word
+    weighs its head weight plus concept_weight x its training-free weight, queries come from the text head, and an
+    index records the source and refuses stair-lite-2's encoder (another fingerprint)."""
+    import skimage
+
+    from stair_search.models.heads import top_k_sparse
+
+    mixed, heads = Encoder("stair-lite-3", batch_size=4), Encoder("stair-lite-2", batch_size=4)
+    assert mixed.sparse_source == "heads+concepts" and heads.sparse_source == "heads"
+    state, reference = mixed.model.state_dict(), heads.model.state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    assert mixed.fingerprint != heads.fingerprint
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
+    pixels = torch.stack([mixed.preprocess(p) for p in photos])
+    got = mixed.encode_pixels(pixels)
+    with torch.inference_mode():
+        out = heads.model.encode_image(pixels)
+    beta, k = mixed.model.config.concept_weight, mixed.model.config.image_top_k
+    expected = out.sparse + beta * torch.from_numpy(mixed.concepts().image_weights(got.dense))
+    expected = torch.where(out.keep, expected, top_k_sparse(expected, k)) if out.keep is not None else \
+        top_k_sparse(expected, k)
+    tokens = mixed.model.vocabulary.tokens
+    for vector, row in zip(got.sparse, expected, strict=True):
+        want = {tokens[i]: float(row[i]) for i in row.nonzero().flatten().tolist()}
+        assert set(vector) == set(want)
+        np.testing.assert_allclose([vector[t] for t in want], list(want.values()), rtol=1e-3, atol=1e-3)
+    plain = heads.encode_pixels(pixels).sparse
+    assert any(set(a) != set(b) for a, b in zip(got.sparse, plain, strict=True))  # the concepts changed words
+    assert "cat" in sorted(got.sparse[1], key=got.sparse[1].get)[-12:]
+    texts = ["dog", "a red heart"]
+    assert mixed.encode_texts(texts).sparse == heads.encode_texts(texts).sparse
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo, name in zip(photos, ("coffee", "chelsea", "rocket"), strict=True):
+        photo.save(images / f"{name}.png")
+    indexer.run(images, tmp_path / "index", encoder=mixed, workers=0, progress=False)
+    assert Manifest.load(tmp_path / "index").sparse == "heads+concepts"
+    with pytest.raises(IndexMismatchError, match="sparse vectors from heads != index heads\\+concepts"):
+        Index(tmp_path / "index").manifest.check_encoder(heads)
+    hits = QueryRouter(Index(tmp_path / "index"), mixed).search(text="cat", mode="sparse", k=1, explain=True).hits
+    assert hits[0].id.endswith("chelsea.png") and "cat" in hits[0].matched

@@ -83,10 +83,11 @@ class Encoder:
         """The model's concept bank (training-free sparse vectors), from its cache file or built once (minutes
         for a large text tower on CPU) and cached."""
         if self._concepts is None:
+            from stair_search.models.checkpoint import dense_fingerprint
             from stair_search.models.concepts import cache_name, reference_images
             from stair_search.paths import concepts_dir
 
-            path = concepts_dir() / cache_name(self.fingerprint, self.concept_reference)
+            path = concepts_dir() / cache_name(dense_fingerprint(self.model), self.concept_reference)
             bank = ConceptBank.load(path, self.model.vocabulary)
             if bank is None:
                 reference = self.concept_reference or reference_images()

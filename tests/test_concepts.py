@@ -22,6 +22,7 @@ from stair_search.encode import Encoder
 from stair_search.index.manifest import IndexMismatchError, Manifest
 from stair_search.index.reader import Index
 from stair_search.models import create_model
+from stair_search.models.checkpoint import dense_fingerprint
 from stair_search.models.concepts import query_vector
 from stair_search.retrieve.router import QueryRouter
 from tests.conftest import TINY_CONFIG, draw_shape
@@ -133,7 +134,9 @@ def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads
     assert mixed.sparse_source == "heads+concepts" and heads.sparse_source == "heads"
     state, reference = mixed.model.state_dict(), heads.model.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
-    assert mixed.fingerprint != heads.fingerprint
+    assert mixed.fingerprint != heads.fingerprint  # but the same dense side: one cached concept bank
+    assert dense_fingerprint(mixed.model) == dense_fingerprint(heads.model) != dense_fingerprint(
+        create_model("stair-tiny", device="cpu"))
     folder = Path(skimage.__file__).parent / "data"
     photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
     pixels = torch.stack([mixed.preprocess(p) for p in photos])

@@ -23,6 +23,10 @@ FROZEN_TEXT_PREFIX = "clip.text.transformer."
 # StairConfig fields added after indexes were built with the shipped models, with their defaults: hashed into
 # the fingerprint only when set, so that those indexes keep opening.
 HASHED_WHEN_SET = {"concept_weight": 0.5, "weights": None}
+SPARSE_HEADS = ("image_head.", "text_head.")  # the state-dict prefixes of the sparse heads
+# StairConfig fields that change only sparse vectors, queries or search settings, never a dense embedding.
+SPARSE_ONLY_FIELDS = ("image_top_k", "text_top_k", "emit_tokens", "ground_text", "text_floor", "keyword_alpha",
+                      "sparse", "concept_weight", "num_local", "weights", "seed")
 
 
 def file_sha256(path: Path) -> str:
@@ -121,16 +125,29 @@ def _check_omitted(path: Path, model: StairModel, omitted: dict[str, Any] | None
 
 def model_fingerprint(model: StairModel) -> str:
     """Content hash of the effective weights + config + vocabulary: what an index records and checks."""
-    digest = hashlib.sha256()
     config = model.config.to_dict()
-    config.pop("pretrained", None)  # where the weights came from does not matter, only what they are
-    config.pop("name", None)
     for key, default in HASHED_WHEN_SET.items():  # fields added later: every earlier model keeps its fingerprint
         if config.get(key) == default:
             config.pop(key)
+    return _content_hash(model, config, skip_weights=())
+
+
+def dense_fingerprint(model: StairModel) -> str:
+    """Content hash of what a model's dense embeddings depend on: every weight but the sparse heads', the config
+    without its sparse-only settings, the vocabulary. Models that differ only in their sparse heads or settings
+    (stair-lite, stair-lite-2, stair-lite-3) share it, and so share one cached concept bank (models/concepts.py)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in SPARSE_ONLY_FIELDS}
+    return _content_hash(model, config, skip_weights=SPARSE_HEADS)
+
+
+def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    config = {k: v for k, v in config.items() if k not in ("pretrained", "name")}  # not what the weights are
     digest.update(repr(sorted(config.items())).encode())
     digest.update(model.vocabulary.sha256.encode())
     for key, value in sorted(model.state_dict().items()):
+        if key.startswith(skip_weights):
+            continue
         digest.update(key.encode())
         digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()

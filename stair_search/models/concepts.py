@@ -7,7 +7,8 @@ image space, so a sparse vector can be read off the dense one, with no training:
 - **Concepts**: the vocabulary's content words (whole word-pieces, alphabetic, at least 3 letters, no stop
   words; ~20k for the MiniLM vocabulary), each embedded once through the model's text tower and averaged over a
   prompt ensemble (``PROMPTS``), stored in a cache file beside the other data (``paths.concepts_dir``), keyed by
-  the model's weights.
+  the model's dense weights (``checkpoint.dense_fingerprint``: models that differ only in their sparse heads share
+  one bank).
 - **Centring** (the modality gap, as in SpLiCE, Bhalla et al. 2024): image embeddings are compared after
   subtracting the mean reference image, concepts after subtracting the mean concept.
 - **Calibration**: each concept's centred cosine is standardised over the reference images (mean and standard
@@ -165,7 +166,8 @@ def reference_images() -> list[Image.Image]:
 
 
 def cache_name(fingerprint: str, reference: Sequence[Image.Image] | None) -> str:
-    """The cache file of a model (its weight fingerprint) with a reference set (None: the default one)."""
+    """The cache file of a model (its dense fingerprint, checkpoint.dense_fingerprint: models that differ only in
+    their sparse heads share it) with a reference set (None: the default one)."""
     digest = hashlib.sha256(f"{CACHE_FORMAT}:{PROMPTS}:{SHRINK}".encode())
     for image in reference or ():
         digest.update(image.tobytes())

@@ -45,7 +45,7 @@ PYTHON = VENV_BIN / "python"
 # Written in parallel with this README; a link to them is accepted while they do not exist yet.
 PENDING = {REPO / "docs" / "docker.md", REPO / "docs" / "search-page-phone.png"}
 SERVE_PORT = 8000  # the README's `serve` line uses the default port
-COMMAND_TIMEOUT_S = 300
+COMMAND_TIMEOUT_S = 600  # a first run builds the default model's concept bank (1-2 min alone, more beside the snippets)
 
 FENCE = re.compile(r"^```(\S*)\s*$")
 

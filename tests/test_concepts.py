@@ -47,8 +47,11 @@ def foreign_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def data_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("STAIR_DATA", str(tmp_path_factory.getbasetemp() / "stair-data"))
+def data_home(request, tmp_path_factory, monkeypatch):
+    """The throwaway tiny CLIP's banks go to the session's folder, not the user's data cache; the shipped models'
+    bank is the shared one (built once per machine, ~100 s on 2 cores, and reused by the other tests)."""
+    if "foreign_clip" in request.fixturenames:
+        monkeypatch.setenv("STAIR_DATA", str(tmp_path_factory.getbasetemp() / "stair-data"))
 
 
 def test_a_model_without_trained_heads_never_writes_random_sparse_vectors(foreign_clip, tmp_path):

@@ -37,6 +37,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from stair_search.paths import data_dir
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
@@ -189,12 +191,15 @@ def test_readme_first_screen_gets_a_newcomer_to_a_served_index():
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, snippet_runs):
-    """A newcomer's machine: HOME with a Pictures folder, a working folder, .venv/bin first on PATH; the
-    README's `stair-search index` lines already run there (the search and serve lines need their index)."""
+    """A newcomer's machine after the README's first command: HOME with a Pictures folder, a working folder,
+    .venv/bin first on PATH, and the data cache that `make demo` filled (``STAIR_DATA``: the emoji set and the
+    default model's concept bank, built once per machine and shared with the other tests); the README's
+    `stair-search index` lines already run there (the search and serve lines need their index)."""
     home = tmp_path_factory.mktemp("home")
     pictures = draw_folder(home / "Pictures")
     work = tmp_path_factory.mktemp("work")
-    env = {**os.environ, "HOME": str(home), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "HOME": str(home), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "STAIR_DATA": str(data_dir())}
     env.pop("VIRTUAL_ENV", None)
     indexed = {command: subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
                                        timeout=COMMAND_TIMEOUT_S)

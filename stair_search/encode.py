@@ -143,9 +143,12 @@ class Encoder:
         return _concat(parts)
 
     def warm(self) -> None:
-        """Build the image side's accelerated copy now (for a CNN on CPU, an ONNX export: ~1.5 s) instead of in
-        the first image batch, so that a server's first image query does not wait for it."""
+        """Make now what the first image batch would otherwise wait for, so that a server's first image query
+        does not: the image side's accelerated copy (for a CNN on CPU, an ONNX export: ~1.5 s) and, when image
+        words come from concepts, the concept bank (read from its cache, or built once: about a minute)."""
         self._accelerate(torch.zeros(2, 3, *self.model.tower.image_size, device=self.device))
+        if self.sparse_source in ("heads+concepts", "concepts"):
+            self.concepts()
 
     def _accelerate(self, example: torch.Tensor) -> None:
         if self._fast_tower is None and not self.model.training:

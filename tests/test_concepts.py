@@ -110,6 +110,18 @@ def test_training_free_vectors_are_the_same_in_two_processes_and_read_back_from_
     assert cache[0].stat().st_mtime_ns == built  # the second process read the bank, it did not rebuild it
 
 
+def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreign_clip, tmp_path, monkeypatch):
+    """What a server does when it loads a model: a first image query must not wait for the bank's build."""
+    monkeypatch.setenv("STAIR_DATA", str(tmp_path / "empty-cache"))
+    encoder = Encoder(create_model(str(foreign_clip), device="cpu"), batch_size=8)
+    encoder.warm()
+    cache = list((tmp_path / "empty-cache" / "concepts").glob("*.npz"))
+    assert len(cache) == 1
+    built = cache[0].stat().st_mtime_ns
+    assert encoder.encode_images([draw_shape("red", "circle")]).sparse[0]
+    assert cache[0].stat().st_mtime_ns == built and len(list(cache[0].parent.glob("*.npz"))) == 1
+
+
 def test_a_pretrained_dual_encoder_gets_words_related_to_real_photos():
     """stair-lite's dense towers used as if they were a foreign CLIP (its trained heads ignored)."""
     import skimage

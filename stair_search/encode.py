@@ -80,23 +80,41 @@ class Encoder:
         return self.model.sparse_source
 
     def concepts(self) -> ConceptBank:
-        """The model's concept bank (training-free sparse vectors), from its cache file or built once (minutes
-        for a large text tower on CPU) and cached."""
+        """The model's concept bank (training-free sparse vectors, seen through its concept alignment when it has
+        one), from its cache file or built once (minutes for a large text tower on CPU) and cached."""
         if self._concepts is None:
-            from stair_search.models.checkpoint import dense_fingerprint
-            from stair_search.models.concepts import cache_name, reference_images
-            from stair_search.paths import concepts_dir
-
-            path = concepts_dir() / cache_name(dense_fingerprint(self.model), self.concept_reference)
-            bank = ConceptBank.load(path, self.model.vocabulary)
-            if bank is None:
-                reference = self.concept_reference or reference_images()
-                log.info("building the concept bank of %s (once; cached in %s)", self.name, path)
-                bank = ConceptBank.build(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256),
-                                         self._dense_only(reference))
-                bank.save(path)
-            self._concepts = bank
+            self._concepts = self._bank(self.concept_alignment())
         return self._concepts
+
+    def _bank(self, alignment: np.ndarray | None) -> ConceptBank:
+        from stair_search.models.checkpoint import dense_fingerprint
+        from stair_search.models.concepts import cache_name, reference_images
+        from stair_search.paths import concepts_dir
+
+        path = concepts_dir() / cache_name(dense_fingerprint(self.model), self.concept_reference, alignment)
+        bank = ConceptBank.load(path, self.model.vocabulary)
+        if bank is None:
+            reference = self._dense_only(self.concept_reference or reference_images())
+            if alignment is None:
+                log.info("building the concept bank of %s (once; cached in %s)", self.name, path)
+                bank = ConceptBank.build(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256), reference)
+            else:  # the training-free bank's concepts, calibrated through the alignment
+                bank = self._bank(None).aligned(alignment, reference)
+            bank.save(path)
+        return bank
+
+    def concept_alignment(self) -> np.ndarray | None:
+        """The model's trained (D, D) concept alignment (``StairConfig.concept_alignment``), or None."""
+        location = self.model.config.concept_alignment
+        if not location:
+            return None
+        from stair_search.models.vocab import resolve_path
+
+        path = resolve_path(location)
+        if not path.is_file():
+            raise FileNotFoundError(f"concept_alignment '{location}' of model {self.name} not found (looked at "
+                                    f"{path}); make one with `stair-search align` or remove the field.")
+        return np.load(path).astype(np.float64)
 
     @torch.inference_mode()
     def _dense_only(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -22,11 +22,11 @@ VERSION = 1
 FROZEN_TEXT_PREFIX = "clip.text.transformer."
 # StairConfig fields added after indexes were built with the shipped models, with their defaults: hashed into
 # the fingerprint only when set, so that those indexes keep opening.
-HASHED_WHEN_SET = {"concept_weight": 0.5, "weights": None}
+HASHED_WHEN_SET = {"concept_weight": 0.5, "weights": None, "concept_alignment": None}
 SPARSE_HEADS = ("image_head.", "text_head.")  # the state-dict prefixes of the sparse heads
 # StairConfig fields that change only sparse vectors, queries or search settings, never a dense embedding.
 SPARSE_ONLY_FIELDS = ("image_top_k", "text_top_k", "emit_tokens", "ground_text", "text_floor", "keyword_alpha",
-                      "sparse", "concept_weight", "num_local", "weights", "seed")
+                      "sparse", "concept_weight", "concept_alignment", "num_local", "weights", "seed")
 
 
 def file_sha256(path: Path) -> str:
@@ -129,13 +129,18 @@ def model_fingerprint(model: StairModel) -> str:
     for key, default in HASHED_WHEN_SET.items():  # fields added later: every earlier model keeps its fingerprint
         if config.get(key) == default:
             config.pop(key)
+    if config.get("concept_alignment"):  # the trained map's content, wherever the file lies
+        from stair_search.models.vocab import resolve_path
+
+        config["concept_alignment"] = file_sha256(resolve_path(config["concept_alignment"]))
     return _content_hash(model, config, skip_weights=())
 
 
 def dense_fingerprint(model: StairModel) -> str:
     """Content hash of what a model's dense embeddings depend on: every weight but the sparse heads', the config
     without its sparse-only settings, the vocabulary. Models that differ only in their sparse heads or settings
-    (stair-lite, stair-lite-2, stair-lite-3) share it, and so share one cached concept bank (models/concepts.py)."""
+    (stair-lite, stair-lite-2, stair-lite-3, stair-lite-4) share it, and so share one cached training-free concept
+    bank (models/concepts.py; an alignment's bank is derived from it)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in SPARSE_ONLY_FIELDS}
     return _content_hash(model, config, skip_weights=SPARSE_HEADS)
 

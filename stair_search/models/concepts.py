@@ -11,6 +11,9 @@ image space, so a sparse vector can be read off the dense one, with no training:
   one bank).
 - **Centring** (the modality gap, as in SpLiCE, Bhalla et al. 2024): image embeddings are compared after
   subtracting the mean reference image, concepts after subtracting the mean concept.
+- **Alignment** (optional, ``StairConfig.concept_alignment``): a linear map of the centred image embedding, trained
+  on image-caption pairs to put each image near its caption's words (``train/alignment.py``, DeViSE-style); the
+  identity when there is none, so the bank stays training-free.
 - **Calibration**: each concept's centred cosine is standardised over the reference images (mean and standard
   deviation per concept, shrunk toward the global spread), so a word close to *every* image ("image",
   "object") does not win everywhere. An image's vector is its ``top_k`` concepts with a z-score of at least
@@ -53,13 +56,18 @@ class ConceptBank:
     mean: np.ndarray  # (N,) per-concept mean centred cosine over the reference images
     std: np.ndarray  # (N,) per-concept (shrunk) standard deviation
     vocabulary: Vocabulary
+    image_map: np.ndarray | None = None  # (D, D) trained alignment of centred image embeddings (None: identity)
 
     # ------------------------------------------------------------------------------------------ vectors
 
     def z_scores(self, dense: np.ndarray) -> np.ndarray:
         """(B, D) unit image embeddings -> (B, N) standardised similarity to each concept."""
-        centred = unit(np.asarray(dense, np.float64) - self.image_mean)
-        return (centred @ self.embeddings.T - self.mean) / self.std
+        return (self.centred(dense) @ self.embeddings.T - self.mean) / self.std
+
+    def centred(self, dense: np.ndarray) -> np.ndarray:
+        """(B, D) unit image embeddings -> the unit vectors compared with the concepts: minus the mean reference
+        image, through the alignment when there is one."""
+        return centred_images(dense, self.image_mean, self.image_map)
 
     def image_weights(self, dense: np.ndarray) -> np.ndarray:
         """(B, V) float32 weights over the whole vocabulary: z / Z_SCALE for each concept with z >= MIN_Z, else 0
@@ -87,26 +95,26 @@ class ConceptBank:
     def build(cls, vocabulary: Vocabulary, embed_texts: Callable[[list[str]], np.ndarray],
               reference: np.ndarray) -> ConceptBank:
         """Concepts through ``embed_texts`` (texts -> (n, D) unit embeddings), calibrated on ``reference``
-        ((M, D) unit image embeddings)."""
+        ((M, D) unit image embeddings); :meth:`aligned` gives it an alignment."""
         ids = concept_ids(vocabulary)
         names = [vocabulary.tokens[i] for i in ids]
         texts = [prompt.format(name) for prompt in PROMPTS for name in names]
         embedded = unit(np.asarray(embed_texts(texts), np.float64).reshape(len(PROMPTS), len(names), -1).mean(axis=0))
         concepts = unit(embedded - embedded.mean(axis=0))
-        reference = np.asarray(reference, np.float64)
-        image_mean = unit(reference).mean(axis=0)
-        sims = unit(reference - image_mean) @ concepts.T  # (M, N)
-        mean, var = sims.mean(axis=0), sims.var(axis=0)
-        pooled = float(var.mean())
-        std = np.sqrt((len(sims) * var + SHRINK * pooled) / (len(sims) + SHRINK))
-        return cls(np.asarray(ids, np.int64), concepts, image_mean, mean, np.maximum(std, 1e-6), vocabulary)
+        return calibrated(np.asarray(ids, np.int64), concepts, vocabulary, reference, None)
+
+    def aligned(self, image_map: np.ndarray, reference: np.ndarray) -> ConceptBank:
+        """The same concepts seen through ``image_map``, calibrated anew on ``reference``: no text is embedded
+        again, so an aligned model's bank takes seconds once the training-free one exists."""
+        return calibrated(self.token_ids, self.embeddings, self.vocabulary, reference, image_map)
 
     def save(self, path: Path) -> Path:
         from stair_search.atomic import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            extra = {} if self.image_map is None else {"image_map": self.image_map}
             np.savez(f, format=np.asarray(CACHE_FORMAT), token_ids=self.token_ids, embeddings=self.embeddings,
-                     image_mean=self.image_mean, mean=self.mean, std=self.std)
+                     image_mean=self.image_mean, mean=self.mean, std=self.std, **extra)
         return path
 
     @classmethod
@@ -117,9 +125,27 @@ class ConceptBank:
                 if int(data["format"]) != CACHE_FORMAT:
                     return None
                 return cls(data["token_ids"], data["embeddings"], data["image_mean"], data["mean"], data["std"],
-                           vocabulary)
+                           vocabulary, data["image_map"] if "image_map" in data.files else None)
         except (FileNotFoundError, KeyError, ValueError, OSError):
             return None
+
+
+def calibrated(token_ids: np.ndarray, concepts: np.ndarray, vocabulary: Vocabulary, reference: np.ndarray,
+               image_map: np.ndarray | None) -> ConceptBank:
+    """A bank of these centred unit ``concepts``, each standardised over the ``reference`` images ((M, D) unit)."""
+    reference = np.asarray(reference, np.float64)
+    image_mean = unit(reference).mean(axis=0)
+    sims = centred_images(reference, image_mean, image_map) @ concepts.T  # (M, N)
+    mean, var = sims.mean(axis=0), sims.var(axis=0)
+    pooled = float(var.mean())
+    std = np.sqrt((len(sims) * var + SHRINK * pooled) / (len(sims) + SHRINK))
+    return ConceptBank(token_ids, concepts, image_mean, mean, np.maximum(std, 1e-6), vocabulary, image_map)
+
+
+def centred_images(dense: np.ndarray, image_mean: np.ndarray, image_map: np.ndarray | None) -> np.ndarray:
+    """Unit (dense - image_mean), mapped by ``image_map`` first when there is one (float64)."""
+    centred = np.asarray(dense, np.float64) - image_mean
+    return unit(centred if image_map is None else centred @ np.asarray(image_map, np.float64).T)
 
 
 def query_vector(vocabulary: Vocabulary, text: str) -> dict[str, float]:
@@ -165,10 +191,12 @@ def reference_images() -> list[Image.Image]:
     return out
 
 
-def cache_name(fingerprint: str, reference: Sequence[Image.Image] | None) -> str:
+def cache_name(fingerprint: str, reference: Sequence[Image.Image] | None, image_map: np.ndarray | None = None) -> str:
     """The cache file of a model (its dense fingerprint, checkpoint.dense_fingerprint: models that differ only in
-    their sparse heads share it) with a reference set (None: the default one)."""
+    their sparse heads share it) with a reference set (None: the default one) and an alignment (None: none)."""
     digest = hashlib.sha256(f"{CACHE_FORMAT}:{PROMPTS}:{SHRINK}".encode())
     for image in reference or ():
         digest.update(image.tobytes())
+    if image_map is not None:
+        digest.update(np.ascontiguousarray(image_map, np.float64).tobytes())
     return f"{fingerprint[:16]}-{'default' if reference is None else 'custom'}-{digest.hexdigest()[:12]}.npz"

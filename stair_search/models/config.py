@@ -65,6 +65,10 @@ class StairConfig:
     # With sparse "heads+concepts": how much an image's training-free concept weights (z / Z_SCALE) add to its
     # heads' weights before the image top-k cut (tuned per model on a val split).
     concept_weight: float = 0.5
+    # With concept words (sparse "heads+concepts" or "concepts"): a trained (D, D) linear map applied to an image's
+    # centred dense vector before it is compared with the concept words (``stair-search align``; a ``pkg://`` or
+    # local ``.npy``). None: the identity, the training-free bank.
+    concept_alignment: str | None = None
     # Trained weights that a model built from this config loads (a stair-search checkpoint: a built-in model name
     # or a .pt path), so that a shipped config can reuse a shipped model's weights with other settings. Its
     # architecture fields must be the checkpoint's; a checkpoint saved from the model stores None here.

@@ -58,13 +58,13 @@ bench: install
 	$(BIN)/python benchmarks/search_latency.py
 	test -f indexes/demo/manifest.json || $(BIN)/stair-search demo
 	$(BIN)/python benchmarks/search_latency.py --like indexes/demo
-	$(BIN)/python benchmarks/indexing_throughput.py --models stair-tiny stair-lite-3 --images 768
+	$(BIN)/python benchmarks/indexing_throughput.py --models stair-tiny stair-lite-4 --images 768
 	$(BIN)/python benchmarks/lucene_build.py
-	$(BIN)/python benchmarks/rerank_quality.py --model stair-lite-3
+	$(BIN)/python benchmarks/rerank_quality.py --model stair-lite-4
 	$(BIN)/python benchmarks/load_test.py --seconds 15
 	$(BIN)/python benchmarks/encode_threads.py
 	$(BIN)/python benchmarks/store_reads.py
 	$(BIN)/python benchmarks/query_weights.py
 	$(BIN)/python benchmarks/router_latency.py
-	$(BIN)/python benchmarks/emoji_eval.py --models stair-tiny stair-lite-2 stair-lite-3
-	$(BIN)/python benchmarks/photo_queries.py --models stair-tiny stair-lite-2 stair-lite-3
+	$(BIN)/python benchmarks/emoji_eval.py --models stair-tiny stair-lite-3 stair-lite-4
+	$(BIN)/python benchmarks/photo_queries.py --models stair-tiny stair-lite-3 stair-lite-4

@@ -7,4 +7,4 @@ and the CLI's ``--help`` stay fast.
 __version__ = "0.1.0"
 # The model every command uses unless told otherwise (here, not in models/, so that the CLI can name it
 # without importing torch).
-DEFAULT_MODEL = "stair-lite-3"
+DEFAULT_MODEL = "stair-lite-4"

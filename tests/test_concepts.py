@@ -23,7 +23,7 @@ from stair_search.index.manifest import IndexMismatchError, Manifest
 from stair_search.index.reader import Index
 from stair_search.models import create_model
 from stair_search.models.checkpoint import dense_fingerprint
-from stair_search.models.concepts import query_vector
+from stair_search.models.concepts import query_vector, reference_images
 from stair_search.retrieve.router import QueryRouter
 from tests.conftest import TINY_CONFIG, draw_shape
 
@@ -182,3 +182,97 @@ def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads
         Index(tmp_path / "index").manifest.check_encoder(heads)
     hits = QueryRouter(Index(tmp_path / "index"), mixed).search(text="cat", mode="sparse", k=1, explain=True).hits
     assert hits[0].id.endswith("chelsea.png") and "cat" in hits[0].matched
+
+
+def shapes_parquet(folder: Path) -> Path:
+    """Real drawn shapes and their captions as training pairs (image_path, caption)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for colour in ("red", "blue", "green", "yellow"):
+        for shape in ("circle", "square", "triangle"):
+            path = folder / f"{colour}-{shape}.png"
+            draw_shape(colour, shape).save(path)
+            rows.append({"image_path": str(path), "caption": f"a {colour} {shape}"})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
+    return folder / "pairs.parquet"
+
+
+def test_an_alignment_trained_on_captions_puts_images_nearer_their_words(foreign_clip, tmp_path):
+    """fit_alignment lowers its loss on real drawn shapes, starts from the identity (0 epochs: the training-free
+    bank), and the aligned bank ranks each image's caption words higher than the training-free one does."""
+    from stair_search.train.alignment import alignment_loss, caption_concepts, fit_alignment
+    from stair_search.train.trainer import load_pairs
+
+    pairs = load_pairs(shapes_parquet(tmp_path / "shapes"))
+    encoder = Encoder(create_model(str(foreign_clip), device="cpu"), batch_size=8)
+    bank = encoder.concepts()
+    dense = encoder.encode_images([Image.open(p).convert("RGB") for p, _ in pairs]).dense
+    targets = caption_concepts(bank, encoder.model.vocabulary, [c for _, c in pairs])
+    words = {encoder.model.vocabulary.tokens[int(bank.token_ids[r])] for t in targets for r in t}
+    assert words == {"red", "blue", "green", "yellow", "circle", "square", "triangle"}
+    np.testing.assert_array_equal(fit_alignment(bank, dense, targets, epochs=0), np.eye(dense.shape[1]))
+    align = fit_alignment(bank, dense, targets, epochs=30, lr=1e-2)
+    identity = np.eye(dense.shape[1])
+    assert alignment_loss(bank, dense, targets, align) < alignment_loss(bank, dense, targets, identity) - 0.5
+    reference = encoder.encode_images(reference_images()).dense  # the bank's own calibration images
+    same = bank.aligned(identity, reference)
+    np.testing.assert_allclose(same.z_scores(dense), bank.z_scores(dense), atol=1e-5)  # identity: no change
+
+    def mean_rank(b):
+        z = b.z_scores(dense)
+        ranks = (-z).argsort(axis=1).argsort(axis=1)
+        return np.mean([ranks[i, r] for i, t in enumerate(targets) for r in t])
+
+    assert mean_rank(bank.aligned(align, reference)) < mean_rank(same) / 2
+
+
+def test_a_model_with_a_concept_alignment_reads_its_words_through_it(foreign_clip, tmp_path):
+    """`stair-search align` writes the map; a config naming it gets its own bank (derived from the training-free
+    one), another fingerprint, one that follows the file's content, and a clear error when the file is missing."""
+    pairs = shapes_parquet(tmp_path / "shapes")
+    out = tmp_path / "align.npy"
+    done = subprocess.run([sys.executable, "-m", "stair_search.cli", "align", str(pairs), "--model", str(foreign_clip),
+                           "--out", str(out), "--epochs", "30", "--lr", "1e-2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "aligned" in done.stdout and "on 12 pairs" in done.stdout and out.is_file()
+    before, after = (float(x) for x in done.stdout.split("loss ")[1].split(";")[0].split(" -> "))
+    assert after < before
+    config = json.loads(foreign_clip.read_text()) | {"name": "tiny-clip-aligned", "concept_alignment": str(out)}
+    aligned_config = tmp_path / "tiny-clip-aligned.json"
+    aligned_config.write_text(json.dumps(config))
+    plain, aligned = (Encoder(create_model(str(c), device="cpu")) for c in (foreign_clip, aligned_config))
+    assert aligned.concepts().image_map is not None and plain.concepts().image_map is None
+    np.testing.assert_array_equal(aligned.concepts().embeddings, plain.concepts().embeddings)
+    assert aligned.fingerprint != plain.fingerprint
+    image = [draw_shape("red", "circle")]
+    assert aligned.encode_images(image).sparse != plain.encode_images(image).sparse
+    first = aligned.fingerprint
+    np.save(out, np.load(out) * 2.0)  # another map under the same path: another model
+    assert Encoder(create_model(str(aligned_config), device="cpu")).fingerprint != first
+    out.unlink()
+    with pytest.raises(FileNotFoundError, match="stair-search align"):
+        Encoder(create_model(str(aligned_config), device="cpu")).concepts()
+
+
+def test_stair_lite_4_reads_stair_lite_3s_words_through_its_shipped_alignment():
+    """stair-lite-4 is stair-lite-3 (stair-lite-2's weights, heads+concepts) with the shipped concept alignment and
+    concept_weight 1.0: the same dense vectors, other image words, its own fingerprint and concept bank."""
+    import skimage
+
+    aligned, base = Encoder("stair-lite-4", batch_size=4), Encoder("stair-lite-3", batch_size=4)
+    assert aligned.model.config.concept_weight == 1.0 and aligned.sparse_source == "heads+concepts"
+    assert aligned.concepts().image_map is not None and base.concepts().image_map is None
+    state, reference = aligned.model.state_dict(), base.model.state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    assert aligned.fingerprint != base.fingerprint and dense_fingerprint(aligned.model) == dense_fingerprint(base.model)
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png")]
+    got, plain = aligned.encode_images(photos), base.encode_images(photos)
+    np.testing.assert_array_equal(got.dense, plain.dense)
+    assert all(set(a) != set(b) for a, b in zip(got.sparse, plain.sparse, strict=True))
+    assert "coffee" in sorted(got.sparse[0], key=got.sparse[0].get)[-12:]
+    assert "cat" in sorted(got.sparse[1], key=got.sparse[1].get)[-12:]

@@ -43,9 +43,6 @@ def fit_alignment(bank: ConceptBank, dense: np.ndarray, targets: Sequence[Sequen
     images = torch.tensor(np.asarray(dense, np.float32)[rows])
     mean = torch.tensor(bank.image_mean, dtype=torch.float32)
     concepts = torch.tensor(bank.embeddings, dtype=torch.float32)
-    goal = torch.zeros(len(rows), len(concepts))
-    for r, i in enumerate(rows):
-        goal[r, list(targets[i])] = 1.0 / len(targets[i])
     generator = torch.Generator().manual_seed(seed)
     align = torch.nn.Parameter(torch.eye(images.shape[1]))
     optimiser = torch.optim.Adam([align], lr=lr)
@@ -54,11 +51,21 @@ def fit_alignment(bank: ConceptBank, dense: np.ndarray, targets: Sequence[Sequen
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             logits = F.normalize((images[batch] - mean) @ align.T, dim=-1) @ concepts.T / temperature
-            loss = -(goal[batch] * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            loss = -(_goal([targets[rows[i]] for i in batch.tolist()], len(concepts))
+                     * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     return align.detach().numpy().astype(np.float32)
+
+
+def _goal(targets: Sequence[Sequence[int]], concepts: int) -> torch.Tensor:
+    """(B, N) target distributions: uniform over each caption's concept rows (built per batch: memory stays
+    bounded by the batch, not the training set)."""
+    goal = torch.zeros(len(targets), concepts)
+    for row, columns in enumerate(targets):
+        goal[row, list(columns)] = 1.0 / len(columns)
+    return goal
 
 
 def alignment_loss(bank: ConceptBank, dense: np.ndarray, targets: Sequence[Sequence[int]], align: np.ndarray,

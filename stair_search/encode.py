@@ -86,7 +86,9 @@ class Encoder:
             self._concepts = self._bank(self.concept_alignment())
         return self._concepts
 
-    def _bank(self, alignment: np.ndarray | None) -> ConceptBank:
+    def _bank(self, alignment: np.ndarray | None, reference: np.ndarray | None = None) -> ConceptBank:
+        """The bank through ``alignment`` (None: the training-free one), cached; ``reference``: the calibration
+        images' dense vectors when the caller already has them (encoded once for both banks)."""
         from stair_search.models.checkpoint import dense_fingerprint
         from stair_search.models.concepts import cache_name, reference_images
         from stair_search.paths import concepts_dir
@@ -94,12 +96,13 @@ class Encoder:
         path = concepts_dir() / cache_name(dense_fingerprint(self.model), self.concept_reference, alignment)
         bank = ConceptBank.load(path, self.model.vocabulary)
         if bank is None:
-            reference = self._dense_only(self.concept_reference or reference_images())
+            if reference is None:
+                reference = self._dense_only(self.concept_reference or reference_images())
             if alignment is None:
                 log.info("building the concept bank of %s (once; cached in %s)", self.name, path)
                 bank = ConceptBank.build(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256), reference)
             else:  # the training-free bank's concepts, calibrated through the alignment
-                bank = self._bank(None).aligned(alignment, reference)
+                bank = self._bank(None, reference).aligned(alignment, reference)
             bank.save(path)
         return bank
 

@@ -62,12 +62,8 @@ class ConceptBank:
 
     def z_scores(self, dense: np.ndarray) -> np.ndarray:
         """(B, D) unit image embeddings -> (B, N) standardised similarity to each concept."""
-        return (self.centred(dense) @ self.embeddings.T - self.mean) / self.std
-
-    def centred(self, dense: np.ndarray) -> np.ndarray:
-        """(B, D) unit image embeddings -> the unit vectors compared with the concepts: minus the mean reference
-        image, through the alignment when there is one."""
-        return centred_images(dense, self.image_mean, self.image_map)
+        centred = centred_images(dense, self.image_mean, self.image_map)
+        return (centred @ self.embeddings.T - self.mean) / self.std
 
     def image_weights(self, dense: np.ndarray) -> np.ndarray:
         """(B, V) float32 weights over the whole vocabulary: z / Z_SCALE for each concept with z >= MIN_Z, else 0

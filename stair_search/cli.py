@@ -314,23 +314,28 @@ def train(
 def align(
     pairs: Annotated[list[Path], typer.Argument(help="Training pairs: parquet file(s) with image_path and caption "
                                                      "columns.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .npy file to write (a config's concept_alignment).")],
-    model: Annotated[str, typer.Option(help="The model whose image embeddings are aligned (one without a "
-                                            "concept_alignment).")] = "stair-lite-2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .npy file to write (a config's concept_alignment "
+                                                          "or dense_alignment).")],
+    model: Annotated[str, typer.Option(help="The model whose image embeddings are aligned (for --target dense, "
+                                            "one without a dense_alignment).")] = "stair-lite-2",
+    target: Annotated[str, typer.Option(help="concepts: each image nearest its caption's words (a "
+                                             "concept_alignment); dense: nearest its caption among all "
+                                             "training captions (a dense_alignment).")] = "concepts",
     epochs: Annotated[int, typer.Option(min=1)] = 20,
     lr: Annotated[float, typer.Option()] = 1e-3,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature over the concept words.")] = 0.05,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature over the concept words or captions.")] = 0.05,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Train a concept alignment: the linear map that puts each training image nearest its caption's words (for
-    sparse vectors read off the dense space, "heads+concepts" or "concepts")."""
+    """Train an alignment: the linear map that puts each training image nearest its caption's words (`--target
+    concepts`, for sparse vectors read off the dense space) or nearest its caption (`--target dense`)."""
     from stair_search.train.alignment import align_model
     from stair_search.train.trainer import load_pairs
 
     training_pairs = [pair for path in pairs for pair in load_pairs(path)]
-    path, before, after = align_model(training_pairs, model, out, epochs=epochs, lr=lr, temperature=temperature,
-                                      seed=seed)
-    typer.echo(f"aligned {model} on {len(training_pairs)} pairs: loss {before:.3f} -> {after:.3f}; wrote {path}")
+    path, before, after = align_model(training_pairs, model, out, target=target, epochs=epochs, lr=lr,
+                                      temperature=temperature, seed=seed)
+    typer.echo(f"aligned {model} ({target}) on {len(training_pairs)} pairs: loss {before:.3f} -> {after:.3f}; "
+               f"wrote {path}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ from PIL import Image
 from stair_search.images import model_view
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
 from stair_search.models.concepts import ConceptBank, query_vector
+from stair_search.models.factory import load_alignment
 from stair_search.models.heads import top_k_sparse
 from stair_search.models.runtime import RUNTIMES
 
@@ -79,9 +80,12 @@ class Encoder:
         "none" (models/stair.py SPARSE_SOURCES)."""
         return self.model.sparse_source
 
-    def concepts(self) -> ConceptBank:
+    def concepts(self, aligned: bool = True) -> ConceptBank:
         """The model's concept bank (training-free sparse vectors, seen through its concept alignment when it has
-        one), from its cache file or built once (minutes for a large text tower on CPU) and cached."""
+        one and ``aligned``; ``aligned=False``: the training-free bank, what an alignment is trained from), from
+        its cache file or built once (minutes for a large text tower on CPU) and cached."""
+        if not aligned:
+            return self._bank(None)
         if self._concepts is None:
             self._concepts = self._bank(self.concept_alignment())
         return self._concepts
@@ -97,7 +101,7 @@ class Encoder:
         bank = ConceptBank.load(path, self.model.vocabulary)
         if bank is None:
             if reference is None:
-                reference = self._dense_only(self.concept_reference or reference_images())
+                reference = self.encode_dense(self.concept_reference or reference_images())
             if alignment is None:
                 log.info("building the concept bank of %s (once; cached in %s)", self.name, path)
                 bank = ConceptBank.build(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256), reference)
@@ -111,16 +115,12 @@ class Encoder:
         location = self.model.config.concept_alignment
         if not location:
             return None
-        from stair_search.models.vocab import resolve_path
-
-        path = resolve_path(location)
-        if not path.is_file():
-            raise FileNotFoundError(f"concept_alignment '{location}' of model {self.name} not found (looked at "
-                                    f"{path}); make one with `stair-search align` or remove the field.")
-        return np.load(path).astype(np.float64)
+        return load_alignment(location, "concept_alignment", self.name).astype(np.float64)
 
     @torch.inference_mode()
-    def _dense_only(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def encode_dense(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(B, D) unit dense vectors of ``images`` alone (no sparse vectors, no local features: what calibration
+        and alignment read)."""
         pixels = torch.stack([self.preprocess(im) for im in images])
         return np.concatenate([F.normalize(self.model.encode_image(pixels[i : i + self.batch_size].to(self.device))
                                            .dense.float(), dim=-1).cpu().numpy()

@@ -22,11 +22,12 @@ VERSION = 1
 FROZEN_TEXT_PREFIX = "clip.text.transformer."
 # StairConfig fields added after indexes were built with the shipped models, with their defaults: hashed into
 # the fingerprint only when set, so that those indexes keep opening.
-HASHED_WHEN_SET = {"concept_weight": 0.5, "weights": None, "concept_alignment": None}
+HASHED_WHEN_SET = {"concept_weight": 0.5, "weights": None, "concept_alignment": None, "dense_alignment": None}
 SPARSE_HEADS = ("image_head.", "text_head.")  # the state-dict prefixes of the sparse heads
 # StairConfig fields that change only sparse vectors, queries or search settings, never a dense embedding.
 SPARSE_ONLY_FIELDS = ("image_top_k", "text_top_k", "emit_tokens", "ground_text", "text_floor", "keyword_alpha",
                       "sparse", "concept_weight", "concept_alignment", "num_local", "weights", "seed")
+ALIGNMENT_FIELDS = ("concept_alignment", "dense_alignment")  # .npy maps: hashed by content, not by path
 
 
 def file_sha256(path: Path) -> str:
@@ -125,29 +126,29 @@ def _check_omitted(path: Path, model: StairModel, omitted: dict[str, Any] | None
 
 def model_fingerprint(model: StairModel) -> str:
     """Content hash of the effective weights + config + vocabulary: what an index records and checks."""
-    config = model.config.to_dict()
-    for key, default in HASHED_WHEN_SET.items():  # fields added later: every earlier model keeps its fingerprint
-        if config.get(key) == default:
-            config.pop(key)
-    if config.get("concept_alignment"):  # the trained map's content, wherever the file lies
-        from stair_search.models.vocab import resolve_path
-
-        config["concept_alignment"] = file_sha256(resolve_path(config["concept_alignment"]))
-    return _content_hash(model, config, skip_weights=())
+    return _content_hash(model, model.config.to_dict(), skip_weights=())
 
 
 def dense_fingerprint(model: StairModel) -> str:
     """Content hash of what a model's dense embeddings depend on: every weight but the sparse heads', the config
-    without its sparse-only settings, the vocabulary. Models that differ only in their sparse heads or settings
-    (stair-lite, stair-lite-2, stair-lite-3, stair-lite-4) share it, and so share one cached training-free concept
-    bank (models/concepts.py; an alignment's bank is derived from it)."""
+    without its sparse-only settings (a dense_alignment is not one), the vocabulary. Models that differ only in
+    their sparse heads or settings (stair-lite, stair-lite-2, stair-lite-3, stair-lite-4) share it, and so share
+    one cached training-free concept bank (models/concepts.py; a concept alignment's bank is derived from it)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in SPARSE_ONLY_FIELDS}
     return _content_hash(model, config, skip_weights=SPARSE_HEADS)
 
 
 def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple[str, ...]) -> str:
-    digest = hashlib.sha256()
+    from stair_search.models.vocab import resolve_path
+
     config = {k: v for k, v in config.items() if k not in ("pretrained", "name")}  # not what the weights are
+    for key, default in HASHED_WHEN_SET.items():  # fields added later: every earlier model keeps its fingerprint
+        if key in config and config[key] == default:
+            config.pop(key)
+    for key in ALIGNMENT_FIELDS:  # a trained map's content, wherever the file lies
+        if config.get(key):
+            config[key] = file_sha256(resolve_path(config[key]))
+    digest = hashlib.sha256()
     digest.update(repr(sorted(config.items())).encode())
     digest.update(model.vocabulary.sha256.encode())
     for key, value in sorted(model.state_dict().items()):

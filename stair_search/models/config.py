@@ -69,6 +69,10 @@ class StairConfig:
     # centred dense vector before it is compared with the concept words (``stair-search align``; a ``pkg://`` or
     # local ``.npy``). None: the identity, the training-free bank.
     concept_alignment: str | None = None
+    # A trained (D, D) linear map applied to an image's dense vector and local features (after the prior), so the
+    # dense space fits one collection's captions (``stair-search align --target dense``; a ``pkg://`` or local
+    # ``.npy``). None: the identity. Everything read off the dense space follows, the concept words included.
+    dense_alignment: str | None = None
     # Trained weights that a model built from this config loads (a stair-search checkpoint: a built-in model name
     # or a .pt path), so that a shipped config can reuse a shipped model's weights with other settings. Its
     # architecture fields must be the checkpoint's; a checkpoint saved from the model stores None here.

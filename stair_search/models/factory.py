@@ -2,7 +2,7 @@
 
 ``spec`` may be
 - a stair-search checkpoint file (``*.pt``, written by :func:`save_checkpoint`),
-- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-4``, ``stair-tiny``):
+- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-5``, ``stair-tiny``):
   its trained weights, and its config JSON or, for a retrained model that has none, its checkpoint's config,
 - an open_clip built-in model name (``ViT-B-32``) with ``pretrained`` = an open_clip tag
   (``laion2b_s34b_b79k``, resolved from the local Hugging Face cache) or a local open_clip checkpoint file.
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stair_search import DEFAULT_MODEL
@@ -116,7 +117,20 @@ def build_model(config: StairConfig, image_weights: bool = True) -> StairModel:
         model = StairModel(clip, config, vocabulary, preprocess, tokenizer)
     if config.image_weights and image_weights:
         _load_image_weights(model)
+    if config.dense_alignment:  # a file beside the weights, never in a checkpoint: loaded on every build
+        model.align_dense(torch.from_numpy(load_alignment(config.dense_alignment, "dense_alignment", config.name)))
     return model
+
+
+def load_alignment(location: str, field: str, model: str) -> np.ndarray:
+    """A config's trained (D, D) float32 map (``concept_alignment`` / ``dense_alignment``: a ``pkg://`` or local
+    .npy), or an error naming the command that makes one."""
+    path = resolve_path(location)
+    if not path.is_file():
+        target = "concepts" if field == "concept_alignment" else "dense"
+        raise FileNotFoundError(f"{field} '{location}' of model {model} not found (looked at {path}); make one "
+                                f"with `stair-search align --target {target}` or remove the field.")
+    return np.load(path).astype(np.float32)
 
 
 def _load_image_weights(model: StairModel) -> None:

@@ -75,6 +75,8 @@ class StairModel(nn.Module):
         self.text_head = SparseHead(self._text_token_width(), embeddings, token_ids)
         self.image_prior = self._build_prior(config)
         self.trust = self._build_trust(config)
+        # StairConfig.dense_alignment's (D, D) map, set by the factory (a file, never in a checkpoint).
+        self.register_buffer("dense_map", None, persistent=False)
         self.spec = config.name  # how to load this model again; create_model records the path or name it used
         # Where its sparse vectors come from (StairConfig.sparse); load_checkpoint says "heads" for trained ones.
         self.sparse_source = resolve_sparse(config.sparse, trained=False)
@@ -151,7 +153,18 @@ class StairModel(nn.Module):
             dense = dense + self.image_prior.dense(features.features)
             if with_local:
                 local = local + self.image_prior.dense(features.tokens)
+        if self.dense_map is not None:
+            dense, local = dense @ self.dense_map.T, local @ self.dense_map.T
         return dense, local
+
+    def align_dense(self, matrix: torch.Tensor) -> None:
+        """Apply the (D, D) ``matrix`` to every image dense vector and local feature from now on."""
+        width = self.tower.embed_dim
+        if tuple(matrix.shape) != (width, width):
+            raise ValueError(f"dense_alignment of model {self.config.name} has shape {tuple(matrix.shape)}; it "
+                             f"must be ({width}, {width}): train it on this model (`stair-search align --target "
+                             f"dense`).")
+        self.dense_map = matrix.float()
 
     def image_sparse(self, head_weights: torch.Tensor,
                      features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

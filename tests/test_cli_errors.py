@@ -63,6 +63,8 @@ def test_each_user_error_is_one_line(workspace, tiny_config_path, capsys, monkey
         (["search", str(workspace / "index"), "red", "-k", "0", *model], "(see: stair-search search --help)"),
         (["align", str(workspace / "data.parquet"), "--out", str(workspace / "a.npy"), *model],
          "training pairs need an 'image_path' (or 'path') and a 'caption' column"),
+        (["align", str(workspace / "data.parquet"), "--out", str(workspace / "a.npy"), "--target", "words", *model],
+         "Unknown alignment target 'words'; use --target concepts or dense"),
         (["search"], "Missing argument 'INDEX'"),
         (["serch", "x"], "No such command 'serch'"),
     ]

@@ -66,5 +66,5 @@ bench: install
 	$(BIN)/python benchmarks/store_reads.py
 	$(BIN)/python benchmarks/query_weights.py
 	$(BIN)/python benchmarks/router_latency.py
-	$(BIN)/python benchmarks/emoji_eval.py --models stair-tiny stair-lite-3 stair-lite-4
-	$(BIN)/python benchmarks/photo_queries.py --models stair-tiny stair-lite-3 stair-lite-4
+	$(BIN)/python benchmarks/emoji_eval.py --models stair-tiny stair-lite-4 stair-lite-5
+	$(BIN)/python benchmarks/photo_queries.py --models stair-tiny stair-lite-4 stair-lite-5

@@ -5,7 +5,7 @@ For each setting (google alone, twitter alone, both in one index) the test split
 training) is indexed with each model, and every route is evaluated through the public search API on the split's
 label queries (known item: R@1) and tag queries (all emojis carrying the tag: nDCG@10).
 
-    python benchmarks/emoji_eval.py [--models stair-tiny stair-lite-3 stair-lite-4] [--data DIR] [--out DIR]
+    python benchmarks/emoji_eval.py [--models stair-tiny stair-lite-4 stair-lite-5] [--data DIR] [--out DIR]
 
 Prints one markdown table per model, setting and query kind; then a side-by-side summary (dense and sparse label
 R@1, tag nDCG@10 of every route) and, for the last model against the first, the targets: dense label R@1 ratio,
@@ -104,7 +104,7 @@ def summary(models: list[str], results: dict[str, dict], setting_names: list[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["stair-tiny", "stair-lite-3", "stair-lite-4"])
+    parser.add_argument("--models", nargs="+", default=["stair-tiny", "stair-lite-4", "stair-lite-5"])
     parser.add_argument("--data", type=Path, default=None, help="emoji data set folder (built when missing)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the indexes")
     parser.add_argument("--split", default="test")

@@ -4,7 +4,7 @@ scikit-image's sample photos (stair_search.data.photos, queries written before a
 beside the emoji test split (both styles, 768 drawings), and each photo's query is searched through the public
 router; the table gives the photo's rank (1 = first; "-" = not in the top 100).
 
-    python benchmarks/photo_queries.py [--models stair-tiny stair-lite-3 stair-lite-4] [--out DIR]
+    python benchmarks/photo_queries.py [--models stair-tiny stair-lite-4 stair-lite-5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def ranks(router, query: str, target: str) -> dict[str, int | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["stair-tiny", "stair-lite-3", "stair-lite-4"])
+    parser.add_argument("--models", nargs="+", default=["stair-tiny", "stair-lite-4", "stair-lite-5"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     dataset = open_dataset(data_dir() / "emoji-set")

@@ -276,3 +276,70 @@ def test_stair_lite_4_reads_stair_lite_3s_words_through_its_shipped_alignment():
     assert all(set(a) != set(b) for a, b in zip(got.sparse, plain.sparse, strict=True))
     assert "coffee" in sorted(got.sparse[0], key=got.sparse[0].get)[-12:]
     assert "cat" in sorted(got.sparse[1], key=got.sparse[1].get)[-12:]
+
+
+def test_a_dense_alignment_maps_every_dense_vector_and_is_its_own_model(foreign_clip, tmp_path):
+    """`stair-search align --target dense` trains a map that puts each drawn shape nearer its own caption; a config
+    naming it maps the dense vectors and the local features alike, is another model (another dense fingerprint, one
+    that follows the file's content), and a missing or misshapen file is a clear error."""
+    pairs = shapes_parquet(tmp_path / "shapes")
+    out = tmp_path / "dense.npy"
+    done = subprocess.run([sys.executable, "-m", "stair_search.cli", "align", str(pairs), "--model", str(foreign_clip),
+                           "--target", "dense", "--out", str(out), "--epochs", "40", "--lr", "1e-2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "(dense) on 12 pairs" in done.stdout
+    before, after = (float(x) for x in done.stdout.split("loss ")[1].split(";")[0].split(" -> "))
+    assert after < before - 0.5
+    config = json.loads(foreign_clip.read_text()) | {"name": "tiny-clip-dense", "dense_alignment": str(out)}
+    aligned_config = tmp_path / "tiny-clip-dense.json"
+    aligned_config.write_text(json.dumps(config))
+    plain, aligned = (Encoder(create_model(str(c), device="cpu"), batch_size=8) for c in (foreign_clip, aligned_config))
+    align = np.load(out)
+    images = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "shapes").glob("*.png"))]
+    x, y = plain.encode_dense(images), aligned.encode_dense(images)
+    mapped = x @ align.T
+    np.testing.assert_allclose(y, mapped / np.linalg.norm(mapped, axis=1, keepdims=True), atol=1e-5)
+    pixels = torch.stack([plain.preprocess(im) for im in images[:2]])
+    with torch.inference_mode():
+        np.testing.assert_allclose(aligned.model.encode_image(pixels).local.numpy(),
+                                   plain.model.encode_image(pixels).local.numpy() @ align.T, atol=1e-5)
+    captions = sorted(f"a {c} {s}" for c in ("red", "blue", "green", "yellow")
+                      for s in ("circle", "square", "triangle"))
+    names = [p.stem.replace("-", " ") for p in sorted((tmp_path / "shapes").glob("*.png"))]
+    text = plain.embed_texts(captions)
+    own = np.array([captions.index(f"a {n}") for n in names])
+    hits = [float(np.mean((v @ text.T).argmax(axis=1) == own)) for v in (x, y)]
+    assert hits[1] >= hits[0] + 0.25  # trained on these pairs: many more shapes now find their own caption
+    assert dense_fingerprint(aligned.model) != dense_fingerprint(plain.model)
+    first = aligned.fingerprint
+    np.save(out, align * 2.0 + np.eye(len(align), dtype=np.float32))  # another map under the same path
+    assert Encoder(create_model(str(aligned_config), device="cpu")).fingerprint != first
+    np.save(out, np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="must be"):
+        create_model(str(aligned_config), device="cpu")
+    out.unlink()
+    with pytest.raises(FileNotFoundError, match="align --target dense"):
+        create_model(str(aligned_config), device="cpu")
+
+
+def test_stair_lite_5_is_stair_lite_4_with_its_shipped_dense_alignment():
+    """stair-lite-5 is stair-lite-4 (stair-lite-2's weights, heads+concepts, a concept alignment) whose dense
+    vectors and local features go through the shipped dense alignment: the same weights, every dense vector the
+    map of stair-lite-4's, its own dense fingerprint (so its own concept bank), and true words on real photos."""
+    import skimage
+
+    mapped, base = Encoder("stair-lite-5", batch_size=4), Encoder("stair-lite-4", batch_size=4)
+    assert mapped.model.dense_map is not None and base.model.dense_map is None
+    state, reference = mapped.model.state_dict(), base.model.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+    assert dense_fingerprint(mapped.model) != dense_fingerprint(base.model)
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png")]
+    align = mapped.model.dense_map.numpy()
+    expected = base.encode_dense(photos) @ align.T
+    np.testing.assert_allclose(mapped.encode_dense(photos), expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               atol=1e-5)
+    got = mapped.encode_images(photos)
+    assert "coffee" in sorted(got.sparse[0], key=got.sparse[0].get)[-15:]
+    assert max(got.sparse[1], key=got.sparse[1].get) == "cat"

@@ -2,7 +2,7 @@
 
 ``spec`` may be
 - a stair-search checkpoint file (``*.pt``, written by :func:`save_checkpoint`),
-- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-5``, ``stair-tiny``):
+- a StairConfig JSON file, or the name of a model that ships with the package (``stair-lite-4``, ``stair-tiny``):
   its trained weights, and its config JSON or, for a retrained model that has none, its checkpoint's config,
 - an open_clip built-in model name (``ViT-B-32``) with ``pretrained`` = an open_clip tag
   (``laion2b_s34b_b79k``, resolved from the local Hugging Face cache) or a local open_clip checkpoint file.

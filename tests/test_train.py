@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -180,6 +181,28 @@ def test_heads_only_training_changes_the_heads_and_nothing_else(pairs, tiny_conf
     np_dense = Encoder(start).encode_images(images).dense
     assert abs(Encoder(trained).encode_images(images).dense - np_dense).max() < 2e-3  # fp16 checkpoint rounding
     assert trained.sparse_source == "heads"
+
+
+def test_training_a_config_over_trained_weights_goes_on_from_those_weights(pairs, tiny_config_path, tmp_path):
+    """`train --model CONFIG` where the config names trained weights (StairConfig.weights, like stair-lite-4's)
+    starts from those weights, not from a fresh build of the config: the towers stay the checkpoint's and the heads
+    move on from its heads."""
+    from stair_search.models import save_checkpoint
+
+    start = create_model(str(tiny_config_path), device="cpu")
+    fresh = {k: v.clone() for k, v in start.state_dict().items()}
+    with torch.no_grad():
+        start.image_head.bias.add_(1.0)  # trained weights that a fresh build of the config does not have
+    save_checkpoint(start, tmp_path / "start.pt")
+    over = json.loads(tiny_config_path.read_text()) | {"name": "over-start", "weights": str(tmp_path / "start.pt")}
+    path = tmp_path / "over-start.json"
+    path.write_text(json.dumps(over))
+    config = TrainConfig(model=str(path), epochs=(1, 0, 0), batch_size=12, device="cpu", heads_only=True)
+    trained = create_model(str(train(pairs, tmp_path / "run", config).checkpoint), device="cpu").state_dict()
+    bias = trained["image_head.bias"]
+    assert (bias - start.image_head.bias).abs().mean() < (bias - fresh["image_head.bias"]).abs().mean()
+    towers = [k for k in fresh if not k.startswith(("image_head.", "text_head."))]
+    assert all(torch.equal(start.state_dict()[k].half(), trained[k].half()) for k in towers)
 
 
 def test_heads_only_reads_the_tower_once_and_its_cache_gives_the_models_own_image_vectors(pairs, tmp_path):

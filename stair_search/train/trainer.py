@@ -247,11 +247,11 @@ def _initial_model(config: TrainConfig, captions: Sequence[str]) -> StairModel:
     from stair_search.models import create_model
     from stair_search.models.factory import CHECKPOINT_SUFFIXES
 
-    if Path(config.model).suffix in CHECKPOINT_SUFFIXES:  # go on from a trained model
-        model = create_model(config.model, device=config.device).train()
+    stair_config = None if Path(config.model).suffix in CHECKPOINT_SUFFIXES else resolve_config(config.model)
+    if stair_config is None or stair_config.weights is not None:  # go on from a trained model (or the one a
+        model = create_model(config.model, device=config.device).train()  # config names, with its settings)
         model.sparse_source = "heads"
         return model
-    stair_config = resolve_config(config.model)
     stair_config.ground_text = stair_config.ground_text or config.ground_text
     stair_config.sparse = "heads"  # what training trains: its checkpoint's sparse vectors come from the heads
     if config.emit_from_data and stair_config.emit_tokens is None:

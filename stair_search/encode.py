@@ -19,7 +19,7 @@ from PIL import Image
 
 from stair_search.images import model_view
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
-from stair_search.models.concepts import ConceptBank, query_vector
+from stair_search.models.concepts import ConceptBank, calibrated, query_vector
 from stair_search.models.factory import load_alignment
 from stair_search.models.heads import top_k_sparse
 from stair_search.models.runtime import RUNTIMES
@@ -103,12 +103,32 @@ class Encoder:
             if reference is None:
                 reference = self.encode_dense(self.concept_reference or reference_images())
             if alignment is None:
-                log.info("building the concept bank of %s (once; cached in %s)", self.name, path)
-                bank = ConceptBank.build(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256), reference)
+                bank = calibrated(*self._concept_texts(), self.model.vocabulary, reference, None)
             else:  # the training-free bank's concepts, calibrated through the alignment
                 bank = self._bank(None, reference).aligned(alignment, reference)
             bank.save(path)
         return bank
+
+    def _concept_texts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The concept words' ids and embeddings through this model's text tower: cached by the text tower's
+        fingerprint, so models with another image side (a dense alignment, other weights) embed them only once."""
+        from stair_search.models.checkpoint import text_fingerprint
+        from stair_search.models.concepts import (
+            embed_concepts,
+            load_concept_texts,
+            save_concept_texts,
+            texts_cache_name,
+        )
+        from stair_search.paths import concepts_dir
+
+        path = concepts_dir() / texts_cache_name(text_fingerprint(self.model))
+        cached = load_concept_texts(path)
+        if cached is not None:
+            return cached
+        log.info("embedding the concept words of %s (once; cached in %s)", self.name, path)
+        ids, concepts = embed_concepts(self.model.vocabulary, lambda texts: self.embed_texts(texts, 256))
+        save_concept_texts(path, ids, concepts)
+        return ids, concepts
 
     def concept_alignment(self) -> np.ndarray | None:
         """The model's trained (D, D) concept alignment (``StairConfig.concept_alignment``), or None."""

@@ -92,6 +92,11 @@ def test_queries_keep_their_own_concept_words_weighted_by_rarity(foreign_clip):
     assert query_vector(vocabulary, "tabby") == {}  # split into tab ##by: no word of its own, never a wrong one
 
 
+def banks(folder: Path) -> list[Path]:
+    """The concept bank files in a cache folder (not the ``texts-`` files of word embeddings they share)."""
+    return [path for path in folder.glob("*.npz") if not path.name.startswith("texts-")]
+
+
 def test_training_free_vectors_are_the_same_in_two_processes_and_read_back_from_the_cache(foreign_clip, tmp_path):
     images = [draw_shape("green", "triangle"), draw_shape("yellow", "circle", background="black")]
     for i, image in enumerate(images):
@@ -102,8 +107,8 @@ def test_training_free_vectors_are_the_same_in_two_processes_and_read_back_from_
     args = [sys.executable, "-c", code, str(foreign_clip), *(str(tmp_path / f"{i}.png") for i in range(2))]
     env = {**os.environ, "STAIR_DATA": str(tmp_path / "fresh-cache")}
     first = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
-    cache = list((tmp_path / "fresh-cache" / "concepts").glob("*.npz"))
-    assert len(cache) == 1
+    cache = banks(tmp_path / "fresh-cache" / "concepts")
+    assert len(cache) == 1 and len(list(cache[0].parent.glob("texts-*.npz"))) == 1  # the bank, its words
     built = cache[0].stat().st_mtime_ns
     second = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
     assert json.loads(first.stdout) == json.loads(second.stdout) and json.loads(first.stdout)[0]
@@ -115,11 +120,11 @@ def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreig
     monkeypatch.setenv("STAIR_DATA", str(tmp_path / "empty-cache"))
     encoder = Encoder(create_model(str(foreign_clip), device="cpu"), batch_size=8)
     encoder.warm()
-    cache = list((tmp_path / "empty-cache" / "concepts").glob("*.npz"))
+    cache = banks(tmp_path / "empty-cache" / "concepts")
     assert len(cache) == 1
     built = cache[0].stat().st_mtime_ns
     assert encoder.encode_images([draw_shape("red", "circle")]).sparse[0]
-    assert cache[0].stat().st_mtime_ns == built and len(list(cache[0].parent.glob("*.npz"))) == 1
+    assert cache[0].stat().st_mtime_ns == built and len(banks(cache[0].parent)) == 1
 
 
 def test_a_pretrained_dual_encoder_gets_words_related_to_real_photos():
@@ -278,10 +283,11 @@ def test_stair_lite_4_reads_stair_lite_3s_words_through_its_shipped_alignment():
     assert "cat" in sorted(got.sparse[1], key=got.sparse[1].get)[-12:]
 
 
-def test_a_dense_alignment_maps_every_dense_vector_and_is_its_own_model(foreign_clip, tmp_path):
+def test_a_dense_alignment_maps_every_dense_vector_and_is_its_own_model(foreign_clip, tmp_path, monkeypatch):
     """`stair-search align --target dense` trains a map that puts each drawn shape nearer its own caption; a config
     naming it maps the dense vectors and the local features alike, is another model (another dense fingerprint, one
-    that follows the file's content), and a missing or misshapen file is a clear error."""
+    that follows the file's content, its own concept bank calibrated without embedding a word again: the same text
+    tower), and a missing or misshapen file is a clear error."""
     pairs = shapes_parquet(tmp_path / "shapes")
     out = tmp_path / "dense.npy"
     done = subprocess.run([sys.executable, "-m", "stair_search.cli", "align", str(pairs), "--model", str(foreign_clip),
@@ -296,6 +302,15 @@ def test_a_dense_alignment_maps_every_dense_vector_and_is_its_own_model(foreign_
     aligned_config.write_text(json.dumps(config))
     plain, aligned = (Encoder(create_model(str(c), device="cpu"), batch_size=8) for c in (foreign_clip, aligned_config))
     align = np.load(out)
+    words = plain.concepts()  # the tower's concept words: embedded once (or read from the cache)
+
+    def no_text_encoding(*args, **kwargs):
+        raise AssertionError("the concept words were embedded again")
+
+    monkeypatch.setattr(aligned, "embed_texts", no_text_encoding)
+    bank = aligned.concepts()
+    np.testing.assert_array_equal(bank.embeddings, words.embeddings)
+    assert not np.allclose(bank.image_mean, words.image_mean)  # calibrated on its own, mapped, reference vectors
     images = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "shapes").glob("*.png"))]
     x, y = plain.encode_dense(images), aligned.encode_dense(images)
     mapped = x @ align.T

@@ -138,6 +138,19 @@ def dense_fingerprint(model: StairModel) -> str:
     return _content_hash(model, config, skip_weights=SPARSE_HEADS)
 
 
+def text_fingerprint(model: StairModel) -> str:
+    """Content hash of what a model's text embeddings depend on: the open_clip model's weights outside its image
+    tower (``clip.visual``), its ``clip`` config and the vocabulary. Models with one text tower share it, whatever
+    their image side, and so share the cached concept word embeddings (models/concepts.py)."""
+    digest = hashlib.sha256(repr(model.config.clip).encode())
+    digest.update(model.vocabulary.sha256.encode())
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith("clip.") and not key.startswith("clip.visual."):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple[str, ...]) -> str:
     from stair_search.models.vocab import resolve_path
 

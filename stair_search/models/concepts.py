@@ -8,7 +8,8 @@ image space, so a sparse vector can be read off the dense one, with no training:
   words; ~20k for the MiniLM vocabulary), each embedded once through the model's text tower and averaged over a
   prompt ensemble (``PROMPTS``), stored in a cache file beside the other data (``paths.concepts_dir``), keyed by
   the model's dense weights (``checkpoint.dense_fingerprint``: models that differ only in their sparse heads share
-  one bank).
+  one bank); the word embeddings alone are cached by the text tower's weights (``checkpoint.text_fingerprint``),
+  so a model with another image side but the same text tower is calibrated in seconds, not re-embedded.
 - **Centring** (the modality gap, as in SpLiCE, Bhalla et al. 2024): image embeddings are compared after
   subtracting the mean reference image, concepts after subtracting the mean concept.
 - **Alignment** (optional, ``StairConfig.concept_alignment``): a linear map of the centred image embedding, trained
@@ -87,18 +88,6 @@ class ConceptBank:
 
     # ------------------------------------------------------------------------------------------ building
 
-    @classmethod
-    def build(cls, vocabulary: Vocabulary, embed_texts: Callable[[list[str]], np.ndarray],
-              reference: np.ndarray) -> ConceptBank:
-        """Concepts through ``embed_texts`` (texts -> (n, D) unit embeddings), calibrated on ``reference``
-        ((M, D) unit image embeddings); :meth:`aligned` gives it an alignment."""
-        ids = concept_ids(vocabulary)
-        names = [vocabulary.tokens[i] for i in ids]
-        texts = [prompt.format(name) for prompt in PROMPTS for name in names]
-        embedded = unit(np.asarray(embed_texts(texts), np.float64).reshape(len(PROMPTS), len(names), -1).mean(axis=0))
-        concepts = unit(embedded - embedded.mean(axis=0))
-        return calibrated(np.asarray(ids, np.int64), concepts, vocabulary, reference, None)
-
     def aligned(self, image_map: np.ndarray, reference: np.ndarray) -> ConceptBank:
         """The same concepts seen through ``image_map``, calibrated anew on ``reference``: no text is embedded
         again, so an aligned model's bank takes seconds once the training-free one exists."""
@@ -124,6 +113,44 @@ class ConceptBank:
                            vocabulary, data["image_map"] if "image_map" in data.files else None)
         except (FileNotFoundError, KeyError, ValueError, OSError):
             return None
+
+
+def embed_concepts(vocabulary: Vocabulary,
+                   embed_texts: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) vocabulary ids of the concept words and (N, D) their centred unit embeddings, averaged over
+    ``PROMPTS``: the part of a bank that depends on the text tower alone (the slow part: one text per word and
+    prompt)."""
+    ids = concept_ids(vocabulary)
+    names = [vocabulary.tokens[i] for i in ids]
+    texts = [prompt.format(name) for prompt in PROMPTS for name in names]
+    embedded = unit(np.asarray(embed_texts(texts), np.float64).reshape(len(PROMPTS), len(names), -1).mean(axis=0))
+    return np.asarray(ids, np.int64), unit(embedded - embedded.mean(axis=0))
+
+
+def save_concept_texts(path: Path, token_ids: np.ndarray, concepts: np.ndarray) -> Path:
+    """Cache what :func:`embed_concepts` returned (shared by every model with the same text tower)."""
+    from stair_search.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, format=np.asarray(CACHE_FORMAT), token_ids=token_ids, embeddings=concepts)
+    return path
+
+
+def load_concept_texts(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached concept ids and embeddings, or None when there are none (or of another format)."""
+    try:
+        with np.load(path) as data:
+            if int(data["format"]) != CACHE_FORMAT:
+                return None
+            return data["token_ids"], data["embeddings"]
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return None
+
+
+def texts_cache_name(text_fingerprint: str) -> str:
+    """The cache file of the concept embeddings of a text tower (``checkpoint.text_fingerprint``)."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{PROMPTS}".encode()).hexdigest()[:12]
+    return f"texts-{text_fingerprint[:16]}-{digest}.npz"
 
 
 def calibrated(token_ids: np.ndarray, concepts: np.ndarray, vocabulary: Vocabulary, reference: np.ndarray,

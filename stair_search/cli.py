@@ -328,11 +328,10 @@ def align(
 ) -> None:
     """Train an alignment: the linear map that puts each training image nearest its caption's words (`--target
     concepts`, for sparse vectors read off the dense space) or nearest its caption (`--target dense`)."""
-    from stair_search.train.alignment import ALIGNMENTS, align_model
+    from stair_search.train.alignment import align_model, check_target
     from stair_search.train.trainer import load_pairs
 
-    if target not in ALIGNMENTS:  # before any pair is read or model is built
-        raise ValueError(f"Unknown alignment target '{target}'; use --target {' or '.join(ALIGNMENTS)}.")
+    check_target(target)  # before any pair is read or model is built
     training_pairs = [pair for path in pairs for pair in load_pairs(path)]
     path, before, after = align_model(training_pairs, model, out, target=target, epochs=epochs, lr=lr,
                                       temperature=temperature, seed=seed)

@@ -8,6 +8,7 @@ source weights instead, and loading refuses a different copy of them with a mess
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +145,7 @@ def text_fingerprint(model: StairModel) -> str:
     their image side, and so share the cached concept word embeddings (models/concepts.py)."""
     digest = hashlib.sha256(repr(model.config.clip).encode())
     digest.update(model.vocabulary.sha256.encode())
-    for key, value in sorted(model.state_dict().items()):
-        if key.startswith("clip.") and not key.startswith("clip.visual."):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return _hash_weights(digest, model, lambda key: key.startswith("clip.") and not key.startswith("clip.visual."))
 
 
 def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple[str, ...]) -> str:
@@ -164,9 +161,14 @@ def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple
     digest = hashlib.sha256()
     digest.update(repr(sorted(config.items())).encode())
     digest.update(model.vocabulary.sha256.encode())
+    return _hash_weights(digest, model, lambda key: not key.startswith(skip_weights))
+
+
+def _hash_weights(digest: Any, model: StairModel, keep: Callable[[str], bool]) -> str:
+    """``digest`` updated with the name and float32 bytes of each state-dict entry that ``keep`` picks, in name
+    order: the one weight hash of every fingerprint."""
     for key, value in sorted(model.state_dict().items()):
-        if key.startswith(skip_weights):
-            continue
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+        if keep(key):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -105,14 +105,11 @@ class ConceptBank:
     @classmethod
     def load(cls, path: Path, vocabulary: Vocabulary) -> ConceptBank | None:
         """The cached bank, or None when there is none (or it is of another format: it is rebuilt)."""
-        try:
-            with np.load(path) as data:
-                if int(data["format"]) != CACHE_FORMAT:
-                    return None
-                return cls(data["token_ids"], data["embeddings"], data["image_mean"], data["mean"], data["std"],
-                           vocabulary, data["image_map"] if "image_map" in data.files else None)
-        except (FileNotFoundError, KeyError, ValueError, OSError):
+        data = _read_cache(path, ("token_ids", "embeddings", "image_mean", "mean", "std"), ("image_map",))
+        if data is None:
             return None
+        return cls(data["token_ids"], data["embeddings"], data["image_mean"], data["mean"], data["std"], vocabulary,
+                   data.get("image_map"))
 
 
 def embed_concepts(vocabulary: Vocabulary,
@@ -138,11 +135,18 @@ def save_concept_texts(path: Path, token_ids: np.ndarray, concepts: np.ndarray) 
 
 def load_concept_texts(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """The cached concept ids and embeddings, or None when there are none (or of another format)."""
+    data = _read_cache(path, ("token_ids", "embeddings"))
+    return None if data is None else (data["token_ids"], data["embeddings"])
+
+
+def _read_cache(path: Path, names: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray] | None:
+    """The arrays ``names`` (and those of ``optional`` it holds) of a cache file of this ``CACHE_FORMAT``, or None
+    when it is missing, unreadable, incomplete or of another format (the caller rebuilds it)."""
     try:
         with np.load(path) as data:
             if int(data["format"]) != CACHE_FORMAT:
                 return None
-            return data["token_ids"], data["embeddings"]
+            return {name: data[name] for name in (*names, *(o for o in optional if o in data.files))}
     except (FileNotFoundError, KeyError, ValueError, OSError):
         return None
 

@@ -103,6 +103,12 @@ def map_loss(images: np.ndarray, candidates: np.ndarray, targets: Sequence[Seque
 ALIGNMENTS = ("concepts", "dense")  # what ``align_model`` can train: a config's concept_alignment or dense_alignment
 
 
+def check_target(target: str) -> None:
+    """Refuse an alignment target ``align_model`` cannot train, naming the ones it can."""
+    if target not in ALIGNMENTS:
+        raise ValueError(f"Unknown alignment target '{target}'; use --target {' or '.join(ALIGNMENTS)}.")
+
+
 def align_model(pairs: Sequence[tuple[str, str]], model: str, out: str | Path, target: str = "concepts",
                 epochs: int = 20, lr: float = 1e-3, temperature: float = 0.05, seed: int = 0,
                 batch_size: int = 32) -> tuple[Path, float, float]:
@@ -114,8 +120,7 @@ def align_model(pairs: Sequence[tuple[str, str]], model: str, out: str | Path, t
     is not read)."""
     from stair_search.atomic import atomic_path
     from stair_search.encode import Encoder
-    if target not in ALIGNMENTS:
-        raise ValueError(f"Unknown alignment target '{target}'; use one of {', '.join(ALIGNMENTS)}.")
+    check_target(target)
     encoder = Encoder(model, batch_size=batch_size)
     if target == "dense" and encoder.model.config.dense_alignment:  # its dense vectors are mapped already
         raise ValueError(f"model {model} already has a dense_alignment; align its base model instead (one without "

@@ -37,6 +37,14 @@ def test_convex_matches_the_hand_computed_min_max_mix():
     assert fused[0].parts == {"sparse": 3.0, "dense": 0.9} and fused[2].parts == {"sparse": 5.0}
 
 
+def test_convex_normalises_a_complete_list_from_its_floor():
+    # Every document outside the sparse list scores 0 there: a 5/5, b 3/5, c 1/5 (c still beats no match).
+    fused = convex({"sparse": SPARSE, "dense": DENSE}, alpha=0.25, floors={"sparse": 0.0})
+    expected = {"a": 0.25, "b": 0.25 * 0.6 + 0.75, "c": 0.25 * 0.2, "d": 0.75 * 0.5}
+    assert {f.key: f.score for f in fused} == pytest.approx(expected)
+    assert convex({"sparse": SPARSE, "dense": DENSE}, alpha=0.25, floors={"sparse": 2.0})[-1].key == "c"  # min wins
+
+
 def test_convex_alpha_ends_are_the_single_routes():
     sparse_only = convex({"sparse": SPARSE, "dense": DENSE}, alpha=1.0)
     assert {f.key: f.score for f in sparse_only} == pytest.approx({"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.0})

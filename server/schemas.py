@@ -46,6 +46,9 @@ class SearchRequest(BaseModel):
     fusion: Fusion = "rrf"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Convex fusion: weight of the sparse route.")
     rerank: list[RerankerName] = Field(default_factory=list, max_length=4)
+    feedback: int | None = Field(None, ge=0, le=100, description="Pseudo-relevance feedback: the dense query moves "
+                                 "toward this many top hits and the dense route runs again (null: auto's choice, "
+                                 "the model's feedback_docs; 0: off). Text and image queries only.")
     explain: bool = Field(True, description="Return the matched word-pieces of each hit.")
     offset: int = Field(0, ge=0, le=1000, description="Skip this many hits (paging; ranks continue from it).")
     like: str | None = Field(None, max_length=MAX_QUERY_CHARS,
@@ -84,6 +87,9 @@ class SearchRequest(BaseModel):
                              "and/or 'sparse' query")
         if len(given) > 1:
             raise ValueError(f"give one kind of query, not {' and '.join(given)}")
+        if self.feedback and not encoded:
+            raise ValueError("'feedback' refines the dense route of a text or image query; 'like', 'vector' and "
+                             "'sparse' queries take none")
         if sum([bool(self.image), uploaded, self.image_url is not None]) > 1:
             raise ValueError("give the image once: as base64 'image', as a multipart upload or as 'image_url'")
         return self

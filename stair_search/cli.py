@@ -121,6 +121,9 @@ def search(
     rerank: Annotated[str, typer.Option(help="Rerankers over the top --depth, comma-separated: bsap, ssp, "
                                              "comclip, s3 (fused with the first stage by RRF).")] = "",
     depth: Annotated[int, typer.Option(min=1, help="Candidates per route, fused and reranked.")] = 100,
+    feedback: Annotated[int | None, typer.Option(min=0, help="Pseudo-relevance feedback: move the dense query "
+                                                 "toward this many top hits and search again (default: auto's "
+                                                 "choice, the model's feedback_docs; 0: off).")] = None,
     explain: Annotated[bool, typer.Option(help="Show the matched tokens of each hit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per hit.")] = False,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
@@ -154,9 +157,10 @@ def search(
     try:
         options["filters"] = parse_cli_filters(filter or []) or None
         if queries is not None:
-            _search_file(router, queries, options, depth, rerank)
+            _search_file(router, queries, options, _text_options(depth, rerank, feedback))
             return
-        response = _one_search(router, query, image, like, vector, sparse, options, depth, rerank)
+        response = _one_search(router, query, image, like, vector, sparse, options,
+                               _text_options(depth, rerank, feedback))
     except FilterError as exc:
         raise typer.BadParameter(str(exc), param_hint="--filter") from None
     except KeyError as exc:
@@ -181,25 +185,29 @@ def _rerankers(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _text_options(depth: int, rerank: str, feedback: int | None) -> dict:
+    """The options only a text or image query takes (not --like, --vector or --sparse)."""
+    return {"depth": depth, "rerank": _rerankers(rerank), "feedback": feedback}
+
+
 def _one_search(router, query: str | None, image: Path | None, like: str | None, vector: Path | None,
-                sparse: str | None, options: dict, depth: int, rerank: str):
+                sparse: str | None, options: dict, text_options: dict):
     if like is not None:
         return router.more_like(like, **options)
     if vector is not None or sparse is not None:
         return router.search_vectors(dense=_read_vector(vector) if vector else None,
                                      sparse=_read_sparse(sparse) if sparse else None, **options)
-    return router.search(text=query, image=_open_image(image) if image else None, depth=depth,
-                         rerank=_rerankers(rerank), **options)
+    return router.search(text=query, image=_open_image(image) if image else None, **text_options, **options)
 
 
-def _search_file(router, path: Path, options: dict, depth: int, rerank: str) -> None:
+def _search_file(router, path: Path, options: dict, text_options: dict) -> None:
     """``--queries``: every line a query (``id<TAB>text``, or the line number as its id); JSON lines out."""
     lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.startswith("#"):
             continue
         query_id, _, text = line.partition("\t") if "\t" in line else (str(number), "", line)
-        response = router.search(text=text.strip(), depth=depth, rerank=_rerankers(rerank), **options)
+        response = router.search(text=text.strip(), **text_options, **options)
         for hit in response.hits:
             typer.echo(json.dumps({"query_id": query_id, **hit.to_dict()}))
 

@@ -40,6 +40,14 @@ def test_a_different_seed_gives_a_different_model(tiny_config_path):
     assert model_fingerprint(other) != model_fingerprint(create_model(str(tiny_config_path), device="cpu"))
 
 
+def test_a_query_only_setting_keeps_the_fingerprint_so_indexes_keep_opening(tiny_config_path):
+    data = json.loads(tiny_config_path.read_text())
+    data["feedback_docs"] = 3
+    steered = create_model(StairConfig.from_dict(data), device="cpu")
+    assert steered.config.feedback_docs == 3
+    assert model_fingerprint(steered) == model_fingerprint(create_model(str(tiny_config_path), device="cpu"))
+
+
 def test_unknown_names_and_keys_are_refused_with_the_options(tmp_path):
     with pytest.raises(ValueError, match="open_clip model name"):
         create_model("no-such-model")

@@ -43,6 +43,14 @@ def test_keyword_queries_lean_sparse_by_the_models_own_weight():
     assert decide("a red car parked by the sea", None, keyword_alpha=0.4).alpha is None
 
 
+def test_auto_gives_feedback_to_keyword_and_descriptive_queries_only():
+    assert decide("red car", None, feedback_docs=3).feedback == 3
+    assert decide("a fluffy white dog and a sleepy cat", None, feedback_docs=3).feedback == 3
+    assert decide("a red circle left of a blue square", None, feedback_docs=3).feedback == 0  # ComCLIP's case
+    assert decide(None, draw_shape("red", "circle"), feedback_docs=3).feedback == 0
+    assert decide("red car", None).feedback == 0  # a model that sets none
+
+
 def test_auto_sends_image_queries_to_the_dense_route():
     assert decide(None, draw_shape("red", "circle")).mode == "dense"
     assert decide("red", draw_shape("red", "circle")).mode == "dense"
@@ -100,6 +108,45 @@ def test_only_the_top_depth_candidates_are_reranked_and_every_reranker_votes(rou
     expected = expected_rrf([h.id for h in plain.hits[:4]], head, ["bsap", "ssp"])
     assert [h.score for h in head] == pytest.approx(sorted(expected.values(), reverse=True))
     assert [h.id for h in tail] == [h.id for h in plain.hits[4:]]
+
+
+def test_feedback_moves_the_dense_query_toward_the_top_hits_and_fuses_again(router):
+    """Rocchio on the dense side: query + mean(top hits' stored embeddings), the dense route run again with it,
+    fused with the same sparse list by RRF; checked against a hand computation over every stored vector."""
+    router, _ = router
+    text = "a red circle"
+    plain = router.search(text=text, mode="hybrid", k=12, depth=12)
+    moved = router.search(text=text, mode="hybrid", k=12, depth=12, feedback=2)
+    assert moved.decision["feedback"] == 2 and "feedback" not in plain.decision
+    ids = [f"{c}-{s}" for c in COLOURS for s in SHAPES]
+    vectors = dict(zip(ids, candidate_vectors(router.index, [router.index.find(i) for i in ids]), strict=True))
+    query = router.encoder.embed_texts([text])[0] + np.mean([vectors[h.id] for h in plain.hits[:2]], axis=0)
+    cosine = {i: float(v @ query) / float(np.linalg.norm(query)) for i, v in vectors.items()}
+    dense_order = sorted(ids, key=lambda i: -cosine[i])
+    sparse_order = [h.id for h in router.search(text=text, mode="sparse", k=12, depth=12).hits]
+    expected = {i: 1 / (61 + dense_order.index(i)) + (1 / (61 + sparse_order.index(i)) if i in sparse_order else 0)
+                for i in ids}
+    assert {h.id: h.score for h in moved.hits} == pytest.approx(expected)
+    assert {h.id: h.parts["dense"] for h in moved.hits} == pytest.approx(cosine, abs=1e-5)
+    unmoved = {h.id: h.parts["dense"] for h in plain.hits}
+    assert max(abs(cosine[i] - unmoved[i]) for i in ids) > 0.01  # the query did move
+
+
+def test_convex_fusion_normalises_a_complete_sparse_list_from_zero(router):
+    """100 candidates asked of a 12-image index: the sparse list holds every match, so its scores are normalised
+    from 0 (the score of every image outside it); the dense list from its own last score."""
+    router, _ = router
+    found = router.index.find("red-circle")
+    words = router.index.sparse_vectors([found])[0]
+    response = router.search_vectors(dense=router.index.vectors([found])[0], sparse=dict(sorted(
+        words.items(), key=lambda item: -item[1])[:3]), mode="hybrid", fusion="convex", alpha=0.4, k=12)
+    sparse = {h.id: h.parts["sparse"] for h in response.hits if "sparse" in h.parts}
+    dense = {h.id: h.parts["dense"] for h in response.hits}
+    low, high = min(dense.values()), max(dense.values())
+    expected = {i: 0.4 * sparse.get(i, 0.0) / max(sparse.values()) + 0.6 * (d - low) / (high - low)
+                for i, d in dense.items()}
+    assert {h.id: h.score for h in response.hits} == pytest.approx(expected)
+    assert min(sparse.values()) > 0
 
 
 def test_auto_mode_reports_its_decision_and_applies_comclip(router):
@@ -198,3 +245,7 @@ def test_bad_router_arguments_are_clear_errors(router):
         router.search(text="red", mode="lexical")
     with pytest.raises(ValueError, match="depth"):
         router.search(text="red", depth=0)
+    with pytest.raises(ValueError, match="feedback must be 0 or more"):
+        router.search(text="red", feedback=-1)
+    with pytest.raises(ValueError, match="use mode dense, hybrid or auto, not 'sparse'"):
+        router.search(text="red", mode="sparse", feedback=3)

@@ -208,6 +208,24 @@ def test_cli_query_file_vectors_and_like(index_dir, tiny_config_path, tmp_path, 
     assert both.exit_code != 0 and "one kind of query" in both.output
 
 
+def test_the_cli_and_http_take_feedback(index_dir, tiny_config_path, registry_client, router):
+    expected = [h.id for h in router.search(text="a red circle", mode="hybrid", k=5, feedback=3).hits]
+    assert expected != [h.id for h in router.search(text="a red circle", mode="hybrid", k=5).hits]
+    cli = CliRunner().invoke(app, ["search", str(index_dir), "a red circle", "--mode", "hybrid", "--feedback", "3",
+                                   "-k", "5", "--json", "--model", str(tiny_config_path)])
+    assert cli.exit_code == 0, cli.output
+    assert [json.loads(line)["id"] for line in cli.output.splitlines()] == expected
+    http = registry_client.post("/search", json={"query": "a red circle", "mode": "hybrid", "feedback": 3, "k": 5})
+    assert http.status_code == 200, http.text
+    assert [h["id"] for h in http.json()["hits"]] == expected and http.json()["decision"]["feedback"] == 3
+    refused = registry_client.post("/search", json={"like": "doc-010", "feedback": 3})
+    assert refused.status_code == 422 and "'feedback' refines the dense route" in refused.text
+    sparse = CliRunner().invoke(app, ["search", str(index_dir), "red", "--mode", "sparse", "--feedback", "2",
+                                      "--model", str(tiny_config_path)])
+    message = " ".join(sparse.output.replace("│", " ").split())  # the usage box wraps long lines
+    assert sparse.exit_code != 0 and "use mode dense, hybrid or auto" in message
+
+
 @pytest.fixture(scope="module")
 def registry_client(index_dir):
     with TestClient(create_app(IndexRegistry({"filters": index_dir}), ServerSettings(reload_interval_s=0))) as c:

@@ -123,7 +123,8 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
         elif body.by_vectors:
             response = version.router.search_vectors(dense=body.vector, sparse=body.sparse, **options)
         else:
-            response = version.router.search(text=body.query, image=image, rerank=list(body.rerank), **options)
+            response = version.router.search(text=body.query, image=image, rerank=list(body.rerank),
+                                             feedback=body.feedback, **options)
     except FilterError as exc:
         raise HTTPException(422, f"filters: {exc}") from None
     except WordNetMissing as exc:  # S^3 asked for on a server without WordNet files

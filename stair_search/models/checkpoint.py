@@ -29,6 +29,9 @@ SPARSE_HEADS = ("image_head.", "text_head.")  # the state-dict prefixes of the s
 SPARSE_ONLY_FIELDS = ("image_top_k", "text_top_k", "emit_tokens", "ground_text", "text_floor", "keyword_alpha",
                       "sparse", "concept_weight", "concept_alignment", "num_local", "weights", "seed")
 ALIGNMENT_FIELDS = ("concept_alignment", "dense_alignment")  # .npy maps: hashed by content, not by path
+# StairConfig fields that only steer a search, never any vector: never hashed, so setting one on a shipped model
+# keeps its indexes opening (keyword_alpha predates this and stays hashed: every index records it).
+QUERY_ONLY_FIELDS = ("feedback_docs",)
 
 
 def file_sha256(path: Path) -> str:
@@ -151,7 +154,8 @@ def text_fingerprint(model: StairModel) -> str:
 def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple[str, ...]) -> str:
     from stair_search.models.vocab import resolve_path
 
-    config = {k: v for k, v in config.items() if k not in ("pretrained", "name")}  # not what the weights are
+    config = {k: v for k, v in config.items()  # neither is what the weights are or what the vectors hold
+              if k not in ("pretrained", "name", *QUERY_ONLY_FIELDS)}
     for key, default in HASHED_WHEN_SET.items():  # fields added later: every earlier model keeps its fingerprint
         if key in config and config[key] == default:
             config.pop(key)

@@ -56,6 +56,11 @@ class StairConfig:
     trust_components: int = 0
     # The sparse route's convex weight for keyword-like queries under ``auto`` (tuned per model on a val split).
     keyword_alpha: float = 0.7
+    # Pseudo-relevance feedback under ``auto`` for text queries that go hybrid (keyword-like and descriptive):
+    # the dense query moves toward the mean embedding of this many top fused hits and the dense route runs
+    # again before the final fusion (retrieve/router.py; tuned per model on a val split; 0: off). Query time
+    # only: never part of a fingerprint.
+    feedback_docs: int = 0
     # Where sparse vectors come from: "heads" (the STAIR heads), "heads+concepts" (the heads' image vectors plus
     # ``concept_weight`` x the training-free ones, queries from the text head), "concepts" (training-free:
     # models/concepts.py) or "none". None: "heads" for a model loaded from a stair-search checkpoint (trained

@@ -32,14 +32,16 @@ class Decision:
     fusion: str | None = None  # set when the rule picks the fusion too (else the request's)
     alpha: float | None = None
     note: str | None = None  # what the user should know about this query's result (e.g. an empty sparse route)
+    feedback: int = 0  # top fused hits the dense query is moved toward before the final fusion (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         chosen = {"fusion": self.fusion, "alpha": self.alpha} if self.fusion else {}
         return {"mode": self.mode, "rerank": list(self.rerank), "reason": self.reason} | chosen | (
-            {"note": self.note} if self.note else {})
+            {"note": self.note} if self.note else {}) | ({"feedback": self.feedback} if self.feedback else {})
 
 
-def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = KEYWORD_ALPHA) -> Decision:
+def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = KEYWORD_ALPHA,
+           feedback_docs: int = 0) -> Decision:
     """The ``auto`` routing rule, from the query alone.
 
     - an image (with or without text) -> dense: appearance lives in the dense space;
@@ -50,6 +52,10 @@ def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = K
       matches are what the user typed and the sparse route says which
       matched, while the dense route rescues the images whose words the sparse head missed;
     - anything longer (descriptive) -> hybrid.
+
+    Keyword-like and descriptive queries also get pseudo-relevance feedback from their ``feedback_docs`` top
+    fused hits (the model's ``StairConfig.feedback_docs``, tuned on the val split; 0: none); a relational phrase
+    does not (its reranker reads the query's own parts, and no val set measured feedback there).
     """
     if image is not None:
         return Decision("dense", (), "image query: compared by appearance in the dense space")
@@ -63,13 +69,15 @@ def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = K
     tokens = words(text)
     if len(tokens) <= KEYWORD_MAX_WORDS and not FILLER_WORDS.intersection(tokens):
         return Decision("hybrid", (), f"keyword-like query ({len(tokens)} word(s), no function words): "
-                        f"hybrid, sparse weight {keyword_alpha}", fusion="convex", alpha=keyword_alpha)
-    return Decision("hybrid", (), f"descriptive query ({len(tokens)} words)")
+                        f"hybrid, sparse weight {keyword_alpha}", fusion="convex", alpha=keyword_alpha,
+                        feedback=feedback_docs)
+    return Decision("hybrid", (), f"descriptive query ({len(tokens)} words)", feedback=feedback_docs)
 
 
 def without_sparse(decision: Decision, chosen_by_auto: bool) -> Decision:
     """A text query with an empty sparse vector (its words are none the model learnt to emit): ``auto`` goes
     dense instead of searching a route that cannot match; a requested mode runs as asked, with a note."""
     if chosen_by_auto:
-        return replace(decision, mode="dense", fusion=None, alpha=None, note=f"{NO_SPARSE_TOKENS}: dense only")
+        return replace(decision, mode="dense", fusion=None, alpha=None, feedback=0,
+                       note=f"{NO_SPARSE_TOKENS}: dense only")
     return replace(decision, note=f"{NO_SPARSE_TOKENS}: try mode dense, hybrid or auto")

@@ -6,8 +6,8 @@
   A document absent from a route's list gets 0 for that route. A route may give its floor, the score every
   document outside its list is known to have (a sparse list shorter than asked for holds every match, so the
   rest score 0): the list is normalised from that floor, not from its own last score, so its weakest match
-  still counts for more than no match (on the emoji val split: stair-lite-4's keyword tag nDCG@10 +1.6 to
-  +2.1).
+  still counts for more than no match (stair-lite-4's keyword tag nDCG@10 on the emoji val split: +2.1 / +1.7
+  / -0.1 for Google / Twitter / both; on test +0.1 to +0.2: docs/models.md).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Pseudo-relevance feedback (``feedback``; under ``auto`` the model's ``StairConfi
 first fusion, the dense query moves to ``query + FEEDBACK_WEIGHT x mean(top hits' embeddings)`` (Rocchio, 1971,
 on the dense side only), the dense route runs again with it and the lists are fused again. The sparse route's
 exact words pick hits the dense query alone ranks low, and their embeddings then pull in the images the sparse
-head missed: on the emoji val split it lifted stair-lite-4's hybrid tag nDCG@10 by 1.5-2 points over convex
-fusion alone (docs/models.md). Rerankers still compare candidates with the query as typed.
+head missed: stair-lite-4's ``auto`` tag nDCG@10 on the emoji test split +1.3 / +0.6 / +0.5, but fewer photos
+first in a collection of mostly drawings, so it is on per model (docs/models.md). Rerankers still compare
+candidates with the query as typed.
 
 Reranked order: every requested reranker scores the same candidates (its score lands in ``hit.parts[name]``);
 the final score is RRF over the first-stage order and each reranker's order. A reranker is a refined image-text

@@ -11,6 +11,7 @@ are real text (the emoji test split's labels) encoded by the real model. Per que
 - ``dense`` and ``hybrid``: full searches (RRF), hits' stored fields read (k = 10), with the default query
   weights (idf for this grounded model: the tower embeds, the sparse route runs meanwhile);
   ``hybrid (model)``: hybrid with the tower's weights;
+- ``hybrid + feedback 3``: hybrid with pseudo-relevance feedback (the dense route run again from the top 3);
 - ``hybrid + <reranker>``: the same with one reranker over the top 100 (its added time: the difference).
 
     python benchmarks/router_latency.py [--docs 100000] [--queries 200] [--torch-threads 1] [--work-dir DIR]
@@ -88,6 +89,7 @@ def main() -> None:
         "dense": lambda q: free.search(text=q, mode="dense", k=10),
         "hybrid": lambda q: free.search(text=q, mode="hybrid", k=10),
         "hybrid (model)": lambda q: model.search(text=q, mode="hybrid", k=10),
+        "hybrid + feedback 3": lambda q: free.search(text=q, mode="hybrid", k=10, feedback=3),
         **{f"hybrid + {name}": (lambda q, name=name: free.search(text=q, mode="hybrid", k=10, rerank=[name]))
            for name in RERANKERS},
     }

@@ -210,6 +210,8 @@ def test_cli_query_file_vectors_and_like(index_dir, tiny_config_path, tmp_path, 
 
 def test_the_cli_and_http_take_feedback(index_dir, tiny_config_path, registry_client, router):
     expected = [h.id for h in router.search(text="a red circle", mode="hybrid", k=5, feedback=3).hits]
+    rare = router.search(text="a red circle", mode="hybrid", k=5, feedback=3, filters={"group": "rare"})
+    assert sorted(h.id for h in rare.hits) == ["doc-007", "doc-150"]  # the moved query keeps the filter
     assert expected != [h.id for h in router.search(text="a red circle", mode="hybrid", k=5).hits]
     cli = CliRunner().invoke(app, ["search", str(index_dir), "a red circle", "--mode", "hybrid", "--feedback", "3",
                                    "-k", "5", "--json", "--model", str(tiny_config_path)])

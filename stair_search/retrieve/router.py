@@ -330,7 +330,7 @@ class QueryRouter:
     def _feedback_list(self, query: np.ndarray, top: Sequence[Fused], count: int, allowed: Allowed | None
                        ) -> list[Candidate]:
         """The dense route again, its query moved toward the mean stored embedding of the ``top`` fused hits."""
-        vectors = candidate_vectors(self.index, [Candidate(shard, row, f.score) for f in top for shard, row in [f.key]])
+        vectors = candidate_vectors(self.index, _candidates(top))
         moved = np.asarray(query, np.float32) + FEEDBACK_WEIGHT * vectors.mean(axis=0)
         return self.index.search_dense((moved / np.linalg.norm(moved))[None], count, rows=allowed)[0]
 
@@ -355,7 +355,7 @@ class QueryRouter:
         head, tail = fused[:depth], fused[depth:]
         if not head:
             return fused
-        candidates = [Candidate(shard, row, f.score) for f in head for shard, row in [f.key]]
+        candidates = _candidates(head)
         local, positions = self.index.local_features(candidates)
         inputs = RerankInput(query=np.asarray(query, np.float32), vectors=candidate_vectors(self.index, candidates),
                              local=local.astype(np.float32), positions=positions.astype(np.float32),
@@ -381,7 +381,7 @@ class QueryRouter:
 
     def _describe(self, fused: list[Fused], query_sparse: dict[str, float], explain: bool,
                   first_rank: int = 1, text: str | None = None) -> list[SearchHit]:
-        candidates = [Candidate(shard, row, f.score) for f in fused for shard, row in [f.key]]
+        candidates = _candidates(fused)
         docs = self.index.documents(candidates, ["id", "source", "caption", "metadata"])
         hits = []
         for rank, (f, cand, doc) in enumerate(zip(fused, candidates, docs, strict=True), start=first_rank):
@@ -396,3 +396,8 @@ class QueryRouter:
 def _fetch(k: int, depth: int, deep: bool) -> int:
     """Candidates each route is asked for: ``max(k, depth)`` when fused or reranked (``deep``), else ``k``."""
     return max(k, depth) if deep else k
+
+
+def _candidates(fused: Sequence[Fused]) -> list[Candidate]:
+    """The index candidates behind fused hits (their keys are (shard, row)), with the fused scores."""
+    return [Candidate(shard, row, f.score) for f in fused for shard, row in [f.key]]

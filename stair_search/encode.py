@@ -19,7 +19,15 @@ from PIL import Image
 
 from stair_search.images import model_view
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
-from stair_search.models.concepts import ConceptBank, calibrated, query_vector
+from stair_search.models.concepts import (
+    ConceptBank,
+    calibrated,
+    embed_concepts,
+    load_concept_texts,
+    query_vector,
+    save_concept_texts,
+    texts_cache_name,
+)
 from stair_search.models.factory import load_alignment
 from stair_search.models.heads import top_k_sparse
 from stair_search.models.runtime import RUNTIMES
@@ -113,12 +121,6 @@ class Encoder:
         """The concept words' ids and embeddings through this model's text tower: cached by the text tower's
         fingerprint, so models with another image side (a dense alignment, other weights) embed them only once."""
         from stair_search.models.checkpoint import text_fingerprint
-        from stair_search.models.concepts import (
-            embed_concepts,
-            load_concept_texts,
-            save_concept_texts,
-            texts_cache_name,
-        )
         from stair_search.paths import concepts_dir
 
         path = concepts_dir() / texts_cache_name(text_fingerprint(self.model))

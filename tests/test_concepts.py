@@ -206,9 +206,10 @@ def shapes_parquet(folder: Path) -> Path:
 
 
 def test_an_alignment_trained_on_captions_puts_images_nearer_their_words(foreign_clip, tmp_path):
-    """fit_alignment lowers its loss on real drawn shapes, starts from the identity (0 epochs: the training-free
-    bank), and the aligned bank ranks each image's caption words higher than the training-free one does."""
-    from stair_search.train.alignment import alignment_loss, caption_concepts, fit_alignment
+    """fit_map, against the bank's concept words, lowers its loss on real drawn shapes, starts from the identity
+    (0 epochs: the training-free bank), and the aligned bank ranks each image's caption words higher than the
+    training-free one does."""
+    from stair_search.train.alignment import caption_concepts, fit_map, map_loss
     from stair_search.train.trainer import load_pairs
 
     pairs = load_pairs(shapes_parquet(tmp_path / "shapes"))
@@ -218,10 +219,12 @@ def test_an_alignment_trained_on_captions_puts_images_nearer_their_words(foreign
     targets = caption_concepts(bank, encoder.model.vocabulary, [c for _, c in pairs])
     words = {encoder.model.vocabulary.tokens[int(bank.token_ids[r])] for t in targets for r in t}
     assert words == {"red", "blue", "green", "yellow", "circle", "square", "triangle"}
-    np.testing.assert_array_equal(fit_alignment(bank, dense, targets, epochs=0), np.eye(dense.shape[1]))
-    align = fit_alignment(bank, dense, targets, epochs=30, lr=1e-2)
+    words_of, centre = bank.embeddings, bank.image_mean
+    np.testing.assert_array_equal(fit_map(dense, words_of, targets, centre, epochs=0), np.eye(dense.shape[1]))
+    align = fit_map(dense, words_of, targets, centre, epochs=30, lr=1e-2)
     identity = np.eye(dense.shape[1])
-    assert alignment_loss(bank, dense, targets, align) < alignment_loss(bank, dense, targets, identity) - 0.5
+    assert map_loss(dense, words_of, targets, align, centre) < map_loss(dense, words_of, targets, identity,
+                                                                        centre) - 0.5
     reference = encoder.encode_images(reference_images()).dense  # the bank's own calibration images
     same = bank.aligned(identity, reference)
     np.testing.assert_allclose(same.z_scores(dense), bank.z_scores(dense), atol=1e-5)  # identity: no change

@@ -38,20 +38,13 @@ def caption_concepts(bank: ConceptBank, vocabulary: Vocabulary, captions: Sequen
     return [sorted({row_of[i] for i in vocabulary.first_word_pieces(text) if i in row_of}) for text in captions]
 
 
-def fit_alignment(bank: ConceptBank, dense: np.ndarray, targets: Sequence[Sequence[int]], epochs: int = 20,
-                  lr: float = 1e-3, temperature: float = 0.05, batch_size: int = 128, seed: int = 0) -> np.ndarray:
-    """(D, D) float32 concept alignment trained from the identity: images ``dense`` ((B, D) unit) with their
-    caption's concept rows ``targets`` (images without any are left out); cross-entropy of a softmax over every
-    concept at ``temperature``, uniform over the caption's words."""
-    return fit_map(dense, bank.embeddings, targets, bank.image_mean, epochs, lr, temperature, batch_size, seed)
-
-
 def fit_map(images: np.ndarray, candidates: np.ndarray, targets: Sequence[Sequence[int]],
             centre: np.ndarray | None = None, epochs: int = 20, lr: float = 1e-3, temperature: float = 0.05,
             batch_size: int = 128, seed: int = 0) -> np.ndarray:
     """(D, D) float32 map ``A`` trained from the identity so that ``unit((image - centre) A^T)`` is nearest its
     target rows of ``candidates`` ((N, D) unit): cross-entropy of a softmax over all N at ``temperature``, uniform
-    over each image's targets (images without any are left out). The one training loop of both alignments."""
+    over each image's targets (images without any are left out). The one training loop of both alignments (a
+    concept alignment: ``candidates`` the bank's embeddings, ``centre`` its ``image_mean``)."""
     rows = [i for i, t in enumerate(targets) if t]
     if not rows:
         raise ValueError("No training caption holds a target (a concept word or a caption): nothing to align to.")
@@ -81,12 +74,6 @@ def _goal(targets: Sequence[Sequence[int]], candidates: int) -> torch.Tensor:
     for row, columns in enumerate(targets):
         goal[row, list(columns)] = 1.0 / len(columns)
     return goal
-
-
-def alignment_loss(bank: ConceptBank, dense: np.ndarray, targets: Sequence[Sequence[int]], align: np.ndarray,
-                   temperature: float = 0.05) -> float:
-    """The training loss of a concept alignment ``align`` on these images (what ``fit_alignment`` lowers)."""
-    return map_loss(dense, bank.embeddings, targets, align, bank.image_mean, temperature)
 
 
 def map_loss(images: np.ndarray, candidates: np.ndarray, targets: Sequence[Sequence[int]], align: np.ndarray,

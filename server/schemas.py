@@ -110,6 +110,9 @@ class MatchedToken(BaseModel):
     document: float = Field(description="Weight of the word-piece in the document.")
     word: bool = Field(True, description="A content word (false for punctuation and grammar words such as 'and', "
                                          "which the page leaves out of its explanation chips).")
+    of: str | None = Field(None, description="The longer query word this word-piece was searched for, when the "
+                                             "vocabulary splits that word ('ham' for 'hamster'): the match is of "
+                                             "the piece, not of the whole word.")
 
 
 class Hit(BaseModel):

@@ -34,8 +34,15 @@ def print_response(response: SearchResponse, explain: bool = False, title: str |
         parts = " ".join(f"{route}={score:.3f}" for route, score in hit.parts.items())
         row = [str(hit.rank), hit.id, f"{hit.score:.4f}", hit.caption[:40], parts]
         if explain:
-            tokens = [f"{t} {q:.2f}x{d:.2f}" for t, (q, d) in list((hit.matched or {}).items())[:6]]
+            tokens = [f"{_stood_for(t, hit.matched_words)} {q:.2f}x{d:.2f}"
+                      for t, (q, d) in list((hit.matched or {}).items())[:6]]
             words = [f"text:{word}" for word in (hit.text_matched or {})]  # the text route's matched words
             row.append(", ".join(tokens + words))
         table.add_row(*row)
     Console().print(table)
+
+
+def _stood_for(token: str, words: dict[str, str]) -> str:
+    """``ham (of hamster)`` for a piece searched for a longer query word, so the column never passes it off as the
+    word itself; other tokens as they are."""
+    return f"{token} (of {words[token]})" if token in words else token

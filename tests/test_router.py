@@ -249,3 +249,44 @@ def test_bad_router_arguments_are_clear_errors(router):
         router.search(text="red", feedback=-1)
     with pytest.raises(ValueError, match="use mode dense, hybrid or auto, not 'sparse'"):
         router.search(text="red", mode="sparse", feedback=3)
+
+
+def split_word_index(tmp_path) -> QueryRouter:
+    """A grounded tiny model's index of three drawn images whose sparse vectors are written by hand: one holds
+    ``ham``, one ``cage``, one both; searched through the idf lookup, as the default model is."""
+    from stair_search.encode import Encoder
+    from stair_search.models import create_model
+
+    config = tmp_path / "grounded.json"
+    config.write_text(json.dumps(TINY_CONFIG | {"ground_text": True}))
+    encoder = Encoder(create_model(str(config), device="cpu"), batch_size=4)
+    batch = encoder.encode_images([draw_shape(c, "circle") for c in ("red", "blue", "green")])
+    batch.sparse = [{"ham": 1.0}, {"cage": 0.5}, {"ham": 0.4, "cage": 0.9}]
+    records = [FeatureRecord(id=i, source="", width=64, height=64) for i in ("meat", "empty-cage", "pet-cage")]
+    with IndexWriter(tmp_path / "index", encoder) as writer:
+        writer.add(records, batch)
+        writer.commit()
+    return QueryRouter(Index(tmp_path / "index"), encoder, query_weights="idf")
+
+
+def test_a_split_query_word_is_searched_by_its_first_piece_and_explained_as_a_piece_of_it(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """"hamster" is ``ham ##ster`` to the vocabulary: the sparse route searches ``ham``, and each hit that matched
+    it says the match is of the piece of "hamster" (in the API's dicts and the CLI's table), never the word ham."""
+    from stair_search.search import print_response
+
+    router = split_word_index(tmp_path)
+    response = router.search(text="hamster cage", mode="sparse", k=3, explain=True)
+    assert set(response.query_tokens) == {"ham", "cage"} and response.query_words == {"ham": "hamster"}
+    hits = {h.id: h for h in response.hits}
+    assert set(hits) == {"meat", "empty-cage", "pet-cage"}
+    assert hits["meat"].matched_words == {"ham": "hamster"} and hits["empty-cage"].matched_words == {}
+    matched = hits["pet-cage"].to_dict()["matched"]
+    assert matched["ham"]["of"] == "hamster" and set(matched["cage"]) == {"query", "document"}
+    assert "matched_words" not in hits["pet-cage"].to_dict()
+    monkeypatch.setenv("COLUMNS", "200")
+    print_response(response, explain=True)
+    printed = capsys.readouterr().out
+    assert printed.count("ham (of hamster)") == 2 and "cage" in printed
+    typed = router.search(text="ham hamster", mode="sparse", k=3, explain=True)  # the word itself: no piece
+    assert typed.query_words == {} and all(h.matched_words == {} for h in typed.hits)

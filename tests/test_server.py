@@ -128,6 +128,19 @@ def test_hits_carry_parts_metadata_matched_tokens_and_links(client, library_rout
         assert client.get(hit["document"]).json()["id"] == hit["id"]
 
 
+def test_a_matched_piece_of_a_longer_query_word_names_that_word(tmp_path):
+    """"hamster" is searched by its first piece ``ham``: each matched token of a hit says which query word it was
+    a piece of (``of``), so the page's chip reads "ham… (hamster)", not "ham"."""
+    from tests.test_router import split_word_index
+
+    split_word_index(tmp_path)
+    with make_client(IndexRegistry({"words": tmp_path / "index"})) as words:  # grounded: the idf lookup
+        body = words.post("/search", json={"query": "hamster cage", "mode": "sparse", "k": 3}).json()
+    matched = {hit["id"]: {m["token"]: m["of"] for m in hit["matched"]} for hit in body["hits"]}
+    assert matched == {"meat": {"ham": "hamster"}, "empty-cage": {"cage": None},
+                       "pet-cage": {"ham": "hamster", "cage": None}}
+
+
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_image_query_by_base64_and_by_upload_finds_the_same_image_first(client, mode):
     image = png_bytes(draw_shape("yellow", "triangle"))

@@ -37,3 +37,15 @@ def test_embedding_matrix_matches_vocabulary():
     matrix = vocab.embedding_matrix()
     assert matrix.shape == (30522, 384)
     assert len(vocab.sha256) == 64
+
+
+def test_piece_words_name_the_query_word_each_searched_piece_stands_for():
+    vocab = Vocabulary.load()
+    for word in ("hamster", "poodle", "teapot"):  # split by the vocabulary, first piece a whole word
+        ids = vocab.token_ids(word)
+        assert len(ids) > 1 and vocab.whole_words[ids[0]]
+    assert vocab.piece_words("a hamster and a Poodle, teapot; dog") == {
+        vocab.tokens[vocab.token_ids(w)[0]]: w for w in ("hamster", "poodle", "teapot")}
+    assert vocab.piece_words("ham and hamster") == {}  # the piece typed as a word stands for itself
+    assert vocab.piece_words("hamster hammock") == {"ham": "hamster / hammock"}
+    assert vocab.piece_words("dog cat") == {}

@@ -318,3 +318,26 @@ def test_the_api_docs_render_offline(browser, base_url):
     docs.close()
     assert {"/search", "/search/batch", "/classify", "/documents/{doc_id}"} <= {p.replace("\u200b", "") for p in paths}
     assert outside == []  # nothing was asked of a CDN
+
+
+def test_a_chip_of_a_piece_names_the_query_word_it_was_searched_for(browser, tmp_path):
+    """"hamster" is searched by its first piece ``ham``: the chip says "ham… (hamster)", never plain "ham"."""
+    from tests.test_router import split_word_index
+
+    router = split_word_index(tmp_path)
+    app = create_app(IndexRegistry({"words": tmp_path / "index"}), ServerSettings(reload_interval_s=0))
+    with serve_in_background(app) as url:
+        page = open_page(browser, url + "/")
+        try:
+            page.select_option("#mode", "sparse")  # one index served: the page shows no index choice
+            page.fill("#k", "3")
+            page.fill("#query", "hamster cage")
+            page.press("#query", "Enter")
+            expected = router.search(text="hamster cage", mode="sparse", k=3, explain=True).hits
+            wait_for_hits(page, [h.id for h in expected])
+            chips = page.eval_on_selector_all(".hit .token:not(.text)", "s => s.map(x => x.textContent)")
+            assert chips == [f"{t}… ({h.matched_words[t]})" if t in h.matched_words else t
+                             for h in expected for t in word_chips(h.matched)]
+            assert "ham… (hamster)" in chips and "ham" not in chips
+        finally:
+            page.close()

@@ -145,8 +145,8 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
         hits=[Hit(rank=h.rank, id=h.id, score=h.score, parts=h.parts, caption=h.caption or "",
                   metadata=h.metadata or {}, source=h.source, thumbnail=thumbnail_url(version.name, h.id, h.source),
                   document=document_url(version.name, h.id),
-                  matched=[MatchedToken(token=t, query=q, document=d, word=is_content_piece(t))
-                           for t, (q, d) in (h.matched or {}).items()],
+                  matched=[MatchedToken(token=t, query=q, document=d, word=is_content_piece(t),
+                                        of=h.matched_words.get(t)) for t, (q, d) in (h.matched or {}).items()],
                   text_matched=h.text_matched or {})
               for h in hits])
 

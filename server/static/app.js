@@ -160,7 +160,9 @@ function wordChips(hit, limit) {
   // Only words: punctuation and grammar words ("," "." "and") are true matches that explain nothing.
   const chips = hit.matched.filter((m) => m.word).slice(0, limit).map((m) => Object.assign(
     document.createElement("span"),
-    { className: "token", textContent: m.token, title: `query ${m.query.toFixed(2)} × document ${m.document.toFixed(2)}` }));
+    { className: "token", textContent: m.of ? `${m.token}… (${m.of})` : m.token,
+      title: (m.of ? `the piece "${m.token}" of "${m.of}": ` : "") +
+        `query ${m.query.toFixed(2)} × document ${m.document.toFixed(2)}` }));
   const text = Object.entries(hit.text_matched || {}).map(([word, count]) => Object.assign(
     document.createElement("span"), { className: "token text", textContent: word, title: `in the caption ${count}×` }));
   return [...chips, ...text];

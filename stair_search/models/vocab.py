@@ -147,6 +147,19 @@ class Vocabulary:
         whole = self.whole_words
         return [ids[0] for ids in self.own_word_ids(text) if ids and bool(whole[ids[0]])]
 
+    def piece_words(self, text: str) -> dict[str, str]:
+        """{first word-piece: word} for each of ``text``'s own words that the vocabulary splits ("hamster" ->
+        ``ham ##ster``: ``{"ham": "hamster"}``): the piece a query searches such a word by (``first_word_pieces``),
+        so that an explanation can say which word a matched piece stood for, not pass ``ham`` off as the word."""
+        own = [word for word in words(text) if word not in FUNCTION_WORDS]
+        stood_for: dict[str, list[str]] = {}
+        for word in own:
+            ids = self.token_ids(word)
+            piece = self.tokens[ids[0]] if len(ids) > 1 and bool(self.whole_words[ids[0]]) else None
+            if piece is not None and piece not in own and word not in stood_for.get(piece, []):
+                stood_for.setdefault(piece, []).append(word)  # a piece typed as a word stands for itself
+        return {piece: " / ".join(found) for piece, found in stood_for.items()}
+
     def embedding_matrix(self) -> torch.Tensor:
         """The model folder's word-piece embedding matrix (V x e), which the sparse heads are tied to.
 

@@ -64,11 +64,15 @@ class SearchHit:
     parts: dict[str, float] = field(default_factory=dict)  # route or reranker name -> its score
     matched: dict[str, tuple[float, float]] | None = None  # token -> (query weight, document weight)
     text_matched: dict[str, int] | None = None  # text route: the query's analyzed words in the hit's text -> count
+    # matched token -> the longer query word it was searched for (``SearchResponse.query_words``)
+    matched_words: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
+        data = {name: value for name, value in self.__dict__.items() if name != "matched_words"}
         if self.matched is not None:
-            data["matched"] = {t: {"query": q, "document": d} for t, (q, d) in self.matched.items()}
+            data["matched"] = {t: {"query": q, "document": d} | ({"of": self.matched_words[t]}
+                                                                  if t in self.matched_words else {})
+                               for t, (q, d) in self.matched.items()}
         return data
 
 
@@ -79,6 +83,8 @@ class SearchResponse:
     hits: list[SearchHit]
     query_tokens: dict[str, float] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=dict)  # {"mode", "rerank", "reason"} (+ "expanded" for S^3)
+    # query token -> the longer query word it was searched for ("ham" -> "hamster": the vocabulary splits it)
+    query_words: dict[str, str] = field(default_factory=dict)
 
 
 class QueryRouter:
@@ -220,11 +226,13 @@ class QueryRouter:
             info["text"] = True
         elif decision.mode == "text":
             info["note"] = "this index has no text route (built before it, or its documents have no captions)"
+        stood_for = self.index.vocabulary.piece_words(text) if text and query_sparse else {}
+        query_words = {t: w for t, w in stood_for.items() if t in query_sparse}
         hits = self._describe(fused[offset : offset + k], query_sparse, explain, first_rank=offset + 1,
-                              text=text_query)
+                              text=text_query, query_words=query_words)
         label = f"{decision.mode}+text" if text_query and decision.mode != "text" else decision.mode
         return SearchResponse(mode=label, fusion=fusion if len(routes) > 1 else None, hits=hits,
-                              query_tokens=query_sparse, decision=info)
+                              query_tokens=query_sparse, decision=info, query_words=query_words)
 
     def close(self) -> None:
         """Release the index's readers and this router's sparse-route threads (both reopen if used again)."""
@@ -380,7 +388,10 @@ class QueryRouter:
             self._phrases.update(fresh)
 
     def _describe(self, fused: list[Fused], query_sparse: dict[str, float], explain: bool,
-                  first_rank: int = 1, text: str | None = None) -> list[SearchHit]:
+                  first_rank: int = 1, text: str | None = None, query_words: Mapping[str, str] | None = None
+                  ) -> list[SearchHit]:
+        """The hits of ``fused`` with their stored fields and, with ``explain``, what they matched (each token a
+        piece of a longer query word says which: ``query_words``)."""
         candidates = _candidates(fused)
         docs = self.index.documents(candidates, ["id", "source", "caption", "metadata"])
         hits = []
@@ -389,7 +400,8 @@ class QueryRouter:
             hits.append(SearchHit(rank=rank, id=doc["id"], score=f.score, source=doc["source"],
                                   caption=doc.get("caption", ""), metadata=doc.get("metadata", {}),
                                   parts=f.parts, matched=matched,
-                                  text_matched=self.index.text_matches(cand, text) if explain and text else None))
+                                  text_matched=self.index.text_matches(cand, text) if explain and text else None,
+                                  matched_words={t: w for t, w in (query_words or {}).items() if t in (matched or {})}))
         return hits
 
 

@@ -341,3 +341,19 @@ def test_a_chip_of_a_piece_names_the_query_word_it_was_searched_for(browser, tmp
             assert "ham… (hamster)" in chips and "ham" not in chips
         finally:
             page.close()
+
+
+def test_feedback_set_on_the_page_refines_the_query_and_stays_in_the_url(page, shapes_router):
+    plain = [h.id for h in shapes_router.search(text="a red circle", mode="hybrid", k=12).hits]
+    refined = [h.id for h in shapes_router.search(text="a red circle", mode="hybrid", k=12, feedback=2).hits]
+    assert refined != plain  # the test could not tell the two apart otherwise
+    page.fill("#feedback", "2")
+    try:
+        search_on(page, "a red circle", "hybrid", 12)
+        wait_for_hits(page, refined)
+        assert parse_qs(urlsplit(page.url).query)["feedback"] == ["2"]
+    finally:
+        page.fill("#feedback", "")
+    search_on(page, "a red circle", "hybrid", 12)
+    wait_for_hits(page, plain)
+    assert "feedback" not in parse_qs(urlsplit(page.url).query)

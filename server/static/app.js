@@ -65,6 +65,7 @@ function stateFromUrl() {
     if (value && [...$(name).options].some((o) => o.value === value)) $(name).value = value;
   }
   if (params.get("k")) $("k").value = params.get("k");
+  $("feedback").value = params.get("feedback") || "";
   setLike(params.get("like") ? { id: params.get("like"), caption: params.get("like") } : null);
   describeIndex();
   return Boolean($("query").value.trim() || query.like);
@@ -77,6 +78,7 @@ function urlOfState() {
   params.set("mode", $("mode").value);
   if (!$("index-label").hidden) params.set("index", $("index").value);
   params.set("k", $("k").value);
+  if ($("feedback").value !== "") params.set("feedback", $("feedback").value);
   return "?" + params.toString();
 }
 
@@ -121,6 +123,8 @@ async function search(event, fromHistory = false) {
   if ($("index").value) fields.index = $("index").value;
   if (query.like) fields.like = query.like.id;
   else if (text) fields.query = text;
+  // feedback refines the dense query of a text or image query (the API refuses it with "like")
+  if ($("feedback").value !== "" && !query.like) fields.feedback = Number($("feedback").value);
   const form = new FormData();
   form.append("request", JSON.stringify(fields));
   if (query.image && !query.like) form.append("image", query.image);

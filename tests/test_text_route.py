@@ -55,6 +55,11 @@ def test_sidecar_captions_are_indexed_for_the_text_route(folder_index, router):
 def test_auto_fuses_the_text_route_and_explicit_modes_leave_it_out(router):
     auto = router.search(text="name badge", explain=True)
     assert auto.mode.endswith("+text") and auto.decision["text"] is True and auto.fusion == "rrf"
+    # a keyword query's convex weight does not apply once the text route joins: the decision says what ran
+    assert auto.decision["fusion"] == "rrf" and auto.decision["alpha"] is None and "(RRF)" in auto.decision["reason"]
+    alone = router.search(text="name badge", use_text=False)
+    assert alone.fusion == "convex" and alone.decision["fusion"] == "convex" and alone.decision["alpha"] > 0
+    assert "RRF" not in alone.decision["reason"]
     assert auto.hits[0].id == "blue.png" and "text" in auto.hits[0].parts
     dense = router.search(text="name badge", mode="dense")
     assert dense.mode == "dense" and all("text" not in h.parts for h in dense.hits)

@@ -194,6 +194,9 @@ class QueryRouter:
         routes = (_ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
         if text_query and len(routes) > 1:
             fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
+            if decision.fusion not in (None, "rrf"):  # auto's own weighting does not apply: the decision says so
+                decision = replace(decision, fusion="rrf", alpha=None,
+                                   reason=f"{decision.reason}; with the captions' text route: fused by rank (RRF)")
         need_dense = "dense" in routes or bool(names)
         early = None  # idf weights: a text query's sparse route runs while the tower embeds it (no wait for it)
         if self.query_weights == "idf" and text and image is None:  # the lookup first; the tower for dense only

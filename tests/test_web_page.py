@@ -146,8 +146,10 @@ def word_chips(matched) -> list[str]:
     return [token for token in matched if is_content_piece(token)]
 
 
-def search_on(page, text: str, mode: str, k: int, index: str = "shapes") -> None:
-    page.select_option("#index", index)
+def search_on(page, text: str, mode: str, k: int, index: str | None = "shapes") -> None:
+    """``index``: None when one index is served (the page then shows no index choice)."""
+    if index is not None:
+        page.select_option("#index", index)
     page.select_option("#mode", mode)
     page.fill("#k", str(k))
     page.fill("#query", text)
@@ -329,10 +331,7 @@ def test_a_chip_of_a_piece_names_the_query_word_it_was_searched_for(browser, tmp
     with serve_in_background(app) as url:
         page = open_page(browser, url + "/")
         try:
-            page.select_option("#mode", "sparse")  # one index served: the page shows no index choice
-            page.fill("#k", "3")
-            page.fill("#query", "hamster cage")
-            page.press("#query", "Enter")
+            search_on(page, "hamster cage", "sparse", 3, index=None)
             expected = router.search(text="hamster cage", mode="sparse", k=3, explain=True).hits
             wait_for_hits(page, [h.id for h in expected])
             chips = page.eval_on_selector_all(".hit .token:not(.text)", "s => s.map(x => x.textContent)")

@@ -135,30 +135,41 @@ class Vocabulary:
         """Word-piece ids of ``text`` without special tokens (the grounding mask of STAIR stage 1)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    @staticmethod
+    def own_words(text: str) -> list[str]:
+        """The words of ``text`` (lower-cased, punctuation dropped), function words left out: a query's own words."""
+        return [word for word in words(text) if word not in FUNCTION_WORDS]
+
     def own_word_ids(self, text: str) -> list[list[int]]:
-        """The word-piece ids of each word of ``text`` (lower-cased, punctuation dropped), function words left
-        out: what a query's own words are, for the query floor and for training-free query vectors."""
-        return [self.token_ids(word) for word in words(text) if word not in FUNCTION_WORDS]
+        """The word-piece ids of each of ``text``'s own words: for the query floor and for training-free query
+        vectors."""
+        return [self.token_ids(word) for word in self.own_words(text)]
+
+    def _searched_piece(self, ids: list[int]) -> int | None:
+        """The piece a word of these word-piece ids is searched by: its first, when that is a whole word."""
+        return ids[0] if ids and bool(self.whole_words[ids[0]]) else None
 
     def first_word_pieces(self, text: str) -> list[int]:
         """The first word-piece of each of ``text``'s own words (``own_word_ids``) when it is a whole word: the piece
         an image vector can hold for that word (the heads emit whole-word pieces only), hence the one a query's
         floor raises, a query lookup weighs and heads-only training teaches the image head to emit."""
-        whole = self.whole_words
-        return [ids[0] for ids in self.own_word_ids(text) if ids and bool(whole[ids[0]])]
+        return [piece for ids in self.own_word_ids(text) if (piece := self._searched_piece(ids)) is not None]
 
     def piece_words(self, text: str) -> dict[str, str]:
         """{first word-piece: word} for each of ``text``'s own words that the vocabulary splits ("hamster" ->
         ``ham ##ster``: ``{"ham": "hamster"}``): the piece a query searches such a word by (``first_word_pieces``),
         so that an explanation can say which word a matched piece stood for, not pass ``ham`` off as the word."""
-        own = [word for word in words(text) if word not in FUNCTION_WORDS]
+        own = self.own_words(text)
         stood_for: dict[str, list[str]] = {}
         for word in own:
             ids = self.token_ids(word)
-            piece = self.tokens[ids[0]] if len(ids) > 1 and bool(self.whole_words[ids[0]]) else None
-            if piece is not None and piece not in own and word not in stood_for.get(piece, []):
-                stood_for.setdefault(piece, []).append(word)  # a piece typed as a word stands for itself
-        return {piece: " / ".join(found) for piece, found in stood_for.items()}
+            piece = self._searched_piece(ids) if len(ids) > 1 else None
+            if piece is None or self.tokens[piece] in own:  # one piece, or a piece typed as a word: itself
+                continue
+            found = stood_for.setdefault(self.tokens[piece], [])
+            if word not in found:
+                found.append(word)
+        return {token: " / ".join(found) for token, found in stood_for.items()}
 
     def embedding_matrix(self) -> torch.Tensor:
         """The model folder's word-piece embedding matrix (V x e), which the sparse heads are tied to.

@@ -59,6 +59,9 @@ def _with_photos(split_file: Path, photo_dir: Path) -> Path:
 
 
 def run_demo(out: Path, model: str = DEFAULT_MODEL, split: str = "test") -> None:
+    from PIL import Image
+
+    from stair_search.data.photos import EXAMPLE_QUERY, sample_dir
     from stair_search.eval.runner import evaluate
     from stair_search.search import open_router, print_response
 
@@ -72,6 +75,10 @@ def run_demo(out: Path, model: str = DEFAULT_MODEL, split: str = "test") -> None
     for query in DEMO_QUERIES:
         print_response(router.search(text=query, mode="hybrid", k=5, explain=True), explain=True,
                        title=f"text query '{query}' (hybrid, RRF)")
+    with Image.open(sample_dir() / EXAMPLE_QUERY.file) as example:
+        response = router.search(image=example, k=5, explain=True)
+    print_response(response, explain=True, title=f"example-image query {EXAMPLE_QUERY.file}, a photo not in the "
+                                                 f"index ({response.mode})")
     for kind in ("label", "tag"):
         report = evaluate(out, dataset.queries(split, kind), dataset.qrels(split, kind, "all"), model=model)
         print(f"\n{kind} queries ({report.queries}) on the {split} split, both styles:\n{report.to_markdown()}")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import indexer
+from stair_search.data.photos import sample_dir
 from stair_search.encode import Encoder
 from stair_search.index.manifest import IndexMismatchError, Manifest
 from stair_search.index.reader import Index
@@ -129,12 +130,10 @@ def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreig
 
 def test_a_pretrained_dual_encoder_gets_words_related_to_real_photos():
     """stair-lite's dense towers used as if they were a foreign CLIP (its trained heads ignored)."""
-    import skimage
-
     model = create_model("stair-lite", device="cpu")
     model.sparse_source = "concepts"
     encoder = Encoder(model, batch_size=4)
-    folder = Path(skimage.__file__).parent / "data"
+    folder = sample_dir()
     photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
     vectors = encoder.encode_images(photos).sparse
     top = [list(v)[:12] for v in vectors]
@@ -146,8 +145,6 @@ def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads
     """stair-lite-3 is stair-lite-2's weights (StairConfig.weights) with sparse "heads+concepts": each image word
     weighs its head weight plus concept_weight x its training-free weight, queries come from the text head, and an
     index records the source and refuses stair-lite-2's encoder (another fingerprint)."""
-    import skimage
-
     from stair_search.models.heads import top_k_sparse
 
     mixed, heads = Encoder("stair-lite-3", batch_size=4), Encoder("stair-lite-2", batch_size=4)
@@ -157,7 +154,7 @@ def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads
     assert mixed.fingerprint != heads.fingerprint  # but the same dense side: one cached concept bank
     assert dense_fingerprint(mixed.model) == dense_fingerprint(heads.model) != dense_fingerprint(
         create_model("stair-tiny", device="cpu"))
-    folder = Path(skimage.__file__).parent / "data"
+    folder = sample_dir()
     photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
     pixels = torch.stack([mixed.preprocess(p) for p in photos])
     got = mixed.encode_pixels(pixels)
@@ -269,15 +266,13 @@ def test_a_model_with_a_concept_alignment_reads_its_words_through_it(foreign_cli
 def test_stair_lite_4_reads_stair_lite_3s_words_through_its_shipped_alignment():
     """stair-lite-4 is stair-lite-3 (stair-lite-2's weights, heads+concepts) with the shipped concept alignment and
     concept_weight 1.0: the same dense vectors, other image words, its own fingerprint and concept bank."""
-    import skimage
-
     aligned, base = Encoder("stair-lite-4", batch_size=4), Encoder("stair-lite-3", batch_size=4)
     assert aligned.model.config.concept_weight == 1.0 and aligned.sparse_source == "heads+concepts"
     assert aligned.concepts().image_map is not None and base.concepts().image_map is None
     state, reference = aligned.model.state_dict(), base.model.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     assert aligned.fingerprint != base.fingerprint and dense_fingerprint(aligned.model) == dense_fingerprint(base.model)
-    folder = Path(skimage.__file__).parent / "data"
+    folder = sample_dir()
     photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png")]
     got, plain = aligned.encode_images(photos), base.encode_images(photos)
     np.testing.assert_array_equal(got.dense, plain.dense)
@@ -345,14 +340,12 @@ def test_stair_lite_5_is_stair_lite_4_with_its_shipped_dense_alignment():
     """stair-lite-5 is stair-lite-4 (stair-lite-2's weights, heads+concepts, a concept alignment) whose dense
     vectors and local features go through the shipped dense alignment: the same weights, every dense vector the
     map of stair-lite-4's, its own dense fingerprint (so its own concept bank), and true words on real photos."""
-    import skimage
-
     mapped, base = Encoder("stair-lite-5", batch_size=4), Encoder("stair-lite-4", batch_size=4)
     assert mapped.model.dense_map is not None and base.model.dense_map is None
     state, reference = mapped.model.state_dict(), base.model.state_dict()
     assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
     assert dense_fingerprint(mapped.model) != dense_fingerprint(base.model)
-    folder = Path(skimage.__file__).parent / "data"
+    folder = sample_dir()
     photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png")]
     align = mapped.model.dense_map.numpy()
     expected = base.encode_dense(photos) @ align.T

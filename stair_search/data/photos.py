@@ -3,7 +3,8 @@
 Icons and emoji are drawings; a user's collection is photos. scikit-image ships a few real photographs (a cat,
 a cup of coffee, a rocket, a motorcycle, ...) under permissive licences, so the demo and the benchmark can show
 photo queries with nothing downloaded. The queries below were written before any result was looked at: one
-description per photo, as a user would type it.
+description per photo, as a user would type it. One more photo is kept out of the index on purpose, as the demo's
+example-image query.
 """
 
 from __future__ import annotations
@@ -37,18 +38,36 @@ PHOTOS = (
 )
 
 
+
+
+@dataclass(frozen=True)
+class ExampleQuery:
+    file: str  # a sample image that is not indexed, searched by example
+    finds: str  # the indexed photo (a PHOTOS file) of the same thing: what the search should put first
+
+
+# The right camera of scikit-image's motorcycle stereo pair, whose left image is indexed: the photo an example-image
+# search should find is known without looking at any result.
+EXAMPLE_QUERY = ExampleQuery("motorcycle_right.png", "motorcycle_left.png")
+
+
 def photo_id(photo: Photo) -> str:
     return f"photo/{Path(photo.file).stem}"
+
+
+def sample_dir() -> Path:
+    """scikit-image's folder of sample images (the photos, the example query, the concept bank's reference)."""
+    try:
+        import skimage
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("The sample photos come from scikit-image: pip install scikit-image") from exc
+    return Path(skimage.__file__).parent / "data"
 
 
 def copy_photos(dest: Path) -> list[dict[str, object]]:
     """Copy the photos into ``dest`` and return index records (the emoji records' columns: id, image_path,
     label, tags, group, style), so that they can be indexed beside the emoji."""
-    try:
-        import skimage
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("The sample photos come from scikit-image: pip install scikit-image") from exc
-    source = Path(skimage.__file__).parent / "data"
+    source = sample_dir()
     dest.mkdir(parents=True, exist_ok=True)
     records = []
     for photo in PHOTOS:

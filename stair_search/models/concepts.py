@@ -198,13 +198,11 @@ def rarity(token_id: int, vocabulary_size: int) -> float:
 
 def reference_images() -> list[Image.Image]:
     """The default calibration set: scikit-image's sample images (RGB, at least 64 px) and four crops of each."""
-    import skimage
-
+    from stair_search.data.photos import sample_dir
     from stair_search.images import to_rgb
 
-    folder = Path(skimage.__file__).parent / "data"
     out = []
-    for path in sorted(folder.iterdir()):
+    for path in sorted(sample_dir().iterdir()):
         if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
             continue
         with Image.open(path) as image:

@@ -38,8 +38,6 @@ PHOTOS = (
 )
 
 
-
-
 @dataclass(frozen=True)
 class ExampleQuery:
     file: str  # a sample image that is not indexed, searched by example

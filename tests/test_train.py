@@ -143,7 +143,7 @@ def test_training_fits_the_trust_gate_that_hands_unfamiliar_images_to_the_prior(
     import json
 
     from stair_search.models.config import CONFIG_DIR
-    from tests.test_towers import _photo
+    from tests.conftest import sample_photo
 
     config = json.loads((CONFIG_DIR / "stair-lite.json").read_text())
     config.update(name="lite-gated", trust_components=8)
@@ -154,7 +154,7 @@ def test_training_fits_the_trust_gate_that_hands_unfamiliar_images_to_the_prior(
     model = create_model(str(result.checkpoint), device="cpu").eval()
     assert model.trust.fitted and model.config.trust_components == 8
     pixels = torch.stack([model.preprocess(draw_shape("red", "circle", background="black")),
-                          model.preprocess(_photo("chelsea.png"))])
+                          model.preprocess(sample_photo("chelsea.png"))])
     with torch.inference_mode():
         features = model.tower.tail(model.tower.stem(pixels)).features
         weight = model.trust(features).flatten()

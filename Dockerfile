@@ -60,7 +60,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 ENTRYPOINT ["stair-search"]
 
-# Optional: the demo's npm packages (specs pinned in stair_search/data/emoji.py: PACKAGES), fetched by `npm
+# Optional: the demo's npm packages (specs pinned in stair_search/data/emoji_packages.py: PACKAGES), fetched by `npm
 # pack` in a throwaway Node.js stage; only the tarballs leave it.
 FROM node:22-bookworm-slim AS npm-packages
 # the image's unprivileged `node` user

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stair_search.demo import index_split, open_dataset
+from stair_search.cli.demo import index_split, open_dataset
 from stair_search.eval.runner import evaluate
 from stair_search.paths import data_dir
 
@@ -31,9 +31,9 @@ def sparsity(dataset, split: str, index_dir: Path, model: str) -> tuple[float, f
     """Mean non-zeros per image (read from the index's stored vectors, not encoded again), per query over the
     split's label + tag queries, and the number of label queries whose sparse vector is empty."""
     from stair_search.encode import Encoder
-    from stair_search.index.reader import Index
+    from stair_search.index import IndexReader
 
-    per_image = Index(index_dir).nonzeros_per_document()
+    per_image = IndexReader(index_dir).nonzeros_per_document()
     encoder = Encoder(model)
     labels = list(dataset.queries(split, "label").values())
     label_vectors = encoder.encode_texts(labels).sparse

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import indexer
+from indexer import IndexJob
 from indexer.pipeline import default_workers
 from stair_search.encode import Encoder
 
@@ -64,7 +65,7 @@ def bare_encoder_rate(encoder: Encoder, paths: list[Path]) -> float:
 def pipeline_rate(encoder: Encoder, folder: Path, work: Path, batch_size: int, workers: int) -> float:
     """images/s of a whole indexing job on the files, from the call to the published index."""
     start = time.perf_counter()
-    summary = indexer.run(folder, work / "index", encoder=encoder, batch_size=batch_size, workers=workers,
+    summary = indexer.run(IndexJob(folder, work / "index", batch_size=batch_size, workers=workers), encoder=encoder,
                           progress=False)
     seconds = time.perf_counter() - start
     if summary.indexed != len(list(folder.iterdir())):

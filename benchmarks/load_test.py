@@ -203,14 +203,14 @@ def _wait_until_ready(base_url: str, process: subprocess.Popen, timeout_s: float
 
 def emoji_index(work_dir: Path, model: str) -> tuple[Path, list[str]]:
     """The emoji test split indexed with ``model`` (built on first use) and the split's label queries."""
-    from stair_search.demo import index_split, open_dataset
+    from stair_search.cli.demo import index_split, open_dataset
 
     dataset = open_dataset()
     texts = sorted(set(dataset.queries("test", "label").values()))
     index_dir = work_dir / f"emoji-test-{model}"
     if (index_dir / "manifest.json").is_file():
         from stair_search.encode import Encoder
-        from stair_search.index.manifest import Manifest
+        from stair_search.index import Manifest
 
         if Manifest.load(index_dir).model["fingerprint"] == Encoder(model).fingerprint:
             print(f"reusing {index_dir}")

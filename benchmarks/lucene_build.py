@@ -38,7 +38,7 @@ from stair_search.index.sparse import (
     available_cores,
     build_lucene,
 )
-from stair_search.models.vocab import Vocabulary, spell
+from stair_search.vocabulary import Vocabulary, spell
 
 QUERY_TOKENS = (1, 2, 8, 16)
 K = 10

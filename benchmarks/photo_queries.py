@@ -13,10 +13,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from stair_search.cli.demo import index_split, open_dataset
 from stair_search.data.photos import PHOTOS, photo_id
-from stair_search.demo import index_split, open_dataset
 from stair_search.paths import data_dir
-from stair_search.search import open_router
+from stair_search.retrieve import SearchRequest, open_router
 
 ROUTES = ("sparse", "dense", "hybrid", "auto")
 DEPTH = 100
@@ -25,7 +25,7 @@ DEPTH = 100
 def ranks(router, query: str, target: str) -> dict[str, int | None]:
     found = {}
     for mode in ROUTES:
-        hits = router.search(text=query, mode=mode, k=DEPTH).hits
+        hits = router.search(SearchRequest(text=query, mode=mode, k=DEPTH)).hits
         ids = [hit.id for hit in hits]
         found[mode] = ids.index(target) + 1 if target in ids else None
     return found

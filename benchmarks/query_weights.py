@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 from load_test import emoji_index
 
-from stair_search.demo import open_dataset
+from stair_search.cli.demo import open_dataset
 from stair_search.encode import Encoder
 from stair_search.eval.runner import evaluate_router
-from stair_search.index.reader import Index
+from stair_search.index import IndexReader
 from stair_search.models import DEFAULT_MODEL
 from stair_search.paths import data_dir
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 
 ROUTES = ["sparse", "hybrid-rrf", "auto"]  # the evaluation's routes whose sparse part the weights change
 WEIGHTS = ("model", "idf")  # the router's default ("auto") is idf for a grounded model such as stair-lite
@@ -38,7 +38,7 @@ def latencies(routers: dict[str, QueryRouter], texts: list[str], rounds: int = 2
         for text in texts:
             for name, router in routers.items():
                 started = time.perf_counter()
-                router.search(text=text, mode="sparse", k=10)
+                router.search(SearchRequest(text=text, mode="sparse", k=10))
                 out[name].append((time.perf_counter() - started) * 1000)
     return {name: np.asarray(values) for name, values in out.items()}
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     index_dir, _ = emoji_index(args.work_dir, args.model)
     dataset = open_dataset()
-    encoder, index = Encoder(args.model), Index(index_dir)
+    encoder, index = Encoder(args.model), IndexReader(index_dir)
     routers = {name: QueryRouter(index, encoder, query_weights=name) for name in WEIGHTS}
     print(f"\n{index_dir.name}: sparse route, query weights from the text tower ('model') or the index's idf "
           f"('idf', no tower)\n")

@@ -39,11 +39,10 @@ from stair_search.encode import Encoder
 from stair_search.eval import metrics
 from stair_search.eval.datasets.synthetic import CompositionalExample, make_compositional
 from stair_search.eval.runner import compute_metrics
-from stair_search.index.reader import Index
+from stair_search.index import IndexReader, IndexWriter
 from stair_search.index.store import FeatureRecord, array_paths, store_path
-from stair_search.index.writer import IndexWriter
 from stair_search.rerank import RERANKERS
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 
 ROUTE = "hybrid-rrf"
 # (row name, rerankers, knobs): the reranked order is RRF over the first stage and each reranker's order.
@@ -63,16 +62,16 @@ class Document:
     caption: str
 
 
-def build_index(out: Path, encoder: Encoder, documents: Sequence[Document]) -> Index:
+def build_index(out: Path, encoder: Encoder, documents: Sequence[Document]) -> IndexReader:
     """Encode and write ``documents`` (one shard) the way the indexer does, and open the index."""
-    with IndexWriter(out, encoder, overwrite=True) as writer:
+    with IndexWriter(out, encoder.record, overwrite=True) as writer:
         for start in range(0, len(documents), encoder.batch_size):
             batch = documents[start : start + encoder.batch_size]
             records = [FeatureRecord(id=d.id, source=f"memory://{d.id}", width=d.image.width, height=d.image.height,
                                      caption=d.caption) for d in batch]
             writer.add(records, encoder.encode_images([d.image for d in batch]))
         writer.commit()
-    return Index(out)
+    return IndexReader(out)
 
 
 def compositional_set(n: int) -> tuple[list[Document], dict[str, str], metrics.Qrels, list[CompositionalExample]]:
@@ -106,7 +105,7 @@ def pair_accuracy(run: dict[str, list[str]], examples: Sequence[CompositionalExa
 
 def emoji_set() -> tuple[list[Document], dict[str, str], metrics.Qrels]:
     """The emoji test split (both styles) and its tag queries."""
-    from stair_search.demo import open_dataset
+    from stair_search.cli.demo import open_dataset
 
     dataset = open_dataset()
     records = dataset.records("test")
@@ -121,7 +120,7 @@ class Measured:
     ms: list[float]  # wall time of each query, in qid order
 
 
-def run_configurations(index: Index, encoder: Encoder, queries: dict[str, str], qrels: metrics.Qrels, depth: int
+def run_configurations(index: IndexReader, encoder: Encoder, queries: dict[str, str], qrels: metrics.Qrels, depth: int
                        ) -> dict[str, Measured]:
     """Row name -> quality and per-query times of every configuration, through the public ``QueryRouter.search``.
 
@@ -133,13 +132,13 @@ def run_configurations(index: Index, encoder: Encoder, queries: dict[str, str], 
                for name, rerankers, knobs in CONFIGURATIONS]
     for text in list(queries.values())[:3]:
         for _, router, rerankers in routers:
-            router.search(text=text, mode="hybrid", k=depth, depth=depth, rerank=rerankers)
+            router.search(SearchRequest(text=text, mode="hybrid", k=depth, depth=depth, rerank=rerankers))
     runs: dict[str, dict[str, list[str]]] = {name: {} for name, *_ in routers}
     times: dict[str, list[float]] = {name: [] for name, *_ in routers}
     for turn, (qid, text) in enumerate(queries.items()):
         for name, router, rerankers in routers[turn % len(routers):] + routers[: turn % len(routers)]:
             started = time.perf_counter()
-            response = router.search(text=text, mode="hybrid", k=depth, depth=depth, rerank=rerankers)
+            response = router.search(SearchRequest(text=text, mode="hybrid", k=depth, depth=depth, rerank=rerankers))
             times[name].append(1000.0 * (time.perf_counter() - started))
             runs[name][qid] = [hit.id for hit in response.hits]
     return {name: Measured(compute_metrics(runs[name], qrels), runs[name], times[name]) for name in runs}
@@ -150,7 +149,7 @@ def added_ms(measured: Measured, baseline: Measured) -> float:
     return float(np.median(np.subtract(measured.ms, baseline.ms)))
 
 
-def local_feature_bytes(index: Index, index_dir: Path) -> tuple[float, int]:
+def local_feature_bytes(index: IndexReader, index_dir: Path) -> tuple[float, int]:
     """(on-disk bytes per image of the local features and their positions, raw m x (D + 2) x 2 bytes).
 
     Format 2 stores them as two .npy arrays; a format 1 shard (features.parquet) as two parquet columns."""

@@ -32,13 +32,11 @@ import torch
 from search_latency import zipf_csr
 
 from stair_search.encode import Encoder
-from stair_search.index.reader import Index
-from stair_search.index.store import FeatureRecord
-from stair_search.index.writer import IndexWriter
+from stair_search.index import FeatureRecord, IndexReader, IndexWriter
 from stair_search.models import DEFAULT_MODEL
 from stair_search.paths import data_dir
 from stair_search.rerank import RERANKERS
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 
 QUERIES = ("dog", "red heart", "cat face", "flag", "cup of coffee", "smiling face", "car", "tree", "music", "fire")
 
@@ -47,7 +45,7 @@ def build(index_dir: Path, encoder: Encoder, docs: int, batch: int = 10_000, see
     rng = np.random.default_rng(seed)
     config = encoder.model.config
     dim, local = encoder.model.embed_dim, config.num_local
-    with IndexWriter(index_dir, encoder) as writer:  # the default shard size: one shard of 100k
+    with IndexWriter(index_dir, encoder.record) as writer:  # the default shard size: one shard of 100k
         for start in range(0, docs, batch):
             count = min(batch, docs - start)
             dense = rng.standard_normal((count, dim)).astype(np.float32)
@@ -79,18 +77,19 @@ def main() -> None:
         build(index_dir, encoder, args.docs)
         print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
     torch.set_num_threads(args.torch_threads)
-    index = Index(index_dir)
+    index = IndexReader(index_dir)
     model, free = QueryRouter(index, encoder, query_weights="model"), QueryRouter(index, encoder, query_weights="idf")
     runs = {
         "encode": lambda q: encoder.embed_texts([q]),
         "encode + sparse head": lambda q: encoder.encode_texts([q]),
-        "sparse (model)": lambda q: model.search(text=q, mode="sparse", k=10),
-        "sparse (idf)": lambda q: free.search(text=q, mode="sparse", k=10),
-        "dense": lambda q: free.search(text=q, mode="dense", k=10),
-        "hybrid": lambda q: free.search(text=q, mode="hybrid", k=10),
-        "hybrid (model)": lambda q: model.search(text=q, mode="hybrid", k=10),
-        "hybrid + feedback 3": lambda q: free.search(text=q, mode="hybrid", k=10, feedback=3),
-        **{f"hybrid + {name}": (lambda q, name=name: free.search(text=q, mode="hybrid", k=10, rerank=[name]))
+        "sparse (model)": lambda q: model.search(SearchRequest(text=q, mode="sparse", k=10)),
+        "sparse (idf)": lambda q: free.search(SearchRequest(text=q, mode="sparse", k=10)),
+        "dense": lambda q: free.search(SearchRequest(text=q, mode="dense", k=10)),
+        "hybrid": lambda q: free.search(SearchRequest(text=q, mode="hybrid", k=10)),
+        "hybrid (model)": lambda q: model.search(SearchRequest(text=q, mode="hybrid", k=10)),
+        "hybrid + feedback 3": lambda q: free.search(SearchRequest(text=q, mode="hybrid", k=10, feedback=3)),
+        **{f"hybrid + {name}": (lambda q, name=name: free.search(SearchRequest(text=q, mode="hybrid", k=10,
+                                                                               rerank=[name])))
            for name in RERANKERS},
     }
     texts = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(args.queries)]

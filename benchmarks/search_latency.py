@@ -1,11 +1,11 @@
 """First-stage sparse search, query by query: Lucene impact vs the accelerated in-process searcher vs exact scipy.
 
 Per size and document set, one shard is written the project's way (CSR + Lucene via ``write_sparse_shard``, then
-``build_accelerated`` as the index writer runs it), and every query is run on the three searchers in turn
+``build_seismic`` as the index writer runs it), and every query is run on the three searchers in turn
 (round-robin per query, order rotating, so load drift hits all of them alike), k=10, one query at a time:
 
 * **Lucene**: the shard's Pyserini ``LuceneImpactSearcher`` (the index of record);
-* **accelerated**: ``stair_search.index.accelerated`` (exact impact-ordered postings for 1-2 tokens, Seismic
+* **accelerated**: ``stair_search.index.seismic`` (exact impact-ordered postings for 1-2 tokens, Seismic
   for longer queries, every returned row re-scored exactly);
 * **exact**: scipy CSR matrix x dense query vector, top-k by argpartition (the ground truth for recall@10; rows
   tied with the 10th exact score count as hits).
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy.sparse import csr_matrix
 
-from stair_search.index.accelerated import ACCELERATED_DIR, SEISMIC_FILE, AcceleratedSparse, build_accelerated
+from stair_search.index.seismic import ACCELERATED_DIR, SEISMIC_FILE, SeismicSearcher, build_seismic
 from stair_search.index.sparse import (
     CSR_FILES,
     DEFAULT_SCALE,
@@ -45,12 +45,12 @@ from stair_search.index.sparse import (
     quantise,
     write_sparse_shard,
 )
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 
 def zipf_csr(rng: np.random.Generator, vocab: Vocabulary, count: int, nnz: int, scale: float):
     """CSR of ``count`` sparse vectors with about ``nnz`` distinct Zipf-distributed emittable tokens each."""
-    allowed = np.flatnonzero(vocab.emittable.numpy())
+    allowed = np.flatnonzero(vocab.emittable)
     ranks = np.arange(1, len(allowed) + 1, dtype=np.float64)
     cdf = np.cumsum(ranks**-1.07)
     cdf /= cdf[-1]
@@ -80,11 +80,11 @@ def like_csr(rng: np.random.Generator, source: tuple, count: int, scale: float):
 def like_source(index_dir: Path, count: int, rng: np.random.Generator) -> tuple[tuple, list[dict[str, float]]]:
     """A real index's sparse rows (first shard) and ``count`` queries: its captions encoded by its own model."""
     from stair_search.encode import Encoder
+    from stair_search.index import Candidate, IndexReader
     from stair_search.index.layout import SPARSE_DIR
-    from stair_search.index.reader import Candidate, Index
     from stair_search.index.sparse import CSR_FILES
 
-    index = Index(index_dir)
+    index = IndexReader(index_dir)
     first = index.manifest.shards[0]
     source = tuple(np.load(first.path(index_dir) / SPARSE_DIR / f"{part}.npy") for part in CSR_FILES)
     rows = rng.choice(first.count, count)
@@ -157,11 +157,11 @@ def run_size(n: int, kind: str, args, vocab: Vocabulary, workdir: Path) -> dict:
     write_sparse_shard(shard_dir, csr, vocab, threads=args.threads)
     lucene_build = time.perf_counter() - started
     started = time.perf_counter()
-    build_accelerated(shard_dir, *csr, len(vocab.tokens), threads=args.threads)
+    build_seismic(shard_dir, *csr, len(vocab.tokens), threads=args.threads)
     accelerated_build = time.perf_counter() - started
 
     shard = SparseShard(shard_dir, vocab, DEFAULT_SCALE)
-    fast = AcceleratedSparse.open(shard_dir, (shard.indptr, shard.indices, shard.values), len(vocab.tokens))
+    fast = SeismicSearcher.open(shard_dir, (shard.indptr, shard.indices, shard.values), len(vocab.tokens))
     assert fast is not None, "the accelerated searcher did not open"
     lucene = shard.open_searcher()
     matrix = csr_matrix((np.asarray(csr[2], np.float64), csr[1], csr[0]), shape=(n, len(vocab.tokens)))
@@ -197,7 +197,7 @@ def run_size(n: int, kind: str, args, vocab: Vocabulary, workdir: Path) -> dict:
 
 def dense_timing(n: int, args) -> dict:
     """The FAISS Flat / HNSW side of the old benchmark (random unit vectors), behind ``--dense``."""
-    from stair_search.index.dense import DenseIndex, DenseSpec
+    from stair_search.index import DenseShard, DenseSpec
 
     rng = np.random.default_rng(n)
     vectors = rng.standard_normal((n, args.dim), dtype=np.float32)
@@ -206,7 +206,7 @@ def dense_timing(n: int, args) -> dict:
     hnsw = DenseSpec("hnsw", {"M": 32, "ef_construction": args.ef_construction, "ef_search": 128})
     out = {}
     for name, spec in (("flat", DenseSpec("flat")), ("hnsw", hnsw)):
-        index = DenseIndex.build(vectors, spec)
+        index = DenseShard.build(vectors, spec)
         times = []
         for q in queries:
             start = time.perf_counter()

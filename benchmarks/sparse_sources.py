@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from stair_search.demo import index_split, open_dataset
+from stair_search.cli.demo import index_split, open_dataset
 from stair_search.encode import Encoder
 from stair_search.eval.runner import evaluate_router
-from stair_search.index.reader import Index
+from stair_search.index import IndexReader
 from stair_search.models import create_model
 from stair_search.paths import data_dir
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter
 
 SOURCES = ("concepts", "trained heads", "random heads", "heads-only")
 
@@ -106,7 +106,7 @@ def main() -> None:
             encoder = encoder_for(source, heads_only)
             index_dir = out / f"{setting}-{source.replace(' ', '-')}"
             index_split(dataset, "test", index_dir, "stair-lite", styles, encoder=encoder)
-            router = QueryRouter(Index(index_dir), encoder)
+            router = QueryRouter(IndexReader(index_dir), encoder)
             found = {}
             for kind, metric in (("label", "R@1"), ("tag", "nDCG@10")):
                 report = evaluate_router(router, dataset.queries("test", kind),

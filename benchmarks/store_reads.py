@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stair_search.index.reader import STORED_FIELDS
+from stair_search.index import STORED_FIELDS
 from stair_search.index.store import FeatureRecord, FeatureStore, store_files, write_features
 
 CONFIG = Path(__file__).resolve().parents[1] / "stair_search" / "models" / "configs" / "stair-lite.json"

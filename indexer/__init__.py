@@ -1,5 +1,9 @@
-"""Bulk indexing jobs: sources -> decode -> encode -> shard writers -> published index."""
+"""Bulk indexing jobs: sources -> decode -> encode -> shard writers -> published index.
 
-from indexer.run import run
+``run(IndexJob(source, out, ...))``: the job is one validated dataclass (``job.py``), what ``stair-search index``
+builds from its options too.
+"""
 
-__all__ = ["run"]
+from indexer.job import IndexJob, JobSummary, run
+
+__all__ = ["IndexJob", "JobSummary", "run"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from stair_search.atomic import atomic_path, atomic_write
 from stair_search.encode import EncodedBatch
-from stair_search.index.manifest import ShardInfo
+from stair_search.index import ShardInfo
 from stair_search.index.skipped import Skip
 from stair_search.index.store import FeatureRecord, FeatureStore, store_path
 

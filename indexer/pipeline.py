@@ -35,9 +35,9 @@ from indexer.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode
 from indexer.journal import Chunk, Skip
 from indexer.sources import Item
 from stair_search.encode import EncodedBatch, Encoder
+from stair_search.index import FeatureRecord
 from stair_search.index.sparse import available_cores, to_csr
-from stair_search.index.store import FeatureRecord
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 PREFETCH_PER_WORKER = 16
 DUPLICATE = "duplicate id (already taken by an earlier item of this job)"

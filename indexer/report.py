@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from indexer import sources
-from stair_search.index.manifest import Manifest
+from stair_search.index import Manifest
 from stair_search.index.skipped import Skip
 
 

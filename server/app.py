@@ -20,11 +20,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from server.endpoints import documents, operations, page, search
 from server.imaging import ImageRejected
 from server.limits import BodySizeLimit
 from server.metrics import MetricsMiddleware
 from server.registry import IndexRegistry
-from server.routes import documents, operations, page, search
 from server.schemas import ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from server.batching import MAX_WAIT_S, BatchingEncoder
 from stair_search.encode import Encoder
+from stair_search.index import IndexMismatchError, IndexReader
 from stair_search.index.layout import MANIFEST
-from stair_search.index.manifest import IndexMismatchError
-from stair_search.index.reader import Index
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter
 
 log = logging.getLogger("stair_search.server")
 
@@ -49,7 +48,7 @@ class IndexVersion:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def index(self) -> Index:
+    def index(self) -> IndexReader:
         return self.router.index
 
     def acquire(self) -> None:
@@ -171,19 +170,19 @@ class IndexRegistry:
     def _open(self, name: str, number: int) -> IndexVersion:
         index_dir = self.dirs[name]
         signature = manifest_signature(index_dir)  # read before opening: a change during opening is seen next time
-        index = Index(index_dir)
+        index = IndexReader(index_dir)
         router = QueryRouter(index, self._encoder_for(index), query_weights=self.query_weights)
         _warm(index)
         return IndexVersion(name=name, number=number, router=router, signature=signature)
 
-    def _encoder_for(self, index: Index) -> BatchingEncoder:
+    def _encoder_for(self, index: IndexReader) -> BatchingEncoder:
         """One encoder per model, shared by every index and version built with it (models are big)."""
         recorded = index.manifest.model
         key = (self.model or recorded["spec"], None if self.model else recorded.get("pretrained"))
         encoder = self._encoders.get(key)
         if encoder is not None:
             try:
-                index.manifest.check_encoder(encoder)
+                index.manifest.check_model(encoder.record)
                 return encoder
             except IndexMismatchError:
                 pass  # the model file changed under the same name: load it again
@@ -194,7 +193,7 @@ class IndexRegistry:
         return encoder
 
 
-def _warm(index: Index) -> None:
+def _warm(index: IndexReader) -> None:
     """Open every part now (Lucene searcher, FAISS, parquet), so the swap is instant for requests and the
     old files are no longer needed by the new version."""
     index.warm()

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from stair_search.retrieve.request import SearchRequest as Query
+
 MAX_K = 100
 MAX_QUERY_CHARS = 1000
 MAX_FILTERS = 16
@@ -32,7 +34,9 @@ class FilterRange(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    """One search. Give ``query``, ``image`` or both (a text-refined image query)."""
+    """One search. Give ``query``, ``image`` or both (a text-refined image query).
+
+    The HTTP form of the library's ``stair_search.retrieve.SearchRequest`` (:meth:`to_request` builds it)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -97,6 +101,18 @@ class SearchRequest(BaseModel):
     @property
     def by_vectors(self) -> bool:
         return self.vector is not None or self.sparse is not None
+
+    def to_request(self, image: Any = None) -> Query:
+        """The library's request for this body (``image``: the decoded query image, from whichever field)."""
+        filters = {name: condition.model_dump(exclude_none=True) if isinstance(condition, FilterRange) else condition
+                   for name, condition in self.filters.items()}
+        common = {"mode": self.mode, "k": self.k, "fusion": self.fusion, "alpha": self.alpha, "explain": self.explain,
+                  "filters": filters or None, "offset": self.offset}
+        if self.like is not None:
+            return Query(like=self.like, **common)
+        if self.by_vectors:
+            return Query(dense=self.vector, sparse=self.sparse, **common)
+        return Query(text=self.query, image=image, rerank=self.rerank, feedback=self.feedback, **common)
 
 
 def _uploaded(info: ValidationInfo) -> bool:

@@ -22,7 +22,7 @@ from server.limits import require_api_key
 from server.metrics import Metrics
 from server.registry import IndexRegistry, IndexVersion
 from server.settings import ServerSettings
-from stair_search.index.reader import STORED_FIELDS
+from stair_search.index import STORED_FIELDS
 
 THUMBNAIL_CACHE_SIZE = 2048
 

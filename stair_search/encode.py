@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stair_search.images import model_view
+from stair_search.index import ModelRecord
 from stair_search.models import DEFAULT_MODEL, StairModel, TowerOutput, create_model, model_fingerprint
 from stair_search.models.concepts import (
     ConceptBank,
@@ -31,27 +31,9 @@ from stair_search.models.concepts import (
 from stair_search.models.factory import load_alignment
 from stair_search.models.heads import top_k_sparse
 from stair_search.models.runtime import RUNTIMES
+from stair_search.vectors import EncodedBatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedBatch:
-    dense: np.ndarray  # (B, D) float32, L2-normalised
-    sparse: list[dict[str, float]]  # per item: word-piece token -> weight > 0
-    local: np.ndarray | None = None  # (B, m, D) float16, L2-normalised patch features (images only)
-    local_positions: np.ndarray | None = None  # (B, m, 2) float16 patch centres (x, y) in [0, 1]
-
-    def __len__(self) -> int:
-        return len(self.sparse)
-
-    def rows(self, start: int, stop: int) -> EncodedBatch:
-        """Items ``start:stop`` (one caller's share of a batch that several callers' items were encoded in)."""
-        def part(array: np.ndarray | None) -> np.ndarray | None:
-            return None if array is None else array[start:stop]
-
-        return EncodedBatch(dense=self.dense[start:stop], sparse=self.sparse[start:stop], local=part(self.local),
-                            local_positions=part(self.local_positions))
 
 
 class Encoder:
@@ -160,6 +142,15 @@ class Encoder:
     @property
     def name(self) -> str:
         return self.model.config.name
+
+    @property
+    def record(self) -> ModelRecord:
+        """What an index records and checks of this encoder's model (the storage layer takes nothing else)."""
+        model = self.model
+        return ModelRecord(name=model.config.name, spec=model.spec, pretrained=model.config.pretrained,
+                           fingerprint=self.fingerprint, vocabulary_location=model.config.vocabulary,
+                           vocabulary=model.vocabulary, embed_dim=model.embed_dim, num_local=model.config.num_local,
+                           sparse_source=self.sparse_source)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image -> the (3, H, W) tensor the model takes; safe to run in worker processes."""

@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from stair_search.data.emoji import PACKAGES, STYLES, _parse_spec
+from stair_search.data.emoji_packages import PACKAGES, STYLES, _parse_spec
 
 IMAGE_SIZE = 64
 FIXTURE_MTIME = 499162500  # npm's own fixed tarball mtime: the fixtures are byte-for-byte reproducible

@@ -1,6 +1,7 @@
 """The shape of the code, checked: no two of the project's modules import each other (directly or in a longer
-circle), whether at the top of a module or inside a function, and the slow Pyserini import stays off the paths
-that do not search Lucene."""
+circle), whether at the top of a module or inside a function; the library never imports the packages built on it
+(outside the command line that composes them); no package's ``__init__`` shadows one of its modules; the storage
+layer runs without torch; and the slow Pyserini import stays off the paths that do not search Lucene."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from indexer import IndexJob
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stair_search", "indexer", "server")
@@ -84,8 +89,62 @@ def test_the_graph_checker_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_layers_only_point_down():
+    """``indexer`` and ``server`` build on ``stair_search``; only its command line (``stair_search.cli``), which
+    composes all three, may import them."""
+    modules = project_modules()
+    upward = {name: sorted(m for m in imports_of(path, modules) if m.split(".")[0] in ("indexer", "server"))
+              for name, path in modules.items()
+              if name.startswith("stair_search") and not name.startswith("stair_search.cli")}
+    assert {name: found for name, found in upward.items() if found} == {}
+    assert any(m.startswith("indexer") for m in imports_of(modules["stair_search.cli.commands"], modules))  # can fail
+
+
+def test_no_package_init_shadows_one_of_its_modules():
+    """``from indexer.job import run`` in ``indexer/__init__.py`` would hide a module ``indexer/run.py``."""
+    shadowed = []
+    for init in (p for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")):
+        package = module_name(init)
+        for node in ast.walk(ast.parse(init.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module != package:
+                for alias in node.names:
+                    bound = alias.asname or alias.name
+                    if (init.parent / f"{bound}.py").exists() or (init.parent / bound / "__init__.py").exists():
+                        shadowed.append(f"{package}.{bound}")
+    assert shadowed == []
+
+
+def test_the_storage_layer_opens_and_searches_an_index_without_torch(tmp_path, tiny_encoder):
+    """A process that only serves shards must not carry a model: ``stair_search.index`` imports no torch, and
+    opening an index and searching it by vectors (sparse and dense, a filter, stored fields) loads none either.
+    (The text route and the Lucene fallback import Pyserini's search package, which imports torch itself.)"""
+    from stair_search.index import FeatureRecord, IndexWriter
+    from tests.conftest import draw_shape
+
+    images = [draw_shape(colour, "circle") for colour in ("red", "green", "blue")]
+    records = [FeatureRecord(id=f"{c}-circle", source=f"drawn://{c}", width=64, height=64, caption=f"a {c} circle",
+                             metadata={"colour": c}) for c in ("red", "green", "blue")]
+    encoded = tiny_encoder.encode_images(images)
+    with IndexWriter(tmp_path / "index", tiny_encoder.record, shard_size=2) as writer:
+        writer.add(records, encoded)
+        writer.commit()
+    code = ("import sys, numpy as np\n"
+            "from stair_search.index import IndexReader, ShardQuery\n"
+            "index = IndexReader(sys.argv[1])\n"
+            "vector = np.load(sys.argv[2])\n"
+            "sparse = index.sparse_vectors([index.find('red-circle')])[0]\n"
+            "found = index.search(ShardQuery(2, sparse=sparse, dense=vector,\n"
+            "                                filter=index.check_filter({'colour': ['red', 'blue']})))\n"
+            "print(sorted(index.documents(found['dense'], ['id'])[0].values()), sorted(found), 'torch' in sys.modules)")
+    np.save(tmp_path / "query.npy", encoded.dense[0])
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tmp_path / "query.npy")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['red-circle']", "['dense',", "'sparse']", "False"], result.stdout
+
+
 def test_dense_only_paths_do_not_import_pyserini():
-    code = ("import sys; from stair_search.index.reader import Index; from stair_search.retrieve.router import "
+    code = ("import sys; from stair_search.index import IndexReader; from stair_search.retrieve import "
             "QueryRouter; import indexer, server.app; print('pyserini.search.lucene' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -103,7 +162,7 @@ def test_a_dense_search_with_explanations_never_starts_java(tmp_path, tiny_confi
     folder.mkdir()
     for colour in ("red", "blue"):
         draw_shape(colour, "circle").save(folder / f"{colour}.png")
-    indexer.run(folder, tmp_path / "index", encoder=tiny_encoder, workers=0, progress=False)
+    indexer.run(IndexJob(folder, tmp_path / "index", workers=0), encoder=tiny_encoder, progress=False)
     code = ("import sys; from stair_search.cli import main\n"
             "args = ['search', sys.argv[1], 'red circle', '--mode', sys.argv[3], '--json', '--model', sys.argv[2]]\n"
             "try:\n    main(args)\nexcept SystemExit:\n    pass\n"

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from server import IndexRegistry, ServerSettings, create_app
 from server.batching import BatchingEncoder
-from stair_search.index.reader import Index
-from stair_search.retrieve.router import QueryRouter
+from stair_search.index import IndexReader
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import draw_shape
 from tests.test_server import shapes_index  # noqa: F401 - the API tests' index
 
@@ -92,9 +92,9 @@ def test_unbatched_runs_each_call_alone(tiny_encoder):
 
 @pytest.mark.parametrize("batching", [True, False])
 def test_concurrent_searches_answer_what_the_library_answers(shapes_index, tiny_encoder, batching):  # noqa: F811
-    library = QueryRouter(Index(shapes_index), tiny_encoder)
+    library = QueryRouter(IndexReader(shapes_index), tiny_encoder)
     queries = [(text, mode) for text in TEXTS[:8] for mode in ("sparse", "dense", "hybrid")]
-    expected = [[h.id for h in library.search(text=t, mode=m, k=5).hits] for t, m in queries]
+    expected = [[h.id for h in library.search(SearchRequest(text=t, mode=m, k=5)).hits] for t, m in queries]
     registry = IndexRegistry({"shapes": shapes_index}, batching=batching)
     with TestClient(create_app(registry, ServerSettings(reload_interval_s=0, search_threads=8))) as client:
         answers = concurrently(lambda q: client.post("/search", json={"query": q[0], "mode": q[1], "k": 5}).json(),

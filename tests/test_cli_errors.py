@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from indexer import IndexJob
 from stair_search.cli import main
 from tests.conftest import draw_shape
 
@@ -26,7 +27,7 @@ def workspace(tmp_path_factory, tiny_config_path) -> Path:
     (root / "images").mkdir()
     for colour in ("red", "blue"):
         draw_shape(colour, "circle").save(root / "images" / f"{colour}.png")
-    indexer.run(root / "images", root / "index", model=str(tiny_config_path), workers=0, progress=False)
+    indexer.run(IndexJob(root / "images", root / "index", model=str(tiny_config_path), workers=0), progress=False)
     pq.write_table(pa.table({"path": [str(root / "images" / "red.png")]}), root / "data.parquet")
     (root / "broken").mkdir()
     (root / "broken" / "manifest.json").write_text('{"model": ')

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 import indexer
+from indexer import IndexJob
 from stair_search.encode import Encoder
-from stair_search.index.manifest import IndexMismatchError, Manifest
-from stair_search.index.reader import Index
+from stair_search.index import IndexMismatchError, IndexReader, Manifest
 from stair_search.models import create_model
 from stair_search.models.checkpoint import dense_fingerprint
 from stair_search.models.concepts import query_vector, reference_images
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import TINY_CONFIG, draw_shape, sample_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +74,14 @@ def test_a_model_without_trained_heads_never_writes_random_sparse_vectors(foreig
     folder.mkdir()
     for i, image in enumerate(images):
         image.save(folder / f"{i}.png")
-    indexer.run(folder, tmp_path / "index", encoder=encoder, workers=0, progress=False)
+    indexer.run(IndexJob(folder, tmp_path / "index", workers=0), encoder=encoder, progress=False)
     assert Manifest.load(tmp_path / "index").sparse == "concepts"
-    router = QueryRouter(Index(tmp_path / "index"), encoder)
-    for hit in router.search(text="red circle", mode="sparse", k=4, explain=True).hits:
+    router = QueryRouter(IndexReader(tmp_path / "index"), encoder)
+    for hit in router.search(SearchRequest(text="red circle", mode="sparse", k=4, explain=True)).hits:
         assert set(hit.matched) <= {"red", "circle"}  # matched words are the query's own words, really in the image
     trained = Encoder(create_model("stair-tiny", device="cpu"))
     with pytest.raises(IndexMismatchError):  # an encoder whose sparse vectors come from elsewhere is refused
-        Manifest.load(tmp_path / "index").check_encoder(trained)
+        Manifest.load(tmp_path / "index").check_model(trained.record)
 
 
 def test_queries_keep_their_own_concept_words_weighted_by_rarity(foreign_clip):
@@ -175,11 +175,12 @@ def test_heads_plus_concepts_adds_the_training_free_weights_to_the_trained_heads
     images.mkdir()
     for photo, name in zip(photos, ("coffee", "chelsea", "rocket"), strict=True):
         photo.save(images / f"{name}.png")
-    indexer.run(images, tmp_path / "index", encoder=mixed, workers=0, progress=False)
+    indexer.run(IndexJob(images, tmp_path / "index", workers=0), encoder=mixed, progress=False)
     assert Manifest.load(tmp_path / "index").sparse == "heads+concepts"
     with pytest.raises(IndexMismatchError, match="sparse vectors from heads != index heads\\+concepts"):
-        Index(tmp_path / "index").manifest.check_encoder(heads)
-    hits = QueryRouter(Index(tmp_path / "index"), mixed).search(text="cat", mode="sparse", k=1, explain=True).hits
+        IndexReader(tmp_path / "index").manifest.check_model(heads.record)
+    hits = QueryRouter(IndexReader(tmp_path / "index"), mixed).search(SearchRequest(text="cat", mode="sparse", k=1,
+                                                                                    explain=True)).hits
     assert hits[0].id.endswith("chelsea.png") and "cat" in hits[0].matched
 
 

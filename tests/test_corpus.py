@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stair_search.data.corpus import SOURCES, build_corpus, load_corpus_pairs, load_corpus_rows
-from stair_search.data.emoji import _parse_spec
+from stair_search.data.emoji_packages import _parse_spec
 from stair_search.eval.datasets.emoji import build_emoji_dataset, split_of
 from tests.emoji_fixture import _write_tgz, make_fixture_tarballs
 

@@ -1,4 +1,4 @@
-"""DenseIndex against real FAISS: exactness of flat, recall of HNSW / IVF-PQ, persistence and edge cases."""
+"""DenseShard against real FAISS: exactness of flat, recall of HNSW / IVF-PQ, persistence and edge cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("faiss", reason="FAISS is not installed")
 
-from stair_search.index.dense import FAISS_MISSING, DenseIndex, DenseSpec, choose_spec
+from stair_search.index.dense import FAISS_MISSING, DenseShard, DenseSpec, choose_spec
 
 DIM = 64
 HNSW_SPEC = {"M": 32, "ef_construction": 200, "ef_search": 128}
@@ -54,23 +54,23 @@ def clustered() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def ivfpq_index(clustered) -> DenseIndex:
+def ivfpq_index(clustered) -> DenseShard:
     """Trained on the first 10k vectors (keeps the PQ k-means under ~10 s on 2 cores), the rest added."""
     x = clustered[0]
-    index = DenseIndex.build(x[:IVFPQ_TRAIN_ROWS], DenseSpec("ivfpq", dict(IVFPQ_SPEC)), use_gpu=False)
+    index = DenseShard.build(x[:IVFPQ_TRAIN_ROWS], DenseSpec("ivfpq", dict(IVFPQ_SPEC)), use_gpu=False)
     index.add(x[IVFPQ_TRAIN_ROWS:])
     return index
 
 
 @pytest.fixture(scope="module")
-def hnsw_index(clustered) -> DenseIndex:
-    return DenseIndex.build(clustered[0], DenseSpec("hnsw", dict(HNSW_SPEC)), use_gpu=False)
+def hnsw_index(clustered) -> DenseShard:
+    return DenseShard.build(clustered[0], DenseSpec("hnsw", dict(HNSW_SPEC)), use_gpu=False)
 
 
 # ----------------------------------------------------------------------------- exactness and recall
 def test_flat_matches_numpy_brute_force():
     x, q = random_unit(2_000), random_unit(50, seed=1)
-    index = DenseIndex.build(x, use_gpu=False)
+    index = DenseShard.build(x, use_gpu=False)
     assert index.spec.kind == "flat" and index.ntotal == 2_000 and index.dim == DIM
     scores, rows = index.search(q, 10)
     want_scores, want_rows = brute_force(x, q, 10)
@@ -133,7 +133,7 @@ def test_spec_round_trip():
 def test_ivfpq_with_too_few_vectors_falls_back_to_flat():
     x = random_unit(500)
     requested = DenseSpec("ivfpq", {"nlist": 16, "m": 16, "nbits": 8, "nprobe": 4})
-    index = DenseIndex.build(x, requested, use_gpu=False)
+    index = DenseShard.build(x, requested, use_gpu=False)
     assert index.spec.kind == "flat" and index.spec.params["fallback"] == "too few vectors"
     assert requested.kind == "ivfpq"  # the caller's spec is left alone
     np.testing.assert_array_equal(index.search(x[:5], 1)[1][:, 0], np.arange(5))
@@ -141,7 +141,7 @@ def test_ivfpq_with_too_few_vectors_falls_back_to_flat():
 
 def test_invalid_ivfpq_params():
     with pytest.raises(ValueError, match="divide"):
-        DenseIndex.build(random_unit(100), DenseSpec("ivfpq", {"m": 7}), use_gpu=False)
+        DenseShard.build(random_unit(100), DenseSpec("ivfpq", {"m": 7}), use_gpu=False)
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -149,18 +149,18 @@ def test_invalid_ivfpq_params():
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_save_load_round_trip(kind, mmap, tmp_path, clustered, hnsw_index, ivfpq_index):
     q = clustered[1]
-    index = {"flat": DenseIndex.build(random_unit(3_000), use_gpu=False), "hnsw": hnsw_index,
+    index = {"flat": DenseShard.build(random_unit(3_000), use_gpu=False), "hnsw": hnsw_index,
              "ivfpq": ivfpq_index}[kind]
     path = tmp_path / "sub" / "dense.faiss"
     index.save(path)
     assert path.stat().st_size == index.nbytes() and not (tmp_path / "sub" / "dense.faiss.tmp").exists()
-    loaded = DenseIndex.load(path, DenseSpec.from_dict(index.spec.to_dict()), use_gpu=False, mmap=mmap)
+    loaded = DenseShard.load(path, DenseSpec.from_dict(index.spec.to_dict()), use_gpu=False, mmap=mmap)
     assert loaded.spec == index.spec and loaded.ntotal == index.ntotal and loaded.dim == index.dim
     for got, want in zip(loaded.search(q, 10), index.search(q, 10), strict=True):
         np.testing.assert_array_equal(got, want)
     loaded.save(tmp_path / "again.faiss")  # a mapped index must still save a self-contained file
     path.unlink()
-    again = DenseIndex.load(tmp_path / "again.faiss", index.spec, use_gpu=False)
+    again = DenseShard.load(tmp_path / "again.faiss", index.spec, use_gpu=False)
     np.testing.assert_array_equal(again.search(q, 10)[1], index.search(q, 10)[1])
 
 
@@ -168,7 +168,7 @@ def test_load_applies_spec_search_params(tmp_path, ivfpq_index, clustered):
     q = clustered[1][:20]
     ivfpq_index.save(tmp_path / "ivf.faiss")
     spec = DenseSpec("ivfpq", {**IVFPQ_SPEC, "nprobe": 1})
-    loaded = DenseIndex.load(tmp_path / "ivf.faiss", spec, use_gpu=False)
+    loaded = DenseShard.load(tmp_path / "ivf.faiss", spec, use_gpu=False)
     ivfpq_index.set_search_params(nprobe=1)
     try:
         np.testing.assert_array_equal(loaded.search(q, 10)[1], ivfpq_index.search(q, 10)[1])
@@ -179,24 +179,24 @@ def test_load_applies_spec_search_params(tmp_path, ivfpq_index, clustered):
 def test_load_errors(tmp_path):
     missing = tmp_path / "nowhere" / "dense.faiss"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        DenseIndex.load(missing, DenseSpec("flat"))
+        DenseShard.load(missing, DenseSpec("flat"))
     garbage = tmp_path / "garbage.faiss"
     garbage.write_bytes(b"this is not a faiss index" * 10)
     with pytest.raises(ValueError, match=r"garbage\.faiss"):
-        DenseIndex.load(garbage, DenseSpec("flat"))
+        DenseShard.load(garbage, DenseSpec("flat"))
     empty = tmp_path / "empty.faiss"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.faiss"):
-        DenseIndex.load(empty, DenseSpec("flat"), mmap=True)
-    DenseIndex.build(random_unit(10), use_gpu=False).save(tmp_path / "flat.faiss")
+        DenseShard.load(empty, DenseSpec("flat"), mmap=True)
+    DenseShard.build(random_unit(10), use_gpu=False).save(tmp_path / "flat.faiss")
     with pytest.raises(ValueError, match="spec says 'hnsw'"):
-        DenseIndex.load(tmp_path / "flat.faiss", DenseSpec("hnsw"))
+        DenseShard.load(tmp_path / "flat.faiss", DenseSpec("hnsw"))
 
 
 def test_mmap_index_is_read_only(tmp_path):
     x = random_unit(100)
-    DenseIndex.build(x, use_gpu=False).save(tmp_path / "flat.faiss")
-    loaded = DenseIndex.load(tmp_path / "flat.faiss", DenseSpec("flat"), use_gpu=False, mmap=True)
+    DenseShard.build(x, use_gpu=False).save(tmp_path / "flat.faiss")
+    loaded = DenseShard.load(tmp_path / "flat.faiss", DenseSpec("flat"), use_gpu=False, mmap=True)
     with pytest.raises(RuntimeError, match="read-only"):
         loaded.add(x[:1])  # FAISS itself would abort the process here
     assert loaded.ntotal == 100
@@ -204,28 +204,28 @@ def test_mmap_index_is_read_only(tmp_path):
 
 def test_save_replaces_existing_file(tmp_path):
     path = tmp_path / "dense.faiss"
-    DenseIndex.build(random_unit(10), use_gpu=False).save(path)
-    DenseIndex.build(random_unit(20), use_gpu=False).save(path)
-    assert DenseIndex.load(path, DenseSpec("flat")).ntotal == 20
+    DenseShard.build(random_unit(10), use_gpu=False).save(path)
+    DenseShard.build(random_unit(20), use_gpu=False).save(path)
+    assert DenseShard.load(path, DenseSpec("flat")).ntotal == 20
 
 
 # ----------------------------------------------------------------------------- edges and validation
 def test_k_larger_than_ntotal_pads():
     x = random_unit(5)
-    scores, rows = DenseIndex.build(x, use_gpu=False).search(x[:2], 8)
+    scores, rows = DenseShard.build(x, use_gpu=False).search(x[:2], 8)
     assert rows.shape == scores.shape == (2, 8)
     assert sorted(rows[0, :5]) == list(range(5)) and (rows[:, 5:] == -1).all()
     assert np.isneginf(scores[:, 5:]).all() and np.isfinite(scores[:, :5]).all()
 
 
 def test_empty_index_returns_only_padding():
-    scores, rows = DenseIndex.build(np.zeros((0, 8), np.float32), use_gpu=False).search(np.ones(8), 3)
+    scores, rows = DenseShard.build(np.zeros((0, 8), np.float32), use_gpu=False).search(np.ones(8), 3)
     assert (rows == -1).all() and np.isneginf(scores).all()
 
 
 def test_one_dimensional_query():
     x = random_unit(50)
-    index = DenseIndex.build(x, use_gpu=False)
+    index = DenseShard.build(x, use_gpu=False)
     scores, rows = index.search(x[7], 3)
     assert rows.shape == (1, 3) and rows[0, 0] == 7 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
@@ -233,7 +233,7 @@ def test_one_dimensional_query():
 def test_inputs_are_normalised_and_not_mutated():
     x = random_unit(50) * 3.0  # not unit length: stored unit, so scores are cosines
     before = x.copy()
-    index = DenseIndex.build(x.astype(np.float64), use_gpu=False)
+    index = DenseShard.build(x.astype(np.float64), use_gpu=False)
     scores, rows = index.search(x[3] * 10, 1)
     assert rows[0, 0] == 3 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_array_equal(x, before)
@@ -245,8 +245,8 @@ def test_non_finite_input_rejected(bad):
     poisoned = x.copy()
     poisoned[3, 5] = bad
     with pytest.raises(ValueError, match="row 3"):
-        DenseIndex.build(poisoned, use_gpu=False)
-    index = DenseIndex.build(x, use_gpu=False)
+        DenseShard.build(poisoned, use_gpu=False)
+    index = DenseShard.build(x, use_gpu=False)
     with pytest.raises(ValueError, match="NaN or infinite"):
         index.search(poisoned, 2)
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -255,15 +255,15 @@ def test_non_finite_input_rejected(bad):
 
 
 def test_shape_and_type_validation():
-    index = DenseIndex.build(random_unit(20), use_gpu=False)
+    index = DenseShard.build(random_unit(20), use_gpu=False)
     with pytest.raises(ValueError, match="2-D"):
-        DenseIndex.build(np.ones(8, np.float32))
+        DenseShard.build(np.ones(8, np.float32))
     with pytest.raises(ValueError, match="dtype"):
-        DenseIndex.build(np.array([["a", "b"]]))
+        DenseShard.build(np.array([["a", "b"]]))
     with pytest.raises(ValueError, match="float32"):
-        DenseIndex.build(np.ones((2, 2), dtype=np.complex64))
+        DenseShard.build(np.ones((2, 2), dtype=np.complex64))
     with pytest.raises(ValueError, match="NaN or infinite"):
-        DenseIndex.build(np.full((2, 2), 1e300))  # overflows float32
+        DenseShard.build(np.full((2, 2), 1e300))  # overflows float32
     with pytest.raises(ValueError, match="dimension 32"):
         index.search(random_unit(2, dim=32), 3)
     with pytest.raises(ValueError, match="k must be"):
@@ -273,11 +273,11 @@ def test_shape_and_type_validation():
 def test_add_appends_rows():
     """Rows of added vectors continue after the existing ones, for every kind."""
     base, extra = random_unit(1_000), random_unit(30, seed=9)
-    flat = DenseIndex.build(base, use_gpu=False)
+    flat = DenseShard.build(base, use_gpu=False)
     flat.add(extra)
     assert flat.ntotal == 1_030
     np.testing.assert_array_equal(flat.search(extra, 1)[1][:, 0], np.arange(1_000, 1_030))
-    hnsw = DenseIndex.build(base, DenseSpec("hnsw", {"M": 16, "ef_construction": 100}), use_gpu=False)
+    hnsw = DenseShard.build(base, DenseSpec("hnsw", {"M": 16, "ef_construction": 100}), use_gpu=False)
     hnsw.add(extra)
     np.testing.assert_array_equal(hnsw.search(extra, 1)[1][:, 0], np.arange(1_000, 1_030))
 
@@ -296,11 +296,11 @@ def test_use_gpu_true_without_gpu_is_clear():
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         pytest.skip("a GPU is available")
     with pytest.raises(RuntimeError, match="use_gpu=True"):
-        DenseIndex.build(random_unit(10), use_gpu=True)
+        DenseShard.build(random_unit(10), use_gpu=True)
 
 
 def test_missing_faiss_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
     with pytest.raises(ImportError) as info:
-        DenseIndex.build(random_unit(10))
+        DenseShard.build(random_unit(10))
     assert str(info.value) == FAISS_MISSING

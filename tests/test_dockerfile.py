@@ -180,13 +180,13 @@ def test_entrypoint_is_the_cli():
 
 
 def test_demo_stage_fetches_the_pinned_npm_packages():
-    from stair_search.data.emoji import PACKAGES, STYLES
+    from stair_search.data.emoji_packages import PACKAGES, STYLES
 
     wanted = {PACKAGES[key] for key in (*STYLES, "tags")}
     fetcher = next(s for s in STAGES if s.base.startswith("node"))
     packed = {m for args in of("RUN", fetcher.instructions) if "npm pack" in args
               for m in re.findall(r"(?<!\S)((?:@[\w.-]+/)?[\w.-]+@\d[\w.+-]*)", args)}
-    assert packed == wanted, f"the Dockerfile packs {packed}; stair_search/data/emoji.py pins {wanted}"
+    assert packed == wanted, f"the Dockerfile packs {packed}; stair_search/data/emoji_packages.py pins {wanted}"
     demo = " ".join(of("RUN", BY_NAME["demo"].instructions))
     for spec in wanted:
         name, _, version = spec.rpartition("@")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stair_search.data.emoji import (
+from stair_search.data.emoji_packages import (
     PACKAGES,
     EmojiRecord,
     data_dir,

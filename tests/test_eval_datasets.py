@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stair_search.data.emoji import load_emoji
+from stair_search.data.emoji_packages import load_emoji
 from stair_search.eval.datasets.emoji import (
     COLUMNS,
     SPLITS,

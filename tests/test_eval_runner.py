@@ -17,10 +17,8 @@ from stair_search.eval.runner import (
     evaluate_router,
     parse_rerank_sets,
 )
-from stair_search.index.reader import Index
-from stair_search.index.store import FeatureRecord
-from stair_search.index.writer import IndexWriter
-from stair_search.retrieve.router import QueryRouter
+from stair_search.index import FeatureRecord, IndexReader, IndexWriter
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import COLOURS, draw_shape
 
 SHAPES = ("circle", "square", "triangle")
@@ -36,7 +34,7 @@ def index_dir(tmp_path_factory, tiny_encoder):
     items = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     records = [FeatureRecord(id=f"{c}-{s}", source=f"drawn://{c}/{s}", width=64, height=64, caption=f"a {c} {s}")
                for c, s in items]
-    with IndexWriter(path, tiny_encoder, shard_size=100) as writer:
+    with IndexWriter(path, tiny_encoder.record, shard_size=100) as writer:
         writer.add(records, tiny_encoder.encode_images([draw_shape(c, s) for c, s in items]))
         writer.commit()
     return path
@@ -44,12 +42,12 @@ def index_dir(tmp_path_factory, tiny_encoder):
 
 @pytest.fixture(scope="module")
 def router(index_dir, tiny_encoder) -> QueryRouter:
-    return QueryRouter(Index(index_dir), tiny_encoder)
+    return QueryRouter(IndexReader(index_dir), tiny_encoder)
 
 
 def _direct_run(router: QueryRouter, route: str, k: int = 10) -> dict[str, list[str]]:
     """What a user gets from the public API for each query, asked here without the runner."""
-    return {qid: [hit.id for hit in router.search(text=text, k=k, **ROUTES[route]).hits]
+    return {qid: [hit.id for hit in router.search(SearchRequest(text=text, k=k, **ROUTES[route])).hits]
             for qid, text in QUERIES.items()}
 
 

@@ -30,6 +30,7 @@ import pytest
 if __name__ == "__main__":  # ``python tests/test_golden.py``: the repository root on the path, for ``tests.*``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stair_search.retrieve import SearchRequest
 from tests.conftest import COLOURS, TINY_CONFIG, draw_shape
 
 GOLDEN = Path(__file__).parent / "golden" / "search.json"
@@ -155,13 +156,13 @@ def run_case(target: Any, kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if kind == "search":
         if "image" in options:
             options["image"] = drawn(options["image"])
-        return describe(target.search(**options))
+        return describe(target.search(SearchRequest(**options)))
     if kind == "vectors":
         if "dense_of" in options:
             options["dense"] = target.encoder.encode_texts([options.pop("dense_of")]).dense[0]
-        return describe(target.search_vectors(**options))
+        return describe(target.search(SearchRequest(**options)))
     if kind == "more_like":
-        return describe(target.more_like(options.pop("doc_id"), **options))
+        return describe(target.search(SearchRequest(like=options.pop("doc_id"), **options)))
     if kind == "http":
         body = json.loads(json.dumps(options["json"]))
         for request in body.get("requests", [body]):
@@ -266,15 +267,14 @@ def build_index(folder: Path, encoder: Any, items: list[tuple[str, str, str]], s
                 deleted: tuple[str, ...] = ()) -> Path:
     """Drawn shapes through the public writer: captions (the text route) and metadata, ``shard_size`` documents a
     shard (whole batches of that size), then ``deleted`` removed by the writer's delete (tombstones)."""
-    from stair_search.index.store import FeatureRecord
-    from stair_search.index.writer import IndexWriter, delete_documents
+    from stair_search.index import FeatureRecord, IndexWriter, delete_documents
 
     records = [FeatureRecord(id=f"{c}-{s}-{bg}", source=f"drawn://{c}/{s}/{bg}", width=64, height=64,
                              caption=f"a {c} {s} on {bg}",
                              metadata={"colour": c, "shape": s, "background": bg, "n": n})
                for n, (c, s, bg) in enumerate(items)]
     images = [draw_shape(c, s, background=bg) for c, s, bg in items]
-    with IndexWriter(folder, encoder, shard_size=shard_size) as writer:
+    with IndexWriter(folder, encoder.record, shard_size=shard_size) as writer:
         for start in range(0, len(records), shard_size):
             writer.add(records[start : start + shard_size],
                        encoder.encode_images(images[start : start + shard_size]))
@@ -297,16 +297,16 @@ def grounded_router(tmp_path_factory) -> Any:
     """The tiny model made grounded (a text query's sparse vector holds only its own word-pieces): its router
     weighs sparse queries by the index's idf. 12 drawn shapes in 2 shards."""
     from stair_search.encode import Encoder
-    from stair_search.index.reader import Index
+    from stair_search.index import IndexReader
     from stair_search.models import create_model
-    from stair_search.retrieve.router import QueryRouter
+    from stair_search.retrieve import QueryRouter
 
     root = tmp_path_factory.mktemp("golden-grounded")
     config = root / "test-grounded.json"
     config.write_text(json.dumps(TINY_CONFIG | {"name": "test-grounded", "ground_text": True}))
     encoder = Encoder(create_model(str(config), device="cpu"), batch_size=4)
     items = [(c, s, "white") for c in COLOURS for s in SHAPES]
-    router = QueryRouter(Index(build_index(root / "index", encoder, items, 6)), encoder, query_weights="idf")
+    router = QueryRouter(IndexReader(build_index(root / "index", encoder, items, 6)), encoder, query_weights="idf")
     yield router
     router.close()
 
@@ -316,10 +316,10 @@ def targets(main_index, tiny_encoder, grounded_router, tmp_path_factory) -> Iter
     from fastapi.testclient import TestClient
 
     from server import IndexRegistry, ServerSettings, create_app
-    from stair_search.index.reader import Index
-    from stair_search.retrieve.router import QueryRouter
+    from stair_search.index import IndexReader
+    from stair_search.retrieve import QueryRouter
 
-    router = QueryRouter(Index(main_index), tiny_encoder)
+    router = QueryRouter(IndexReader(main_index), tiny_encoder)
     with TestClient(create_app(IndexRegistry({"golden": main_index}), ServerSettings(reload_interval_s=0))) as client:
         yield {"main": router, "grounded": grounded_router, "http": client,
                "folders": {"<main index>": str(main_index), "<tmp>": str(tmp_path_factory.getbasetemp())}}

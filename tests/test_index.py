@@ -1,4 +1,4 @@
-"""End to end: encoder -> IndexWriter (several shards) -> Index / QueryRouter -> CLI, on images drawn here."""
+"""End to end: encoder -> IndexWriter (several shards) -> IndexReader / QueryRouter -> CLI, on images drawn here."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ from typer.testing import CliRunner
 
 from stair_search.cli import app
 from stair_search.encode import Encoder
-from stair_search.index.manifest import IndexMismatchError, Manifest
-from stair_search.index.reader import Index
-from stair_search.index.store import FeatureRecord
-from stair_search.index.writer import IndexWriter
+from stair_search.index import FeatureRecord, IndexMismatchError, IndexReader, IndexWriter, Manifest, ShardQuery
 from stair_search.models import StairConfig, create_model, save_checkpoint
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import COLOURS, TINY_CONFIG, draw_shape
 
 SHAPES = ("circle", "square", "triangle")
@@ -32,7 +29,7 @@ def shape_records():
 
 def build(index_dir, encoder, shard_size=10, **kwargs):
     records, images = shape_records()
-    with IndexWriter(index_dir, encoder, shard_size=shard_size, **kwargs) as writer:
+    with IndexWriter(index_dir, encoder.record, shard_size=shard_size, **kwargs) as writer:
         for start in range(0, len(records), 7):  # batches that do not line up with shards
             writer.add(records[start : start + 7], encoder.encode_images(images[start : start + 7]))
         return writer.commit(), records, images
@@ -60,26 +57,28 @@ def test_manifest_records_shards_model_and_counts(built):
 
 def test_each_image_finds_itself_first_by_dense_and_by_sparse(built):
     index_dir, encoder, _, records, images = built
-    router = QueryRouter(Index(index_dir), encoder)
+    router = QueryRouter(IndexReader(index_dir), encoder)
     for record, image in list(zip(records, images, strict=True))[::5]:
         for mode in ("dense", "sparse", "hybrid"):
-            assert router.search(image=image, mode=mode, k=3).hits[0].id == record.id, mode
+            assert router.search(SearchRequest(image=image, mode=mode, k=3)).hits[0].id == record.id, mode
 
 
 def test_sharded_search_equals_a_single_shard_index(built, tmp_path):
     index_dir, encoder, _, _, images = built
     build(tmp_path / "one", encoder, shard_size=1000)
-    many, one = QueryRouter(Index(index_dir), encoder), QueryRouter(Index(tmp_path / "one"), encoder)
+    many, one = QueryRouter(IndexReader(index_dir), encoder), QueryRouter(IndexReader(tmp_path / "one"), encoder)
     for image in images[:6]:
         for mode in ("dense", "sparse"):
-            a, b = many.search(image=image, mode=mode, k=8).hits, one.search(image=image, mode=mode, k=8).hits
+            request = SearchRequest(image=image, mode=mode, k=8)
+            a, b = many.search(request).hits, one.search(request).hits
             np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
             assert {h.id for h in a if h.score > a[-1].score} == {h.id for h in b if h.score > b[-1].score}
 
 
 def test_hits_carry_metadata_parts_and_explanations(built):
     index_dir, encoder = built[:2]
-    response = QueryRouter(Index(index_dir), encoder).search(text="a red circle", mode="hybrid", k=5, explain=True)
+    response = QueryRouter(IndexReader(index_dir), encoder).search(SearchRequest(text="a red circle", mode="hybrid",
+                                                                                 k=5, explain=True))
     assert response.fusion == "rrf" and len(response.hits) == 5
     for hit in response.hits:
         assert hit.source.startswith("drawn://") and hit.metadata["colour"] in COLOURS
@@ -87,7 +86,8 @@ def test_hits_carry_metadata_parts_and_explanations(built):
         if "sparse" in hit.parts:
             assert hit.matched, "a sparse hit shares at least one token with the query"
             assert sum(q * d for q, d in hit.matched.values()) == pytest.approx(hit.parts["sparse"], rel=0.05)
-    dense_only = QueryRouter(Index(index_dir), encoder).search(text="a red circle", mode="dense", k=3)
+    dense_only = QueryRouter(IndexReader(index_dir), encoder).search(SearchRequest(text="a red circle", mode="dense",
+                                                                                   k=3))
     assert dense_only.fusion is None and dense_only.hits[0].parts["dense"] == dense_only.hits[0].score
 
 
@@ -95,7 +95,7 @@ def test_an_encoder_with_other_weights_is_refused(built):
     index_dir = built[0]
     other = StairConfig.from_dict({**TINY_CONFIG, "seed": 99})
     with pytest.raises(IndexMismatchError, match=r"model weights"):
-        QueryRouter(Index(index_dir), Encoder(create_model(other, device="cpu")))
+        QueryRouter(IndexReader(index_dir), Encoder(create_model(other, device="cpu")))
 
 
 def test_a_deleted_shard_file_is_a_clear_error(built, tmp_path):
@@ -104,18 +104,18 @@ def test_a_deleted_shard_file_is_a_clear_error(built, tmp_path):
     shard = Manifest.load(copy).shards[1]
     (shard.path(copy) / "dense.faiss").unlink()
     with pytest.raises(FileNotFoundError, match=r"dense\.faiss"):
-        Index(copy)
+        IndexReader(copy)
 
 
 def test_existing_index_needs_append_or_overwrite(built, tmp_path):
     encoder = built[1]
     manifest, _, _ = build(tmp_path / "idx", encoder)
     with pytest.raises(FileExistsError, match="--append"):
-        IndexWriter(tmp_path / "idx", encoder)
+        IndexWriter(tmp_path / "idx", encoder.record)
     appended, _, _ = build(tmp_path / "idx", encoder, append=True)
-    assert appended.count == 2 * manifest.count and Index(tmp_path / "idx").shard_count == 4
+    assert appended.count == 2 * manifest.count and IndexReader(tmp_path / "idx").shard_count == 4
     replaced, _, _ = build(tmp_path / "idx", encoder, shard_size=100, overwrite=True)
-    assert replaced.count == manifest.count and Index(tmp_path / "idx").shard_count == 1
+    assert replaced.count == manifest.count and IndexReader(tmp_path / "idx").shard_count == 1
 
 
 def test_cli_search_prints_json_hits_and_image_queries(built, tmp_path):
@@ -151,7 +151,8 @@ def test_cli_index_builds_from_a_folder_and_skips_bad_files(tmp_path, tiny_confi
     result = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path)])
     assert result.exit_code == 0, result.output
     assert "indexed 3" in result.output and "skipped 2" in result.output
-    assert sorted(Index(out).documents([c for c in Index(out).search_dense(np.ones((1, 32)), 5)[0]], ["id"]),
+    index = IndexReader(out)
+    assert sorted(index.documents(index.search(ShardQuery(5, dense=np.ones(32, np.float32)))["dense"], ["id"]),
                   key=lambda d: d["id"]) == [{"id": "blue.png"}, {"id": "green.png"}, {"id": "red.png"}]
     again = CliRunner().invoke(app, ["index", str(folder), "--out", str(out), "--model", str(tiny_config_path)])
     assert again.exit_code == 0 and "already complete" in again.output  # the same job, finished
@@ -176,7 +177,7 @@ def test_export_writes_every_live_document_batch_by_batch(built, tmp_path):
     index_dir, encoder, _, records, images = built
     copy = tmp_path / "shapes"
     shutil.copytree(index_dir, copy)
-    Index(copy).delete([records[0].id])
+    IndexReader(copy).delete([records[0].id])
     result = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "all.parquet"), "--batch-size", "5"])
     assert result.exit_code == 0 and "23 documents" in result.output, result.output
     table = pq.read_table(tmp_path / "all.parquet")
@@ -186,7 +187,7 @@ def test_export_writes_every_live_document_batch_by_batch(built, tmp_path):
     np.testing.assert_allclose(np.stack(table.column("dense").to_numpy(zero_copy_only=False)), expected.dense,
                                atol=1e-5)
     first = dict(table.column("sparse")[0].as_py())
-    assert first == pytest.approx(Index(copy).sparse_vectors([Index(copy).find(records[1].id)])[0])
+    assert first == pytest.approx(IndexReader(copy).sparse_vectors([IndexReader(copy).find(records[1].id)])[0])
     assert first and json.loads(table.column("metadata")[0].as_py()) == records[1].metadata
     CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "dense.npy"), "--format", "npy"])
     np.testing.assert_allclose(np.load(tmp_path / "dense.npy"), expected.dense, atol=1e-5)

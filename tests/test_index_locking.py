@@ -15,10 +15,10 @@ import subprocess
 from pathlib import Path
 
 import indexer
+from indexer import IndexJob
+from stair_search.index import IndexReader, Manifest
 from stair_search.index.layout import TOMBSTONE_PREFIX
 from stair_search.index.lock import IndexLock, IndexLockedError, lock_path
-from stair_search.index.manifest import Manifest
-from stair_search.index.reader import Index
 from tests.test_indexer_jobs import (
     CLI,
     DEADLINE_S,
@@ -99,8 +99,8 @@ def test_a_held_lock_stops_a_mutation_naming_the_holder_and_in_process_writers_e
 def test_a_delete_during_an_append_stops_or_waits_and_loses_nothing(tmp_path, tiny_config_path, tiny_encoder):
     out = tmp_path / "index"
     base = draw_images(tmp_path / "base", 10)
-    indexer.run(tmp_path / "base", out, encoder=tiny_encoder, workers=0, progress=False, shard_size=8)
-    base_ids = sorted(Index(out).ids())
+    indexer.run(IndexJob(tmp_path / "base", out, workers=0, shard_size=8), encoder=tiny_encoder, progress=False)
+    base_ids = sorted(IndexReader(out).ids())
     new = draw_images(tmp_path / "new", 12, prefix="new-", skip=10)
     fifo = tmp_path / "list.txt"
     job, fd = start_piped_job(cli_args(fifo, out, tiny_config_path, "--append"), fifo, out, tmp_path / "job.log")
@@ -112,12 +112,12 @@ def test_a_delete_during_an_append_stops_or_waits_and_loses_nothing(tmp_path, ti
     waiting = start_cli(["delete", str(out), *base_ids[:5], "--wait"], tmp_path / "waiting.log")
     wait_for(lambda: blocked_on(lock_path(out)), "the delete queued on the index lock", waiting,
              tmp_path / "waiting.log")
-    assert sorted(Index(out).ids()) == base_ids  # queued behind the append: nothing deleted yet
+    assert sorted(IndexReader(out).ids()) == base_ids  # queued behind the append: nothing deleted yet
 
     finish_piped_job(job, fd, [str(p) for p in new], tmp_path / "job.log")
     waiting.wait(timeout=DEADLINE_S)
     assert waiting.returncode == 0 and "deleted 5 document(s)" in (tmp_path / "waiting.log").read_text()
-    index = Index(out)
+    index = IndexReader(out)
     expected = set(base_ids[5:]) | {str(p) for p in new}
     assert len(index.ids()) == len(set(index.ids())) == len(index) == len(expected) == 5 + 12
     assert {Path(i).name for i in index.ids()} == {Path(i).name for i in expected}
@@ -127,9 +127,9 @@ def test_a_delete_during_an_append_stops_or_waits_and_loses_nothing(tmp_path, ti
 
 def test_two_deletes_at_once_both_count_every_trial(tmp_path, tiny_encoder):
     source = tmp_path / "source"
-    indexer.run(draw_images(tmp_path / "images", 20)[0].parent, source, encoder=tiny_encoder, workers=0,
-                progress=False, shard_size=8)
-    ids = sorted(Index(source).ids())
+    indexer.run(IndexJob(draw_images(tmp_path / "images", 20)[0].parent, source, workers=0, shard_size=8),
+                encoder=tiny_encoder, progress=False)
+    ids = sorted(IndexReader(source).ids())
     for trial in range(3):
         out = tmp_path / f"trial-{trial}"
         shutil.copytree(source, out)
@@ -139,7 +139,7 @@ def test_two_deletes_at_once_both_count_every_trial(tmp_path, tiny_encoder):
             process.wait(timeout=DEADLINE_S)
             output = (tmp_path / f"{log}{trial}.log").read_text()
             assert process.returncode == 0 and "deleted 10 document(s)" in output, output
-        assert Index(out).ids() == [] and Manifest.load(out).count == 0
+        assert IndexReader(out).ids() == [] and Manifest.load(out).count == 0
         assert_nothing_orphaned(out)
 
 
@@ -157,5 +157,5 @@ def test_a_second_new_build_of_one_out_is_refused_and_the_first_keeps_its_docume
     queued.wait(timeout=DEADLINE_S)
     output = (tmp_path / "queued.log").read_text()
     assert queued.returncode == 1 and "already holds an index" in output, output  # never a silent replace
-    assert sorted(Path(i).name for i in Index(out).ids()) == sorted(p.name for p in first)
+    assert sorted(Path(i).name for i in IndexReader(out).ids()) == sorted(p.name for p in first)
     assert_nothing_orphaned(out)

@@ -29,11 +29,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import indexer
+from indexer import IndexJob
 from indexer.journal import read_chunk
 from indexer.pipeline import PREFETCH_PER_WORKER
 from indexer.sources import SourceOptions
 from stair_search.cli import app
 from stair_search.encode import Encoder
+from stair_search.index import STORED_FIELDS, Candidate, IndexReader, ShardQuery
 from stair_search.index.layout import (
     DENSE_FILE,
     FEATURES_FILE,
@@ -43,7 +45,6 @@ from stair_search.index.layout import (
     read_tombstone,
 )
 from stair_search.index.manifest import MANIFEST, Manifest
-from stair_search.index.reader import STORED_FIELDS, Candidate, Index
 from stair_search.index.store import FeatureRecord, FeatureStore, store_files, store_path
 from tests.conftest import COLOURS, draw_shape, png_header
 from tests.test_store import write_v1
@@ -226,10 +227,10 @@ def test_a_job_killed_mid_run_resumes_without_losing_or_repeating_documents(tmp_
     assert f"resumed at item {resume_at}" in resumed.output and "indexed 60" in resumed.output
     assert not job.exists()
 
-    ids = Index(out).ids()
+    ids = IndexReader(out).ids()
     assert len(ids) == len(set(ids)) == 60 and set(ids) == set(lines)  # each once, id = the listed path
     clean = tmp_path / "clean"
-    indexer.run(source, clean, encoder=tiny_encoder, batch_size=4, shard_size=8, workers=0, progress=False)
+    indexer.run(IndexJob(source, clean, batch_size=4, shard_size=8, workers=0), encoder=tiny_encoder, progress=False)
     assert_same_documents(index_contents(out), index_contents(clean))
 
 
@@ -249,14 +250,16 @@ class CtrlCAfter(Encoder):
 
 def test_ctrl_c_keeps_the_spool_for_a_resume_and_no_resume_starts_over(tmp_path, tiny_encoder):
     images = draw_images(tmp_path / "images", 12)
-    options = {"batch_size": 4, "shard_size": 100, "workers": 0, "progress": False}
+    options = {"batch_size": 4, "shard_size": 100, "workers": 0}
     for resume, out in ((True, tmp_path / "resumed"), (False, tmp_path / "restarted")):
         with pytest.raises(KeyboardInterrupt):
-            indexer.run(tmp_path / "images", out, encoder=CtrlCAfter(tiny_encoder.model, batches=2), **options)
+            indexer.run(IndexJob(tmp_path / "images", out, **options), encoder=CtrlCAfter(tiny_encoder.model,
+                                                                                          batches=2), progress=False)
         assert not out.exists() and list((job_dir_of(out) / "chunks").glob("*.npz"))  # 2 batches spooled
-        summary = indexer.run(tmp_path / "images", out, encoder=tiny_encoder, resume=resume, **options)
+        summary = indexer.run(IndexJob(tmp_path / "images", out, resume=resume, **options), encoder=tiny_encoder,
+                              progress=False)
         assert (summary.resumed_from, summary.encoded_now) == ((8, 4) if resume else (0, 12))
-        assert sorted(Index(out).ids()) == sorted(p.name for p in images) and job_dir_of(out) is None
+        assert sorted(IndexReader(out).ids()) == sorted(p.name for p in images) and job_dir_of(out) is None
     assert_same_documents(index_contents(tmp_path / "resumed"), index_contents(tmp_path / "restarted"))
 
 
@@ -265,19 +268,20 @@ def test_a_job_that_fails_before_spooling_anything_leaves_nothing_behind(tmp_pat
     pq.write_table(pa.table({"path": ["a.png"]}), tmp_path / "data.parquet")
     out = tmp_path / "index"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        indexer.run(tmp_path / "no-such-folder", out, encoder=tiny_encoder, workers=0, progress=False)
+        indexer.run(IndexJob(tmp_path / "no-such-folder", out, workers=0), encoder=tiny_encoder, progress=False)
     with pytest.raises(ValueError, match="not found"):
-        indexer.run(tmp_path / "data.parquet", out, encoder=tiny_encoder, workers=0, progress=False,
-                    options=SourceOptions(caption_column="caption_en"))
+        indexer.run(IndexJob(tmp_path / "data.parquet", out, workers=0,
+                             options=SourceOptions(caption_column="caption_en")), encoder=tiny_encoder, progress=False)
     crash = CtrlCAfter(tiny_encoder.model, batches=0, error=RuntimeError("the encoder crashed"))
     with pytest.raises(RuntimeError, match="crashed"):
-        indexer.run(tmp_path / "images", out, encoder=crash, workers=0, progress=False)
+        indexer.run(IndexJob(tmp_path / "images", out, workers=0), encoder=crash, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.parquet", "images"]  # no index, job or lock
     crash = CtrlCAfter(tiny_encoder.model, batches=1, error=RuntimeError("the encoder crashed"))
     with pytest.raises(RuntimeError, match="crashed"):  # after one batch: its spool is kept for a resume
-        indexer.run(tmp_path / "images", out, encoder=crash, workers=0, progress=False, batch_size=4)
+        indexer.run(IndexJob(tmp_path / "images", out, workers=0, batch_size=4), encoder=crash, progress=False)
     assert list((job_dir_of(out) / "chunks").glob("*.npz"))
-    summary = indexer.run(tmp_path / "images", out, encoder=tiny_encoder, workers=0, progress=False, batch_size=4)
+    summary = indexer.run(IndexJob(tmp_path / "images", out, workers=0, batch_size=4), encoder=tiny_encoder,
+                          progress=False)
     assert (summary.resumed_from, summary.indexed) == (4, 6) and job_dir_of(out) is None
 
 
@@ -362,7 +366,7 @@ def test_every_bad_input_is_skipped_with_its_reason_and_odd_images_are_converted
     expected_pictures = write_convertible_files(folder)
     draw_shape("green", "circle").save(folder / "good.png")
     out = tmp_path / "index"
-    summary = indexer.run(folder, out, encoder=tiny_encoder, workers=1, max_pixels=1_000_000, progress=False)
+    summary = indexer.run(IndexJob(folder, out, workers=1, max_pixels=1_000_000), encoder=tiny_encoder, progress=False)
 
     report = pq.read_table(out / SKIPPED_REPORT).to_pylist()
     reasons = {row["id"]: row["reason"] for row in report}
@@ -388,8 +392,8 @@ def test_names_that_are_not_utf8_and_metadata_json_cannot_hold_are_indexed(tmp_p
     draw_shape("red", "circle").save(folder / "red.png")
     (Path(os.fsencode(folder).decode() + "/caf\udce9.png")).write_bytes(  # b"caf\xe9.png": Latin-1, not UTF-8
         encoded_bytes(draw_shape("blue", "circle"), "PNG"))
-    summary = indexer.run(folder, tmp_path / "folder-index", encoder=tiny_encoder, workers=0, progress=False)
-    assert summary.indexed == 2 and sorted(Index(tmp_path / "folder-index").ids()) == ["caf\\xe9.png", "red.png"]
+    summary = indexer.run(IndexJob(folder, tmp_path / "folder-index", workers=0), encoder=tiny_encoder, progress=False)
+    assert summary.indexed == 2 and sorted(IndexReader(tmp_path / "folder-index").ids()) == ["caf\\xe9.png", "red.png"]
     images = [encoded_bytes(draw_shape(colour, "square"), "PNG") for colour in ("red", "blue")]
     table = pa.table({"id": ["a", "b"], "image": images,
                       "taken": pa.array([1_700_000_000, None], pa.timestamp("s")),
@@ -397,9 +401,9 @@ def test_names_that_are_not_utf8_and_metadata_json_cannot_hold_are_indexed(tmp_p
                       "score": [float("nan"), 0.5]})
     pq.write_table(table, tmp_path / "odd.parquet")
     options = SourceOptions(id_column="id", metadata_columns=("taken", "price", "score"))
-    indexer.run(tmp_path / "odd.parquet", tmp_path / "parquet-index", encoder=tiny_encoder, workers=0,
-                progress=False, options=options)
-    index = Index(tmp_path / "parquet-index")
+    indexer.run(IndexJob(tmp_path / "odd.parquet", tmp_path / "parquet-index", workers=0, options=options),
+                encoder=tiny_encoder, progress=False)
+    index = IndexReader(tmp_path / "parquet-index")
     rows = index.documents([Candidate(0, 0, 0.0), Candidate(0, 1, 0.0)], ["id", "metadata"])
     assert [r["metadata"] for r in rows] == [{"taken": "2023-11-14T22:13:20", "price": 1.5, "score": None},
                                              {"taken": None, "price": 2.0, "score": 0.5}]
@@ -413,7 +417,7 @@ def test_missing_files_named_in_a_parquet_or_a_list_are_reported(tmp_path, tiny_
     (tmp_path / "list.txt").write_text(f"{good[0]}\n{gone}\n")
     for source, indexed in ((tmp_path / "data.parquet", 2), (tmp_path / "list.txt", 1)):
         out = tmp_path / f"index-{source.suffix[1:]}"
-        summary = indexer.run(source, out, encoder=tiny_encoder, workers=0, progress=False)
+        summary = indexer.run(IndexJob(source, out, workers=0), encoder=tiny_encoder, progress=False)
         assert summary.indexed == indexed
         assert pq.read_table(out / SKIPPED_REPORT).to_pylist() == [
             {"id": str(gone), "source": str(gone), "reason": "missing file"}]
@@ -423,7 +427,7 @@ def test_nothing_usable_is_a_clear_error_that_leaves_nothing_behind(tmp_path, ti
     folder = tmp_path / "photos"
     write_bad_and_odd_files(folder)
     with pytest.raises(ValueError, match=r"Nothing to index in .*photos.*none readable .*empty file"):
-        indexer.run(folder, tmp_path / "index", encoder=tiny_encoder, workers=0, max_pixels=1_000_000,
+        indexer.run(IndexJob(folder, tmp_path / "index", workers=0, max_pixels=1_000_000), encoder=tiny_encoder,
                     progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no index, no job directory
 
@@ -431,8 +435,8 @@ def test_nothing_usable_is_a_clear_error_that_leaves_nothing_behind(tmp_path, ti
 def test_a_script_without_a_main_guard_gets_a_clear_error_instead_of_a_hang(tmp_path, tiny_config_path):
     """Decode workers import the caller's script again; unguarded, it would index again in every worker."""
     draw_images(tmp_path / "photos", 4)
-    call = (f"indexer.run({str(tmp_path / 'photos')!r}, {str(tmp_path / 'index')!r}, "
-            f"model={str(tiny_config_path)!r}, workers=1, progress=False)")
+    call = (f"indexer.run(indexer.IndexJob({str(tmp_path / 'photos')!r}, {str(tmp_path / 'index')!r}, "
+            f"model={str(tiny_config_path)!r}, workers=1), progress=False)")
     for name, body in (("unguarded", f"import indexer\n{call}\n"),
                        ("guarded", f"import indexer\nif __name__ == '__main__':\n    {call}\n")):
         script = tmp_path / f"{name}.py"
@@ -444,7 +448,8 @@ def test_a_script_without_a_main_guard_gets_a_clear_error_instead_of_a_hang(tmp_
             assert not (tmp_path / "index").exists()
         else:
             assert done.returncode == 0, done.stderr
-            assert sorted(Index(tmp_path / "index").ids()) == sorted(p.name for p in (tmp_path / "photos").iterdir())
+            indexed = IndexReader(tmp_path / "index").ids()
+            assert sorted(indexed) == sorted(p.name for p in (tmp_path / "photos").iterdir())
 
 
 def test_progress_bar_shows_rate_and_eta_and_the_summary_counts_skips_by_reason(tmp_path, tiny_encoder, capsys):
@@ -452,7 +457,7 @@ def test_progress_bar_shows_rate_and_eta_and_the_summary_counts_skips_by_reason(
     draw_images(folder, 5)
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.jpg").write_text("not an image")
-    summary = indexer.run(folder, tmp_path / "index", encoder=tiny_encoder, workers=0, progress=True)
+    summary = indexer.run(IndexJob(folder, tmp_path / "index", workers=0), encoder=tiny_encoder, progress=True)
     bar = capsys.readouterr().err
     assert "images/s" in bar and "ETA" in bar and "7/7" in bar  # the total is known for a folder
     assert summary.reasons() == {"empty file": 1, "not an image": 1}
@@ -471,7 +476,7 @@ def test_cli_takes_ids_captions_and_metadata_from_the_columns_it_is_given(tmp_pa
                                       str(tiny_config_path), "--workers", "0", "--id-column", "key", "--bytes-column",
                                       "jpeg", "--caption-column", "alt", "--metadata-column", "colour"])
     assert result.exit_code == 0, result.output
-    index = Index(out)
+    index = IndexReader(out)
     rows = index.documents([Candidate(0, 0, 1.0), Candidate(0, 1, 1.0)], ["id", "caption", "metadata"])
     assert [(r["id"], r["caption"], r["metadata"]) for r in rows] == [
         ("k1", "a red circle", {"colour": "red"}), ("k2", "a blue square", {"colour": "blue"})]
@@ -488,9 +493,9 @@ def test_a_truncated_tar_among_good_shards_is_skipped_and_the_job_completes(tmp_
     middle = tmp_path / "shard-001.tar"
     middle.write_bytes(middle.read_bytes()[:1800])  # a copy that stopped inside the first image
     (tmp_path / "shard-002.tar").write_bytes((tmp_path / "shard-002.tar").read_bytes()[:-5000])  # inside the 2nd
-    summary = indexer.run(str(tmp_path / "shard-{000..002}.tar"), tmp_path / "index", encoder=tiny_encoder,
-                          workers=1, progress=False)
-    assert sorted(Index(tmp_path / "index").ids()) == ["shard-000.tar/blue", "shard-000.tar/red",
+    summary = indexer.run(IndexJob(str(tmp_path / "shard-{000..002}.tar"), tmp_path / "index", workers=1),
+                          encoder=tiny_encoder, progress=False)
+    assert sorted(IndexReader(tmp_path / "index").ids()) == ["shard-000.tar/blue", "shard-000.tar/red",
                                                        "shard-002.tar/red"]
     report = pq.read_table(tmp_path / "index" / SKIPPED_REPORT).to_pylist()
     assert [(r["id"], r["reason"].split(":")[0]) for r in report] == [
@@ -513,10 +518,10 @@ def test_a_webdataset_shard_set_is_indexed_through_worker_processes(tmp_path, ti
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    summary = indexer.run(str(tmp_path / "shard-{000..001}.tar"), tmp_path / "index", encoder=tiny_encoder,
-                          workers=1, progress=False)
+    summary = indexer.run(IndexJob(str(tmp_path / "shard-{000..001}.tar"), tmp_path / "index", workers=1),
+                          encoder=tiny_encoder, progress=False)
     assert summary.indexed == 3 and not summary.skipped
-    index = Index(tmp_path / "index")
+    index = IndexReader(tmp_path / "index")
     rows = index.documents([Candidate(0, row, 0.0) for row in range(3)], ["id", "caption", "metadata"])
     assert [(r["id"], r["caption"], r["metadata"]["colour"]) for r in rows] == [
         ("shard-000.tar/red0", "a red circle", "red"), ("shard-001.tar/red0", "a red circle", "red"),
@@ -552,20 +557,20 @@ def test_cli_append_adds_new_images_and_delete_removes_them_from_every_part(tmp_
 
     doomed = ["new-blue-square-white.png", "green-circle-white.png"]
 
-    def top_ids(index: Index, doc_id: str) -> tuple[list[str], list[str]]:
+    def top_ids(index: IndexReader, doc_id: str) -> tuple[list[str], list[str]]:
         """The dense and the sparse route's hits for the document's own vectors."""
         dense, sparse = everything[doc_id]
         query = {index.vocabulary.tokens[t]: w / index.manifest.scale for t, w in sparse.items()}
-        return tuple([d["id"] for d in index.documents(hits, ["id"])]
-                     for hits in (index.search_dense(dense[None, :], k=10)[0], index.search_sparse([query], k=10)[0]))
+        found = index.search(ShardQuery(10, sparse=query, dense=dense))
+        return tuple([d["id"] for d in index.documents(hits, ["id"])] for hits in (found["dense"], found["sparse"]))
 
     for doc_id in doomed:
-        assert [ids[0] for ids in top_ids(Index(out), doc_id)] == [doc_id, doc_id]
+        assert [ids[0] for ids in top_ids(IndexReader(out), doc_id)] == [doc_id, doc_id]
     deleted = runner.invoke(app, ["delete", str(out), *doomed, "no-such-id"])
     assert deleted.exit_code == 1
     assert "deleted 2 document(s)" in deleted.output and "no-such-id" in deleted.output
 
-    index = Index(out)
+    index = IndexReader(out)
     assert sorted(index.ids()) == sorted(set(everything) - set(doomed))
     for doc_id in doomed:
         dense_ids, sparse_ids = top_ids(index, doc_id)
@@ -584,7 +589,7 @@ def test_a_killed_append_leaves_the_published_index_readable_and_unchanged(tmp_p
                                                                            tiny_encoder):
     out = tmp_path / "index"
     draw_images(tmp_path / "old", 5)
-    indexer.run(tmp_path / "old", out, encoder=tiny_encoder, workers=0, progress=False)
+    indexer.run(IndexJob(tmp_path / "old", out, workers=0), encoder=tiny_encoder, progress=False)
     manifest_before = (out / MANIFEST).read_bytes()
     contents_before = index_contents(out)
     new_images = draw_images(tmp_path / "new", 40, prefix="new-")
@@ -602,7 +607,7 @@ def test_a_killed_append_leaves_the_published_index_readable_and_unchanged(tmp_p
     source.write_text("".join(f"{p}\n" for p in new_images))
     resumed = run_cli_process(args, tmp_path / "resumed.log")
     assert resumed.returncode == 0, resumed.output
-    assert sorted(Index(out).ids()) == sorted([*contents_before, *map(str, new_images)])
+    assert sorted(IndexReader(out).ids()) == sorted([*contents_before, *map(str, new_images)])
 
 
 # ------------------------------------------------------------------------------------------------ store format 1
@@ -614,8 +619,8 @@ def test_an_index_built_before_store_format_2_still_reads_filters_appends_delete
     answers, an append writes format 2 shards beside them, and deletes and exports span both formats."""
     out = tmp_path / "index"
     draw_images(tmp_path / "old", 6)
-    indexer.run(tmp_path / "old", out, encoder=tiny_encoder, workers=0, progress=False)
-    with Index(out) as index:
+    indexer.run(IndexJob(tmp_path / "old", out, workers=0), encoder=tiny_encoder, progress=False)
+    with IndexReader(out) as index:
         ids = sorted(index.ids())
         found = [index.find(doc_id) for doc_id in ids]
         fields_before, local_before = index.documents(found, STORED_FIELDS), index.local_features(found)
@@ -631,21 +636,22 @@ def test_an_index_built_before_store_format_2_still_reads_filters_appends_delete
             path.unlink()
     assert not list(out.glob(f"shards/*/{FEATURES_FILE}")) and list(out.glob(f"shards/*/{LEGACY_FEATURES_FILE}"))
 
-    with Index(out) as index:
+    with IndexReader(out) as index:
         assert sorted(index.ids()) == ids
         found = [index.find(doc_id) for doc_id in ids]
         assert index.documents(found, STORED_FIELDS) == [{**f, "metadata": {"row": c.row}}
                                                          for f, c in zip(fields_before, found, strict=True)]
         for got, want in zip(index.local_features(found), local_before, strict=True):
             np.testing.assert_array_equal(got, want)
-        hits = index.search_dense(dense[2:3], k=3, rows=index.filter_rows({"row": [found[2].row, found[4].row]}))[0]
+        kept = index.check_filter({"row": [found[2].row, found[4].row]})
+        hits = index.search(ShardQuery(3, dense=dense[2], filter=kept))["dense"]
         assert [doc["id"] for doc in index.documents(hits, ["id"])] == [ids[2], ids[4]]
 
     draw_images(tmp_path / "new", 3, prefix="new-", skip=6)
-    indexer.run(tmp_path / "new", out, encoder=tiny_encoder, workers=0, progress=False, append=True)
+    indexer.run(IndexJob(tmp_path / "new", out, workers=0, append=True), encoder=tiny_encoder, progress=False)
     kinds = sorted(store_path(shard.path(out)).name for shard in Manifest.load(out).shards)
     assert kinds == [FEATURES_FILE, LEGACY_FEATURES_FILE]
-    with Index(out) as index:
+    with IndexReader(out) as index:
         everything = sorted(index.ids())
         assert len(everything) == 9 and set(ids) < set(everything)
         assert index.delete([ids[0], next(i for i in everything if i not in ids)]) == 2

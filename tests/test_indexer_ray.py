@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import indexer
+from indexer import IndexJob
 from stair_search.index.layout import SKIPPED_REPORT
 from tests.test_indexer_jobs import JOB_ENV, REPO_ROOT, assert_same_documents, draw_images, index_contents
 
@@ -23,12 +24,13 @@ RAY_JOB = """
 import sys
 import ray
 import indexer
+from indexer import IndexJob
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-summary = indexer.run(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=4, shard_size=8, workers=0,
-                      runner="ray", progress=False)
+job = IndexJob(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=4, shard_size=8, workers=0, runner="ray")
+summary = indexer.run(job, progress=False)
 print(summary.describe())
 """
-JOB_ARGS = {"batch_size": 4, "shard_size": 8, "workers": 0, "progress": False}
+JOB_ARGS = {"batch_size": 4, "shard_size": 8, "workers": 0}
 
 
 def test_ray_runner_writes_the_same_index_as_the_local_runner(tmp_path, tiny_config_path):
@@ -42,7 +44,8 @@ def test_ray_runner_writes_the_same_index_as_the_local_runner(tmp_path, tiny_con
                          env=JOB_ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout + job.stderr
     assert "indexed 11" in job.stdout
-    summary = indexer.run(listing, indexes["local"], model=str(tiny_config_path), runner="local", **JOB_ARGS)
+    summary = indexer.run(IndexJob(listing, indexes["local"], model=str(tiny_config_path), runner="local",
+                                   **JOB_ARGS), progress=False)
     assert summary.indexed == 11
     assert_same_documents(index_contents(indexes["ray"]), index_contents(indexes["local"]))
     reports = {runner: pq.read_table(path / SKIPPED_REPORT).to_pylist() for runner, path in indexes.items()}

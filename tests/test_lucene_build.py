@@ -9,7 +9,7 @@ import pytest
 
 from stair_search.index import sparse
 from stair_search.index.sparse import MAX_IMPACT, SparseHit, SparseShard, index_dtype, write_sparse_shard
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 SCALE = 100.0
 PUNCTUATION = ["|", "%", "#", "+", "\\", "~", "##s", "[UNK]", "—", "×"]  # spelled %7C, %25, #, %2B, ...

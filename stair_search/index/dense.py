@@ -98,7 +98,7 @@ def set_num_threads(n: int) -> None:
     _faiss().omp_set_num_threads(int(n))
 
 
-class DenseIndex:
+class DenseShard:
     """Inner-product FAISS index over L2-normalised float32 vectors. Row i = the i-th vector added."""
 
     spec: DenseSpec
@@ -112,7 +112,7 @@ class DenseIndex:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def build(cls, vectors: np.ndarray, spec: DenseSpec | None = None, use_gpu: bool | None = None) -> DenseIndex:
+    def build(cls, vectors: np.ndarray, spec: DenseSpec | None = None, use_gpu: bool | None = None) -> DenseShard:
         """Build an index over ``vectors`` (N, D). ``spec`` None -> :func:`choose_spec` (N, D).
 
         Missing parameters are filled with the :func:`choose_spec` defaults and recorded in ``self.spec``
@@ -138,7 +138,7 @@ class DenseIndex:
         return self
 
     @classmethod
-    def load(cls, path: str | Path, spec: DenseSpec, use_gpu: bool | None = None, mmap: bool = False) -> DenseIndex:
+    def load(cls, path: str | Path, spec: DenseSpec, use_gpu: bool | None = None, mmap: bool = False) -> DenseShard:
         """Read an index written by :meth:`save` and re-apply ``spec``'s search parameters.
 
         ``mmap=True`` maps the vectors / codes from the file instead of reading them into memory
@@ -251,7 +251,7 @@ class DenseIndex:
 
     def __repr__(self) -> str:
         where = "gpu" if self._on_gpu else "cpu"
-        return f"DenseIndex(kind={self.spec.kind!r}, ntotal={self.ntotal}, dim={self.dim}, {where})"
+        return f"DenseShard(kind={self.spec.kind!r}, ntotal={self.ntotal}, dim={self.dim}, {where})"
 
     # ----------------------------------------------------------------- internals
     @property

@@ -2,7 +2,7 @@
 
 What clip-retrieval users get from ``inference``: ids, sources, captions, metadata, the dense embedding and the
 sparse ``{word-piece: weight}`` vector of every live document, read back from the index rather than computed
-again. The index is walked ``batch_size`` documents at a time (:meth:`Index.live`) and each batch is written
+again. The index is walked ``batch_size`` documents at a time (:meth:`IndexReader.live`) and each batch is written
 before the next is read, so memory stays bounded however large the index is; the output appears under its
 name only when complete (``atomic_path``). Dense vectors of an IVF-PQ index are its PQ approximation.
 """
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stair_search.atomic import atomic_path
-from stair_search.index.reader import Index
+from stair_search.index.reader import IndexReader
 
 FORMATS = ("parquet", "npy")
 TEXT_FIELDS = ("id", "source", "caption")
@@ -37,11 +37,11 @@ def export(index_dir: str | Path, out: str | Path, fmt: str = "parquet", batch_s
     out = Path(out)
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder: give the file to write, e.g. {out / ('index.' + fmt)}")
-    with Index(index_dir) as index:
+    with IndexReader(index_dir) as index:
         return _npy(index, out, batch_size) if fmt == "npy" else _parquet(index, out, batch_size)
 
 
-def _parquet(index: Index, out: Path, batch_size: int) -> int:
+def _parquet(index: IndexReader, out: Path, batch_size: int) -> int:
     written = 0
     table_schema = schema(index.manifest.embed_dim)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, table_schema) as writer:
@@ -58,8 +58,8 @@ def _parquet(index: Index, out: Path, batch_size: int) -> int:
     return written
 
 
-def _npy(index: Index, out: Path, batch_size: int) -> int:
-    """The (N, D) float32 dense matrix in ``Index.ids()`` order, written into a memory-mapped .npy."""
+def _npy(index: IndexReader, out: Path, batch_size: int) -> int:
+    """The (N, D) float32 dense matrix in ``IndexReader.ids()`` order, written into a memory-mapped .npy."""
     count, written = len(index), 0
     with atomic_path(out) as tmp:
         matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, index.manifest.embed_dim))

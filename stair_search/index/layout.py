@@ -5,7 +5,7 @@ Layout of an index directory::
     manifest.json                                                (Manifest: the commit point)
     skipped.parquet                                              (items a job could not index, optional)
     shards/<name>/sparse/{indptr,indices,values}.npy + lucene/   (SparseShard)
-    shards/<name>/dense.faiss                                    (DenseIndex)
+    shards/<name>/dense.faiss                                    (DenseShard)
     shards/<name>/features.arrow, features.local.npy,            (FeatureStore, format 2, memory-mapped; a
                   features.local_positions.npy                    shard written before it: features.parquet)
     shards/<name>/deleted-<id>.npy                               (tombstones: deleted rows, optional)

@@ -1,8 +1,9 @@
 """The index directory's ``manifest.json``: what the index holds and which model it was built with.
 
 The layout of the directory is in index/layout.py. The manifest is written last and atomically, so a reader sees
-either the previous complete index or the new one. A searcher refuses an encoder whose model or vocabulary differs,
-saying which.
+either the previous complete index or the new one. A searcher refuses a model whose weights or vocabulary differ,
+saying which. What the index needs of a model is a :class:`ModelRecord` (no torch, no weights): the encoder hands
+one over (``Encoder.record``), and the writer and the manifest check take nothing else.
 """
 
 from __future__ import annotations
@@ -11,19 +12,32 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stair_search.atomic import atomic_write
 from stair_search.index.layout import MANIFEST, shard_dir
-
-if TYPE_CHECKING:
-    from stair_search.encode import Encoder
+from stair_search.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
 
 
 class IndexMismatchError(ValueError):
-    """The encoder given to a searcher is not the one the index was built with."""
+    """The model given to a searcher or writer is not the one the index was built with."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What an index records and checks of the model its vectors come from."""
+
+    name: str
+    spec: str  # how to load the model again (a built-in name, a config JSON or a checkpoint)
+    pretrained: str | None
+    fingerprint: str  # hash of the weights (models/checkpoint.py)
+    vocabulary_location: str  # where the word-piece vocabulary is read from (usually pkg://...)
+    vocabulary: Vocabulary = field(repr=False, compare=False)
+    embed_dim: int
+    num_local: int
+    sparse_source: str  # "heads", "heads+concepts", "concepts" or "none" (models/stair.py SPARSE_SOURCES)
 
 
 @dataclass
@@ -106,22 +120,31 @@ class Manifest:
                              f"v{FORMAT_VERSION}. Upgrade stair-search.")
         return cls.from_dict(data)
 
-    def check_encoder(self, encoder: Encoder) -> None:
-        """Raise IndexMismatchError naming every difference between the index's model and the encoder's."""
-        name, fingerprint = encoder.name, encoder.fingerprint
-        vocabulary_sha256, embed_dim = encoder.model.vocabulary.sha256, encoder.model.embed_dim
+    @classmethod
+    def new(cls, model: ModelRecord, scale: float, text_fields: list[str] | None) -> Manifest:
+        """The manifest of a new, still empty index built with ``model``."""
+        return cls(model={"name": model.name, "spec": model.spec, "pretrained": model.pretrained,
+                          "fingerprint": model.fingerprint},
+                   vocabulary=model.vocabulary_location, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
+                   embed_dim=model.embed_dim, num_local=model.num_local, sparse=model.sparse_source,
+                   text_fields=text_fields)
+
+    def check_model(self, model: ModelRecord) -> None:
+        """Raise IndexMismatchError naming every difference between the index's model and ``model``."""
+        name, fingerprint = model.name, model.fingerprint
+        vocabulary_sha256, embed_dim = model.vocabulary.sha256, model.embed_dim
         problems = []
         if vocabulary_sha256 != self.vocabulary_sha256:
             problems.append(f"vocabulary sha256 {vocabulary_sha256[:12]} != index {self.vocabulary_sha256[:12]}")
         if embed_dim != self.embed_dim:
             problems.append(f"embedding width {embed_dim} != index {self.embed_dim}")
-        if encoder.sparse_source != self.sparse:
-            problems.append(f"sparse vectors from {encoder.sparse_source} != index {self.sparse}")
+        if model.sparse_source != self.sparse:
+            problems.append(f"sparse vectors from {model.sparse_source} != index {self.sparse}")
         if fingerprint != self.model["fingerprint"]:
             problems.append(f"model weights {name} ({fingerprint[:12]}) != index model "
                             f"{self.model['name']} ({self.model['fingerprint'][:12]})")
         if problems:
             raise IndexMismatchError(
-                "The encoder does not match the index: " + "; ".join(problems)
+                "The model does not match the index: " + "; ".join(problems)
                 + f". Search with the model the index was built with ({self.model['spec']}) or rebuild the index."
             )

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stair_search.index.accelerated import MAX_K, MAX_QUERY_TOKENS, AcceleratedSparse
 from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
-from stair_search.models.vocab import Vocabulary, spell
+from stair_search.index.seismic import MAX_K, MAX_QUERY_TOKENS, SeismicSearcher
+from stair_search.vocabulary import Vocabulary, spell
 
 DEFAULT_SCALE = 100.0
 MAX_IMPACT = np.iinfo(np.uint16).max
@@ -273,7 +273,7 @@ class SparseShard:
         self._terms = [spell(t) for t in vocabulary.tokens]
         self._with_tokens = int(np.count_nonzero(np.diff(self.indptr)))
         self._searcher = None
-        self._accelerated: AcceleratedSparse | bool | None = False  # False: not looked for yet
+        self._seismic: SeismicSearcher | bool | None = False  # False: not looked for yet
         self._csr = None
         self._lock = threading.Lock()
 
@@ -333,15 +333,15 @@ class SparseShard:
     def search(self, query: Mapping[str, float], k: int = 10) -> list[SparseHit]:
         return self.batch_search([query], k, threads=1)[0]
 
-    def accelerated(self) -> AcceleratedSparse | None:
-        """The shard's in-process searcher (accelerated.py), opened once; None when the shard has none, its files
+    def seismic(self) -> SeismicSearcher | None:
+        """The shard's in-process searcher (seismic.py), opened once; None when the shard has none, its files
         are damaged or ``seismic`` is not installed: Lucene answers then."""
-        if self._accelerated is False:
+        if self._seismic is False:
             with self._lock:
-                if self._accelerated is False:
-                    self._accelerated = AcceleratedSparse.open(self.dir, (self.indptr, self.indices, self.values),
-                                                               len(self.vocabulary.tokens))
-        return self._accelerated
+                if self._seismic is False:
+                    self._seismic = SeismicSearcher.open(self.dir, (self.indptr, self.indices, self.values),
+                                                         len(self.vocabulary.tokens))
+        return self._seismic
 
     def _query_impacts(self, query: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and quantised impacts of a query (tokens outside the vocabulary are ignored)."""
@@ -351,21 +351,21 @@ class SparseShard:
 
     def batch_search(self, queries: Sequence[Mapping[str, float]], k: int = 10,
                      threads: int = 1) -> list[list[SparseHit]]:
-        """Top-k per query: in process when the shard has an accelerated searcher and the query suits it (k <=
+        """Top-k per query: in process when the shard has a Seismic searcher and the query suits it (k <=
         MAX_K, at most MAX_QUERY_TOKENS tokens: text queries), else Lucene, exact, which runs the queries on
         ``threads`` Java threads. Both give the same scores."""
         results: list[list[SparseHit] | None] = [None] * len(queries)
-        accelerated = self.accelerated() if k <= MAX_K else None
-        if accelerated is not None:
+        seismic = self.seismic() if k <= MAX_K else None
+        if seismic is not None:
             norm = self.scale * self.scale
             try:
                 for i, query in enumerate(queries):
                     ids, impacts = self._query_impacts(query)
                     if len(ids) <= MAX_QUERY_TOKENS:
                         results[i] = [SparseHit(int(r), float(s) / norm)
-                                      for r, s in zip(*accelerated.search(ids, impacts, k), strict=True)]
+                                      for r, s in zip(*seismic.search(ids, impacts, k), strict=True)]
             except Exception:  # a damaged file that loaded: Lucene, the index of record, answers
-                self._accelerated = None
+                self._seismic = None
                 results = [None] * len(queries)
         rest = [i for i, found in enumerate(results) if found is None]
         if rest:

@@ -27,9 +27,7 @@ from types import TracebackType
 import numpy as np
 
 from stair_search.atomic import atomic_path
-from stair_search.encode import EncodedBatch, Encoder
-from stair_search.index.accelerated import build_accelerated
-from stair_search.index.dense import DenseIndex, DenseSpec
+from stair_search.index.dense import DenseShard, DenseSpec
 from stair_search.index.layout import (
     DENSE_FILE,
     FEATURES_FILE,
@@ -44,11 +42,13 @@ from stair_search.index.layout import (
     tombstone_name,
 )
 from stair_search.index.lock import IndexLock
-from stair_search.index.manifest import Manifest, ShardInfo
+from stair_search.index.manifest import Manifest, ModelRecord, ShardInfo
+from stair_search.index.seismic import build_seismic
 from stair_search.index.skipped import Skip, write_skipped_report
 from stair_search.index.sparse import CSR, DEFAULT_SCALE, available_cores, concat_csr, to_csr, write_sparse_shard
 from stair_search.index.store import FeatureRecord, FeatureStore, store_path, write_features
 from stair_search.index.text import DEFAULT_TEXT_FIELDS, TEXT_DIR, build_text_index, document_text
+from stair_search.vectors import EncodedBatch
 
 
 @dataclass
@@ -58,15 +58,16 @@ class DeleteResult:
 
 
 class IndexWriter:
-    """``with IndexWriter(out, encoder) as writer: writer.add(...); writer.commit()``.
+    """``with IndexWriter(out, encoder.record) as writer: writer.add(...); writer.commit()``.
 
-    ``encoder`` None opens an existing index for deletes only. ``append`` adds to an existing index (or builds a
-    new one if there is none); ``overwrite`` replaces one. ``build_dir`` and ``resumed`` are for a resumable job:
-    the folder its shards are built in, and the shards an earlier run of it already wrote (kept, not cleaned up).
+    ``model``: what the index records of the model its vectors come from (``Encoder.record``); None opens an
+    existing index for deletes only. ``append`` adds to an existing index (or builds a new one if there is none);
+    ``overwrite`` replaces one. ``build_dir`` and ``resumed`` are for a resumable job: the folder its shards are
+    built in, and the shards an earlier run of it already wrote (kept, not cleaned up).
     ``lock``: a lock the caller already holds (the job takes it before reading its journal).
     """
 
-    def __init__(self, index_dir: str | Path, encoder: Encoder | None = None, *, append: bool = False,
+    def __init__(self, index_dir: str | Path, model: ModelRecord | None = None, *, append: bool = False,
                  overwrite: bool = False, shard_size: int = 100_000, dense_spec: DenseSpec | None = None,
                  scale: float = DEFAULT_SCALE, threads: int | None = None, wait: bool = False,
                  text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS,
@@ -74,7 +75,7 @@ class IndexWriter:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.index_dir = Path(index_dir)
-        self.encoder, self.shard_size, self.dense_spec, self.threads = encoder, shard_size, dense_spec, threads
+        self.model, self.shard_size, self.dense_spec, self.threads = model, shard_size, dense_spec, threads
         self._own_lock = lock is None
         self.lock = (lock or IndexLock(self.index_dir, wait=wait)).acquire()
         try:
@@ -97,16 +98,16 @@ class IndexWriter:
     def _start(self, append: bool, overwrite: bool, scale: float,
                text_fields: Sequence[str] | None) -> tuple[Manifest, bool]:
         exists = (self.index_dir / MANIFEST).is_file()
-        if self.encoder is None:  # deletes: the index must exist
+        if self.model is None:  # deletes: the index must exist
             return Manifest.load(self.index_dir), True
         if exists and append:
             manifest = Manifest.load(self.index_dir)
-            manifest.check_encoder(self.encoder)
+            manifest.check_model(self.model)
             return manifest, True
         if exists and not overwrite:
             raise FileExistsError(f"{self.index_dir} already holds an index: pass append=True (--append) to add "
                                   f"to it or overwrite=True (--overwrite) to replace it.")
-        return new_manifest(self.encoder, scale, text_fields), False
+        return Manifest.new(self.model, scale, list(text_fields) if text_fields else None), False
 
     def _remove_leftovers(self, keep: Sequence[str]) -> None:
         """Under the lock nobody else is mid-mutation: whatever an earlier writer left unpublished is stale."""
@@ -157,9 +158,9 @@ class IndexWriter:
         return shard
 
     def _vocabulary(self):
-        if self.encoder is None:
-            raise ValueError(f"{self.index_dir} was opened for deletes only: give the encoder to add documents.")
-        return self.encoder.model.vocabulary
+        if self.model is None:
+            raise ValueError(f"{self.index_dir} was opened for deletes only: give the model record to add documents.")
+        return self.model.vocabulary
 
     # ------------------------------------------------------------------------------------------ deleting
 
@@ -260,23 +261,11 @@ class IndexWriter:
 
 
 def delete_documents(index_dir: str | Path, ids: Iterable[str], wait: bool = False) -> DeleteResult:
-    """Delete documents by id (the writer's ``delete`` + ``commit``): the CLI's and ``Index.delete``'s path."""
+    """Delete documents by id (the writer's ``delete`` + ``commit``): the CLI's and ``IndexReader.delete``'s path."""
     with IndexWriter(index_dir, wait=wait) as writer:
         result = writer.delete(ids)
         writer.commit()
     return result
-
-
-def new_manifest(encoder: Encoder, scale: float = DEFAULT_SCALE,
-                 text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS) -> Manifest:
-    model = encoder.model
-    return Manifest(
-        model={"name": model.config.name, "spec": model.spec, "pretrained": model.config.pretrained,
-               "fingerprint": encoder.fingerprint},
-        vocabulary=model.config.vocabulary, vocabulary_sha256=model.vocabulary.sha256, scale=scale,
-        embed_dim=model.embed_dim, num_local=model.config.num_local, sparse=encoder.sparse_source,
-        text_fields=list(text_fields) if text_fields else None,
-    )
 
 
 def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: np.ndarray, csr: CSR, vocabulary,
@@ -287,11 +276,11 @@ def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: 
     shard = ShardInfo(name=name, count=len(records), dense={})
     folder = shard.path(root)
     write_sparse_shard(folder / SPARSE_DIR, csr, vocabulary, threads=threads)
-    build_accelerated(folder / SPARSE_DIR, *csr, len(vocabulary.tokens), threads)  # skipped without seismic
+    build_seismic(folder / SPARSE_DIR, *csr, len(vocabulary.tokens), threads)  # skipped without seismic
     if text_fields:
         texts = [document_text(r.caption, r.metadata, text_fields) for r in records]
         shard.text = build_text_index(folder / TEXT_DIR, texts, threads or available_cores())
-    index = DenseIndex.build(dense, dense_spec)
+    index = DenseShard.build(dense, dense_spec)
     index.save(folder / DENSE_FILE)
     shard.dense = index.spec.to_dict()
     write_features(folder / FEATURES_FILE, records)  # format 2: features.arrow + its memory-mapped arrays

@@ -47,7 +47,7 @@ def _frozen_text_source(model: StairModel) -> Path | None:
     clip_cfg = model.config.clip
     if not model.config.frozen_text or not isinstance(clip_cfg, dict):
         return None
-    from stair_search.models.vocab import resolve_path
+    from stair_search.vocabulary import resolve_path
 
     name = clip_cfg.get("text_cfg", {}).get("hf_model_name")
     return resolve_path(name) / "model.safetensors" if name else None
@@ -152,7 +152,7 @@ def text_fingerprint(model: StairModel) -> str:
 
 
 def _content_hash(model: StairModel, config: dict[str, Any], skip_weights: tuple[str, ...]) -> str:
-    from stair_search.models.vocab import resolve_path
+    from stair_search.vocabulary import resolve_path
 
     config = {k: v for k, v in config.items()  # neither is what the weights are or what the vectors hold
               if k not in ("pretrained", "name", *QUERY_ONLY_FIELDS)}

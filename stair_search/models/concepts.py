@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stair_search.models.vocab import Vocabulary
 from stair_search.vectors import unit
+from stair_search.vocabulary import Vocabulary
 
 PROMPTS = ("a photo of a {}.", "{}")
 FIRST_RANKED_ID = 1996  # BERT word-pieces from here on are ordered by corpus frequency ("the" = 1996)
@@ -187,7 +187,7 @@ def query_vector(vocabulary: Vocabulary, text: str) -> dict[str, float]:
 
 def concept_ids(vocabulary: Vocabulary) -> list[int]:
     """Vocabulary ids of the concept words (``Vocabulary.concept_words``)."""
-    return vocabulary.concept_words.nonzero().flatten().tolist()
+    return np.flatnonzero(vocabulary.concept_words).tolist()
 
 
 def rarity(token_id: int, vocabulary_size: int) -> float:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stair_search.models.vocab import DEFAULT_VOCABULARY
+from stair_search.vocabulary import DEFAULT_VOCABULARY
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

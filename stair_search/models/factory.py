@@ -25,7 +25,7 @@ from stair_search import DEFAULT_MODEL
 from stair_search.models.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from stair_search.models.config import CONFIG_DIR, StairConfig, builtin_configs
 from stair_search.models.stair import StairModel
-from stair_search.models.vocab import Vocabulary, resolve_path
+from stair_search.vocabulary import Vocabulary, resolve_path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".stair")

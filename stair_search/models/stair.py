@@ -19,7 +19,7 @@ from stair_search.models.heads import SparseHead
 from stair_search.models.prior import ImageNetPrior
 from stair_search.models.towers import ImageFeatures, TimmTower, image_tower
 from stair_search.models.trust import TrustGate
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 
 @dataclass
@@ -68,7 +68,8 @@ class StairModel(nn.Module):
         self.vocabulary = vocabulary
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        embeddings, token_ids = vocabulary.embedding_matrix(), vocabulary.emit_ids(config.emit_tokens)
+        embeddings = torch.from_numpy(vocabulary.embedding_matrix())
+        token_ids = torch.from_numpy(vocabulary.emit_ids(config.emit_tokens))
         # Not a registered submodule: the adapter only reads the network that ``clip.visual`` already owns.
         object.__setattr__(self, "tower", image_tower(visual, config.unfrozen_blocks))
         self.image_head = SparseHead(self.tower.token_width, embeddings, token_ids)

@@ -11,7 +11,7 @@ A filter maps metadata fields to conditions, all of which must hold:
 The CLI writes ``field=value``, ``field=a|b`` (any of), ``field>=x``, ``field>x``, ``field<=x``, ``field<x``,
 or a whole filter as JSON; values that read as JSON (numbers, true, false, null) are taken as such.
 How the index applies a filter before ranking (so that a rare filter still gets k hits) is the index's part
-(``Index.filter_rows``); this module only says what matches.
+(``index/shard.py``: each shard keeps the rows that match before it ranks); this module only says what matches.
 """
 
 from __future__ import annotations

@@ -12,8 +12,6 @@ from typing import Protocol
 
 import numpy as np
 
-from stair_search.vectors import unit
-
 
 @dataclass
 class RerankInput:
@@ -47,8 +45,3 @@ class Reranker(Protocol):
 
     def score(self, inputs: RerankInput) -> np.ndarray:
         """(N,) new scores, higher is better."""
-
-
-def candidate_vectors(index, candidates) -> np.ndarray:
-    """(N, D) unit float32 global embeddings of ``candidates`` (``reader.Candidate``), read back from FAISS."""
-    return unit(index.vectors(candidates))

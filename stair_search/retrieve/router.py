@@ -1,11 +1,12 @@
-"""QueryRouter: encode the query, run the chosen routes over the index, fuse, rerank the top candidates, and
-describe each hit.
+"""QueryRouter: answer a :class:`SearchRequest`: plan it, encode the query once, run the first stage over the
+shards, fuse, rerank the top candidates, and describe each hit.
 
-The query path: decide the routes (``mode``, or ``auto``: ``query.route.decide``) -> embed (dense only, cached
-per router) every phrase the rerankers need, and encode the query -> sparse (optionally S^3-expanded) and/or
-dense search, ``depth`` candidates each -> fusion (RRF or convex) -> rerankers over the top ``depth`` fused
-candidates, using the vectors stored in the index (never the image files) -> the top k, each hit with its
-per-route and per-reranker score parts.
+The query path: the plan (``retrieve/plan.py``: validate, decide the routes; ``auto``: its rule) ->
+embed (dense only, cached per router) every phrase the rerankers need, and encode the query -> one first-stage
+query to every shard (``index.ShardQuery``: sparse, optionally S^3-expanded, and/or dense and/or the text route,
+``depth`` candidates each, filtered in the shard) -> fusion (RRF or convex) -> rerankers over the top ``depth``
+fused candidates, using the vectors stored in the index (never the image files) -> the top k, each hit with its
+per-route and per-reranker score parts. A stored document (``like``) or given vectors skip the encoder.
 
 Pseudo-relevance feedback (``feedback``; under ``auto`` the model's ``StairConfig.feedback_docs``): after the
 first fusion, the dense query moves to ``query + FEEDBACK_WEIGHT x mean(top hits' embeddings)`` (Rocchio, 1971,
@@ -27,26 +28,27 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from stair_search.encode import EncodedBatch, Encoder
-from stair_search.index.reader import Allowed, Candidate, Index
-from stair_search.query.route import Decision, decide, without_sparse
+from stair_search.encode import Encoder
+from stair_search.index import Candidate, IndexReader, ShardQuery
+from stair_search.query.filters import Filter
 from stair_search.query.weights import QUERY_WEIGHTS, idf_table, lookup_query
-from stair_search.rerank import check_names, make_reranker
-from stair_search.rerank.base import RerankInput, candidate_vectors
+from stair_search.rerank import make_reranker
+from stair_search.rerank.base import RerankInput
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
+from stair_search.retrieve.plan import Plan, plan_query, plan_vectors
+from stair_search.retrieve.request import SearchRequest
+from stair_search.vectors import EncodedBatch, unit
 
-MODES = ("auto", "sparse", "dense", "hybrid", "text")
-FUSIONS = ("rrf", "convex")
 PHRASE_CACHE_SIZE = 10_000
-_ROUTES_OF = {"sparse": ("sparse",), "dense": ("dense",), "hybrid": ("dense", "sparse")}
 # Routes whose lists hold only matching documents: one shorter than asked for holds every match, the rest score 0.
 _MATCHING_ROUTES = ("sparse", "text")
 FIRST_STAGE = "first-stage"  # the fused order, one of the lists the reranked order is fused from
@@ -87,8 +89,28 @@ class SearchResponse:
     query_words: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Query:
+    """A text or image query once encoded: the dense query, the sparse one (after any expansion)."""
+
+    dense: np.ndarray  # (1, D), or (1, 0) when no dense route or reranker needs it
+    sparse: dict[str, float]
+    expanded: dict[str, str] = field(default_factory=dict)
+    early: Future | None = None  # the sparse route, already running (idf weights)
+
+
+def open_router(index_dir: str | Path, model: str | None = None, depth: int = 100,
+                query_weights: str = "auto") -> QueryRouter:
+    """An index and the encoder it was built with (or ``model``, which must match it); ``query_weights``: see
+    :class:`QueryRouter`."""
+    index = IndexReader(index_dir)
+    recorded = index.manifest.model
+    encoder = Encoder(model or recorded["spec"], pretrained=None if model else recorded.get("pretrained"))
+    return QueryRouter(index, encoder, depth=depth, query_weights=query_weights)
+
+
 class QueryRouter:
-    def __init__(self, index: Index, encoder: Encoder, depth: int = 100,
+    def __init__(self, index: IndexReader, encoder: Encoder, depth: int = 100,
                  reranker_knobs: dict[str, dict[str, Any]] | None = None, query_weights: str = "auto"):
         """``depth``: candidates per route and how many fused candidates are reranked (the issue's N).
         ``reranker_knobs``: name -> keyword arguments of that reranker (see ``stair_search.rerank``).
@@ -97,7 +119,7 @@ class QueryRouter:
         (inference-free, ``query/weights.py``; for grounded models, whose queries hold only their own pieces;
         as good as the tower's weights on the emoji test split, 50x faster: benchmarks/query_weights.py).
         "auto": "idf" for a grounded model, else "model"."""
-        index.manifest.check_encoder(encoder)
+        index.manifest.check_model(encoder.record)
         if query_weights not in QUERY_WEIGHTS:
             raise ValueError(f"query_weights must be one of {QUERY_WEIGHTS}, got '{query_weights}'")
         grounded = bool(encoder.model.config.ground_text)
@@ -149,93 +171,105 @@ class QueryRouter:
             known.update(fresh)
         return known
 
-    def search(self, text: str | None = None, image: Image.Image | None = None, mode: str = "auto",
-               k: int = 10, fusion: str = "rrf", alpha: float = 0.5, rrf_k: int = RRF_K,
-               explain: bool = False, rerank: Sequence[str] = (), depth: int | None = None,
-               filters: Mapping[str, Any] | None = None, offset: int = 0, use_text: bool = True,
-               feedback: int | None = None) -> SearchResponse:
-        """``filters`` (``query/filters.py``) keep only matching documents before ranking; ``offset`` skips
-        that many hits (paging: the order is the same across pages while ``offset + k`` <= ``depth``);
-        ``use_text=False`` keeps ``auto`` from adding the text route (BM25 over captions); ``feedback``: top
-        fused hits whose embeddings refine the dense query (pseudo-relevance feedback; None: ``auto``'s choice,
-        else none; it needs the dense route)."""
-        if offset < 0:
-            raise ValueError(f"offset must be 0 or more, got {offset}")
-        if feedback is not None and feedback < 0:
-            raise ValueError(f"feedback must be 0 or more top hits, got {feedback}")
-        if mode == "text" and not text:
-            raise ValueError("mode 'text' needs a text query")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got '{fusion}'")
-        if depth is not None and depth < 1:
-            raise ValueError(f"depth must be a positive number of candidates, got {depth}")
-        names = check_names(rerank)
-        if mode == "auto":
-            config = self.encoder.model.config
-            decision = decide(text, image, config.keyword_alpha, config.feedback_docs)
-            names = list(dict.fromkeys([*names, *decision.rerank]))
-            decision = replace(decision, rerank=tuple(names))
-            fusion, alpha = decision.fusion or fusion, decision.alpha if decision.alpha is not None else alpha
-        else:
-            decision = Decision(mode, tuple(names), "requested")
-        if feedback is not None:
-            if feedback and "dense" not in _ROUTES_OF.get(decision.mode, ()):
-                raise ValueError(f"feedback refines the dense query: use mode dense, hybrid or auto, not "
-                                 f"'{decision.mode}'")
-            decision = replace(decision, feedback=feedback)
-        depth = depth or self.depth
-        phrases = self._embed_phrases([p for name in names for p in self.rerankers[name].phrases(text)])
-        allowed = self.index.filter_rows(filters) if filters else None
-        # The text route: asked for, or added by auto to a text query when the index has text to search.
-        wanted = decision.mode == "text" or (mode == "auto" and use_text)
-        text_query = text if text and wanted and self.index.has_text else None
-        routes = (_ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
-        if text_query and len(routes) > 1:
-            fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
-            if decision.fusion not in (None, "rrf"):  # auto's own weighting does not apply: the decision says so
-                decision = replace(decision, fusion="rrf", alpha=None,
-                                   reason=f"{decision.reason}; with the captions' text route: fused by rank (RRF)")
-        need_dense = "dense" in routes or bool(names)
-        early = None  # idf weights: a text query's sparse route runs while the tower embeds it (no wait for it)
-        if self.query_weights == "idf" and text and image is None:  # the lookup first; the tower for dense only
-            query_sparse, expanded = self._expand(self._lookup(text), text, decision.mode, names)
-            if "sparse" in routes and query_sparse and need_dense:
-                early = self._pool.submit(self._route_lists, None, query_sparse, ("sparse",), k + offset, depth,
-                                          True, allowed)
-            dense = self.encoder.embed_texts([text]) if need_dense else np.zeros((1, 0), np.float32)
-        else:
-            query = self.encode_query(text, image)
-            dense = query.dense
-            query_sparse, expanded = self._expand(query.sparse[0], text, decision.mode, names)
-        if text and not query_sparse and decision.mode in ("sparse", "hybrid"):
-            decision = without_sparse(decision, chosen_by_auto=mode == "auto")
-            routes = tuple(r for r in routes if r != "sparse") if mode == "auto" else routes
-        deep = len(routes) > 1 or bool(names)
-        lists = self._route_lists(dense, query_sparse, tuple(r for r in routes if not (early and r == "sparse")),
-                                  k + offset, depth, deep, allowed, text_query)
-        if early is not None:
-            lists = early.result() | lists
-        fetched = _fetch(k + offset, depth, deep)
-        fused = self._fuse(lists, fusion, alpha, rrf_k, fetched)
-        if decision.feedback and "dense" in lists and fused:
-            lists["dense"] = self._feedback_list(dense[0], fused[:decision.feedback], fetched, allowed)
-            fused = self._fuse(lists, fusion, alpha, rrf_k, fetched)
-        if names:
-            fused = self._rerank(fused, depth, names, dense[0], text, phrases)
-        info = decision.to_dict() | ({"expanded": expanded} if expanded else {})
-        if text_query:
+    def search(self, request: SearchRequest) -> SearchResponse:
+        """Answer one request (see :class:`SearchRequest`)."""
+        kind = request.kind
+        if kind == "like":
+            return self._more_like(request)
+        if kind == "vectors":
+            dense = self._checked_dense(request.dense) if request.dense is not None else None
+            sparse = self._checked_sparse(request.sparse) if request.sparse is not None else {}
+            return self._search_vectors(request, dense, sparse)
+        return self._search_encoded(request)
+
+    def _search_encoded(self, request: SearchRequest) -> SearchResponse:
+        config = self.encoder.model.config
+        plan = plan_query(request, has_text=self.index.has_text, default_depth=self.depth,
+                          keyword_alpha=config.keyword_alpha, feedback_docs=config.feedback_docs)
+        text, k, offset = request.text, request.k, request.offset
+        phrases = self._embed_phrases([p for name in plan.rerank for p in self.rerankers[name].phrases(text)])
+        flt = self.index.check_filter(request.filters) if request.filters else None
+        query = self._encode(plan, flt)
+        if text and not query.sparse:
+            plan = plan.without_sparse()
+        fetched = plan.fetch(k + offset)
+        lists = self._first_stage(plan, query, flt, fetched)
+        fused = self._fuse(lists, plan, fetched)
+        feedback = plan.decision.feedback
+        if feedback and "dense" in lists and fused:
+            lists["dense"] = self._feedback_list(query.dense[0], fused[:feedback], fetched, flt)
+            fused = self._fuse(lists, plan, fetched)
+        if plan.rerank:
+            fused = self._rerank(fused, plan.depth, list(plan.rerank), query.dense[0], text, phrases)
+        info = plan.decision.to_dict() | ({"expanded": query.expanded} if query.expanded else {})
+        if plan.text_query:
             info["text"] = True
-        elif decision.mode == "text":
+        elif plan.decision.mode == "text":
             info["note"] = "this index has no text route (built before it, or its documents have no captions)"
-        stood_for = self.index.vocabulary.piece_words(text) if text and query_sparse else {}
-        query_words = {t: w for t, w in stood_for.items() if t in query_sparse}
-        hits = self._describe(fused[offset : offset + k], query_sparse, explain, first_rank=offset + 1,
-                              text=text_query, query_words=query_words)
-        label = f"{decision.mode}+text" if text_query and decision.mode != "text" else decision.mode
-        return SearchResponse(mode=label, fusion=fusion if len(routes) > 1 else None, hits=hits,
-                              query_tokens=query_sparse, decision=info, query_words=query_words)
+        stood_for = self.index.vocabulary.piece_words(text) if text and query.sparse else {}
+        query_words = {t: w for t, w in stood_for.items() if t in query.sparse}
+        hits = self._describe(fused[offset : offset + k], query.sparse, request.explain, first_rank=offset + 1,
+                              text=plan.text_query, query_words=query_words)
+        return SearchResponse(mode=plan.label, fusion=plan.fused_by, hits=hits, query_tokens=query.sparse,
+                              decision=info, query_words=query_words)
+
+    def _encode(self, plan: Plan, flt: Filter | None) -> _Query:
+        """Encode the query once. With idf query weights, a text query's sparse vector is the index's lookup and
+        its sparse route starts at once on this router's pool, while the tower embeds the query (dense only)."""
+        request = plan.request
+        text, mode = request.text, plan.decision.mode
+        need_dense = "dense" in plan.routes or bool(plan.rerank)
+        if self.query_weights == "idf" and text and request.image is None:  # the lookup first; the tower for dense
+            sparse, expanded = self._expand(self._lookup(text), text, mode, plan.rerank)
+            early = None
+            if "sparse" in plan.routes and sparse and need_dense:
+                early = self._pool.submit(self.index.search, ShardQuery(plan.fetch(request.k + request.offset),
+                                                                        sparse=sparse, filter=flt))
+            dense = self.encoder.embed_texts([text]) if need_dense else np.zeros((1, 0), np.float32)
+            return _Query(dense, sparse, expanded, early)
+        encoded = self.encode_query(text, request.image)
+        sparse, expanded = self._expand(encoded.sparse[0], text, mode, plan.rerank)
+        return _Query(encoded.dense, sparse, expanded)
+
+    def _first_stage(self, plan: Plan, query: _Query, flt: Filter | None, fetch: int) -> dict[str, list[Candidate]]:
+        """Each route's candidates, from one query to every shard (the sparse route's may be running already)."""
+        early = query.early
+        routes = tuple(r for r in plan.routes if not (early and r == "sparse"))
+        asked = ShardQuery(fetch, sparse=query.sparse if "sparse" in routes else None,
+                           dense=query.dense[0] if "dense" in routes else None,
+                           text=plan.text_query if "text" in routes else None, filter=flt)
+        lists = self.index.search(asked) if asked.routes() else {}
+        return early.result() | lists if early is not None else lists
+
+    def _more_like(self, request: SearchRequest) -> SearchResponse:
+        """Documents like a stored one: its own dense and sparse vectors as the query, itself left out."""
+        doc_id = request.like
+        found = self.index.find(doc_id)
+        if found is None:
+            raise KeyError(f"no document with id '{doc_id[:200]}' in {self.index.dir}")
+        dense, sparse = self.index.vectors([found])[0], self.index.sparse_vectors([found])[0]
+        return self._search_vectors(request, self._checked_dense(dense),
+                                    self._checked_sparse(sparse) if sparse else {}, exclude=(doc_id,))
+
+    def _search_vectors(self, request: SearchRequest, dense: np.ndarray | None, sparse: dict[str, float],
+                        exclude: Sequence[str] = ()) -> SearchResponse:
+        """Search with a dense embedding and/or a ``{word-piece: weight}`` sparse query, both checked against the
+        index (nothing is encoded); ``exclude``: ids left out of the hits."""
+        given = tuple(route for route, present in (("dense", dense is not None), ("sparse", bool(sparse)))
+                      if present)
+        plan = plan_vectors(request, given, self.depth)
+        flt = self.index.check_filter(request.filters) if request.filters else None
+        fetched = plan.fetch(request.k + request.offset + len(exclude))
+        asked = ShardQuery(fetched, sparse=sparse if "sparse" in plan.routes else None,
+                           dense=dense if "dense" in plan.routes else None, filter=flt)
+        fused = self._fuse(self.index.search(asked), plan, fetched)
+        if exclude:
+            hidden = {self.index.find(doc_id) for doc_id in exclude} - {None}
+            fused = [f for f in fused if Candidate(*f.key, 0.0) not in hidden]
+        offset = request.offset
+        hits = self._describe(fused[offset : offset + request.k], sparse, request.explain, first_rank=offset + 1)
+        return SearchResponse(mode=plan.decision.mode, fusion=plan.fused_by, hits=hits, query_tokens=sparse,
+                              decision=plan.decision.to_dict())
 
     def close(self) -> None:
         """Release the index's readers and this router's sparse-route threads (both reopen if used again)."""
@@ -249,7 +283,7 @@ class QueryRouter:
             self._idf = idf_table(*self.index.document_frequencies())
         return lookup_query(self.index.vocabulary, text, self._idf)
 
-    def _expand(self, query_sparse: dict[str, float], text: str | None, mode: str, names: list[str]
+    def _expand(self, query_sparse: dict[str, float], text: str | None, mode: str, names: Sequence[str]
                 ) -> tuple[dict[str, float], dict[str, str]]:
         """S^3 query expansion on the sparse route (synonym tokens, down-weighted), when S^3 is enabled."""
         s3 = self.rerankers["s3"]
@@ -258,45 +292,6 @@ class QueryRouter:
         from stair_search.query.expand import expand_sparse
 
         return expand_sparse(query_sparse, text, self.index.vocabulary, s3.expansion, source=s3.source)
-
-    def search_vectors(self, dense: Sequence[float] | np.ndarray | None = None,
-                       sparse: Mapping[str, float] | None = None, mode: str = "auto", k: int = 10,
-                       fusion: str = "rrf", alpha: float = 0.5, explain: bool = False,
-                       filters: Mapping[str, Any] | None = None, offset: int = 0,
-                       exclude: Sequence[str] = ()) -> SearchResponse:
-        """Search with a given dense embedding and/or a ``{word-piece: weight}`` sparse query (nothing is
-        encoded), each checked against the index: the embedding's width, the tokens in its vocabulary. ``auto``
-        uses every route it was given; ``exclude``: ids left out of the hits (more like this)."""
-        dense_vector = self._checked_dense(dense) if dense is not None else None
-        sparse_query = self._checked_sparse(sparse) if sparse is not None else {}
-        given = [route for route, present in (("dense", dense_vector is not None), ("sparse", bool(sparse_query)))
-                 if present]
-        if not given:
-            raise ValueError("give a dense vector, a non-empty sparse query, or both")
-        if mode == "auto":
-            mode = "hybrid" if len(given) == 2 else given[0]
-        if mode not in ("sparse", "dense", "hybrid") or any(r not in given for r in _ROUTES_OF[mode]):
-            raise ValueError(f"mode '{mode}' needs {' and '.join(_ROUTES_OF.get(mode, ('a known mode',)))}; "
-                             f"this query gives {' and '.join(given)}")
-        allowed = self.index.filter_rows(filters) if filters else None
-        wanted = k + offset + len(exclude)
-        fused = self._retrieve(dense_vector[None] if dense_vector is not None else None, sparse_query,
-                               _ROUTES_OF[mode], wanted, self.depth, fusion, alpha, RRF_K, False, allowed)
-        if exclude:
-            hidden = {self.index.find(doc_id) for doc_id in exclude} - {None}
-            fused = [f for f in fused if Candidate(*f.key, 0.0) not in hidden]
-        hits = self._describe(fused[offset : offset + k], sparse_query, explain, first_rank=offset + 1)
-        return SearchResponse(mode=mode, fusion=fusion if mode == "hybrid" else None, hits=hits,
-                              query_tokens=sparse_query, decision={"mode": mode, "rerank": [], "reason": "vectors"})
-
-    def more_like(self, doc_id: str, **options: Any) -> SearchResponse:
-        """Documents like a stored one: its own dense and sparse vectors as the query, itself left out. Takes
-        :meth:`search_vectors`' options."""
-        found = self.index.find(doc_id)
-        if found is None:
-            raise KeyError(f"no document with id '{doc_id[:200]}' in {self.index.dir}")
-        dense, sparse = self.index.vectors([found])[0], self.index.sparse_vectors([found])[0]
-        return self.search_vectors(dense=dense, sparse=sparse or None, exclude=[doc_id], **options)
 
     def _checked_dense(self, dense: Sequence[float] | np.ndarray) -> np.ndarray:
         vector = np.asarray(dense, dtype=np.float32).reshape(-1)
@@ -317,37 +312,15 @@ class QueryRouter:
             raise ValueError(f"sparse query weights must be finite and >= 0: {bad[:10]}")
         return {token: float(weight) for token, weight in sparse.items() if weight > 0}
 
-    def _retrieve(self, dense: np.ndarray | None, query_sparse: dict[str, float], routes: Sequence[str], k: int,
-                  depth: int, fusion: str, alpha: float, rrf_k: int, reranking: bool, allowed: Allowed | None,
-                  text: str | None = None) -> list[Fused]:
-        deep = len(routes) > 1 or reranking
-        lists = self._route_lists(dense, query_sparse, routes, k, depth, deep, allowed, text)
-        return self._fuse(lists, fusion, alpha, rrf_k, _fetch(k, depth, deep))
-
-    def _route_lists(self, dense: np.ndarray | None, query_sparse: dict[str, float], routes: Sequence[str], k: int,
-                     depth: int, deep: bool, allowed: Allowed | None, text: str | None = None
-                     ) -> dict[str, list[Candidate]]:
-        """Each route's candidates: ``max(k, depth)`` of them when ``deep`` (fused or reranked), else ``k``."""
-        fetch = _fetch(k, depth, deep)
-        lists: dict[str, list[Candidate]] = {}
-        if "sparse" in routes:
-            lists["sparse"] = self.index.search_sparse([query_sparse], fetch, rows=allowed)[0]
-        if "dense" in routes:
-            lists["dense"] = self.index.search_dense(dense, fetch, rows=allowed)[0]
-        if "text" in routes and text:
-            lists["text"] = self.index.search_text([text], fetch, rows=allowed)[0]
-        return lists
-
-    def _feedback_list(self, query: np.ndarray, top: Sequence[Fused], count: int, allowed: Allowed | None
+    def _feedback_list(self, query: np.ndarray, top: Sequence[Fused], count: int, flt: Filter | None
                        ) -> list[Candidate]:
         """The dense route again, its query moved toward the mean stored embedding of the ``top`` fused hits."""
-        vectors = candidate_vectors(self.index, _candidates(top))
+        vectors = unit(self.index.vectors(_candidates(top)))
         moved = np.asarray(query, np.float32) + FEEDBACK_WEIGHT * vectors.mean(axis=0)
-        return self.index.search_dense((moved / np.linalg.norm(moved))[None], count, rows=allowed)[0]
+        return self.index.search(ShardQuery(count, dense=moved / np.linalg.norm(moved), filter=flt))["dense"]
 
     @staticmethod
-    def _fuse(lists: Mapping[str, list[Candidate]], fusion: str, alpha: float, rrf_k: int, fetched: int
-              ) -> list[Fused]:
+    def _fuse(lists: Mapping[str, list[Candidate]], plan: Plan, fetched: int) -> list[Fused]:
         """``fetched``: how many candidates each route was asked for (a shorter matching list is complete)."""
         keyed = {route: [((c.shard, c.row), c.score) for c in cands] for route, cands in lists.items()}
         if len(keyed) == 1:  # one route: keep its own scores
@@ -355,10 +328,10 @@ class QueryRouter:
             return [Fused(key, score, {route: score}) for key, score in ranked]
         if not keyed:
             return []
-        if fusion == "convex":
+        if plan.fusion == "convex":
             floors = {route: 0.0 for route in _MATCHING_ROUTES if route in lists and len(lists[route]) < fetched}
-            return convex(keyed, alpha, floors)
-        return rrf(keyed, rrf_k)
+            return convex(keyed, plan.alpha, floors)
+        return rrf(keyed, plan.request.rrf_k)
 
     def _rerank(self, fused: list[Fused], depth: int, names: list[str], query: np.ndarray, text: str | None,
                 phrases: dict[str, np.ndarray]) -> list[Fused]:
@@ -368,7 +341,7 @@ class QueryRouter:
             return fused
         candidates = _candidates(head)
         local, positions = self.index.local_features(candidates)
-        inputs = RerankInput(query=np.asarray(query, np.float32), vectors=candidate_vectors(self.index, candidates),
+        inputs = RerankInput(query=np.asarray(query, np.float32), vectors=unit(self.index.vectors(candidates)),
                              local=local.astype(np.float32), positions=positions.astype(np.float32),
                              logit_scale=self.logit_scale, text=text, phrases=phrases)
         orders = {FIRST_STAGE: [(f.key, f.score) for f in head]}
@@ -406,11 +379,6 @@ class QueryRouter:
                                   text_matched=self.index.text_matches(cand, text) if explain and text else None,
                                   matched_words={t: w for t, w in (query_words or {}).items() if t in (matched or {})}))
         return hits
-
-
-def _fetch(k: int, depth: int, deep: bool) -> int:
-    """Candidates each route is asked for: ``max(k, depth)`` when fused or reranked (``deep``), else ``k``."""
-    return max(k, depth) if deep else k
 
 
 def _candidates(fused: Sequence[Fused]) -> list[Candidate]:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from stair_search.images import model_view
 from stair_search.models.concepts import ConceptBank, centred_images
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 
 def caption_concepts(bank: ConceptBank, vocabulary: Vocabulary, captions: Sequence[str]) -> list[list[int]]:

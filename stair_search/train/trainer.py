@@ -255,7 +255,7 @@ def _initial_model(config: TrainConfig, captions: Sequence[str]) -> StairModel:
     stair_config.ground_text = stair_config.ground_text or config.ground_text
     stair_config.sparse = "heads"  # what training trains: its checkpoint's sparse vectors come from the heads
     if config.emit_from_data and stair_config.emit_tokens is None:
-        from stair_search.models.vocab import Vocabulary
+        from stair_search.vocabulary import Vocabulary
 
         vocabulary = Vocabulary.load(stair_config.vocabulary)
         stair_config.emit_tokens = sorted({vocabulary.tokens[i] for c in captions for i in vocabulary.token_ids(c)})

@@ -1,7 +1,7 @@
 """The emoji retrieval data set: records with splits, training captions, queries and TREC qrels.
 
-Built from :func:`stair_search.data.emoji.load_emoji` (Google and Twitter 64 px PNGs joined with the CLDR labels
-and tags of emojibase). Choices, and why:
+Built from :func:`stair_search.data.emoji_packages.load_emoji` (Google and Twitter 64 px PNGs joined with the CLDR
+labels and tags of emojibase). Choices, and why:
 
 * **Concept** = the emoji's code (``hexcode``, e.g. ``1F600``): the same emoji drawn in two styles is one concept.
 * **Skin-tone variants are left out.** They are near-identical drawings of the base emoji with the same tags, so
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stair_search.data.emoji import PACKAGES, STYLES, EmojiRecord, load_emoji
+from stair_search.data.emoji_packages import PACKAGES, STYLES, EmojiRecord, load_emoji
 from stair_search.data.folders import building as building_folder
 from stair_search.data.folders import check_replaceable
 from stair_search.data.splits import DEFAULT_FRACTIONS, SPLITS, caption_for, normalise_text, split_of

@@ -18,7 +18,6 @@ from server.schemas import (
     BatchSearchResult,
     ClassifyRequest,
     ClassifyResult,
-    FilterRange,
     Hit,
     LabelScore,
     MatchedToken,
@@ -113,18 +112,8 @@ async def classify(state: State, request: Request) -> ClassifyResult:
 def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: Metrics) -> SearchResult:
     """Runs on a worker thread, holding a lease on ``version`` that it releases when done."""
     started = time.perf_counter()
-    filters = {name: condition.model_dump(exclude_none=True) if isinstance(condition, FilterRange) else condition
-               for name, condition in body.filters.items()}
-    options: dict[str, Any] = {"mode": body.mode, "k": body.k, "fusion": body.fusion, "alpha": body.alpha,
-                               "explain": body.explain, "filters": filters or None, "offset": body.offset}
     try:
-        if body.like is not None:
-            response = version.router.more_like(body.like, **options)
-        elif body.by_vectors:
-            response = version.router.search_vectors(dense=body.vector, sparse=body.sparse, **options)
-        else:
-            response = version.router.search(text=body.query, image=image, rerank=list(body.rerank),
-                                             feedback=body.feedback, **options)
+        response = version.router.search(body.to_request(image))
     except FilterError as exc:
         raise HTTPException(422, f"filters: {exc}") from None
     except WordNetMissing as exc:  # S^3 asked for on a server without WordNet files

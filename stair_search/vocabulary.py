@@ -1,5 +1,8 @@
 """The word-piece vocabulary that sparse vectors are expressed in, and how its tokens are spelled in Lucene.
 
+Torch-free (numpy masks), so that the storage layer and a process that only serves shards never load torch;
+the model side turns a mask into a tensor where it needs one (``models/stair.py``).
+
 A sparse vector is a ``{token: weight}`` map over BERT word-pieces (30,522 for the MiniLM vocabulary).
 Lucene's whitespace analyzer keeps any run of non-space characters, but index terms should survive any
 analyzer, shell or URL they pass through, so every token is *spelled* as percent-encoded UTF-8 with ``#``
@@ -17,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-import torch
+import numpy as np
 
 from stair_search.query.words import FUNCTION_WORDS, words
 
@@ -85,34 +88,34 @@ class Vocabulary:
         return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()
 
     @cached_property
-    def emittable(self) -> torch.Tensor:
+    def emittable(self) -> np.ndarray:
         """Bool mask of tokens a sparse vector may use: special and [unusedN] tokens carry no meaning."""
-        return torch.tensor([not _BLOCKED.match(t) for t in self.tokens], dtype=torch.bool)
+        return np.array([not _BLOCKED.match(t) for t in self.tokens], dtype=bool)
 
     @cached_property
-    def whole_words(self) -> torch.Tensor:
+    def whole_words(self) -> np.ndarray:
         """Bool mask of whole-word tokens (``dog``, ``42``; not ``##ing``, ``,`` or ``[CLS]``)."""
-        return torch.tensor([bool(_WORD.match(t)) for t in self.tokens], dtype=torch.bool)
+        return np.array([bool(_WORD.match(t)) for t in self.tokens], dtype=bool)
 
     @cached_property
-    def content_words(self) -> torch.Tensor:
+    def content_words(self) -> np.ndarray:
         """Bool mask of whole words that are not stop words: the pieces worth a sparse match on their own."""
-        return self.whole_words & torch.tensor([t not in FUNCTION_WORDS for t in self.tokens], dtype=torch.bool)
+        return self.whole_words & np.array([t not in FUNCTION_WORDS for t in self.tokens], dtype=bool)
 
     @cached_property
-    def concept_words(self) -> torch.Tensor:
+    def concept_words(self) -> np.ndarray:
         """Bool mask of the words a training-free sparse vector may hold (models/concepts.py): content words
         that are alphabetic and at least 3 letters long."""
-        return self.content_words & torch.tensor([t.isascii() and t.isalpha() and len(t) >= 3 for t in self.tokens],
-                                                 dtype=torch.bool)
+        return self.content_words & np.array([t.isascii() and t.isalpha() and len(t) >= 3 for t in self.tokens],
+                                             dtype=bool)
 
-    def emit_ids(self, tokens: Sequence[str] | str | None = None) -> torch.Tensor:
-        """Sorted ids a sparse head may emit: ``tokens`` (all emittable ones when None, every whole word for
+    def emit_ids(self, tokens: Sequence[str] | str | None = None) -> np.ndarray:
+        """Sorted int64 ids a sparse head may emit: ``tokens`` (all emittable ones when None, every whole word for
         ``"words"``), never special ones."""
         if tokens is None:
-            return torch.nonzero(self.emittable).flatten()
+            return np.flatnonzero(self.emittable)
         if tokens == WORDS:
-            return torch.nonzero(self.whole_words & self.emittable).flatten()
+            return np.flatnonzero(self.whole_words & self.emittable)
         if isinstance(tokens, str):
             raise ValueError(f"emit_tokens must be a list of word-pieces, None or '{WORDS}', not '{tokens}'.")
         unknown = [t for t in tokens if t not in self.index]
@@ -122,7 +125,7 @@ class Vocabulary:
         ids = sorted({self.index[t] for t in tokens if self.emittable[self.index[t]]})
         if not ids:
             raise ValueError("emit_tokens holds no emittable token: a sparse head needs at least one word.")
-        return torch.tensor(ids, dtype=torch.long)
+        return np.asarray(ids, dtype=np.int64)
 
     @cached_property
     def tokenizer(self):
@@ -171,7 +174,7 @@ class Vocabulary:
                 found.append(word)
         return {token: " / ".join(found) for token, found in stood_for.items()}
 
-    def embedding_matrix(self) -> torch.Tensor:
+    def embedding_matrix(self) -> np.ndarray:
         """The model folder's word-piece embedding matrix (V x e), which the sparse heads are tied to.
 
         Read from the folder's safetensors file, so it is never stored in a stair-search checkpoint.
@@ -181,11 +184,11 @@ class Vocabulary:
         weights = self.folder / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"No model.safetensors in {self.folder}: needed for the tied sparse head.")
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(str(weights), framework="numpy") as f:
             key = next((k for k in f.keys() if k.endswith("word_embeddings.weight")), None)  # noqa: SIM118
             if key is None:
                 raise KeyError(f"{weights} has no '*word_embeddings.weight' tensor.")
-            matrix = f.get_tensor(key).float()
+            matrix = f.get_tensor(key).astype(np.float32)
         if matrix.shape[0] != len(self.tokens):
             raise ValueError(f"{weights}: {matrix.shape[0]} embeddings for {len(self.tokens)} tokens.")
         return matrix

@@ -1,5 +1,8 @@
 """``stair-search``: demo, index, search, info. Heavy imports live inside the commands.
 
+The command line composes the three packages (see ``stair_search/cli/__init__.py``): ``index`` builds an
+``indexer.IndexJob``, ``search`` a ``SearchRequest``, ``serve`` the ``server`` app's settings.
+
 A user error (a wrong path, an index that exists, an index another command is changing, a bad option value)
 ends the command with one line on stderr and exit status 1 (:func:`main`); ``--debug`` before the command, or
 ``STAIR_SEARCH_DEBUG=1``, shows the traceback instead.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +55,7 @@ def demo(
     = "test",
 ) -> None:
     """Build the emoji data set, index a split with the embedded default model, search and evaluate it."""
-    from stair_search.demo import run_demo
+    from stair_search.cli.demo import run_demo
 
     run_demo(out=out, model=model, split=split)
 
@@ -98,11 +102,12 @@ def index(
     options = SourceOptions(id_column=id_column, path_column=path_column, bytes_column=bytes_column,
                             caption_column=caption_column, metadata_columns=tuple(metadata_column or ()),
                             hash_ids=hash_ids)
-    summary = indexer.run(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
-                          shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
-                          runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
-                          text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None,
-                          **{k: v for k, v in {"max_pixels": max_pixels, "max_bytes": max_bytes}.items() if v})
+    limits = {k: v for k, v in {"max_pixels": max_pixels, "max_bytes": max_bytes}.items() if v}
+    job = indexer.IndexJob(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
+                           shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
+                           runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
+                           text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None, **limits)
+    summary = indexer.run(job)
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
     if summary.manifest.sparse in SPARSE_NOTES:
@@ -141,8 +146,9 @@ def search(
 ) -> None:
     """Search an index with a text and/or an image, a stored document (--like), given vectors, or a file of
     queries."""
+    from stair_search.cli.printing import print_response
     from stair_search.query.filters import FilterError, parse_cli_filters
-    from stair_search.search import open_router, print_response
+    from stair_search.retrieve import SearchRequest, open_router
 
     kinds = [name for name, given in (("QUERY/--image", query is not None or image is not None),
                                       ("--like", like is not None),
@@ -152,15 +158,18 @@ def search(
         raise typer.BadParameter("give one kind of query: a text QUERY and/or --image, --like ID, --vector and/or "
                                  f"--sparse, or --queries FILE (got {', '.join(kinds) or 'none'})")
     router = open_router(index_dir, model, query_weights=query_weights)
-    options = {"mode": mode, "k": k, "fusion": fusion, "alpha": alpha, "explain": explain or as_json,
-               "offset": offset}
     try:
-        options["filters"] = parse_cli_filters(filter or []) or None
+        # the rerankers, feedback and depth apply to text and image queries only (not --like, --vector, --sparse)
+        encoded = like is None and vector is None and sparse is None
+        request = SearchRequest(
+            mode=mode, k=k, fusion=fusion, alpha=alpha, explain=explain or as_json, offset=offset,
+            filters=parse_cli_filters(filter or []) or None, like=like,
+            dense=_read_vector(vector) if vector else None, sparse=_read_sparse(sparse) if sparse else None,
+            **({"rerank": _rerankers(rerank), "depth": depth, "feedback": feedback} if encoded else {}))
         if queries is not None:
-            _search_file(router, queries, options, _text_options(depth, rerank, feedback))
+            _search_file(router, queries, request)
             return
-        response = _one_search(router, query, image, like, vector, sparse, options,
-                               _text_options(depth, rerank, feedback))
+        response = router.search(replace(request, text=query, image=_open_image(image) if image else None))
     except FilterError as exc:
         raise typer.BadParameter(str(exc), param_hint="--filter") from None
     except KeyError as exc:
@@ -185,29 +194,15 @@ def _rerankers(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _text_options(depth: int, rerank: str, feedback: int | None) -> dict:
-    """The options only a text or image query takes (not --like, --vector or --sparse)."""
-    return {"depth": depth, "rerank": _rerankers(rerank), "feedback": feedback}
-
-
-def _one_search(router, query: str | None, image: Path | None, like: str | None, vector: Path | None,
-                sparse: str | None, options: dict, text_options: dict):
-    if like is not None:
-        return router.more_like(like, **options)
-    if vector is not None or sparse is not None:
-        return router.search_vectors(dense=_read_vector(vector) if vector else None,
-                                     sparse=_read_sparse(sparse) if sparse else None, **options)
-    return router.search(text=query, image=_open_image(image) if image else None, **text_options, **options)
-
-
-def _search_file(router, path: Path, options: dict, text_options: dict) -> None:
-    """``--queries``: every line a query (``id<TAB>text``, or the line number as its id); JSON lines out."""
+def _search_file(router, path: Path, request) -> None:
+    """``--queries``: every line a query (``id<TAB>text``, or the line number as its id) with ``request``'s
+    options; JSON lines out."""
     lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.startswith("#"):
             continue
         query_id, _, text = line.partition("\t") if "\t" in line else (str(number), "", line)
-        response = router.search(text=text.strip(), **text_options, **options)
+        response = router.search(replace(request, text=text.strip()))
         for hit in response.hits:
             typer.echo(json.dumps({"query_id": query_id, **hit.to_dict()}))
 
@@ -240,7 +235,7 @@ def delete(
                                             "stopping.")] = False,
 ) -> None:
     """Delete documents from every part of an index (no rebuild); exits 1 if an id was not found."""
-    from stair_search.index.writer import delete_documents
+    from stair_search.index import delete_documents
 
     result = delete_documents(index_dir, ids, wait=wait)
     typer.echo(f"{index_dir}: deleted {len(result.deleted)} document(s)")
@@ -252,7 +247,7 @@ def delete(
 @app.command()
 def info(index_dir: Annotated[Path, typer.Argument(metavar="INDEX")]) -> None:
     """Print an index's manifest."""
-    from stair_search.index.manifest import Manifest
+    from stair_search.index import Manifest
 
     typer.echo(json.dumps(Manifest.load(index_dir).to_dict(), indent=2))
 
@@ -537,7 +532,7 @@ def _open_image(path: Path):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from stair_search.index.lock import IndexLockedError
+    from stair_search.index import IndexLockedError
     from stair_search.query.wordnet import WordNetMissing
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IndexLockedError,

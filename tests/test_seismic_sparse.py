@@ -1,6 +1,6 @@
-"""The accelerated in-process sparse searcher (index/accelerated.py) against exact CSR scoring and Lucene.
+"""The in-process Seismic sparse searcher (index/seismic.py) against exact CSR scoring and Lucene.
 
-One real shard (CSR + Lucene through ``write_sparse_shard``, then ``build_accelerated`` as the writer runs it)
+One real shard (CSR + Lucene through ``write_sparse_shard``, then ``build_seismic`` as the writer runs it)
 of random rows, some empty. Queries of 1 and 2 tokens take the exact postings path and must equal exact
 scoring in rows and scores; 8- and 16-token queries take Seismic and must reach recall@10 >= 0.99 against
 exact scoring (ties at the 10th score count as hits), every returned score exact. Lucene gives the same scores.
@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from stair_search.index import accelerated as acc
+from stair_search.index import seismic as acc
 from stair_search.index.sparse import DEFAULT_SCALE, SparseShard, quantise, write_sparse_shard
-from stair_search.models.vocab import Vocabulary
+from stair_search.vocabulary import Vocabulary
 
 pytest.importorskip("seismic")
 
@@ -29,7 +29,7 @@ def vocab():
 
 
 def random_csr(rng: np.random.Generator, vocab: Vocabulary):
-    pool = rng.choice(np.flatnonzero(vocab.emittable.numpy()), POOL, replace=False)
+    pool = rng.choice(np.flatnonzero(vocab.emittable), POOL, replace=False)
     lengths = rng.integers(1, 40, ROWS)
     lengths[rng.random(ROWS) < 0.05] = 0  # images whose sparse vector is all zeros
     lengths[:3] = 0
@@ -45,7 +45,7 @@ def shard_data(tmp_path_factory, vocab):
     csr, pool = random_csr(rng, vocab)
     folder = tmp_path_factory.mktemp("shard") / "sparse"
     write_sparse_shard(folder, csr, vocab, threads=2)
-    assert acc.build_accelerated(folder, *csr, len(vocab.tokens), threads=2)
+    assert acc.build_seismic(folder, *csr, len(vocab.tokens), threads=2)
     queries = {n: [{vocab.tokens[t]: float(w) for t, w in zip(rng.choice(pool, n, replace=False),
                                                               rng.lognormal(-0.3, 0.6, n), strict=True)}
                    for _ in range(50)] for n in LENGTHS}
@@ -64,10 +64,10 @@ def matches_exact(got, exact) -> bool:
     return {r for r, s in got if s != last} == {r for r, s in exact if s != last}
 
 
-def test_accelerated_equals_exact_scoring_and_lucene(shard_data, vocab):
+def test_seismic_equals_exact_scoring_and_lucene(shard_data, vocab):
     folder, _, queries = shard_data
     shard = SparseShard(folder, vocab, DEFAULT_SCALE)
-    assert shard.accelerated() is not None and shard.accelerated().seismic is not None
+    assert shard.seismic() is not None and shard.seismic().seismic is not None
     everything = np.arange(len(shard))
     recall = {}
     for n, qs in queries.items():
@@ -89,23 +89,23 @@ def test_accelerated_equals_exact_scoring_and_lucene(shard_data, vocab):
     assert min(recall.values()) >= 0.99, recall
     assert recall[1] == recall[2] == 1.0
 
-    accelerated = shard.accelerated()
-    shard._accelerated = None  # force the Lucene route on the same shard
+    seismic = shard.seismic()
+    shard._seismic = None  # force the Lucene route on the same shard
     for n, qs in queries.items():
         for q, theirs in zip(qs, shard.batch_search(qs, K, threads=2), strict=True):
             assert matches_exact(hits(theirs), hits(shard.search_rows(q, everything, K))), (n, q)
-    shard._accelerated = accelerated
+    shard._seismic = seismic
     shard.close()
 
 
-def test_same_results_through_lucene_without_the_accelerated_files(shard_data, vocab, tmp_path):
+def test_same_results_through_lucene_without_the_seismic_files(shard_data, vocab, tmp_path):
     folder, _, queries = shard_data
     copy = tmp_path / "sparse"
     shutil.copytree(folder, copy)
     fast = SparseShard(folder, vocab, DEFAULT_SCALE)
     shutil.rmtree(copy / acc.ACCELERATED_DIR)  # an index written before the accelerated searcher existed
     old = SparseShard(copy, vocab, DEFAULT_SCALE)
-    assert old.accelerated() is None
+    assert old.seismic() is None
     for qs in queries.values():
         for a, b in zip(fast.batch_search(qs, K), old.batch_search(qs, K, threads=2), strict=True):
             assert matches_exact(hits(a), hits(b))
@@ -115,7 +115,7 @@ def test_same_results_through_lucene_without_the_accelerated_files(shard_data, v
 
 
 @pytest.mark.parametrize("damage", ["truncate", "meta", "postings"])
-def test_a_damaged_accelerated_index_falls_back_to_lucene(shard_data, vocab, tmp_path, damage):
+def test_a_damaged_seismic_index_falls_back_to_lucene(shard_data, vocab, tmp_path, damage):
     folder, _, queries = shard_data
     copy = tmp_path / "sparse"
     shutil.copytree(folder, copy)
@@ -128,7 +128,7 @@ def test_a_damaged_accelerated_index_falls_back_to_lucene(shard_data, vocab, tmp
     else:
         np.save(target / "postings_rows.npy", np.zeros(5, np.int32))
     shard = SparseShard(copy, vocab, DEFAULT_SCALE)
-    assert shard.accelerated() is None
+    assert shard.seismic() is None
     qs = queries[1] + queries[16]
     everything = np.arange(len(shard))
     for q, result in zip(qs, shard.batch_search(qs, K), strict=True):
@@ -140,7 +140,7 @@ def test_edge_cases(shard_data, vocab, tmp_path):
     folder, _, queries = shard_data
     shard = SparseShard(folder, vocab, DEFAULT_SCALE)
     absent = next(t for t in vocab.tokens if t not in set(shard.document_vector(0)) and
-                  int(shard.accelerated().ptr[vocab.index[t]]) == int(shard.accelerated().ptr[vocab.index[t] + 1]))
+                  int(shard.seismic().ptr[vocab.index[t]]) == int(shard.seismic().ptr[vocab.index[t] + 1]))
     assert shard.search({absent: 1.0}) == []
     long = dict(list(queries[16][0].items())[:15])
     long[absent] = 5.0  # a token no document has, in a Seismic query (16 tokens: still accelerated)
@@ -161,7 +161,7 @@ def test_edge_cases(shard_data, vocab, tmp_path):
     empty = tmp_path / "empty"
     empty_csr = (np.zeros(4, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16))
     write_sparse_shard(empty, empty_csr, vocab)
-    assert acc.build_accelerated(empty, *empty_csr, len(vocab.tokens))
+    assert acc.build_seismic(empty, *empty_csr, len(vocab.tokens))
     nothing = SparseShard(empty, vocab, DEFAULT_SCALE)
-    assert nothing.accelerated() is not None and nothing.accelerated().seismic is None
+    assert nothing.seismic() is not None and nothing.seismic().seismic is None
     assert nothing.batch_search([queries[1][0], queries[16][0]], K) == [[], []]

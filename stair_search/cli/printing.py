@@ -1,23 +1,11 @@
-"""Opening an index for search with its recorded model, and printing responses for people."""
+"""Printing search responses for people (a rich table; ``--json`` prints ``SearchHit.to_dict`` instead)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stair_search.retrieve.router import QueryRouter, SearchResponse
-
-
-def open_router(index_dir: str | Path, model: str | None = None, depth: int = 100,
-                query_weights: str = "auto") -> QueryRouter:
-    """Index + the encoder it was built with (or ``model``, which must match it); ``query_weights``: see
-    :class:`QueryRouter`."""
-    from stair_search.encode import Encoder
-    from stair_search.index.reader import Index
-
-    index = Index(index_dir)
-    recorded = index.manifest.model
-    encoder = Encoder(model or recorded["spec"], pretrained=None if model else recorded.get("pretrained"))
-    return QueryRouter(index, encoder, depth=depth, query_weights=query_weights)
+if TYPE_CHECKING:
+    from stair_search.retrieve import SearchResponse
 
 
 def print_response(response: SearchResponse, explain: bool = False, title: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""In-process accelerated sparse search over a shard's CSR vectors (Lucene stays the index of record).
+"""In-process sparse search over a shard's CSR vectors: Seismic plus exact postings (Lucene stays the index of record).
 
 Two parts, both built from the shard's integer impacts and saved in ``sparse/accelerated/``:
 
@@ -15,7 +15,7 @@ Every returned row is re-scored exactly from the CSR (query impacts times docume
 adds up), results are sorted by (score desc, row asc), so hits, explanations and Lucene agree and repeated
 searches are deterministic. Scores are on Lucene's integer-impact scale (the caller divides by ``scale**2``).
 
-:meth:`AcceleratedSparse.open` returns None for a shard without the files, with files that do not match its CSR
+:meth:`SeismicSearcher.open` returns None for a shard without the files, with files that do not match its CSR
 or cannot be read, or when ``seismic`` is not importable: the caller then searches Lucene.
 """
 
@@ -60,7 +60,7 @@ def seismic_module():
     return seismic
 
 
-def build_accelerated(sparse_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+def build_seismic(sparse_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
                       vocabulary_size: int, threads: int | None = None) -> bool:
     """Write ``sparse_dir/accelerated`` from a shard's CSR; False (nothing written) without ``seismic``."""
     seismic = seismic_module()
@@ -118,7 +118,7 @@ def postings(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
     return ptr, row_of[order].astype(np.int32), np.asarray(values)[order]
 
 
-class AcceleratedSparse:
+class SeismicSearcher:
     """Exact short queries from impact-ordered postings, Seismic for longer ones; see the module docstring."""
 
     def __init__(self, folder: Path, csr: tuple[np.ndarray, np.ndarray, np.ndarray], seismic_index):
@@ -130,8 +130,8 @@ class AcceleratedSparse:
 
     @classmethod
     def open(cls, sparse_dir: Path, csr: tuple[np.ndarray, np.ndarray, np.ndarray],
-             vocabulary_size: int) -> AcceleratedSparse | None:
-        """The shard's accelerated searcher, or None (no files, files that do not match the CSR, no seismic)."""
+             vocabulary_size: int) -> SeismicSearcher | None:
+        """The shard's Seismic searcher, or None (no files, files that do not match the CSR, no seismic)."""
         folder = Path(sparse_dir) / ACCELERATED_DIR
         seismic = seismic_module()
         if seismic is None or not (folder / META_FILE).is_file():

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from server.schemas import IndexInfo, ServiceInfo
 from server.state import State, authorized
 from stair_search.rerank import RERANKERS
-from stair_search.retrieve.router import MODES
+from stair_search.retrieve import MODES
 
 router = APIRouter(tags=["operations"])
 

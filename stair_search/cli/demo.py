@@ -40,8 +40,9 @@ def index_split(dataset, split: str, out: Path, model: str, styles: Sequence[str
     split_file = dataset.write_split(split, styles)
     if photos:
         split_file = _with_photos(split_file, dataset.root / "photos")
-    return indexer.run(split_file, out, model=model, options=options, overwrite=True, progress=False,
-                       encoder=encoder, text_fields=("caption", "tags"))
+    job = indexer.IndexJob(split_file, out, model=model, options=options, overwrite=True,
+                           text_fields=("caption", "tags"))
+    return indexer.run(job, progress=False, encoder=encoder)
 
 
 def _with_photos(split_file: Path, photo_dir: Path) -> Path:
@@ -61,9 +62,10 @@ def _with_photos(split_file: Path, photo_dir: Path) -> Path:
 def run_demo(out: Path, model: str = DEFAULT_MODEL, split: str = "test") -> None:
     from PIL import Image
 
+    from stair_search.cli.printing import print_response
     from stair_search.data.photos import EXAMPLE_QUERY, sample_dir
     from stair_search.eval.runner import evaluate
-    from stair_search.search import open_router, print_response
+    from stair_search.retrieve import SearchRequest, open_router
 
     started = time.perf_counter()
     dataset = open_dataset()
@@ -73,10 +75,10 @@ def run_demo(out: Path, model: str = DEFAULT_MODEL, split: str = "test") -> None
     print(f"Index at {out}: {summary.describe()}; built in {time.perf_counter() - started:.1f} s")
     router = open_router(out, model)
     for query in DEMO_QUERIES:
-        print_response(router.search(text=query, mode="hybrid", k=5, explain=True), explain=True,
+        print_response(router.search(SearchRequest(text=query, mode="hybrid", k=5, explain=True)), explain=True,
                        title=f"text query '{query}' (hybrid, RRF)")
     with Image.open(sample_dir() / EXAMPLE_QUERY.file) as example:
-        response = router.search(image=example, k=5, explain=True)
+        response = router.search(SearchRequest(image=example, k=5, explain=True))
     print_response(response, explain=True, title=f"example-image query {EXAMPLE_QUERY.file}, a photo not in the "
                                                  f"index ({response.mode})")
     for kind in ("label", "tag"):

@@ -1,4 +1,5 @@
-"""``run``: index any source (same options as ``stair-search index``), resumable after a kill.
+"""An indexing job: :class:`IndexJob` (what to index and how, validated once: the CLI's ``stair-search index``
+builds the same object) and :func:`run`, which indexes any source, resumable after a kill.
 
 The steps: take the index's mutation lock -> number the source's items (fixed order) -> skip what a killed
 earlier run already spooled -> decode + encode (local worker processes, or Ray) -> spool each encoded batch to
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,81 +30,112 @@ from indexer.report import JobProgress, JobSummary
 from indexer.sources import DEFAULT_MAX_BYTES, SourceOptions, check, iter_items
 from stair_search import DEFAULT_MODEL
 from stair_search.encode import Encoder
-from stair_search.index.dense import DenseSpec
+from stair_search.index import DenseSpec, IndexLock, IndexReader, IndexWriter, Manifest, ShardInfo
 from stair_search.index.layout import MANIFEST
-from stair_search.index.lock import IndexLock
-from stair_search.index.manifest import Manifest, ShardInfo
-from stair_search.index.reader import Index
 from stair_search.index.text import DEFAULT_TEXT_FIELDS
-from stair_search.index.writer import IndexWriter
 
 RUNNERS = ("local", "ray")
 ALREADY_INDEXED = "already in the index"
 
-__all__ = ["JobSummary", "run"]
+__all__ = ["IndexJob", "JobSummary", "run"]
 
 
-def run(source: str | Path, out: str | Path, model: str = DEFAULT_MODEL, pretrained: str | None = None,
-        batch_size: int = 32, shard_size: int = 100_000, dense: str | None = None, append: bool = False,
-        overwrite: bool = False, device: str | None = None, encoder: Encoder | None = None,
-        options: SourceOptions | None = None, workers: int | None = None, runner: str = "local",
-        ray_address: str | None = None, resume: bool = True, progress: bool | None = None,
-        torch_threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-        wait: bool = False, text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS) -> JobSummary:
+@dataclass(frozen=True)
+class IndexJob:
     """Index every readable image of ``source`` into ``out``; bad items are skipped and reported.
 
-    A job killed at any moment continues when started again with the same arguments (``resume=False``
-    starts over). ``workers`` decode in processes (default ``min(4, cores)``; 0 = in this process);
-    ``torch_threads`` sizes the encoder's threads here. ``runner="ray"`` decodes and encodes on Ray
-    (``ray_address``: an existing cluster; default a local one) and writes the same shards. The job holds the
-    index's mutation lock from start to publish: another mutation of ``out`` makes it stop at once naming the
-    holder, or with ``wait`` queue behind it. ``max_pixels`` / ``max_bytes`` cap what one image may cost to
-    decode (larger ones are skipped as too large). ``text_fields``: what the text route (BM25) indexes,
-    ``"caption"`` and metadata field names (None: no text route).
+    A job killed at any moment continues when run again with the same settings (``resume=False`` starts over).
+    ``workers`` decode in processes (default ``min(4, cores)``; 0 = in the job's process); ``torch_threads``
+    sizes the encoder's threads. ``runner="ray"`` decodes and encodes on Ray (``ray_address``: an existing
+    cluster; default a local one) and writes the same shards. The job holds the index's mutation lock from start
+    to publish: another mutation of ``out`` makes it stop at once naming the holder, or with ``wait`` queue
+    behind it. ``max_pixels`` / ``max_bytes`` cap what one image may cost to decode (larger ones are skipped as
+    too large). ``text_fields``: what the text route (BM25) indexes, ``"caption"`` and metadata field names
+    (None or empty: no text route).
     """
+
+    source: str | Path
+    out: str | Path
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    batch_size: int = 32
+    shard_size: int = 100_000
+    dense: str | None = None
+    append: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    options: SourceOptions | None = field(default_factory=SourceOptions)  # None: the defaults
+    workers: int | None = None
+    runner: str = "local"
+    ray_address: str | None = None
+    resume: bool = True
+    torch_threads: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    wait: bool = False
+    text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "options", self.options or SourceOptions())
+        object.__setattr__(self, "text_fields", tuple(self.text_fields) if self.text_fields else None)
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        for name in ("batch_size", "shard_size", "max_pixels", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be 0 (decode in the job's process) or more, got {self.workers}")
+
+
+def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None = None) -> JobSummary:
+    """Run ``job`` (see :class:`IndexJob`); ``encoder``: a loaded encoder to index with instead of loading
+    ``job.model``; ``progress``: show a progress bar (None: when the output is a terminal)."""
     check_not_reimporting_main()
-    if runner not in RUNNERS:
-        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    if runner == "ray":
+    if job.runner == "ray":
         from indexer.ray_runner import require_ray
 
         require_ray()
-    options = options or SourceOptions()
+    source, out, options, text_fields = job.source, job.out, job.options, job.text_fields
     check(str(source), options)
-    started, out = time.perf_counter(), Path(out)
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    encoder = encoder or Encoder(model, batch_size=batch_size, device=device, pretrained=pretrained)
+    started = time.perf_counter()
+    if job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
+    encoder = encoder or Encoder(job.model, batch_size=job.batch_size, device=job.device, pretrained=job.pretrained)
+    batch_size, shard_size, dense, append, overwrite = (job.batch_size, job.shard_size, job.dense, job.append,
+                                                        job.overwrite)
+    max_pixels, max_bytes, resume, wait = job.max_pixels, job.max_bytes, job.resume, job.wait
+    workers, runner, ray_address = job.workers, job.runner, job.ray_address
     limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
     identity = {"source": os.path.abspath(str(source)), "out": os.path.abspath(out), "options": asdict(options),
                 "model": encoder.fingerprint, "shard_size": shard_size, "dense": dense, "append": append,
                 "limits": asdict(limits), "text_fields": list(text_fields) if text_fields else None}
     key = job_key(**identity)
-    job = JobDir(job_dir_for(out, key), identity)
+    job_dir = JobDir(job_dir_for(out, key), identity)
     with IndexLock(out, wait=wait) as lock:
-        journal = job.read_journal() if resume else JournalState()
+        journal = job_dir.read_journal() if resume else JournalState()
         if journal.complete and _published(out, journal):  # a kill came after publishing, before the cleanup
-            return _finish(job, journal, Manifest.load(out), started, 0, 0, out)
+            return _finish(job_dir, journal, Manifest.load(out), started, 0, 0, out)
         if resume and not (append or overwrite) and _built_by(out, key):
             return JobSummary(manifest=Manifest.load(out), indexed=0, seconds=time.perf_counter() - started,
                               already_complete=True)
-        with IndexWriter(out, encoder, append=append, overwrite=overwrite, shard_size=shard_size,
-                         dense_spec=DenseSpec(dense) if dense else None, build_dir=job.build_dir,
+        with IndexWriter(out, encoder.record, append=append, overwrite=overwrite, shard_size=shard_size,
+                         dense_spec=DenseSpec(dense) if dense else None, build_dir=job_dir.build_dir,
                          resumed=journal.shards, lock=lock, text_fields=text_fields) as writer:
-            state = job.open(resume)
+            state = job_dir.open(resume)
             try:
-                job_run = _JobRun(job, state, writer)
+                job_run = _JobRun(job_dir, state, writer)
                 if not state.complete:
-                    existing = set(Index(out).ids()) if writer.appending else set()
+                    existing = set(IndexReader(out).ids()) if writer.appending else set()
                     _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner, ray_address,
                                    limits, existing, progress)
-                _check_something_usable(job, state, source)
+                _check_something_usable(job_dir, state, source)
                 manifest = writer.commit(state.skipped, job=key)
             except BaseException:
                 # keep a spool that holds work: the next run with the same arguments continues from it
-                job.close() if job.holds_work() else job.remove()
+                job_dir.close() if job_dir.holds_work() else job_dir.remove()
                 raise
-    return _finish(job, state, manifest, started, job_run.encoded_now, job_run.resumed_from, out)
+    return _finish(job_dir, state, manifest, started, job_run.encoded_now, job_run.resumed_from, out)
 
 
 def _encode_source(job_run: _JobRun, source: str, options: SourceOptions, encoder: Encoder, batch_size: int,

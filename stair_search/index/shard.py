@@ -1,0 +1,298 @@
+"""One shard behind a narrow interface: what a shard is asked, and what it answers.
+
+Why an interface: everything above a shard (the reader's fan-out and merge, the query plan, fusion, reranking,
+hit descriptions) talks to shards only through :class:`Shard`, by row numbers and plain values (numpy arrays,
+dicts, lists of ``(row, score)``), so a shard can live in this process (:class:`LocalShard`) or in another
+process or machine without the plan or the fusion knowing. A shard applies a query's filter itself, before it
+ranks (so a filter that keeps 1% of the documents still gets k hits), and never answers a deleted row.
+
+:class:`LocalShard` opens its parts on first use (once, under a lock) and checks each against the manifest: the
+JVM starts only on the first sparse search, FAISS only on the first dense one, and two requests arriving
+together open one Lucene searcher, not two.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from stair_search.index.dense import DenseShard, DenseSpec
+from stair_search.index.layout import DENSE_FILE, SPARSE_DIR, read_tombstone
+from stair_search.index.manifest import ShardInfo
+from stair_search.index.sparse import SparseShard
+from stair_search.index.store import FeatureStore, store_files, store_path
+from stair_search.index.text import TEXT_DIR, TextShard
+from stair_search.query.filters import Filter
+from stair_search.vocabulary import Vocabulary
+
+ROUTES = ("sparse", "dense", "text")
+# A filtered dense search scores up to this many allowed rows of a shard exactly (their vectors read back);
+# beyond it, the shard's FAISS search over-fetches until k allowed rows are found.
+EXACT_FILTERED_ROWS = 50_000
+RowHits = list[tuple[int, float]]  # (row, score), best first
+
+
+@dataclass(frozen=True)
+class ShardQuery:
+    """One first-stage query, the same for every shard: each route's query (None: that route is not run),
+    how many candidates per route, and the filter every candidate must pass."""
+
+    k: int
+    sparse: Mapping[str, float] | None = None  # {word-piece: weight}
+    dense: np.ndarray | None = None  # (D,) unit float32
+    text: str | None = None  # the text route's (BM25) query
+    filter: Filter | None = None
+
+    def routes(self) -> tuple[str, ...]:
+        return tuple(route for route in ROUTES if getattr(self, route) is not None)
+
+
+class Shard(Protocol):
+    """What the reader (and so every caller above it) may ask of one shard; rows are the shard's own."""
+
+    info: ShardInfo
+
+    def search(self, query: ShardQuery) -> dict[str, RowHits]:
+        """Each asked route's best ``query.k`` live rows that pass the filter, best first; equal scores in row
+        order."""
+
+    def find(self, doc_id: str) -> int | None:
+        """The live row holding ``doc_id``, or None."""
+
+    def is_live(self, row: int) -> bool: ...
+
+    def documents(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]: ...
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """(N, D) stored dense embeddings (read back from FAISS)."""
+
+    def sparse_vectors(self, rows: Sequence[int]) -> list[dict[str, float]]: ...
+
+    def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(N, m, D) local features and (N, m, 2) positions, float16."""
+
+    def explain(self, row: int, query: Mapping[str, float]) -> dict[str, tuple[float, float]]: ...
+
+    def text_matches(self, row: int, text: str) -> dict[str, int]: ...
+
+    def metadata_fields(self) -> frozenset[str]: ...
+
+    def live_rows(self) -> list[int]: ...
+
+    def ids(self) -> list[str]:
+        """Ids of the live rows, in row order."""
+
+    def term_statistics(self) -> tuple[np.ndarray, int]:
+        """(per vocabulary token, how many stored rows hold it; stored rows), deleted rows included."""
+
+    def nonzeros(self) -> np.ndarray:
+        """Stored sparse non-zeros of every row (deleted rows included)."""
+
+    def warm(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Metadata(list):
+    """A shard's rows' metadata, in row order, and every field any of them has (what a filter may name)."""
+
+    def __init__(self, rows: Iterable[dict]):
+        super().__init__(rows)
+        self.fields = frozenset(name for metadata in self for name in metadata)
+
+
+class LocalShard:
+    """A shard read from its folder in this process: sparse (Lucene / Seismic), dense (FAISS), the feature
+    store and the text route."""
+
+    def __init__(self, index_dir: Path, info: ShardInfo, vocabulary: Vocabulary, scale: float):
+        self.dir, self.info, self.vocabulary, self.scale = info.path(index_dir), info, vocabulary, scale
+        required = [self.dir / DENSE_FILE, *store_files(store_path(self.dir)),  # features.arrow or an old .parquet
+                    *SparseShard.required_files(self.dir / SPARSE_DIR),
+                    *([self.dir / TEXT_DIR] if info.text else [])]
+        missing = [str(p) for p in required if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"Index shard {info.name} is incomplete, missing {missing}. Restore the files "
+                                    f"or rebuild the index; searching it would silently lose documents.")
+        self.deleted = frozenset(read_tombstone(self.dir, info.deleted, info.name).tolist())
+        self._parts: dict[str, Any] = {}
+        self._lock = threading.RLock()  # re-entrant: one part may open another (metadata reads the store)
+
+    # ---------------------------------------------------------------------------------------------- searching
+
+    def search(self, query: ShardQuery) -> dict[str, RowHits]:
+        rows = self._filtered(query.filter) if query.filter is not None else None
+        found: dict[str, RowHits] = {}
+        if query.sparse is not None:
+            found["sparse"] = self._sparse(query.sparse, query.k, rows)
+        if query.dense is not None:
+            found["dense"] = self._dense(np.asarray(query.dense, np.float32), query.k, rows)
+        if query.text is not None:
+            found["text"] = self._text(query.text, query.k, rows)
+        return {route: _best(hits, query.k) for route, hits in found.items()}
+
+    def _sparse(self, query: Mapping[str, float], k: int, rows: np.ndarray | None) -> RowHits:
+        if rows is not None:
+            return [(h.row, h.score) for h in self.sparse.search_rows(query, rows, k)] if len(rows) else []
+        hits = self.sparse.batch_search([query], self._fetch_depth(k), 1)[0]
+        return [(h.row, h.score) for h in hits if h.row not in self.deleted]
+
+    def _dense(self, query: np.ndarray, k: int, rows: np.ndarray | None) -> RowHits:
+        if rows is not None:
+            return self._dense_among(query, rows, k) if len(rows) else []
+        scores, found = self.dense.search(query[None, :], self._fetch_depth(k))
+        return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True)
+                if r >= 0 and int(r) not in self.deleted]
+
+    def _text(self, text: str, k: int, rows: np.ndarray | None) -> RowHits:
+        if self.text is None or (rows is not None and not len(rows)):
+            return []
+        search = self.text.search
+        if rows is not None:
+            return self._among(lambda n: search(text, n), rows, k)
+        return [h for h in search(text, self._fetch_depth(k)) if h[0] not in self.deleted]
+
+    def _fetch_depth(self, k: int) -> int:
+        """How many rows to ask a part for so that k live ones remain after dropping deleted rows."""
+        return k + len(self.deleted)
+
+    def _filtered(self, flt: Filter) -> np.ndarray:
+        """Rows that are not deleted and whose metadata the filter keeps, ascending."""
+        return np.asarray([row for row, metadata in enumerate(self.metadata)
+                           if row not in self.deleted and flt.matches(metadata)], dtype=np.int64)
+
+    def _dense_among(self, query: np.ndarray, rows: np.ndarray, k: int) -> RowHits:
+        """The top k of ``rows`` (live) for one query: exact over their stored vectors when there are few of
+        them, else the index's own search asked for more and more until k of them are found."""
+        if len(rows) <= EXACT_FILTERED_ROWS:
+            scores = self.dense.reconstruct(rows) @ query
+            top = np.argsort(-scores, kind="stable")[:k]
+            return [(int(rows[i]), float(scores[i])) for i in top]
+
+        def search(n: int) -> RowHits:
+            scores, found = self.dense.search(query[None, :], n)
+            return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if r >= 0]
+
+        return self._among(search, rows, k)
+
+    def _among(self, search: Callable[[int], RowHits], rows: np.ndarray, k: int) -> RowHits:
+        """The top k of ``rows`` from a search over the whole shard (``search(n)``: its best n as (row, score)),
+        asked for four times more each round until k of them are found or nothing more can come."""
+        allowed, fetch = set(np.asarray(rows).tolist()), k + len(self.deleted)
+        while True:
+            asked = min(fetch, self.info.count)
+            hits = search(asked)
+            kept = [(row, score) for row, score in hits if row in allowed]
+            if len(kept) >= k or len(hits) < asked or asked >= self.info.count:
+                return kept[:k]
+            fetch *= 4
+
+    # ---------------------------------------------------------------------------------------------- documents
+
+    def find(self, doc_id: str) -> int | None:
+        row = self.store.row_of(doc_id)
+        return row if row is not None and row not in self.deleted else None
+
+    def is_live(self, row: int) -> bool:
+        return row not in self.deleted
+
+    def documents(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
+        return self.store.rows(list(rows), columns) if len(rows) else []
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        return self.dense.reconstruct(list(rows))
+
+    def sparse_vectors(self, rows: Sequence[int]) -> list[dict[str, float]]:
+        return [self.sparse.document_vector(row) for row in rows]
+
+    def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.local_features(list(rows))
+
+    def explain(self, row: int, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+        return self.sparse.explain(row, query)
+
+    def text_matches(self, row: int, text: str) -> dict[str, int]:
+        return self.text.matched(row, text) if self.text is not None else {}
+
+    def metadata_fields(self) -> frozenset[str]:
+        return self.metadata.fields
+
+    def live_rows(self) -> list[int]:
+        return [row for row in range(self.info.count) if row not in self.deleted]
+
+    def ids(self) -> list[str]:
+        return [doc_id for row, doc_id in enumerate(self.store.ids) if row not in self.deleted]
+
+    def term_statistics(self) -> tuple[np.ndarray, int]:
+        counts = np.bincount(np.asarray(self.sparse.indices), minlength=len(self.vocabulary.tokens))
+        return counts, len(self.sparse)
+
+    def nonzeros(self) -> np.ndarray:
+        return np.diff(self.sparse.indptr)
+
+    # ---------------------------------------------------------------------------------------------- parts
+
+    @property
+    def store(self) -> FeatureStore:
+        return self._part("store", lambda: FeatureStore.open(store_path(self.dir)))
+
+    @property
+    def dense(self) -> DenseShard:
+        return self._part("dense", lambda: DenseShard.load(self.dir / DENSE_FILE, DenseSpec.from_dict(self.info.dense)))
+
+    @property
+    def sparse(self) -> SparseShard:
+        return self._part("sparse", lambda: SparseShard(self.dir / SPARSE_DIR, self.vocabulary, self.scale))
+
+    @property
+    def text(self) -> TextShard | None:
+        """The shard's text-route index, or None when none of its documents has text."""
+        return self._part("text", lambda: TextShard(self.dir / TEXT_DIR, self.info.count)) if self.info.text else None
+
+    @property
+    def metadata(self) -> _Metadata:
+        """Every row's metadata and the fields they use, read once, on the first filtered search."""
+        return self._part("metadata", lambda: _Metadata(row["metadata"] or {} for row in
+                                                        self.store.rows(range(self.info.count), ["metadata"])))
+
+    def _part(self, name: str, opener: Callable[[], Any]) -> Any:
+        part = self._parts.get(name)
+        if part is None:
+            with self._lock:
+                part = self._parts.get(name)
+                if part is None:
+                    part = self._parts[name] = self._checked(opener())
+        return part
+
+    def _checked(self, part: Any) -> Any:
+        size = part.ntotal if isinstance(part, DenseShard) else len(part)
+        if size != self.info.count:
+            raise ValueError(f"Index shard {self.info.name}: {type(part).__name__} holds {size} documents, the "
+                             f"manifest says {self.info.count}. The shard is damaged: rebuild the index.")
+        return part
+
+    def warm(self) -> None:
+        """Open every part now (the feature store, FAISS, and the sparse searcher that will answer: the in-process
+        Seismic one, else Lucene), so that the first request pays nothing."""
+        _ = self.store, self.dense
+        if self.sparse.seismic() is None:
+            self.sparse.open_searcher()
+
+    def close(self) -> None:
+        with self._lock:
+            parts, self._parts = self._parts, {}
+        for part in parts.values():
+            if hasattr(part, "close"):
+                part.close()
+
+
+def _best(hits: RowHits, k: int) -> RowHits:
+    """A shard's k best, ordered as the reader's merge orders them (equal scores: lower row first), so that
+    cutting here never changes the merged answer."""
+    return heapq.nlargest(k, hits, key=lambda hit: (hit[1], -hit[0]))

@@ -41,11 +41,13 @@ from stair_search.retrieve import QueryRouter, SearchRequest
 QUERIES = ("dog", "red heart", "cat face", "flag", "cup of coffee", "smiling face", "car", "tree", "music", "fire")
 
 
-def build(index_dir: Path, encoder: Encoder, docs: int, batch: int = 10_000, seed: int = 0) -> None:
+def build(index_dir: Path, encoder: Encoder, docs: int, batch: int = 10_000, seed: int = 0,
+          shard_size: int = 100_000) -> None:
+    """``docs`` synthetic documents (the default shard size: one shard of 100k)."""
     rng = np.random.default_rng(seed)
     config = encoder.model.config
     dim, local = encoder.model.embed_dim, config.num_local
-    with IndexWriter(index_dir, encoder.record) as writer:  # the default shard size: one shard of 100k
+    with IndexWriter(index_dir, encoder.record, shard_size=shard_size) as writer:
         for start in range(0, docs, batch):
             count = min(batch, docs - start)
             dense = rng.standard_normal((count, dim)).astype(np.float32)

@@ -79,28 +79,34 @@ def require_ray() -> None:
                                   "pip install -e '.[ray]'), or use --runner local.") from None
 
 
-def connect(address: str | None) -> dict[str, float]:
-    """Join the cluster at ``address`` (None: the running one, or a new local instance); its resources."""
+def connect(address: str | None) -> list[dict[str, float]]:
+    """Join the cluster at ``address`` (None: the running one, or a new local instance); each alive node's
+    resources (an actor has to fit on one node)."""
     require_ray()
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    return ray.cluster_resources()
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def start_actors(encoder: Encoder, resources: dict[str, float], limits: DecodeLimits) -> list[Any]:
-    """One actor per GPU, or CPU actors of ``CPU_ACTOR_CPUS`` each (at least one, sized to fit)."""
+def start_actors(encoder: Encoder, nodes: list[dict[str, float]], limits: DecodeLimits) -> list[Any]:
+    """One actor per GPU, or CPU actors of up to ``CPU_ACTOR_CPUS`` each, as many as the nodes hold (at least
+    one). Sized per node: on a cluster of one-CPU nodes, a two-CPU actor would never be placed."""
     import ray
 
     encoder_ref = [ray.put(encoder)]
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
+    node_cpus = [int(node.get("CPU", 0)) for node in nodes] or [1]
     if gpus:
-        remote = ray.remote(num_gpus=1, num_cpus=min(CPU_ACTOR_CPUS, max(1, cpus // gpus)))(EncodeActor)
+        per_gpu = min(CPU_ACTOR_CPUS, max(1, min(c // max(1, int(n.get("GPU", 0)))
+                                                for c, n in zip(node_cpus, nodes, strict=True) if n.get("GPU"))))
+        remote = ray.remote(num_gpus=1, num_cpus=per_gpu)(EncodeActor)
         return [remote.remote(encoder_ref, limits) for _ in range(gpus)]
-    per_actor = max(1, min(CPU_ACTOR_CPUS, cpus))
+    per_actor = max(1, min(CPU_ACTOR_CPUS, max(node_cpus)))
     remote = ray.remote(num_cpus=per_actor)(EncodeActor)
-    return [remote.remote(encoder_ref, limits, per_actor) for _ in range(max(1, cpus // per_actor))]
+    count = max(1, sum(cpus // per_actor for cpus in node_cpus))
+    return [remote.remote(encoder_ref, limits, per_actor) for _ in range(count)]
 
 
 def ray_chunks(items: Iterable[NumberedItem], encoder: Encoder, builder_args: dict[str, Any],

@@ -29,6 +29,7 @@ from server.schemas import ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState
 from stair_search import __version__
+from stair_search.index import ShardUnavailable
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the fastapi-offline package
 
@@ -64,6 +65,12 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
     @app.exception_handler(ImageRejected)
     async def image_rejected(_: Request, exc: ImageRejected) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ShardUnavailable)
+    async def shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
+        """A cluster shard none of whose copies answers: never a silently smaller answer."""
+        return JSONResponse({"detail": f"{exc}; retry later, or ask for a partial answer with \"partial\": true",
+                             "missing_shards": [exc.shard]}, status_code=503)
 
     for module in (search, documents, operations, page):
         app.include_router(module.router)

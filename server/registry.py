@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from server.batching import MAX_WAIT_S, BatchingEncoder
 from stair_search.encode import Encoder
-from stair_search.index import IndexMismatchError, IndexReader
+from stair_search.index import IndexMismatchError, IndexReader, ShardOpener
 from stair_search.index.layout import MANIFEST
 from stair_search.retrieve import QueryRouter
 
@@ -83,14 +83,17 @@ class IndexRegistry:
     """Named indexes, each served from its newest published version."""
 
     def __init__(self, indexes: Mapping[str, str | Path], model: str | None = None, batching: bool = True,
-                 batch_wait_s: float = MAX_WAIT_S, query_weights: str = "auto"):
+                 batch_wait_s: float = MAX_WAIT_S, query_weights: str = "auto",
+                 shards: Callable[[str], ShardOpener] | None = None):
         """``batching``: concurrent searches' encodes share forwards (server/batching.py), waiting up to
         ``batch_wait_s`` for more under load; off, each encode runs alone, one at a time. ``query_weights``:
-        the routers' (see :class:`QueryRouter`)."""
+        the routers' (see :class:`QueryRouter`). ``shards``: index name -> how its shards are reached (None: read
+        in this process; a cluster's ingress reaches them over Ray Serve: server/cluster.py)."""
         if not indexes:
             raise ValueError("give at least one index directory to serve")
         self.dirs = {name: Path(path) for name, path in indexes.items()}
         self.model, self.batching, self.batch_wait_s, self.query_weights = model, batching, batch_wait_s, query_weights
+        self.shards = shards
         self._encoders: dict[tuple[str, str | None], BatchingEncoder] = {}
         self._current: dict[str, IndexVersion] = {}
         self._swap_lock = threading.Lock()
@@ -170,7 +173,7 @@ class IndexRegistry:
     def _open(self, name: str, number: int) -> IndexVersion:
         index_dir = self.dirs[name]
         signature = manifest_signature(index_dir)  # read before opening: a change during opening is seen next time
-        index = IndexReader(index_dir)
+        index = IndexReader(index_dir, self.shards(name)) if self.shards else IndexReader(index_dir)
         router = QueryRouter(index, self._encoder_for(index), query_weights=self.query_weights)
         _warm(index)
         return IndexVersion(name=name, number=number, router=router, signature=signature)

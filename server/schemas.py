@@ -54,6 +54,8 @@ class SearchRequest(BaseModel):
                                  "toward this many top hits and the dense route runs again (null: auto's choice, "
                                  "the model's feedback_docs; 0: off). Text and image queries only.")
     explain: bool = Field(True, description="Return the matched word-pieces of each hit.")
+    partial: bool = Field(False, description="On a cluster: when every copy of a shard is down, answer from the "
+                          "others and name it in missing_shards (else the search answers 503 naming it).")
     offset: int = Field(0, ge=0, le=1000, description="Skip this many hits (paging; ranks continue from it).")
     like: str | None = Field(None, max_length=MAX_QUERY_CHARS,
                              description="More like this: the id of a stored document, whose dense and sparse "
@@ -107,7 +109,7 @@ class SearchRequest(BaseModel):
         filters = {name: condition.model_dump(exclude_none=True) if isinstance(condition, FilterRange) else condition
                    for name, condition in self.filters.items()}
         common = {"mode": self.mode, "k": self.k, "fusion": self.fusion, "alpha": self.alpha, "explain": self.explain,
-                  "filters": filters or None, "offset": self.offset}
+                  "filters": filters or None, "offset": self.offset, "partial": self.partial}
         if self.like is not None:
             return Query(like=self.like, **common)
         if self.by_vectors:
@@ -159,6 +161,8 @@ class SearchResult(BaseModel):
     took_ms: float
     query_tokens: dict[str, float] = Field(description="The query's largest word-piece weights.")
     hits: list[Hit]
+    missing_shards: list[str] = Field(default_factory=list, description="Shards left out of a partial answer "
+                                      "(\"partial\": true, on a cluster where every copy of them is down).")
 
 
 MAX_BATCH = 32

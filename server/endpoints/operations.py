@@ -22,13 +22,15 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(state: State) -> JSONResponse:
-    """Every index has an open version (a failed reload is reported, the old version still serves)."""
+    """Every index has an open version (a failed reload is reported, the old version still serves) and, on a
+    cluster, every shard a ready copy (``unready_shards`` names those without one)."""
     registry = state.registry
     versions = {name: registry.current(name) for name in registry.names}
-    ready = all(not v.closed for v in versions.values())
+    unready = {name: missing for name, v in versions.items() if (missing := v.index.unready())}
+    ready = all(not v.closed for v in versions.values()) and not unready
     payload = {"ready": ready, "indexes": {n: {"version": v.number, "documents": len(v.index)}
                                            for n, v in versions.items()},
-               "reload_errors": dict(registry.errors)}
+               "reload_errors": dict(registry.errors)} | ({"unready_shards": unready} if unready else {})
     return JSONResponse(payload, status_code=200 if ready else 503)
 
 

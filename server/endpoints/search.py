@@ -137,5 +137,6 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
                   matched=[MatchedToken(token=t, query=q, document=d, word=is_content_piece(t),
                                         of=h.matched_words.get(t)) for t, (q, d) in (h.matched or {}).items()],
                   text_matched=h.text_matched or {})
-              for h in hits])
+              for h in hits],
+        missing_shards=response.missing_shards)
 

@@ -463,8 +463,19 @@ def serve(
     allow_image_url_host: Annotated[list[str] | None, typer.Option(help="Fetch query images by URL ('image_url') "
                                                                    "from this host name (repeatable; off by "
                                                                    "default).")] = None,
+    cluster: Annotated[str | None, typer.Option(help="Serve on a Ray cluster (Ray Serve): 'local' starts one "
+                                                "here, 'auto' joins the one this machine is part of, or a Ray "
+                                                "address. See docs/cluster.md.")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="--cluster: copies of every shard, on different nodes "
+                                          "when there are enough.")] = 1,
+    copy_shards: Annotated[str | None, typer.Option(help="--cluster: copy each shard to this node-local folder "
+                                                    "before its replica is ready (default: read the shared "
+                                                    "path).")] = None,
+    shard_timeout: Annotated[float, typer.Option(min=0.1, help="--cluster: seconds a shard call waits for a "
+                                                 "ready copy before the search answers 503.")] = 10.0,
 ) -> None:
-    """Serve indexes over HTTP: search API (OpenAPI at /docs) and a search page at /."""
+    """Serve indexes over HTTP: search API (OpenAPI at /docs) and a search page at /; with --cluster, every
+    shard a replicated Ray Serve deployment."""
     import uvicorn
 
     from server.app import create_app
@@ -487,10 +498,35 @@ def serve(
                               search_threads=threads, reload_interval_s=reload_interval,
                               image_url_hosts=tuple(allow_image_url_host or ()), encode_batching=batching,
                               batch_wait_s=batch_wait_ms / 1000, query_weights=query_weights)
+    if cluster is not None:
+        _serve_on_cluster(named, settings, cluster, replicas, copy_shards, shard_timeout, host, port, model)
+        return
     import torch
 
     torch.set_num_threads(encode_threads)  # this process serves: its encodes' thread policy (see the option)
     uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
+
+
+def _serve_on_cluster(named: dict[str, Path], settings, address: str, replicas: int, copy_to: str | None,
+                      timeout: float, host: str, port: int, model: str | None) -> None:
+    """Deploy on the cluster, then keep the shards in step with newly published manifests until Ctrl-C."""
+    import threading
+
+    from server.cluster import ClusterSettings, serve_on_cluster
+
+    try:
+        settings_for_cluster = ClusterSettings(address=address, replicas=replicas, copy_to=copy_to,
+                                               shard_timeout_s=timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    stop = threading.Event()
+    typer.echo(f"deploying {', '.join(named)} on the Ray cluster ({address}); then serving at http://{host}:{port}"
+               f" until Ctrl-C")
+    try:
+        serve_on_cluster(named, settings, settings_for_cluster, host, port, model, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        typer.echo("stopped: the applications are deleted from the cluster")
 
 
 @app.command()

@@ -10,13 +10,13 @@ asked with a :class:`ShardQuery`).
 from stair_search.index.dense import DenseShard, DenseSpec
 from stair_search.index.lock import IndexLock, IndexLockedError
 from stair_search.index.manifest import IndexMismatchError, Manifest, ModelRecord, ShardInfo
-from stair_search.index.reader import STORED_FIELDS, Candidate, IndexReader
-from stair_search.index.shard import LocalShard, Shard, ShardQuery
+from stair_search.index.reader import STORED_FIELDS, Candidate, IndexReader, ShardOpener
+from stair_search.index.shard import LocalShard, Shard, ShardQuery, ShardUnavailable
 from stair_search.index.store import FeatureRecord
 from stair_search.index.writer import DeleteResult, IndexWriter, delete_documents
 
 __all__ = [
     "STORED_FIELDS", "Candidate", "DeleteResult", "DenseShard", "DenseSpec", "FeatureRecord", "IndexLock",
     "IndexLockedError", "IndexMismatchError", "IndexReader", "IndexWriter", "LocalShard", "Manifest", "ModelRecord",
-    "Shard", "ShardInfo", "ShardQuery", "delete_documents",
+    "Shard", "ShardInfo", "ShardOpener", "ShardQuery", "ShardUnavailable", "delete_documents",
 ]

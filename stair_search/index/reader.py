@@ -14,19 +14,21 @@ over-fetches by its number of deleted rows and drops them, so a search still ret
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stair_search.index.manifest import Manifest
-from stair_search.index.shard import LocalShard, Shard, ShardQuery
+from stair_search.index.manifest import Manifest, ShardInfo
+from stair_search.index.shard import LocalShard, Shard, ShardQuery, ShardUnavailable
 from stair_search.query.filters import Filter, check_fields, parse_filter
 from stair_search.vocabulary import Vocabulary
 
 STORED_FIELDS = ("id", "source", "width", "height", "caption", "metadata")
+# How a reader reaches one shard: (index directory, its manifest, the shard's entry, vocabulary) -> Shard.
+ShardOpener = Callable[[Path, Manifest, ShardInfo, Vocabulary], Shard]
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,10 @@ class Candidate:
 
 
 class IndexReader:
-    def __init__(self, index_dir: str | Path):
-        self.dir = Path(index_dir)
+    def __init__(self, index_dir: str | Path, open_shard: ShardOpener = LocalShard.open):
+        """``open_shard``: how each shard is reached (default: read from its folder in this process; the cluster
+        serves shards from other processes: ``server/cluster.py``)."""
+        self.dir, self.open_shard = Path(index_dir), open_shard
         self._load()
 
     def _load(self) -> None:
@@ -56,7 +60,7 @@ class IndexReader:
         self.vocabulary = Vocabulary.load(self.manifest.vocabulary)
         if self.vocabulary.sha256 != self.manifest.vocabulary_sha256:
             raise ValueError(f"{self.dir} was built with another vocabulary than {self.vocabulary.folder}.")
-        self._shards: list[Shard] = [LocalShard(self.dir, s, self.vocabulary, self.manifest.scale)
+        self._shards: list[Shard] = [self.open_shard(self.dir, self.manifest, s, self.vocabulary)
                                      for s in self.manifest.shards]
 
     def __len__(self) -> int:
@@ -80,16 +84,31 @@ class IndexReader:
         check_fields(flt, sorted(set().union(*(shard.metadata_fields() for shard in self._shards))))
         return flt
 
-    def search(self, query: ShardQuery) -> dict[str, list[Candidate]]:
-        """Each asked route's top ``query.k`` over every shard (filtered in the shards, before ranking)."""
-        answers = [shard.search(query) for shard in self._shards]
+    def search(self, query: ShardQuery, missing: list[str] | None = None) -> dict[str, list[Candidate]]:
+        """Each asked route's top ``query.k`` over every shard (filtered in the shards, before ranking; every shard
+        asked at once). A shard that cannot answer raises ShardUnavailable, or with ``missing`` (a list) is left
+        out and named there: a partial answer that says so, never a silently smaller one."""
+        pending = [shard.submit(query) for shard in self._shards]
+        answers = []
+        for shard, waiting in zip(self._shards, pending, strict=True):
+            try:
+                answers.append(waiting.result())
+            except ShardUnavailable:
+                if missing is None:
+                    raise
+                missing.append(shard.info.name)
+                answers.append({})
         return {route: _merge([[Candidate(s, row, score) for row, score in answer.get(route, ())]
                                for s, answer in enumerate(answers)], query.k)
                 for route in query.routes()}
 
-    def text_matches(self, candidate: Candidate, text: str) -> dict[str, int]:
-        """The query's (analyzed) words that the candidate's text holds, with their counts."""
-        return self._shards[candidate.shard].text_matches(candidate.row, text)
+    def unready(self) -> list[str]:
+        """Names of the shards that cannot answer now (none for shards read in this process)."""
+        return [shard.info.name for shard in self._shards if not shard.ready()]
+
+    def text_matches(self, candidates: Sequence[Candidate], text: str) -> list[dict[str, int]]:
+        """The query's (analyzed) words that each candidate's text holds, with their counts."""
+        return self._per_shard(candidates, lambda shard, rows: shard.text_matches(rows, text), {})
 
     # ---------------------------------------------------------------------------------------------- documents
 
@@ -106,13 +125,7 @@ class IndexReader:
 
         A deleted document is never returned: its place holds None (searches never yield deleted rows).
         """
-        out: list[dict | None] = [None] * len(candidates)
-        for shard, positions in _by_shard(candidates).items():
-            live = [i for i in positions if self._shards[shard].is_live(candidates[i].row)]
-            rows = self._shards[shard].documents([candidates[i].row for i in live], columns)
-            for i, row in zip(live, rows, strict=True):
-                out[i] = row
-        return out
+        return self._per_shard(candidates, lambda shard, rows: shard.documents(rows, columns), None)
 
     def vectors(self, candidates: Sequence[Candidate]) -> np.ndarray:
         """(N, D) float32 stored dense embeddings of the candidates, in order (read back from FAISS)."""
@@ -123,7 +136,7 @@ class IndexReader:
 
     def sparse_vectors(self, candidates: Sequence[Candidate]) -> list[dict[str, float]]:
         """Stored (de-quantised) sparse vectors of the candidates, in order."""
-        return [self._shards[c.shard].sparse_vectors([c.row])[0] for c in candidates]
+        return self._per_shard(candidates, lambda shard, rows: shard.sparse_vectors(rows), {})
 
     def local_features(self, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         """(N, m, D) local features and (N, m, 2) positions of the candidates, in order."""
@@ -134,8 +147,20 @@ class IndexReader:
             feats[positions], pos[positions] = f, p
         return feats, pos
 
-    def explain(self, candidate: Candidate, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
-        return self._shards[candidate.shard].explain(candidate.row, query)
+    def explain(self, candidates: Sequence[Candidate], query: Mapping[str, float]
+                ) -> list[dict[str, tuple[float, float]]]:
+        """Each candidate's matched word-pieces for the sparse query: {token: (query weight, document weight)}."""
+        return self._per_shard(candidates, lambda shard, rows: shard.explain(rows, query), {})
+
+    def _per_shard(self, candidates: Sequence[Candidate], ask: Callable[[Shard, list[int]], list], empty: Any
+                   ) -> list:
+        """``ask(shard, rows)`` once per shard that holds candidates; the answers back in the candidates' order."""
+        out = [empty] * len(candidates)
+        for shard, positions in _by_shard(candidates).items():
+            for i, answer in zip(positions, ask(self._shards[shard], [candidates[i].row for i in positions]),
+                                 strict=True):
+                out[i] = answer
+        return out
 
     def live(self, batch_size: int = 4096) -> Iterator[list[Candidate]]:
         """Every live document as candidates (score 0), shard by shard in row order, ``batch_size`` at a time:

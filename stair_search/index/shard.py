@@ -24,7 +24,7 @@ import numpy as np
 
 from stair_search.index.dense import DenseShard, DenseSpec
 from stair_search.index.layout import DENSE_FILE, SPARSE_DIR, read_tombstone
-from stair_search.index.manifest import ShardInfo
+from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
 from stair_search.index.store import FeatureStore, store_files, store_path
 from stair_search.index.text import TEXT_DIR, TextShard
@@ -36,6 +36,31 @@ ROUTES = ("sparse", "dense", "text")
 # beyond it, the shard's FAISS search over-fetches until k allowed rows are found.
 EXACT_FILTERED_ROWS = 50_000
 RowHits = list[tuple[int, float]]  # (row, score), best first
+Answer = dict[str, RowHits]  # route -> its hits
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard that cannot answer now (every copy of it is down); the message names it."""
+
+    def __init__(self, shard: str, why: str):
+        super().__init__(f"shard {shard} has no ready copy ({why})")
+        self.shard = shard
+
+
+class Pending(Protocol):
+    """A first-stage answer on its way (a shard in another process answers while the others search)."""
+
+    def result(self) -> Answer: ...
+
+
+@dataclass(frozen=True)
+class Done:
+    """An answer already there (a shard in this process searches at once)."""
+
+    answer: Answer
+
+    def result(self) -> Answer:
+        return self.answer
 
 
 @dataclass(frozen=True)
@@ -58,16 +83,18 @@ class Shard(Protocol):
 
     info: ShardInfo
 
-    def search(self, query: ShardQuery) -> dict[str, RowHits]:
+    def submit(self, query: ShardQuery) -> Pending:
         """Each asked route's best ``query.k`` live rows that pass the filter, best first; equal scores in row
-        order."""
+        order (``Pending.result``; raises ShardUnavailable)."""
+
+    def ready(self) -> bool:
+        """Whether the shard can answer now."""
 
     def find(self, doc_id: str) -> int | None:
         """The live row holding ``doc_id``, or None."""
 
-    def is_live(self, row: int) -> bool: ...
-
-    def documents(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]: ...
+    def documents(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict | None]:
+        """Stored fields of each row, in order; None for a deleted row."""
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
         """(N, D) stored dense embeddings (read back from FAISS)."""
@@ -77,9 +104,11 @@ class Shard(Protocol):
     def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(N, m, D) local features and (N, m, 2) positions, float16."""
 
-    def explain(self, row: int, query: Mapping[str, float]) -> dict[str, tuple[float, float]]: ...
+    def explain(self, rows: Sequence[int], query: Mapping[str, float]) -> list[dict[str, tuple[float, float]]]:
+        """Each row's matched word-pieces: {token: (query weight, document weight)}."""
 
-    def text_matches(self, row: int, text: str) -> dict[str, int]: ...
+    def text_matches(self, rows: Sequence[int], text: str) -> list[dict[str, int]]:
+        """Each row's words (analyzed) that the text query holds, with their counts."""
 
     def metadata_fields(self) -> frozenset[str]: ...
 
@@ -124,9 +153,33 @@ class LocalShard:
         self._parts: dict[str, Any] = {}
         self._lock = threading.RLock()  # re-entrant: one part may open another (metadata reads the store)
 
+    @classmethod
+    def open(cls, index_dir: Path, manifest: Manifest, info: ShardInfo, vocabulary: Vocabulary) -> LocalShard:
+        """The ``reader.ShardOpener`` of shards read in this process."""
+        return cls(index_dir, info, vocabulary, manifest.scale)
+
+    def with_deletes(self, info: ShardInfo, tombstones: Path | None = None) -> LocalShard:
+        """This shard as ``info`` says after a delete: its tombstone file (read from ``tombstones``, the shard's
+        folder by default) applied to the same parts, which both share (nothing is opened again)."""
+        if (info.name, info.count) != (self.info.name, self.info.count):
+            raise ValueError(f"{info.name} ({info.count} rows) is another shard than {self.info.name} "
+                             f"({self.info.count} rows)")
+        view = object.__new__(LocalShard)
+        view.dir, view.info, view.vocabulary, view.scale = self.dir, info, self.vocabulary, self.scale
+        view.deleted = frozenset(read_tombstone(tombstones or self.dir, info.deleted, info.name).tolist())
+        view._parts, view._lock = self._parts, self._lock
+        return view
+
     # ---------------------------------------------------------------------------------------------- searching
 
-    def search(self, query: ShardQuery) -> dict[str, RowHits]:
+    def submit(self, query: ShardQuery) -> Done:
+        return Done(self.search(query))
+
+    def ready(self) -> bool:
+        return True
+
+    def search(self, query: ShardQuery) -> Answer:
+        """Each asked route's best ``query.k`` live rows that pass the filter (see :class:`Shard`)."""
         rows = self._filtered(query.filter) if query.filter is not None else None
         found: dict[str, RowHits] = {}
         if query.sparse is not None:
@@ -199,11 +252,10 @@ class LocalShard:
         row = self.store.row_of(doc_id)
         return row if row is not None and row not in self.deleted else None
 
-    def is_live(self, row: int) -> bool:
-        return row not in self.deleted
-
-    def documents(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
-        return self.store.rows(list(rows), columns) if len(rows) else []
+    def documents(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> list[dict | None]:
+        live = [row for row in rows if row not in self.deleted]
+        found = iter(self.store.rows(live, columns) if live else [])
+        return [None if row in self.deleted else next(found) for row in rows]
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
         return self.dense.reconstruct(list(rows))
@@ -214,11 +266,11 @@ class LocalShard:
     def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         return self.store.local_features(list(rows))
 
-    def explain(self, row: int, query: Mapping[str, float]) -> dict[str, tuple[float, float]]:
-        return self.sparse.explain(row, query)
+    def explain(self, rows: Sequence[int], query: Mapping[str, float]) -> list[dict[str, tuple[float, float]]]:
+        return [self.sparse.explain(row, query) for row in rows]
 
-    def text_matches(self, row: int, text: str) -> dict[str, int]:
-        return self.text.matched(row, text) if self.text is not None else {}
+    def text_matches(self, rows: Sequence[int], text: str) -> list[dict[str, int]]:
+        return [self.text.matched(row, text) if self.text is not None else {} for row in rows]
 
     def metadata_fields(self) -> frozenset[str]:
         return self.metadata.fields
@@ -278,11 +330,13 @@ class LocalShard:
         return part
 
     def warm(self) -> None:
-        """Open every part now (the feature store, FAISS, and the sparse searcher that will answer: the in-process
-        Seismic one, else Lucene), so that the first request pays nothing."""
+        """Open every part now (the feature store, FAISS, the sparse searcher that will answer: the in-process
+        Seismic one, else Lucene; and the text route's searcher), so that the first request pays nothing."""
         _ = self.store, self.dense
         if self.sparse.seismic() is None:
             self.sparse.open_searcher()
+        if self.text is not None:
+            self.text.open()
 
     def close(self) -> None:
         with self._lock:

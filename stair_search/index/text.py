@@ -60,7 +60,7 @@ def build_text_index(folder: Path, texts: Sequence[str], threads: int = 1) -> bo
 
 class TextShard:
     """Read side of one shard's text index: BM25 search and matched words (a filtered search asks it for more
-    until enough allowed rows come back: ``reader._Shard.among``)."""
+    until enough allowed rows come back: ``shard.LocalShard._among``)."""
 
     def __init__(self, folder: Path, count: int):
         self.folder, self.count = Path(folder), count
@@ -70,7 +70,8 @@ class TextShard:
     def __len__(self) -> int:
         return self.count
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """Open the searcher, the reader and the analyzer (once; every call opens them when needed)."""
         if self._searcher is None:
             with self._lock, JAVA_CALLS:
                 if self._searcher is None:
@@ -85,19 +86,19 @@ class TextShard:
         """(row, BM25 score) best first; nothing for a query without an indexable word."""
         if not self.terms(text):
             return []
-        self._open()
+        self.open()
         with JAVA_CALLS:
             return [(int(hit.docid), float(hit.score)) for hit in self._searcher.search(text, k)]
 
     def terms(self, text: str) -> list[str]:
         """The query's words as the index holds them (analyzed: lower case, no stop words, stemmed)."""
-        self._open()
+        self.open()
         with JAVA_CALLS:
             return list(dict.fromkeys(self._analyzer.analyze(text or "")))
 
     def matched(self, row: int, text: str) -> dict[str, int]:
         """The query's analyzed words that document ``row`` holds, with their counts in it."""
-        self._open()
+        self.open()
         with JAVA_CALLS:
             vector = self._reader.get_document_vector(str(row)) or {}
             return {term: int(vector[term]) for term in self.terms(text) if term in vector}

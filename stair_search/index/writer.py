@@ -89,7 +89,6 @@ class IndexWriter:
         self.written: list[ShardInfo] = list(resumed)  # shards of this writer, not yet published
         self._pending: list[tuple[list[FeatureRecord], np.ndarray, CSR]] = []
         self._pending_count = 0  # documents in ``_pending``
-        self._retired: list[Path] = []  # tombstone files the committed manifest no longer names
         self._new_tombstones: list[Path] = []  # written by ``delete``: the manifest has changed
         self.committed = False
 
@@ -182,8 +181,6 @@ class IndexWriter:
             rows_here = _live_rows_of(folder, pending, set(dead.tolist()))
             if not rows_here:
                 continue
-            if shard.deleted:
-                self._retired.append(folder / shard.deleted)
             all_dead = np.union1d(dead, np.fromiter(rows_here.values(), dtype=np.int64))
             shard.deleted = _write_tombstone(folder, all_dead)
             self._new_tombstones.append(folder / shard.deleted)
@@ -205,8 +202,9 @@ class IndexWriter:
                 self._publish_into_index(skipped)
             else:
                 self._publish_new(skipped)
-            for path in self._retired:
-                path.unlink(missing_ok=True)
+            # The tombstones the new manifest no longer names stay until the next mutation sweeps them
+            # (layout.leftovers): a reader of the previous version (a cluster's shard replica opening it now) can
+            # still read its deletes.
             self.committed = True
             return self.manifest
         finally:

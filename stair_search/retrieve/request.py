@@ -31,7 +31,9 @@ class SearchRequest:
     hits (paging: the order is the same across pages while ``offset + k`` <= ``depth``); ``rerank``: rerankers
     over the top ``depth`` fused candidates; ``feedback``: top fused hits whose embeddings refine the dense query
     (None: ``auto``'s choice, else none); ``use_text=False`` keeps ``auto`` from adding the text route. The
-    rerankers, feedback, depth and the text route apply to text and image queries only."""
+    rerankers, feedback, depth and the text route apply to text and image queries only. ``partial``: a shard that
+    cannot answer (served elsewhere, every copy of it down) is left out and named in the response
+    (``SearchResponse.missing_shards``) instead of failing the search."""
 
     text: str | None = None
     image: Image.Image | None = None
@@ -50,6 +52,7 @@ class SearchRequest:
     rrf_k: int = RRF_K
     depth: int | None = None
     use_text: bool = True
+    partial: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rerank", tuple(self.rerank))

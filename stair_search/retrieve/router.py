@@ -87,6 +87,7 @@ class SearchResponse:
     decision: dict[str, Any] = field(default_factory=dict)  # {"mode", "rerank", "reason"} (+ "expanded" for S^3)
     # query token -> the longer query word it was searched for ("ham" -> "hamster": the vocabulary splits it)
     query_words: dict[str, str] = field(default_factory=dict)
+    missing_shards: list[str] = field(default_factory=list)  # left out of a partial answer (``request.partial``)
 
 
 @dataclass
@@ -189,15 +190,16 @@ class QueryRouter:
         text, k, offset = request.text, request.k, request.offset
         phrases = self._embed_phrases([p for name in plan.rerank for p in self.rerankers[name].phrases(text)])
         flt = self.index.check_filter(request.filters) if request.filters else None
-        query = self._encode(plan, flt)
+        missing: list[str] | None = [] if request.partial else None
+        query = self._encode(plan, flt, missing)
         if text and not query.sparse:
             plan = plan.without_sparse()
         fetched = plan.fetch(k + offset)
-        lists = self._first_stage(plan, query, flt, fetched)
+        lists = self._first_stage(plan, query, flt, fetched, missing)
         fused = self._fuse(lists, plan, fetched)
         feedback = plan.decision.feedback
         if feedback and "dense" in lists and fused:
-            lists["dense"] = self._feedback_list(query.dense[0], fused[:feedback], fetched, flt)
+            lists["dense"] = self._feedback_list(query.dense[0], fused[:feedback], fetched, flt, missing)
             fused = self._fuse(lists, plan, fetched)
         if plan.rerank:
             fused = self._rerank(fused, plan.depth, list(plan.rerank), query.dense[0], text, phrases)
@@ -211,9 +213,9 @@ class QueryRouter:
         hits = self._describe(fused[offset : offset + k], query.sparse, request.explain, first_rank=offset + 1,
                               text=plan.text_query, query_words=query_words)
         return SearchResponse(mode=plan.label, fusion=plan.fused_by, hits=hits, query_tokens=query.sparse,
-                              decision=info, query_words=query_words)
+                              decision=info, query_words=query_words, missing_shards=sorted(set(missing or ())))
 
-    def _encode(self, plan: Plan, flt: Filter | None) -> _Query:
+    def _encode(self, plan: Plan, flt: Filter | None, missing: list[str] | None) -> _Query:
         """Encode the query once. With idf query weights, a text query's sparse vector is the index's lookup and
         its sparse route starts at once on this router's pool, while the tower embeds the query (dense only)."""
         request = plan.request
@@ -224,21 +226,22 @@ class QueryRouter:
             early = None
             if "sparse" in plan.routes and sparse and need_dense:
                 early = self._pool.submit(self.index.search, ShardQuery(plan.fetch(request.k + request.offset),
-                                                                        sparse=sparse, filter=flt))
+                                                                        sparse=sparse, filter=flt), missing)
             dense = self.encoder.embed_texts([text]) if need_dense else np.zeros((1, 0), np.float32)
             return _Query(dense, sparse, expanded, early)
         encoded = self.encode_query(text, request.image)
         sparse, expanded = self._expand(encoded.sparse[0], text, mode, plan.rerank)
         return _Query(encoded.dense, sparse, expanded)
 
-    def _first_stage(self, plan: Plan, query: _Query, flt: Filter | None, fetch: int) -> dict[str, list[Candidate]]:
+    def _first_stage(self, plan: Plan, query: _Query, flt: Filter | None, fetch: int, missing: list[str] | None
+                     ) -> dict[str, list[Candidate]]:
         """Each route's candidates, from one query to every shard (the sparse route's may be running already)."""
         early = query.early
         routes = tuple(r for r in plan.routes if not (early and r == "sparse"))
         asked = ShardQuery(fetch, sparse=query.sparse if "sparse" in routes else None,
                            dense=query.dense[0] if "dense" in routes else None,
                            text=plan.text_query if "text" in routes else None, filter=flt)
-        lists = self.index.search(asked) if asked.routes() else {}
+        lists = self.index.search(asked, missing) if asked.routes() else {}
         return early.result() | lists if early is not None else lists
 
     def _more_like(self, request: SearchRequest) -> SearchResponse:
@@ -262,14 +265,15 @@ class QueryRouter:
         fetched = plan.fetch(request.k + request.offset + len(exclude))
         asked = ShardQuery(fetched, sparse=sparse if "sparse" in plan.routes else None,
                            dense=dense if "dense" in plan.routes else None, filter=flt)
-        fused = self._fuse(self.index.search(asked), plan, fetched)
+        missing: list[str] | None = [] if request.partial else None
+        fused = self._fuse(self.index.search(asked, missing), plan, fetched)
         if exclude:
             hidden = {self.index.find(doc_id) for doc_id in exclude} - {None}
             fused = [f for f in fused if Candidate(*f.key, 0.0) not in hidden]
         offset = request.offset
         hits = self._describe(fused[offset : offset + request.k], sparse, request.explain, first_rank=offset + 1)
         return SearchResponse(mode=plan.decision.mode, fusion=plan.fused_by, hits=hits, query_tokens=sparse,
-                              decision=plan.decision.to_dict())
+                              decision=plan.decision.to_dict(), missing_shards=sorted(set(missing or ())))
 
     def close(self) -> None:
         """Release the index's readers and this router's sparse-route threads (both reopen if used again)."""
@@ -312,12 +316,12 @@ class QueryRouter:
             raise ValueError(f"sparse query weights must be finite and >= 0: {bad[:10]}")
         return {token: float(weight) for token, weight in sparse.items() if weight > 0}
 
-    def _feedback_list(self, query: np.ndarray, top: Sequence[Fused], count: int, flt: Filter | None
-                       ) -> list[Candidate]:
+    def _feedback_list(self, query: np.ndarray, top: Sequence[Fused], count: int, flt: Filter | None,
+                       missing: list[str] | None) -> list[Candidate]:
         """The dense route again, its query moved toward the mean stored embedding of the ``top`` fused hits."""
         vectors = unit(self.index.vectors(_candidates(top)))
         moved = np.asarray(query, np.float32) + FEEDBACK_WEIGHT * vectors.mean(axis=0)
-        return self.index.search(ShardQuery(count, dense=moved / np.linalg.norm(moved), filter=flt))["dense"]
+        return self.index.search(ShardQuery(count, dense=moved / np.linalg.norm(moved), filter=flt), missing)["dense"]
 
     @staticmethod
     def _fuse(lists: Mapping[str, list[Candidate]], plan: Plan, fetched: int) -> list[Fused]:
@@ -370,13 +374,15 @@ class QueryRouter:
         piece of a longer query word says which: ``query_words``)."""
         candidates = _candidates(fused)
         docs = self.index.documents(candidates, ["id", "source", "caption", "metadata"])
+        none: list[None] = [None] * len(candidates)
+        explained = self.index.explain(candidates, query_sparse) if explain else none
+        texts = self.index.text_matches(candidates, text) if explain and text else none
         hits = []
-        for rank, (f, cand, doc) in enumerate(zip(fused, candidates, docs, strict=True), start=first_rank):
-            matched = self.index.explain(cand, query_sparse) if explain else None
+        for rank, (f, doc, matched, text_matched) in enumerate(zip(fused, docs, explained, texts, strict=True),
+                                                               start=first_rank):
             hits.append(SearchHit(rank=rank, id=doc["id"], score=f.score, source=doc["source"],
                                   caption=doc.get("caption", ""), metadata=doc.get("metadata", {}),
-                                  parts=f.parts, matched=matched,
-                                  text_matched=self.index.text_matches(cand, text) if explain and text else None,
+                                  parts=f.parts, matched=matched, text_matched=text_matched,
                                   matched_words={t: w for t, w in (query_words or {}).items() if t in (matched or {})}))
         return hits
 

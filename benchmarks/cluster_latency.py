@@ -38,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--fanout-docs", type=int, default=16_000)
+    parser.add_argument("--fanout", default="1,4,16", help="shard counts of the fan-out measurement (each shard is a "
+                        "replica process: about 0.6 GB each when it opens Lucene, see docs/cluster.md)")
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -57,13 +59,14 @@ def main() -> None:
     work = args.work_dir or data_dir() / "cluster-latency"
     encoder = Encoder(DEFAULT_MODEL)
     indexes = {"big": (args.docs, 100_000), "four": (args.docs, -(-args.docs // 4)),
-               **{f"fan{n}": (args.fanout_docs, -(-args.fanout_docs // n)) for n in (1, 4, 16)}}
+               **{f"fan{n}": (args.fanout_docs, -(-args.fanout_docs // n)) for n in fanout(args)}}
     for name, (docs, shard_size) in indexes.items():
         folder = work / f"{name}-{docs}"
         if not (folder / "manifest.json").is_file():
             print(f"building {folder} ...", flush=True)
             build(folder, encoder, docs, batch=min(10_000, shard_size), shard_size=shard_size)
     dirs = {name: work / f"{name}-{docs}" for name, (docs, _) in indexes.items()}
+    print(f"feature store's local features: {local_feature_bytes(dirs['big'], args.docs):.0f} bytes/doc (mmap)")
     print(json.dumps(bytes_per_document(dirs["big"], args.docs, encoder.model.embed_dim), indent=1), flush=True)
     del encoder
     cluster, ray = start_cluster()
@@ -79,16 +82,10 @@ def main() -> None:
 
 def start_cluster():
     import ray
-    from ray.cluster_utils import Cluster
 
-    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK,
-                                                             "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    return cluster, ray
+    from server.cluster import loopback_cluster
+
+    return loopback_cluster(workers=2), ray
 
 
 def measure(args: argparse.Namespace, dirs: dict[str, Path]) -> None:
@@ -110,7 +107,7 @@ def measure(args: argparse.Namespace, dirs: dict[str, Path]) -> None:
             httpx.Client(base_url=f"http://{LOOPBACK}:8601", timeout=120) as process:
         wait_ready(process)
         overhead(cluster, process, args.queries)
-        fan_out(cluster, args.queries)
+        fan_out(cluster, args.queries, fanout(args))
         throughput(cluster, args, "four", 1)
         ClusterServer(dirs, settings, ClusterSettings(replicas=2)).deploy()  # the same applications, 2 copies
         throughput(cluster, args, "four", 2)
@@ -153,9 +150,13 @@ def overhead(cluster, process, queries: int) -> None:
         print(f"| {mode} | {a[0]:.1f} / {a[1]:.1f} | {b[0]:.1f} / {b[1]:.1f} | {b[0] - a[0]:+.1f} |", flush=True)
 
 
-def fan_out(cluster, queries: int) -> None:
+def fanout(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in args.fanout.split(",") if n.strip()]
+
+
+def fan_out(cluster, queries: int, counts: list[int]) -> None:
     print("\n| shards | hybrid p50 / p95 ms (cluster) |\n|---|---|")
-    for shards in (1, 4, 16):
+    for shards in counts:
         body = {"mode": "hybrid", "k": 10, "index": f"fan{shards}"}
         for query in QUERIES[:3]:
             timed(cluster, body | {"query": query})
@@ -186,6 +187,11 @@ def throughput(cluster, args: argparse.Namespace, index: str, replicas: int) -> 
           f"{len(done) / args.seconds:.1f} queries/s", flush=True)
 
 
+def local_feature_bytes(index_dir: Path, docs: int) -> float:
+    """The feature store's memory-mapped local features and positions, per document."""
+    return sum(f.stat().st_size for f in index_dir.glob("shards/*/features.local*.npy")) / docs
+
+
 def bytes_per_document(index_dir: Path, docs: int, dim: int) -> dict[str, float]:
     """Bytes per document of each part of the index's shards, and of each FAISS kind over the same vectors."""
     from stair_search.index import DenseShard, DenseSpec, Manifest
@@ -198,7 +204,7 @@ def bytes_per_document(index_dir: Path, docs: int, dim: int) -> dict[str, float]
         folder = shard.path(index_dir)
         for name, path in (("lucene", folder / "sparse" / "lucene"), ("sparse accelerated",
                                                                        folder / "sparse" / "accelerated"),
-                           ("sparse CSR", folder / "sparse"), ("dense flat", folder / "dense.faiss"),
+                           ("sparse CSR", folder / "sparse"), ("dense (as built)", folder / "dense.faiss"),
                            ("feature store", folder / "features.arrow"), ("text route", folder / "text")):
             if path.exists():
                 parts[name] = parts.get(name, 0) + size(path)

@@ -427,6 +427,23 @@ def _alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+def loopback_cluster(workers: int):
+    """A head and ``workers`` worker nodes on this machine (``ray.cluster_utils.Cluster``: separate raylets, one
+    CPU each), bound to 127.0.0.1, with this process connected: the cluster path tried on one machine. Run it in a
+    network namespace of its own with only loopback up (``unshare -n``), so no traffic leaves the machine."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.update(REPLICA_ENV)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                             "include_dashboard": False})
+    for _ in range(workers):
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    return cluster
+
+
 def serve_on_cluster(indexes: Mapping[str, str | Path], settings: Any, cluster: ClusterSettings, host: str,
                      port: int, model: str | None = None, stop: threading.Event | None = None) -> ClusterServer:
     """Connect to (or start) the Ray cluster, start Serve's HTTP proxy on ``host:port``, deploy, and keep the

@@ -55,15 +55,10 @@ def main(spec_path: str) -> None:
 
 def start_cluster():
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK,
-                                                             "include_dashboard": False})
-    for _ in range(3):
-        cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    return cluster, ray
+    from server.cluster import loopback_cluster
+
+    return loopback_cluster(workers=3), ray
 
 
 def run_scenarios(spec: dict[str, Any], cluster: Any, report: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -193,3 +195,26 @@ def test_export_writes_every_live_document_batch_by_batch(built, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "dense.npy"), expected.dense, atol=1e-5)
     bad = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path), "--format", "npy"])
     assert bad.exit_code != 0 and "is a folder" in str(bad.exception)
+
+
+def test_a_manifest_naming_a_path_outside_the_index_is_refused_and_nothing_is_written_there(built, tmp_path):
+    """A shard or tombstone name with ``../`` in the manifest is refused (one line naming the file, exit 1), by
+    search and by delete alike, and nothing is read or written outside the index."""
+    index_dir, _, manifest, _, _ = built
+    other = tmp_path / "other"
+    shutil.copytree(index_dir, other)
+    for field, name in (("name", f"../../other/shards/{manifest.shards[0].name}"), ("deleted", "../../x.npy")):
+        copy = tmp_path / f"tampered-{field}"
+        shutil.copytree(index_dir, copy)
+        data = json.loads((copy / "manifest.json").read_text())
+        data["shards"][0][field] = name
+        (copy / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="not a plain file name inside the index"):
+            IndexReader(copy)
+        before = sorted(p.name for p in other.rglob("*"))
+        for args in (["delete", str(copy), "red-circle-white"], ["search", str(copy), "red"]):
+            done = subprocess.run([sys.executable, "-m", "stair_search.cli", *args], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 1 and "not a plain file name" in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1
+        assert sorted(p.name for p in other.rglob("*")) == before  # no tombstone written into the other index

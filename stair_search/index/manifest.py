@@ -9,6 +9,7 @@ one over (``Encoder.record``), and the writer and the manifest check take nothin
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from stair_search.index.layout import MANIFEST, shard_dir
 from stair_search.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
 
 class IndexMismatchError(ValueError):
@@ -118,7 +120,13 @@ class Manifest:
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} has format v{data['format_version']}; this stair-search reads up to "
                              f"v{FORMAT_VERSION}. Upgrade stair-search.")
-        return cls.from_dict(data)
+        manifest = cls.from_dict(data)
+        for shard in manifest.shards:  # every path the manifest names stays inside the index
+            for what, name in (("shard", shard.name), ("tombstone", shard.deleted)):
+                if name is not None and not _plain_name(name):
+                    raise ValueError(f"{path}: {what} name {name!r} is not a plain file name inside the index; "
+                                     f"restore the manifest from a backup or rebuild the index.")
+        return manifest
 
     @classmethod
     def new(cls, model: ModelRecord, scale: float, text_fields: list[str] | None) -> Manifest:
@@ -148,3 +156,8 @@ class Manifest:
                 "The model does not match the index: " + "; ".join(problems)
                 + f". Search with the model the index was built with ({self.model['spec']}) or rebuild the index."
             )
+
+
+def _plain_name(name: object) -> bool:
+    """A shard folder or tombstone file name: one path component, no way out of its folder."""
+    return isinstance(name, str) and bool(_PLAIN.fullmatch(name)) and ".." not in name

@@ -26,6 +26,7 @@ request asks for a partial answer, leaves it out and names it. Serve starts a re
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shutil
@@ -165,7 +166,7 @@ class ShardServer:
 
     def _local_copy(self, index_dir: Path, info: ShardInfo, key: str) -> Path:
         """Copy the shard's folder to node-local disk (once per generation), before the replica reports ready."""
-        target = Path(self.copy_to) / f"{abs(hash(key)):x}"
+        target = Path(self.copy_to) / hashlib.sha256(key.encode()).hexdigest()[:16]  # the same on every replica
         shard_dir = info.path(target)
         if not shard_dir.is_dir():
             partial = shard_dir.with_name(shard_dir.name + f".copying-{os.getpid()}")

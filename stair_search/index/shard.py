@@ -35,6 +35,7 @@ ROUTES = ("sparse", "dense", "text")
 # A filtered dense search scores up to this many allowed rows of a shard exactly (their vectors read back);
 # beyond it, the shard's FAISS search over-fetches until k allowed rows are found.
 EXACT_FILTERED_ROWS = 50_000
+FILTERS_REMEMBERED = 8  # per shard: one request asks its shards up to three times with the same filter
 RowHits = list[tuple[int, float]]  # (row, score), best first
 Answer = dict[str, RowHits]  # route -> its hits
 
@@ -152,6 +153,7 @@ class LocalShard:
         self.deleted = frozenset(read_tombstone(self.dir, info.deleted, info.name).tolist())
         self._parts: dict[str, Any] = {}
         self._lock = threading.RLock()  # re-entrant: one part may open another (metadata reads the store)
+        self._filter_rows: dict[Filter, np.ndarray] = {}  # the last few filters' rows (``_filtered``)
 
     @classmethod
     def open(cls, index_dir: Path, manifest: Manifest, info: ShardInfo, vocabulary: Vocabulary) -> LocalShard:
@@ -167,7 +169,7 @@ class LocalShard:
         view = object.__new__(LocalShard)
         view.dir, view.info, view.vocabulary, view.scale = self.dir, info, self.vocabulary, self.scale
         view.deleted = frozenset(read_tombstone(tombstones or self.dir, info.deleted, info.name).tolist())
-        view._parts, view._lock = self._parts, self._lock
+        view._parts, view._lock, view._filter_rows = self._parts, self._lock, {}
         return view
 
     # ---------------------------------------------------------------------------------------------- searching
@@ -216,9 +218,19 @@ class LocalShard:
         return k + len(self.deleted)
 
     def _filtered(self, flt: Filter) -> np.ndarray:
-        """Rows that are not deleted and whose metadata the filter keeps, ascending."""
-        return np.asarray([row for row, metadata in enumerate(self.metadata)
-                           if row not in self.deleted and flt.matches(metadata)], dtype=np.int64)
+        """Rows that are not deleted and whose metadata the filter keeps, ascending: worked out once for the
+        first-stage routes, the early sparse route and feedback's second dense search of one request (the last
+        FILTERS_REMEMBERED filters are kept)."""
+        with self._lock:
+            rows = self._filter_rows.get(flt)
+        if rows is None:
+            rows = np.asarray([row for row, metadata in enumerate(self.metadata)
+                               if row not in self.deleted and flt.matches(metadata)], dtype=np.int64)
+            with self._lock:
+                while len(self._filter_rows) >= FILTERS_REMEMBERED:
+                    self._filter_rows.pop(next(iter(self._filter_rows)))
+                self._filter_rows[flt] = rows
+        return rows
 
     def _dense_among(self, query: np.ndarray, rows: np.ndarray, k: int) -> RowHits:
         """The top k of ``rows`` (live) for one query: exact over their stored vectors when there are few of

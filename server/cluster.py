@@ -48,8 +48,8 @@ APP = "stair-search"
 # ray#36415): every replica runs with Ray's handler off.
 # Sync replica methods run on a thread pool, so one replica answers several calls at once.
 REPLICA_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1", "RAY_SERVE_RUN_SYNC_IN_THREADPOOL": "1"}
-SHARD_CALLS = frozenset({"search", "find", "documents", "vectors", "sparse_vectors", "local_features", "explain",
-                         "text_matches", "metadata_fields", "live_rows", "ids", "term_statistics", "nonzeros"})
+SHARD_CALLS = frozenset({"search", "find", "documents", "vectors", "sparse_vectors", "features", "describe",
+                         "metadata_fields", "live_rows", "ids", "term_statistics", "nonzeros"})
 GENERATIONS_KEPT = 2  # a replica answers the current and the previous version of its shard
 RETRY_PAUSE_S = 0.05
 ATTEMPT_S = 1.0  # one try's wait: a call stuck on a replica that died is sent again, to another replica
@@ -129,10 +129,9 @@ class ShardServer:
         return getattr(self._view(_key(generation), ShardInfo(**shard)), method)(*args)
 
     def status(self) -> dict[str, Any]:
-        """What this replica holds: the generations open, the views (tombstones) made, whether a model was
-        loaded here (never: only the ingress runs one) and whether torch was imported (only through Pyserini's
-        search package, when the shard opens Lucene: its text route, or sparse queries the in-process searcher
-        does not take)."""
+        """What this replica holds: the generations open, the views (tombstones) made, and whether a model or
+        torch was loaded here (never: only the ingress runs one; Lucene is searched without Pyserini's
+        torch-importing search package, see stair_search/index/lucene.py)."""
         model = any(name in sys.modules for name in ("stair_search.encode", "stair_search.models", "open_clip"))
         return _where() | {"generations": list(self._shards), "views": len(self._views), "model": model,
                            "torch": "torch" in sys.modules}
@@ -213,14 +212,11 @@ class RemoteShard:
     def sparse_vectors(self, rows):
         return self._call("sparse_vectors", list(rows))
 
-    def local_features(self, rows):
-        return self._call("local_features", list(rows))
+    def features(self, rows):
+        return self._call("features", list(rows))
 
-    def explain(self, rows, query):
-        return self._call("explain", list(rows), dict(query))
-
-    def text_matches(self, rows, text):
-        return self._call("text_matches", list(rows), text)
+    def describe(self, rows, columns, sparse, text):
+        return self._call("describe", list(rows), list(columns), None if sparse is None else dict(sparse), text)
 
     def metadata_fields(self) -> frozenset[str]:
         if self._fields is None:  # the shard's files do not change under one generation

@@ -115,9 +115,11 @@ def test_no_package_init_shadows_one_of_its_modules():
 
 
 def test_the_storage_layer_opens_and_searches_an_index_without_torch(tmp_path, tiny_encoder):
-    """A process that only serves shards must not carry a model: ``stair_search.index`` imports no torch, and
-    opening an index and searching it by vectors (sparse and dense, a filter, stored fields) loads none either.
-    (The text route and the Lucene fallback import Pyserini's search package, which imports torch itself.)"""
+    """A process that only serves shards (a cluster replica) must not carry a model: ``stair_search.index``
+    imports no torch, and opening an index and searching every route loads none either: sparse through Lucene
+    (the accelerated searcher removed) and through Seismic, dense, the text route's BM25, a filter, stored
+    fields. (Pyserini's ``pyserini.search.lucene`` package imports torch; the shard calls Anserini's searchers
+    from Pyserini's jar directly.)"""
     from stair_search.index import FeatureRecord, IndexWriter
     from tests.conftest import draw_shape
 
@@ -128,19 +130,22 @@ def test_the_storage_layer_opens_and_searches_an_index_without_torch(tmp_path, t
     with IndexWriter(tmp_path / "index", tiny_encoder.record, shard_size=2) as writer:
         writer.add(records, encoded)
         writer.commit()
+    shutil.rmtree(next((tmp_path / "index").glob("shards/*/sparse/accelerated")))  # that shard asks Lucene
     code = ("import sys, numpy as np\n"
             "from stair_search.index import IndexReader, ShardQuery\n"
             "index = IndexReader(sys.argv[1])\n"
             "vector = np.load(sys.argv[2])\n"
             "sparse = index.sparse_vectors([index.find('red-circle')])[0]\n"
-            "found = index.search(ShardQuery(2, sparse=sparse, dense=vector,\n"
+            "found = index.search(ShardQuery(2, sparse=sparse, dense=vector, text='red circle',\n"
             "                                filter=index.check_filter({'colour': ['red', 'blue']})))\n"
-            "print(sorted(index.documents(found['dense'], ['id'])[0].values()), sorted(found), 'torch' in sys.modules)")
+            "print(sorted(index.documents(found['dense'], ['id'])[0].values()), sorted(found),\n"
+            "      index.documents(found['text'], ['id'])[0]['id'], 'jnius' in sys.modules, 'torch' in sys.modules)")
     np.save(tmp_path / "query.npy", encoded.dense[0])
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "index"), str(tmp_path / "query.npy")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["['red-circle']", "['dense',", "'sparse']", "False"], result.stdout
+    assert result.stdout.split() == ["['red-circle']", "['dense',", "'sparse',", "'text']", "red-circle", "True",
+                                     "False"], result.stdout
 
 
 def test_dense_only_paths_do_not_import_pyserini():

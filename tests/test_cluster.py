@@ -135,7 +135,7 @@ def test_shard_replicas_are_spread_and_hold_no_model(report):
     replicas = report["replicas"]
     assert len(replicas) == 3 and all(len(held) == 2 for held in replicas.values()), replicas
     assert all(len({r["node"] for r in held}) == 2 for held in replicas.values())  # never two on one node
-    assert not any(r["model"] for held in replicas.values() for r in held), replicas
+    assert not any(r["model"] or r["torch"] for held in replicas.values() for r in held), replicas
 
 
 def test_a_node_or_a_replica_killed_under_load_fails_no_query(report):

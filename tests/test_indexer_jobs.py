@@ -623,7 +623,7 @@ def test_an_index_built_before_store_format_2_still_reads_filters_appends_delete
     with IndexReader(out) as index:
         ids = sorted(index.ids())
         found = [index.find(doc_id) for doc_id in ids]
-        fields_before, local_before = index.documents(found, STORED_FIELDS), index.local_features(found)
+        fields_before, local_before = index.documents(found, STORED_FIELDS), index.features(found)[1:]
         dense = index.vectors(found)
     for shard in Manifest.load(out).shards:
         folder = shard.path(out)
@@ -641,7 +641,7 @@ def test_an_index_built_before_store_format_2_still_reads_filters_appends_delete
         found = [index.find(doc_id) for doc_id in ids]
         assert index.documents(found, STORED_FIELDS) == [{**f, "metadata": {"row": c.row}}
                                                          for f, c in zip(fields_before, found, strict=True)]
-        for got, want in zip(index.local_features(found), local_before, strict=True):
+        for got, want in zip(index.features(found)[1:], local_before, strict=True):
             np.testing.assert_array_equal(got, want)
         kept = index.check_filter({"row": [found[2].row, found[4].row]})
         hits = index.search(ShardQuery(3, dense=dense[2], filter=kept))["dense"]

@@ -2,7 +2,8 @@
 
 It fans each first-stage query out to the shards (``shard.Shard``, the one narrow interface a shard answers)
 and merges their lists, and answers everything else a caller needs about documents (``find``, ``documents``,
-``vectors``, ``local_features``, ``explain``, ``ids``) by asking the shard that holds them, so that the router,
+``vectors``, ``features``, ``describe``, ``ids``) by asking the shards that hold them, all at once (one call
+per shard, the shards in parallel: a shard in another process costs a round trip per call), so that the router,
 the rerankers, the server and the registry never touch a shard's parts. Opening checks that every file the
 manifest promises is there (a deleted file is a clear error, never a silently smaller answer), but each shard
 loads its parts lazily and thread-safely (``warm`` opens everything now; ``close`` releases what was opened).
@@ -14,7 +15,9 @@ over-fetches by its number of deleted rows and drops them, so a search still ret
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from stair_search.index.manifest import Manifest, ShardInfo
-from stair_search.index.shard import LocalShard, Shard, ShardQuery, ShardUnavailable
+from stair_search.index.shard import Described, Features, LocalShard, Shard, ShardQuery, ShardUnavailable
 from stair_search.query.filters import Filter, check_fields, parse_filter
 from stair_search.vocabulary import Vocabulary
 
+MAX_SHARD_THREADS = 16  # per reader: shard calls of one request in flight at once
 STORED_FIELDS = ("id", "source", "width", "height", "caption", "metadata")
 # How a reader reaches one shard: (index directory, its manifest, the shard's entry, vocabulary) -> Shard.
 ShardOpener = Callable[[Path, Manifest, ShardInfo, Vocabulary], Shard]
@@ -43,6 +47,8 @@ class IndexReader:
         """``open_shard``: how each shard is reached (default: read from its folder in this process; the cluster
         serves shards from other processes: ``server/cluster.py``)."""
         self.dir, self.open_shard = Path(index_dir), open_shard
+        self._pool: ThreadPoolExecutor | None = None  # per-shard calls in parallel; made on first need
+        self._pool_lock = threading.Lock()
         self._load()
 
     def _load(self) -> None:
@@ -106,10 +112,6 @@ class IndexReader:
         """Names of the shards that cannot answer now (none for shards read in this process)."""
         return [shard.info.name for shard in self._shards if not shard.ready()]
 
-    def text_matches(self, candidates: Sequence[Candidate], text: str) -> list[dict[str, int]]:
-        """The query's (analyzed) words that each candidate's text holds, with their counts."""
-        return self._per_shard(candidates, lambda shard, rows: shard.text_matches(rows, text), {})
-
     # ---------------------------------------------------------------------------------------------- documents
 
     def find(self, doc_id: str) -> Candidate | None:
@@ -125,42 +127,60 @@ class IndexReader:
 
         A deleted document is never returned: its place holds None (searches never yield deleted rows).
         """
-        return self._per_shard(candidates, lambda shard, rows: shard.documents(rows, columns), None)
+        return self._in_order(candidates, lambda shard, rows: shard.documents(rows, columns), None)
 
     def vectors(self, candidates: Sequence[Candidate]) -> np.ndarray:
         """(N, D) float32 stored dense embeddings of the candidates, in order (read back from FAISS)."""
         out = np.zeros((len(candidates), self.manifest.embed_dim), np.float32)
-        for shard, positions in _by_shard(candidates).items():
-            out[positions] = self._shards[shard].vectors([candidates[i].row for i in positions])
+        for positions, answer in self._per_shard(candidates, lambda shard, rows: shard.vectors(rows)):
+            out[positions] = answer
         return out
 
     def sparse_vectors(self, candidates: Sequence[Candidate]) -> list[dict[str, float]]:
         """Stored (de-quantised) sparse vectors of the candidates, in order."""
-        return self._per_shard(candidates, lambda shard, rows: shard.sparse_vectors(rows), {})
+        return self._in_order(candidates, lambda shard, rows: shard.sparse_vectors(rows), {})
 
-    def local_features(self, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
-        """(N, m, D) local features and (N, m, 2) positions of the candidates, in order."""
-        m, dim = self.manifest.num_local, self.manifest.embed_dim
-        feats, pos = np.zeros((len(candidates), m, dim), np.float16), np.zeros((len(candidates), m, 2), np.float16)
-        for shard, positions in _by_shard(candidates).items():
-            f, p = self._shards[shard].local_features([candidates[i].row for i in positions])
-            feats[positions], pos[positions] = f, p
-        return feats, pos
+    def features(self, candidates: Sequence[Candidate]) -> Features:
+        """What the rerankers read, in order: (N, D) float32 embeddings, (N, m, D) local features and (N, m, 2)
+        positions (float16)."""
+        m, dim, n = self.manifest.num_local, self.manifest.embed_dim, len(candidates)
+        vectors = np.zeros((n, dim), np.float32)
+        local, where = np.zeros((n, m, dim), np.float16), np.zeros((n, m, 2), np.float16)
+        for positions, (v, f, p) in self._per_shard(candidates, lambda shard, rows: shard.features(rows)):
+            vectors[positions], local[positions], where[positions] = v, f, p
+        return vectors, local, where
 
-    def explain(self, candidates: Sequence[Candidate], query: Mapping[str, float]
-                ) -> list[dict[str, tuple[float, float]]]:
-        """Each candidate's matched word-pieces for the sparse query: {token: (query weight, document weight)}."""
-        return self._per_shard(candidates, lambda shard, rows: shard.explain(rows, query), {})
+    def describe(self, candidates: Sequence[Candidate], columns: Sequence[str],
+                 sparse: Mapping[str, float] | None = None, text: str | None = None) -> list[Described]:
+        """Each candidate's stored ``columns`` and, when asked, its matched word-pieces for the ``sparse`` query
+        ({token: (query weight, document weight)}) and its analyzed words the ``text`` query holds."""
+        return self._in_order(candidates, lambda shard, rows: shard.describe(rows, columns, sparse, text),
+                              (None, None, None))
 
-    def _per_shard(self, candidates: Sequence[Candidate], ask: Callable[[Shard, list[int]], list], empty: Any
-                   ) -> list:
-        """``ask(shard, rows)`` once per shard that holds candidates; the answers back in the candidates' order."""
+    def _in_order(self, candidates: Sequence[Candidate], ask: Callable[[Shard, list[int]], list], empty: Any
+                  ) -> list:
+        """``ask(shard, rows)``'s answers back in the candidates' order."""
         out = [empty] * len(candidates)
-        for shard, positions in _by_shard(candidates).items():
-            for i, answer in zip(positions, ask(self._shards[shard], [candidates[i].row for i in positions]),
-                                 strict=True):
-                out[i] = answer
+        for positions, answer in self._per_shard(candidates, ask):
+            for i, value in zip(positions, answer, strict=True):
+                out[i] = value
         return out
+
+    def _per_shard(self, candidates: Sequence[Candidate], ask: Callable[[Shard, list[int]], Any]
+                   ) -> list[tuple[list[int], Any]]:
+        """``ask(shard, rows)`` once per shard that holds candidates, the shards in parallel when several do:
+        (the candidates' positions, the answer) per shard."""
+        groups = list(_by_shard(candidates).items())
+        calls = [(lambda s=shard, p=positions: ask(self._shards[s], [candidates[i].row for i in p]))
+                 for shard, positions in groups]
+        if len(calls) == 1:
+            return [(groups[0][1], calls[0]())]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(len(self._shards), MAX_SHARD_THREADS),
+                                                thread_name_prefix="shard-call")
+            futures = [self._pool.submit(call) for call in calls]
+        return [(positions, future.result()) for (_, positions), future in zip(groups, futures, strict=True)]
 
     def live(self, batch_size: int = 4096) -> Iterator[list[Candidate]]:
         """Every live document as candidates (score 0), shard by shard in row order, ``batch_size`` at a time:
@@ -210,6 +230,10 @@ class IndexReader:
 
     def close(self) -> None:
         """Release the Lucene readers, FAISS indexes and store maps opened so far (reopened if used again)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         for shard in self._shards:
             shard.close()
 

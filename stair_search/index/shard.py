@@ -38,6 +38,9 @@ EXACT_FILTERED_ROWS = 50_000
 FILTERS_REMEMBERED = 8  # per shard: one request asks its shards up to three times with the same filter
 RowHits = list[tuple[int, float]]  # (row, score), best first
 Answer = dict[str, RowHits]  # route -> its hits
+Features = tuple[np.ndarray, np.ndarray, np.ndarray]  # (N, D) embeddings, (N, m, D) local features, (N, m, 2)
+# A hit's description: stored fields (None: deleted), matched word-pieces, matched text words (None: not asked)
+Described = tuple[dict | None, dict[str, tuple[float, float]] | None, dict[str, int] | None]
 
 
 class ShardUnavailable(RuntimeError):
@@ -102,14 +105,15 @@ class Shard(Protocol):
 
     def sparse_vectors(self, rows: Sequence[int]) -> list[dict[str, float]]: ...
 
-    def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(N, m, D) local features and (N, m, 2) positions, float16."""
+    def features(self, rows: Sequence[int]) -> Features:
+        """What the rerankers read of each row, in one call: (N, D) stored embeddings, (N, m, D) local features
+        and (N, m, 2) positions (float16)."""
 
-    def explain(self, rows: Sequence[int], query: Mapping[str, float]) -> list[dict[str, tuple[float, float]]]:
-        """Each row's matched word-pieces: {token: (query weight, document weight)}."""
-
-    def text_matches(self, rows: Sequence[int], text: str) -> list[dict[str, int]]:
-        """Each row's words (analyzed) that the text query holds, with their counts."""
+    def describe(self, rows: Sequence[int], columns: Sequence[str], sparse: Mapping[str, float] | None,
+                 text: str | None) -> list[Described]:
+        """What a hit shows, in one call: each row's stored ``columns`` (None for a deleted row), with ``sparse``
+        its matched word-pieces {token: (query weight, document weight)}, with ``text`` its analyzed words that
+        the text query holds {word: count}."""
 
     def metadata_fields(self) -> frozenset[str]: ...
 
@@ -275,14 +279,16 @@ class LocalShard:
     def sparse_vectors(self, rows: Sequence[int]) -> list[dict[str, float]]:
         return [self.sparse.document_vector(row) for row in rows]
 
-    def local_features(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        return self.store.local_features(list(rows))
+    def features(self, rows: Sequence[int]) -> Features:
+        return (self.vectors(rows), *self.store.local_features(list(rows)))
 
-    def explain(self, rows: Sequence[int], query: Mapping[str, float]) -> list[dict[str, tuple[float, float]]]:
-        return [self.sparse.explain(row, query) for row in rows]
-
-    def text_matches(self, rows: Sequence[int], text: str) -> list[dict[str, int]]:
-        return [self.text.matched(row, text) if self.text is not None else {} for row in rows]
+    def describe(self, rows: Sequence[int], columns: Sequence[str], sparse: Mapping[str, float] | None,
+                 text: str | None) -> list[Described]:
+        docs = self.documents(rows, columns)
+        matched = [self.sparse.explain(row, sparse) for row in rows] if sparse is not None else [None] * len(rows)
+        words = ([self.text.matched(row, text) if self.text is not None else {} for row in rows]
+                 if text is not None else [None] * len(rows))
+        return list(zip(docs, matched, words, strict=True))
 
     def metadata_fields(self) -> frozenset[str]:
         return self.metadata.fields

@@ -1,4 +1,4 @@
-"""Sparse shard: a Lucene impact index (written through Lucene's API, searched through Pyserini) + numpy CSR.
+"""Sparse shard: a Lucene impact index (written through Lucene's API, searched by Pyserini's Anserini) + numpy CSR.
 
 Lucene impacts are integers, so weights are quantised: ``impact = max(1, round(weight * scale))`` — a weight
 that was non-zero never becomes 0 (Pyserini's own path truncates with ``asInt()``). Queries are quantised with
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
+from stair_search.index.jvm import JAVA_CALLS, java_class
+from stair_search.index.lucene import ImpactSearcher
 from stair_search.index.seismic import MAX_K, MAX_QUERY_TOKENS, SeismicSearcher
 from stair_search.vocabulary import Vocabulary, spell
 
@@ -248,18 +249,11 @@ def _add_documents(writer, indptr: np.ndarray, indices: np.ndarray, values: np.n
         raise errors[0]
 
 
-class _PreEncoded:
-    """Pyserini query 'encoder' for queries that are already {term: impact} maps."""
-
-    def encode(self, query: dict[str, int]) -> dict[str, int]:
-        return query
-
-
 class SparseShard:
-    """Read side of one shard: Lucene impact search through Pyserini + CSR for explanations.
+    """Read side of one shard: Lucene impact search (Anserini via Pyserini's jar) + CSR for explanations.
 
-    The CSR files open at once (memory-mapped); the Lucene searcher, and with it the JVM and the slow Pyserini
-    import, only on the first search (``open_searcher``), so explaining a hit or a dense-only search never
+    The CSR files open at once (memory-mapped); the Lucene searcher, and with it the JVM, only on the first
+    search (``open_searcher``), so explaining a hit or a dense-only search never
     starts Java."""
 
     def __init__(self, shard_dir: Path, vocabulary: Vocabulary, scale: float):
@@ -283,10 +277,7 @@ class SparseShard:
         if self._searcher is None and self._with_tokens:
             with self._lock, JAVA_CALLS:
                 if self._searcher is None:
-                    lucene = import_pyserini("pyserini.search.lucene")
-                    # min_idf=-1: Pyserini drops query terms with idf <= min_idf, and a term present in every
-                    # document has idf 0, so the default (0) would silently ignore it.
-                    searcher = lucene.LuceneImpactSearcher(str(self.dir / LUCENE_DIR), _PreEncoded(), min_idf=-1)
+                    searcher = ImpactSearcher(self.dir / LUCENE_DIR)
                     if searcher.num_docs != self._with_tokens:
                         raise ValueError(f"Sparse shard {self.dir}: Lucene has {searcher.num_docs} documents but "
                                          f"the vector files have {self._with_tokens} with tokens; the shard is "
@@ -380,13 +371,12 @@ class SparseShard:
             return [[] for _ in encoded]
         norm = self.scale * self.scale
         with JAVA_CALLS:  # the hits are per-call Java objects (see jvm.JAVA_CALLS)
-            if len(encoded) == 1:
-                found = {"0": searcher.search(encoded[0], k) if encoded[0] else []}
+            live = [i for i, q in enumerate(encoded) if q]
+            if len(live) == 1:
+                found = {live[0]: searcher.search(encoded[live[0]], k)}
             else:
-                live = {str(i): q for i, q in enumerate(encoded) if q}
-                found = searcher.batch_search(list(live.values()), list(live), k, threads) if live else {}
-            return [[SparseHit(int(h.docid), float(h.score) / norm) for h in found.get(str(i), [])]
-                    for i in range(len(encoded))]
+                found = dict(zip(live, searcher.batch_search([encoded[i] for i in live], k, threads), strict=True))
+            return [[SparseHit(row, score / norm) for row, score in found.get(i, [])] for i in range(len(encoded))]
 
     def document_vector(self, row: int) -> dict[str, float]:
         """The stored (de-quantised) sparse vector of a row."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
+from stair_search.index.lucene import BM25Searcher
 
 TEXT_DIR = "text"
 DEFAULT_TEXT_FIELDS = ("caption",)  # what a new index's text route holds unless the job names metadata fields
@@ -75,12 +76,11 @@ class TextShard:
         if self._searcher is None:
             with self._lock, JAVA_CALLS:
                 if self._searcher is None:
-                    lucene = import_pyserini("pyserini.search.lucene")
                     index = import_pyserini("pyserini.index.lucene")
                     analysis = import_pyserini("pyserini.analysis")
                     self._reader = index.LuceneIndexReader(str(self.folder))
                     self._analyzer = analysis.Analyzer(analysis.get_lucene_analyzer())
-                    self._searcher = lucene.LuceneSearcher(str(self.folder))
+                    self._searcher = BM25Searcher(self.folder)
 
     def search(self, text: str, k: int) -> list[tuple[int, float]]:
         """(row, BM25 score) best first; nothing for a query without an indexable word."""
@@ -88,7 +88,7 @@ class TextShard:
             return []
         self.open()
         with JAVA_CALLS:
-            return [(int(hit.docid), float(hit.score)) for hit in self._searcher.search(text, k)]
+            return self._searcher.search(text, k)
 
     def terms(self, text: str) -> list[str]:
         """The query's words as the index holds them (analyzed: lower case, no stop words, stemmed)."""

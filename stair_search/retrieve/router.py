@@ -344,8 +344,8 @@ class QueryRouter:
         if not head:
             return fused
         candidates = _candidates(head)
-        local, positions = self.index.local_features(candidates)
-        inputs = RerankInput(query=np.asarray(query, np.float32), vectors=unit(self.index.vectors(candidates)),
+        vectors, local, positions = self.index.features(candidates)
+        inputs = RerankInput(query=np.asarray(query, np.float32), vectors=unit(vectors),
                              local=local.astype(np.float32), positions=positions.astype(np.float32),
                              logit_scale=self.logit_scale, text=text, phrases=phrases)
         orders = {FIRST_STAGE: [(f.key, f.score) for f in head]}
@@ -373,13 +373,11 @@ class QueryRouter:
         """The hits of ``fused`` with their stored fields and, with ``explain``, what they matched (each token a
         piece of a longer query word says which: ``query_words``)."""
         candidates = _candidates(fused)
-        docs = self.index.documents(candidates, ["id", "source", "caption", "metadata"])
-        none: list[None] = [None] * len(candidates)
-        explained = self.index.explain(candidates, query_sparse) if explain else none
-        texts = self.index.text_matches(candidates, text) if explain and text else none
+        described = self.index.describe(candidates, ["id", "source", "caption", "metadata"],
+                                        query_sparse if explain else None, text if explain and text else None)
         hits = []
-        for rank, (f, doc, matched, text_matched) in enumerate(zip(fused, docs, explained, texts, strict=True),
-                                                               start=first_rank):
+        for rank, (f, (doc, matched, text_matched)) in enumerate(zip(fused, described, strict=True),
+                                                                 start=first_rank):
             hits.append(SearchHit(rank=rank, id=doc["id"], score=f.score, source=doc["source"],
                                   caption=doc.get("caption", ""), metadata=doc.get("metadata", {}),
                                   parts=f.parts, matched=matched, text_matched=text_matched,

@@ -16,6 +16,7 @@ test builds the index and the inputs, runs it under ``unshare -n`` and checks wh
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def report(tmp_path_factory, tiny_encoder, tiny_config_path) -> dict:
     (work / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"',
                            sys.executable, str(ROOT / "tests" / "cluster_run.py"), str(work / "spec.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                          env=os.environ | {"HOME": str(work)})  # Ray's generated token goes to $HOME/.ray
     (work / "run.log").write_text(done.stdout + done.stderr)  # for a failure's post-mortem
     assert Path(spec["out"]).exists(), done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads(Path(spec["out"]).read_text()) | {"log": done.stderr[-4000:]}

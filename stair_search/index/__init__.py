@@ -8,6 +8,7 @@ asked with a :class:`ShardQuery`).
 """
 
 from stair_search.index.dense import DenseShard, DenseSpec
+from stair_search.index.files import DamagedIndexError, FileChangedError
 from stair_search.index.lock import IndexLock, IndexLockedError
 from stair_search.index.manifest import IndexMismatchError, Manifest, ModelRecord, ShardInfo
 from stair_search.index.reader import STORED_FIELDS, Candidate, IndexReader, ShardOpener
@@ -16,7 +17,8 @@ from stair_search.index.store import FeatureRecord
 from stair_search.index.writer import DeleteResult, IndexWriter, delete_documents
 
 __all__ = [
-    "STORED_FIELDS", "Candidate", "DeleteResult", "DenseShard", "DenseSpec", "FeatureRecord", "IndexLock",
+    "STORED_FIELDS", "Candidate", "DamagedIndexError", "DeleteResult", "DenseShard", "DenseSpec", "FeatureRecord",
+    "FileChangedError", "IndexLock",
     "IndexLockedError", "IndexMismatchError", "IndexReader", "IndexWriter", "LocalShard", "Manifest", "ModelRecord",
     "Shard", "ShardInfo", "ShardOpener", "ShardQuery", "ShardUnavailable", "delete_documents",
 ]

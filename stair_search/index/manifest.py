@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stair_search.atomic import atomic_write
+from stair_search.index.files import DamagedIndexError
 from stair_search.index.layout import MANIFEST, shard_dir
 from stair_search.vocabulary import Vocabulary
 
@@ -107,26 +108,20 @@ class Manifest:
 
     @classmethod
     def load(cls, index_dir: Path) -> Manifest:
+        """The manifest, validated as data (keys, types, ranges, shard and tombstone names that stay inside the
+        index): anything else is a DamagedIndexError naming the file and the first problem."""
         path = Path(index_dir) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{index_dir} is not a stair-search index: no {MANIFEST} there. "
                                     f"Build one with: stair-search index SOURCE --out {index_dir}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError(f"a JSON {type(data).__name__}, not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is damaged ({exc}): restore it from a backup or rebuild the index.") from exc
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} has format v{data['format_version']}; this stair-search reads up to "
-                             f"v{FORMAT_VERSION}. Upgrade stair-search.")
-        manifest = cls.from_dict(data)
-        for shard in manifest.shards:  # every path the manifest names stays inside the index
-            for what, name in (("shard", shard.name), ("tombstone", shard.deleted)):
-                if name is not None and not _plain_name(name):
-                    raise ValueError(f"{path}: {what} name {name!r} is not a plain file name inside the index; "
-                                     f"restore the manifest from a backup or rebuild the index.")
-        return manifest
+            problem = _problem(data)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            problem = f"not JSON ({exc})"
+        if problem is not None:
+            raise DamagedIndexError(f"{path} is damaged: {problem}; restore it from a backup or rebuild the index")
+        return cls.from_dict(data)
 
     @classmethod
     def new(cls, model: ModelRecord, scale: float, text_fields: list[str] | None) -> Manifest:
@@ -156,6 +151,68 @@ class Manifest:
                 "The model does not match the index: " + "; ".join(problems)
                 + f". Search with the model the index was built with ({self.model['spec']}) or rebuild the index."
             )
+
+
+_NUMBER = (int, float)
+_NONE = type(None)
+# key -> (accepted types, required); bool is refused where a number is asked (json true is not 1 here)
+_MANIFEST_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "model": ((dict,), True), "vocabulary": ((str,), True), "vocabulary_sha256": ((str,), True),
+    "scale": (_NUMBER, True), "embed_dim": ((int,), True), "num_local": ((int,), True), "shards": ((list,), False),
+    "sparse": ((str,), False), "jobs": ((list,), False), "text_fields": ((list, _NONE), False),
+    "format_version": ((int,), False), "created": ((str,), False), "count": ((int,), False)}
+_SHARD_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), True), "count": ((int,), True), "dense": ((dict,), True), "deleted": ((str, _NONE), False),
+    "deleted_count": ((int,), False), "text": ((bool,), False)}
+_MODEL_KEYS = ("name", "spec", "fingerprint")
+
+
+def _problem(data: Any) -> str | None:
+    """The first way ``data`` is not a manifest this version reads, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    problem = _keys_problem(data, _MANIFEST_KEYS, "")
+    if problem is None and data.get("format_version", 0) > FORMAT_VERSION:
+        return f"format v{data['format_version']}; this stair-search reads up to v{FORMAT_VERSION} (upgrade it)"
+    if problem is None and not all(isinstance(data["model"].get(key), str) for key in _MODEL_KEYS):
+        problem = f"'model' must name its {', '.join(_MODEL_KEYS)} as text"
+    if problem is None and not (data["scale"] > 0 and data["embed_dim"] > 0 and data["num_local"] >= 0):
+        problem = "'scale' and 'embed_dim' must be positive, 'num_local' not negative"
+    for position, shard in enumerate(data.get("shards", []) if problem is None else []):
+        problem = _shard_problem(shard, f"shards[{position}]")
+        if problem is not None:
+            break
+    return problem
+
+
+def _shard_problem(shard: Any, where: str) -> str | None:
+    if not isinstance(shard, dict):
+        return f"{where} is a JSON {type(shard).__name__}, not an object"
+    problem = _keys_problem(shard, _SHARD_KEYS, f"{where}.")
+    if problem is not None:
+        return problem
+    if not 0 <= shard.get("deleted_count", 0) <= shard["count"]:
+        return f"{where}: 'count' and 'deleted_count' must satisfy 0 <= deleted_count <= count"
+    for what, name in (("shard", shard["name"]), ("tombstone", shard.get("deleted"))):
+        if name is not None and not _plain_name(name):  # every path the manifest names stays inside the index
+            return f"{where}: {what} name {name!r} is not a plain file name inside the index"
+    return None
+
+
+def _keys_problem(data: dict, keys: dict[str, tuple[tuple[type, ...], bool]], where: str) -> str | None:
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        return f"unknown key {where}{unknown[0]!r}"
+    for key, (types, required) in keys.items():
+        if key not in data:
+            if required:
+                return f"missing key {where}{key!r}"
+            continue
+        value = data[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+            return f"{where}{key!r} must be {names}, not {type(value).__name__} {str(value)[:40]!r}"
+    return None
 
 
 def _plain_name(name: object) -> bool:

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from stair_search.index.dense import DenseShard, DenseSpec
+from stair_search.index.files import DamagedIndexError, FileChangedError, FileIdentity, identities
 from stair_search.index.layout import DENSE_FILE, SPARSE_DIR, read_tombstone
 from stair_search.index.manifest import Manifest, ShardInfo
 from stair_search.index.sparse import SparseShard
-from stair_search.index.store import FeatureStore, store_files, store_path
+from stair_search.index.store import FeatureStore, array_paths, store_files, store_path
 from stair_search.index.text import TEXT_DIR, TextShard
 from stair_search.query.filters import Filter
 from stair_search.vocabulary import Vocabulary
@@ -156,6 +157,7 @@ class LocalShard:
                                     f"or rebuild the index; searching it would silently lose documents.")
         self.deleted = frozenset(read_tombstone(self.dir, info.deleted, info.name).tolist())
         self._parts: dict[str, Any] = {}
+        self._files: dict[str, list[FileIdentity]] = {}  # part -> its mapped files as they were opened
         self._lock = threading.RLock()  # re-entrant: one part may open another (metadata reads the store)
         self._filter_rows: dict[Filter, np.ndarray] = {}  # the last few filters' rows (``_filtered``)
 
@@ -173,7 +175,7 @@ class LocalShard:
         view = object.__new__(LocalShard)
         view.dir, view.info, view.vocabulary, view.scale = self.dir, info, self.vocabulary, self.scale
         view.deleted = frozenset(read_tombstone(tombstones or self.dir, info.deleted, info.name).tolist())
-        view._parts, view._lock, view._filter_rows = self._parts, self._lock, {}
+        view._parts, view._files, view._lock, view._filter_rows = self._parts, self._files, self._lock, {}
         return view
 
     # ---------------------------------------------------------------------------------------------- searching
@@ -332,18 +334,40 @@ class LocalShard:
                                                         self.store.rows(range(self.info.count), ["metadata"])))
 
     def _part(self, name: str, opener: Callable[[], Any]) -> Any:
+        """The part, opened on first use; its memory-mapped files checked unchanged before every use (a file
+        truncated in place would make the read a SIGBUS that kills the process: ``files.py``)."""
         part = self._parts.get(name)
         if part is None:
             with self._lock:
                 part = self._parts.get(name)
                 if part is None:
-                    part = self._parts[name] = self._checked(opener())
+                    files = identities(self._mapped_files(name))
+                    part = self._checked(opener())
+                    self._files[name], self._parts[name] = files, part
+        try:
+            for identity in self._files.get(name, ()):
+                identity.check(f"index shard {self.info.name}")
+        except FileChangedError:
+            with self._lock:  # let go of the part (its maps end with their last reader): opened again once
+                if self._parts.get(name) is part:  # the file is whole again (restored, or the index republished)
+                    del self._parts[name], self._files[name]
+            raise
         return part
+
+    def _mapped_files(self, name: str) -> list[Path]:
+        """The files a part memory-maps (its identities are taken before it opens them)."""
+        if name == "store":
+            path = store_path(self.dir)
+            return [*store_files(path), *array_paths(path).values()]
+        if name == "sparse":
+            folder = self.dir / SPARSE_DIR
+            return [*SparseShard.required_files(folder), *sorted(folder.glob("accelerated/*.npy"))]
+        return []
 
     def _checked(self, part: Any) -> Any:
         size = part.ntotal if isinstance(part, DenseShard) else len(part)
         if size != self.info.count:
-            raise ValueError(f"Index shard {self.info.name}: {type(part).__name__} holds {size} documents, the "
+            raise DamagedIndexError(f"Index shard {self.info.name}: {type(part).__name__} holds {size} documents, the "
                              f"manifest says {self.info.count}. The shard is damaged: rebuild the index.")
         return part
 
@@ -358,7 +382,9 @@ class LocalShard:
 
     def close(self) -> None:
         with self._lock:
-            parts, self._parts = self._parts, {}
+            parts = dict(self._parts)
+            self._parts.clear()  # in place: the views made by with_deletes share them
+            self._files.clear()
         for part in parts.values():
             if hasattr(part, "close"):
                 part.close()

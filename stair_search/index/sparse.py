@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stair_search.index.files import DamagedIndexError
 from stair_search.index.jvm import JAVA_CALLS, java_class
 from stair_search.index.lucene import ImpactSearcher
 from stair_search.index.seismic import MAX_K, MAX_QUERY_TOKENS, SeismicSearcher
@@ -279,9 +280,9 @@ class SparseShard:
                 if self._searcher is None:
                     searcher = ImpactSearcher(self.dir / LUCENE_DIR)
                     if searcher.num_docs != self._with_tokens:
-                        raise ValueError(f"Sparse shard {self.dir}: Lucene has {searcher.num_docs} documents but "
-                                         f"the vector files have {self._with_tokens} with tokens; the shard is "
-                                         f"damaged, rebuild it.")
+                        raise DamagedIndexError(
+                            f"Sparse shard {self.dir}: Lucene has {searcher.num_docs} documents but the vector "
+                            f"files have {self._with_tokens} with tokens; the shard is damaged, rebuild it.")
                     self._searcher = searcher
         return self._searcher
 
@@ -402,4 +403,5 @@ def _load_csr_part(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"Sparse shard file {path} is unreadable ({exc}): restore it or rebuild the index.") from exc
+        raise DamagedIndexError(f"Sparse shard file {path} is unreadable ({exc}): restore it or rebuild the "
+                                f"index.") from exc

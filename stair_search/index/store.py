@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stair_search.atomic import atomic_path
+from stair_search.index.files import DamagedIndexError
 from stair_search.index.layout import FEATURES_FILE, LEGACY_FEATURES_FILE
 
 FORMAT_VERSION = 2
@@ -270,7 +271,8 @@ class FeatureStore:
             return _MappedStore.load(path)
         if kind == "parquet":
             return _ParquetStore.load(path)
-        raise ValueError(f"{path} is not a feature store: neither an Arrow IPC file (format 2) nor parquet (format 1)")
+        raise DamagedIndexError(f"{path} is not a feature store: neither an Arrow IPC file (format 2) nor parquet "
+                                f"(format 1)")
 
     # -------------------------------------------------------------------------------------- small accessors
 
@@ -399,12 +401,12 @@ class _MappedStore(FeatureStore):
         try:
             source = pa.memory_map(str(path), "r")
         except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"{path} is not a readable Arrow IPC file: {exc}") from exc
+            raise DamagedIndexError(f"{path} is not a readable Arrow IPC file: {exc}") from exc
         try:
             try:
                 table = pa.ipc.open_file(source).read_all()  # zero-copy: the columns point into the map
             except (pa.ArrowException, OSError) as exc:
-                raise ValueError(f"{path} is not a readable Arrow IPC file: {exc}") from exc
+                raise DamagedIndexError(f"{path} is not a readable Arrow IPC file: {exc}") from exc
             names = [*FIELD_COLUMNS, *PRESENT_COLUMNS.values()]
             num_local, dim = _read_schema_meta(path, table.schema, FORMAT_VERSION, names)
             shapes = {"local": (num_local, dim), "local_positions": (num_local, 2)}
@@ -477,7 +479,7 @@ class _ParquetStore(FeatureStore):
         try:
             parquet_file = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"{path} is not a parquet file: {exc}") from exc
+            raise DamagedIndexError(f"{path} is not a parquet file: {exc}") from exc
         try:
             num_local, dim = _read_schema_meta(path, parquet_file.schema_arrow, LEGACY_FORMAT_VERSION, COLUMNS)
             return cls(path, parquet_file, num_local, dim)
@@ -519,17 +521,19 @@ def _read_schema_meta(path: Path, schema: pa.Schema, version: int, columns: Sequ
     """(m, D) from our schema metadata; ValueError for a file that is not a feature store of ``version``."""
     raw = (schema.metadata or {}).get(SCHEMA_KEY)
     if raw is None:
-        raise ValueError(f"{path} is not a stair_search feature store (no {SCHEMA_KEY.decode()!r} schema metadata)")
+        raise DamagedIndexError(f"{path} is not a stair_search feature store (no {SCHEMA_KEY.decode()!r} schema "
+                                f"metadata)")
     try:
         meta = json.loads(raw)
         found, num_local, dim = meta["format"], int(meta["num_local"]), int(meta["dim"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} has unreadable {SCHEMA_KEY.decode()!r} schema metadata: {raw!r}") from exc
+        raise DamagedIndexError(f"{path} has unreadable {SCHEMA_KEY.decode()!r} schema metadata: {raw!r}") from exc
     if found != version:
-        raise ValueError(f"{path} has feature store format {found!r}; a file of this kind must be format {version}")
+        raise DamagedIndexError(f"{path} has feature store format {found!r}; a file of this kind must be format "
+                                f"{version}")
     missing = [name for name in columns if name not in schema.names]
     if missing:
-        raise ValueError(f"{path} lacks the feature store columns {missing}")
+        raise DamagedIndexError(f"{path} lacks the feature store columns {missing}")
     return num_local, dim
 
 

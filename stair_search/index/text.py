@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
-from stair_search.index.lucene import BM25Searcher
+from stair_search.index.lucene import BM25Searcher, lucene_errors
 
 TEXT_DIR = "text"
 DEFAULT_TEXT_FIELDS = ("caption",)  # what a new index's text route holds unless the job names metadata fields
@@ -78,7 +78,8 @@ class TextShard:
                 if self._searcher is None:
                     index = import_pyserini("pyserini.index.lucene")
                     analysis = import_pyserini("pyserini.analysis")
-                    self._reader = index.LuceneIndexReader(str(self.folder))
+                    with lucene_errors(self.folder):
+                        self._reader = index.LuceneIndexReader(str(self.folder))
                     self._analyzer = analysis.Analyzer(analysis.get_lucene_analyzer())
                     self._searcher = BM25Searcher(self.folder)
 

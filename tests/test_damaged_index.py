@@ -105,6 +105,10 @@ def test_the_reported_manifests_are_one_line_and_exit_1_in_search(built, tmp_pat
         (index / "manifest.json").write_text(json.dumps(data))
         code, line = one_line(["search", str(index), "red", "--model", str(tiny_config_path)], capsys)
         assert code == 1 and "manifest.json is damaged" in line, line
+    served = subprocess.run([sys.executable, "-m", "stair_search.cli", "serve", str(index), "--port", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # the process, exit status
+    assert served.returncode == 1 and served.stderr.strip().count("\n") == 0, served.stderr
+    assert "manifest.json is damaged: shards[0] is a JSON str, not an object" in served.stderr, served.stderr
 
 
 def test_a_damaged_lucene_folder_is_one_line_naming_it(built, tmp_path, tiny_config_path, capsys):

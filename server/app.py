@@ -1,5 +1,8 @@
 """The FastAPI app: one :class:`~server.state.ServiceState` and the routers (search, documents, operations, page).
 
+Every error answer is JSON of bounded size: validation errors are one line naming the field (plus a short list),
+other errors pass through :meth:`ServiceState.public` (no index folder, no long echo of the request).
+
 Searches run on a small thread pool with a timeout; their encodes are gathered into shared forwards
 (server/batching.py: one forward at a time, over every query that queued meanwhile), while Lucene (its
 IndexSearcher is shared by Anserini's own multi-threaded batch search) and FAISS (CPU indexes are safe for
@@ -14,18 +17,21 @@ from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.endpoints import documents, operations, page, search
 from server.imaging import ImageRejected
 from server.limits import BodySizeLimit
 from server.metrics import MetricsMiddleware
 from server.registry import IndexRegistry
-from server.schemas import ClassifyRequest, SearchRequest
+from server.requests import validation_answer
+from server.schemas import BatchSearchRequest, ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState
 from stair_search import __version__
@@ -62,16 +68,7 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
                            allow_headers=["Content-Type", "X-API-Key"])
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
 
-    @app.exception_handler(ImageRejected)
-    async def image_rejected(_: Request, exc: ImageRejected) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    @app.exception_handler(ShardUnavailable)
-    async def shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
-        """A cluster shard none of whose copies answers: never a silently smaller answer."""
-        return JSONResponse({"detail": f"{exc}; retry later, or ask for a partial answer with \"partial\": true",
-                             "missing_shards": [exc.shard]}, status_code=503)
-
+    add_error_handlers(app, state)
     for module in (search, documents, operations, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
@@ -89,6 +86,33 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
     return app
 
 
+def add_error_handlers(app: FastAPI, state: ServiceState) -> None:
+    """Every error the routes raise, as bounded JSON: no index folder, no long echo of what the client sent."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """Query parameters (FastAPI's check) and bodies (server/requests.py): one line naming the field."""
+        return JSONResponse(validation_answer(exc.errors()), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304) or exc.status_code < 200:
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"detail": state.public(str(exc.detail))}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(ImageRejected)
+    async def image_rejected(_: Request, exc: ImageRejected) -> JSONResponse:
+        return JSONResponse({"detail": state.public(str(exc))}, status_code=exc.status)
+
+    @app.exception_handler(ShardUnavailable)
+    async def shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
+        """A cluster shard none of whose copies answers: never a silently smaller answer."""
+        return JSONResponse({"detail": state.public(f"{exc}; retry later, or ask for a partial answer with "
+                                                    f"\"partial\": true"),
+                             "missing_shards": [exc.shard]}, status_code=503)
+
+
 def openapi_document(app: FastAPI) -> dict:
     """FastAPI's document plus the request bodies the routes parse themselves (JSON or multipart, so FastAPI
     does not see them): their schemas, and those of the models they nest, under ``components/schemas``, so
@@ -97,7 +121,7 @@ def openapi_document(app: FastAPI) -> dict:
         document = get_openapi(title=app.title, version=app.version, description=app.description,
                                routes=app.routes)
         components = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (SearchRequest, ClassifyRequest):
+        for model in (SearchRequest, ClassifyRequest, BatchSearchRequest):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema

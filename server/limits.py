@@ -1,4 +1,5 @@
-"""Request-body cap (an ASGI middleware, so nothing oversized is ever parsed) and the optional API key."""
+"""Request-body cap (an ASGI middleware, so nothing oversized is ever parsed), the cap on what an error answer
+echoes back of a request (:func:`clip`) and the optional API key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_KEY_HEADER = "X-API-Key"
+ECHO_CHARS = 60  # the most of a client's value an error answer repeats
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with '…'): error answers name a bad value by a short prefix,
+    so a 100 KB query parameter never comes back as a 100 KB answer."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class BodySizeLimit:
@@ -27,10 +35,10 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and not declared.isdigit():
-            await _answer(send, 400, f"Content-Length {declared.decode('latin-1')[:20]!r} is not a byte count")
+            await _answer(send, 400, f"Content-Length '{clip(declared.decode('latin-1'), 20)}' is not a byte count")
             return
-        if declared is not None and int(declared) > self.max_bytes:
-            await self._refuse(send, declared.decode("latin-1"))
+        if declared is not None and (len(declared) > 18 or int(declared) > self.max_bytes):  # no int() of 5,000 digits
+            await self._refuse(send, clip(declared.decode("latin-1"), 20))
             return
         chunks, size = [], 0
         while True:

@@ -1,7 +1,9 @@
 """Prometheus metrics of one app: request counts and latency per route, search latency per mode, index sizes.
 
 Each app gets its own CollectorRegistry, so several apps in one process (tests, several servers) never
-collide on metric names.
+collide on metric names. Every answer of every route is counted by one middleware, the outermost of the app's
+own, 5xx included: one answered by a route, by a handler, or by Starlette for an exception that escaped (which
+the middleware sees go by and counts as the 500 it becomes).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Metrics:
 
 class MetricsMiddleware:
     """Counts every HTTP request under its route *template* (``/thumbnails/{doc_id}``), so ids never become
-    label values and the number of series stays bounded."""
+    label values and the number of series stays bounded; a request whose route was never matched (a 404 path, a
+    body refused by the size cap) is counted under ``unmatched``."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -53,6 +56,9 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, record_status)
+        except Exception:
+            status = 500  # what Starlette answers for it (or, after a started answer, what it cut short)
+            raise
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"

@@ -1,7 +1,9 @@
 """ServiceState: what every route of one app shares, in one object (``app.state.service``), nothing process-wide.
 
-The index registry, the settings, the metrics, the search thread pool with its in-flight cap, and the thumbnail
-cache (per app, keyed by index version and the source file's state, so a changed file is never served stale).
+The index registry, the settings, the metrics, the search thread pool with its in-flight cap, the thumbnail
+cache (per app, keyed by index version and the source file's state, so a changed file is never served stale),
+and :meth:`ServiceState.public`, which every error answer passes through: a served index is named by its
+served name, never by its folder (``/readyz`` needs no key, and a path tells a client where the files are).
 Routes reach it through :func:`service`, a FastAPI dependency.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,13 +21,17 @@ from urllib.parse import quote
 from fastapi import Depends, HTTPException, Request
 
 from server.imaging import is_remote, source_state, stored_image, thumbnail_png
-from server.limits import require_api_key
+from server.limits import clip, require_api_key
 from server.metrics import Metrics
 from server.registry import IndexRegistry, IndexVersion
 from server.settings import ServerSettings
 from stair_search.index import STORED_FIELDS
 
 THUMBNAIL_CACHE_SIZE = 2048
+MAX_DETAIL_CHARS = 1000  # an error answer's message; every echo of client input inside it is shorter still
+ID_CHARS = 100  # the most of a document id an error answer repeats
+# An absolute path left in a message (one not inside a served index): shown as its last part only.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w>/.:~-])/(?:[^\s'\"/<>]+/)+")
 
 
 @dataclass
@@ -39,6 +46,16 @@ class ServiceState:
         self.in_flight = asyncio.Semaphore(self.limits.max_in_flight)
         self.check_api_key = require_api_key(self.settings.api_key)
         self._thumbnails = functools.lru_cache(maxsize=THUMBNAIL_CACHE_SIZE)(self._make_thumbnail)
+        self._index_folders = _folder_names(self.registry)
+
+    def public(self, message: str, any_path: bool = False) -> str:
+        """``message`` as a client may read it: each served index's folder (and so every file in it) replaced by
+        ``<index 'NAME'>``, cut to MAX_DETAIL_CHARS. ``any_path``: every other absolute path too, shown by its
+        last part (for server-side errors that clients without a key see; a client's own echoed text is left
+        alone). The full text is in the server log."""
+        for folder, name in self._index_folders:
+            message = message.replace(folder, f"<index '{name}'>")
+        return clip(_ABSOLUTE_PATH.sub("…/", message) if any_path else message, MAX_DETAIL_CHARS)
 
     def refuse_when_busy(self, what: str) -> None:
         """503 instead of an ever-growing queue when clients send more than the server can run."""
@@ -62,8 +79,9 @@ class ServiceState:
             with self.registry.lease(name) as version:
                 version.acquire()
             return version
-        except KeyError as exc:
-            raise HTTPException(404, str(exc.args[0])) from exc
+        except KeyError:
+            raise HTTPException(404, f"no index named '{clip(name or '')}'; this server has "
+                                     f"{self.registry.names}") from None
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -78,7 +96,8 @@ class ServiceState:
         try:
             return thumbnail_png(stored_image(source, self.limits.max_source_pixels), size)
         except (FileNotFoundError, KeyError, OSError) as exc:
-            raise HTTPException(404, f"no thumbnail for '{doc_id[:200]}': {exc}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # not the file's path
+            raise HTTPException(404, f"no thumbnail for '{clip(doc_id, ID_CHARS)}': {reason}") from exc
 
 
 def service(request: Request) -> ServiceState:
@@ -96,7 +115,20 @@ def find_document(version: IndexVersion, doc_id: str) -> dict:
     found = version.index.find(doc_id)
     if found is not None:
         return version.index.documents([found], STORED_FIELDS)[0]
-    raise HTTPException(404, f"no document with id '{doc_id[:200]}' in index '{version.name}'")
+    raise HTTPException(404, no_document(doc_id, version.name))
+
+
+def no_document(doc_id: str, index: str) -> str:
+    """The 404 message for an unknown id: the index by its served name."""
+    return f"no document with id '{clip(doc_id, ID_CHARS)}' in index '{index}'"
+
+
+def _folder_names(registry: IndexRegistry) -> list[tuple[str, str]]:
+    """(folder as text, served name) of every index, absolute and resolved forms, longest first (so a folder
+    inside another's is replaced before its parent)."""
+    pairs = {(str(form), name) for name, folder in registry.dirs.items()
+             for form in (folder.absolute(), folder.resolve()) if str(form) != "/"}
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
 
 
 def thumbnail_url(index: str, doc_id: str, source: str) -> str:

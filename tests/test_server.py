@@ -5,9 +5,11 @@ hot swap of a newly published index while requests keep arriving."""
 from __future__ import annotations
 
 import base64
+import collections
 import importlib.util
 import io
 import os
+import re
 import sys
 import tarfile
 import threading
@@ -526,6 +528,47 @@ def test_health_readiness_metrics_and_openapi(client, registry):
     assert all(ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in components for ref in refs)
 
 
+def test_every_answer_5xx_included_is_counted_under_its_route_and_status(registry):
+    """Real failures: a search and a batch past the timeout (504), and two routes added to the real app that fail
+    with a bug, one in the thread pool (as the thumbnail route runs) and one on the event loop (as batch and
+    search run; no route of the service is left that answers 500 on purpose): /metrics counts each answer the
+    client got under its route and status, 5xx included, through the one middleware that counts them all."""
+    app = create_app(registry, ServerSettings(reload_interval_s=0, limits=Limits(search_timeout_s=1e-4)))
+
+    @app.get("/bug-in-pool")
+    def bug_in_pool() -> None:
+        raise RuntimeError("a bug in a sync route")
+
+    @app.post("/bug-in-loop")
+    async def bug_in_loop() -> None:
+        raise RuntimeError("a bug in an async route")
+
+    asked = [("POST", "/search", {"json": {"query": "a red circle", "mode": "hybrid"}}),
+             ("POST", "/search/batch", {"json": {"requests": [{"query": "a red circle"}] * 3}}),
+             ("GET", "/thumbnails/red%2Fcircle", {}), ("GET", "/thumbnails/red%2Fnope", {}),
+             ("GET", "/bug-in-pool", {}), ("POST", "/bug-in-loop", {}), ("POST", "/bug-in-loop", {})]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        got = collections.Counter((method, path.split("/red")[0], c.request(method, path, **kw).status_code)
+                                  for method, path, kw in asked)
+        counted = http_counts(c.get("/metrics").text)
+    assert got[("POST", "/search", 504)] == 1 and got[("POST", "/search/batch", 504)] == 1
+    assert got[("GET", "/bug-in-pool", 500)] == 1 and got[("POST", "/bug-in-loop", 500)] == 2
+    assert got[("GET", "/thumbnails", 200)] == 1 and got[("GET", "/thumbnails", 404)] == 1
+    templates = {"/thumbnails": "/thumbnails/{doc_id:doc_id}"}
+    assert counted == {(m, templates.get(p, p), str(status)): n for (m, p, status), n in got.items()}
+
+
+def http_counts(metrics: str) -> dict[tuple[str, str, str], int]:
+    """(method, route, status) -> count, from /metrics' request counter (the /metrics request itself left out)."""
+    counts = {}
+    for line in metrics.splitlines():
+        if found := re.fullmatch(r"stair_http_requests_total\{(.*)\} (\S+)", line):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', found[1]))
+            if labels["route"] != "/metrics":
+                counts[(labels["method"], labels["route"], labels["status"])] = int(float(found[2]))
+    return counts
+
+
 def test_the_page_and_its_assets_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text
@@ -614,6 +657,7 @@ def test_a_broken_new_version_is_reported_and_the_old_one_keeps_serving(tmp_path
     with make_client(registry) as c:
         ready = c.get("/readyz").json()
         assert ready["indexes"]["live"]["version"] == 1 and "gone" in ready["reload_errors"]["live"]
+        assert str(tmp_path) not in c.get("/readyz").text  # no key needed here: no folder shown
         assert c.post("/search", json={"query": "x", "k": 1}).json()["hits"][0]["id"] == "red/circle"
 
 

@@ -1,5 +1,8 @@
 """Operations: ``/healthz`` (the process answers), ``/readyz`` (every index has an open version), ``/metrics``
-(Prometheus) and ``/info`` (what this server serves and supports: what the web page offers)."""
+(Prometheus) and ``/info`` (what this server serves and supports: what the web page offers).
+
+``/healthz``, ``/readyz`` and ``/metrics`` need no key (probes), so they name indexes by their served names
+only: a reload error is shown without the index's folder (the server log has the full text)."""
 
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ def readyz(state: State) -> JSONResponse:
     versions = {name: registry.current(name) for name in registry.names}
     unready = {name: missing for name, v in versions.items() if (missing := v.index.unready())}
     ready = all(not v.closed for v in versions.values()) and not unready
+    errors = {name: state.public(error, any_path=True) for name, error in registry.errors.items()}
     payload = {"ready": ready, "indexes": {n: {"version": v.number, "documents": len(v.index)}
                                            for n, v in versions.items()},
-               "reload_errors": dict(registry.errors)} | ({"unready_shards": unready} if unready else {})
+               "reload_errors": errors} | ({"unready_shards": unready} if unready else {})
     return JSONResponse(payload, status_code=200 if ready else 503)
 
 

@@ -24,7 +24,7 @@ from server.schemas import (
     SearchRequest,
     SearchResult,
 )
-from server.state import State, authorized, document_url, thumbnail_url
+from server.state import State, authorized, document_url, no_document, thumbnail_url
 from stair_search.query.filters import FilterError
 from stair_search.query.wordnet import WordNetMissing
 from stair_search.query.words import is_content_piece
@@ -54,10 +54,12 @@ async def search(state: State, request: Request) -> SearchResult:
     return await state.run_limited(functools.partial(run_search, version, body, image, state.metrics), "search")
 
 
-@router.post("/search/batch", response_model=BatchSearchResult)
-async def search_batch(state: State, body: BatchSearchRequest) -> BatchSearchResult:
+@router.post("/search/batch", response_model=BatchSearchResult,
+             openapi_extra={"requestBody": body_doc("BatchSearchRequest", multipart=False)})
+async def search_batch(state: State, request: Request) -> BatchSearchResult:
     """Up to 32 searches (each a /search JSON body) in one request, answered in order, on one worker."""
     limits = state.limits
+    body, _ = await parse_body(request, BatchSearchRequest, limits.max_image_bytes, multipart=False)
     if any(r.image_url is not None for r in body.requests):
         raise HTTPException(422, "a batch takes images as base64 'image' only; send image_url queries to /search")
     images = [open_query_image(decode_base64(r.image, limits.max_image_bytes), limits.max_image_bytes,
@@ -118,8 +120,10 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
         raise HTTPException(422, f"filters: {exc}") from None
     except WordNetMissing as exc:  # S^3 asked for on a server without WordNet files
         raise HTTPException(501, str(exc)) from None
-    except KeyError as exc:  # more like this: no such document
-        raise HTTPException(404, str(exc.args[0])) from None
+    except KeyError:  # more like this: no such document (named here by the index's served name, not its folder)
+        if body.like is None:
+            raise
+        raise HTTPException(404, no_document(body.like, version.name)) from None
     except ValueError as exc:  # a vector query that does not fit the index
         raise HTTPException(422, str(exc)) from None
     finally:

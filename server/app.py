@@ -35,7 +35,7 @@ from server.schemas import BatchSearchRequest, ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState
 from stair_search import __version__
-from stair_search.index import ShardUnavailable
+from stair_search.index import DamagedIndexError, ShardUnavailable
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the fastapi-offline package
 
@@ -104,6 +104,12 @@ def add_error_handlers(app: FastAPI, state: ServiceState) -> None:
     @app.exception_handler(ImageRejected)
     async def image_rejected(_: Request, exc: ImageRejected) -> JSONResponse:
         return JSONResponse({"detail": state.public(str(exc))}, status_code=exc.status)
+
+    @app.exception_handler(DamagedIndexError)
+    async def damaged_index(_: Request, exc: DamagedIndexError) -> JSONResponse:
+        """An index file damaged or changed under the server: that index answers 503 naming the file (the
+        message names the shard and the file), the server and its other indexes go on."""
+        return JSONResponse({"detail": state.public(str(exc), any_path=True)}, status_code=503)
 
     @app.exception_handler(ShardUnavailable)
     async def shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:

@@ -25,6 +25,7 @@ from server.schemas import (
     SearchResult,
 )
 from server.state import State, authorized, document_url, no_document, thumbnail_url
+from stair_search.index import DamagedIndexError
 from stair_search.query.filters import FilterError
 from stair_search.query.wordnet import WordNetMissing
 from stair_search.query.words import is_content_piece
@@ -124,6 +125,8 @@ def run_search(version: IndexVersion, body: SearchRequest, image: Any, metrics: 
         if body.like is None:
             raise
         raise HTTPException(404, no_document(body.like, version.name)) from None
+    except DamagedIndexError:  # the index's files, not the request: 503 (server/app.py)
+        raise
     except ValueError as exc:  # a vector query that does not fit the index
         raise HTTPException(422, str(exc)) from None
     finally:

@@ -147,6 +147,7 @@ def search(
     """Search an index with a text and/or an image, a stored document (--like), given vectors, or a file of
     queries."""
     from stair_search.cli.printing import print_response
+    from stair_search.index import DamagedIndexError
     from stair_search.query.filters import FilterError, parse_cli_filters
     from stair_search.retrieve import SearchRequest, open_router
 
@@ -174,6 +175,8 @@ def search(
         raise typer.BadParameter(str(exc), param_hint="--filter") from None
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0]), param_hint="--like") from None
+    except DamagedIndexError:  # the index's files, not the command line: one line, exit 1
+        raise
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if mode == "auto" and not as_json:

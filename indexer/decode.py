@@ -1,27 +1,38 @@
 """Decoding one item into model pixels, or a reason why it was skipped. Runs in worker processes.
 
 Bad input never raises out of here: empty, truncated or non-image files, images too large to decode (in
-bytes or in pixels), special files (FIFOs, devices), unreadable or missing files, formats PIL cannot read here
-and failed downloads each become a :class:`Decoded` with a ``skip_reason``. CMYK, 16-bit, palette +
-transparency and animated images are converted (first frame).
+bytes or in pixels), special files (FIFOs, devices), unreadable or missing files, formats PIL cannot read here,
+failed or stalled downloads, and any exception a codec raises on hostile bytes each become a :class:`Decoded`
+with a ``skip_reason`` (the decoding itself is :func:`stair_search.images.decode_image`, which the service uses
+for query images too). CMYK, 16-bit, palette + transparency and animated images are converted (first frame).
+Only what is not the item's fault passes through: ``MemoryError``, Ctrl-C.
 """
 
 from __future__ import annotations
 
-import io
-import urllib.request
-import warnings
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from indexer.sources import DEFAULT_MAX_BYTES, OTHER_IMAGE_SUFFIXES, Item, NotRead, read_file, too_large
-from stair_search.images import model_view, refused_pixels
+from stair_search.images import (
+    FILE_URL,
+    ImageTooLarge,
+    ImageUnreadable,
+    centre_cut,
+    decode_image,
+    download,
+    one_line,
+    parse_source,
+    read_member,
+    url_scheme,
+)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~ 8000 x 8000: beyond this the decode alone needs gigabytes
-FETCH_TIMEOUT_S = 20.0
+FETCH_TIMEOUT_S = 20.0  # one read of a download (connecting, each chunk)
+FETCH_DEADLINE_S = 120.0  # the whole download, however slowly the server sends
+FETCH_DEADLINE_ENV = "STAIR_SEARCH_FETCH_DEADLINE_S"  # sets FETCH_DEADLINE_S (seconds) for a job's workers
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,18 @@ class Decoded:
     skip_reason: str | None = None
 
 
+def fetch_deadline_s() -> float:
+    """The total time one download may take: ``$STAIR_SEARCH_FETCH_DEADLINE_S`` or ``FETCH_DEADLINE_S``."""
+    text = os.environ.get(FETCH_DEADLINE_ENV, "").strip()
+    try:
+        value = float(text) if text else FETCH_DEADLINE_S
+    except ValueError:
+        raise ValueError(f"${FETCH_DEADLINE_ENV} is '{text[:40]}', not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"${FETCH_DEADLINE_ENV} must be more than 0 seconds, got {text[:40]}")
+    return value
+
+
 def read_bytes(item: Item, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if item.data is not None:
         if len(item.data) > max_bytes:
@@ -51,16 +74,14 @@ def read_bytes(item: Item, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         return item.data
     location = item.path or item.source
     if location.startswith(("http://", "https://")):
-        with urllib.request.urlopen(location, timeout=FETCH_TIMEOUT_S) as response:
-            data = response.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise too_large(None, max_bytes)
-        return data
-    if location.startswith("file://"):
-        location = location[len("file://") :]
-    elif "://" in location:
-        scheme = location.split("://", 1)[0]
-        raise NotRead(f"unsupported URL scheme '{scheme}': http, https and file URLs and local paths are read")
+        deadline = fetch_deadline_s()
+        return download(location, max_bytes, min(FETCH_TIMEOUT_S, deadline), deadline)
+    if location.startswith(FILE_URL):
+        where = parse_source(location)  # percent-encoded; a #fragment names a tar member
+        return read_member(where.path, where.member, max_bytes) if where.member else read_file(where.path, max_bytes)
+    scheme = url_scheme(location)
+    if scheme:
+        raise NotRead(f"unsupported URL scheme '{scheme[:20]}': http, https and file URLs and local paths are read")
     return read_file(location, max_bytes)
 
 
@@ -76,10 +97,14 @@ def decode(item: Item, position: int, preprocess: Callable, limits: DecodeLimits
         return Decoded(position, None, skip_reason="unreadable: permission denied")
     except IsADirectoryError:
         return Decoded(position, None, skip_reason="not a regular file (a folder)")
-    except NotRead as exc:  # a FIFO, device or socket; more bytes than the limit
+    except NotRead as exc:  # a FIFO, device or socket; more bytes than the limit; a failed or stalled download
         return Decoded(position, None, skip_reason=str(exc))
-    except OSError as exc:  # URLError, timeouts, I/O errors
-        return Decoded(position, None, skip_reason=f"read failed: {exc}")
+    except OSError as exc:  # I/O errors, a name longer than the system allows
+        return Decoded(position, None, skip_reason=f"read failed: {exc.strerror or one_line(exc)}")
+    except MemoryError:
+        raise
+    except Exception as exc:  # whatever else reading this one item raised: it is skipped, the job goes on
+        return Decoded(position, None, skip_reason=f"read failed: {one_line(exc)}")
     if not data:
         return Decoded(position, None, skip_reason="empty file")
     decoded = _decode_bytes(data, position, preprocess, limits.max_pixels)
@@ -92,24 +117,20 @@ def decode(item: Item, position: int, preprocess: Callable, limits: DecodeLimits
 
 def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: int) -> Decoded:
     try:
-        with warnings.catch_warnings():
-            # PIL warns above ~89 M pixels and refuses above twice that; our own max_pixels decides below it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    return Decoded(position, None, width, height,
-                                   f"too large: {width}x{height} > {max_pixels} pixels (raise --max-pixels)")
-                image.seek(0)  # animated GIF / WebP / APNG: the first frame
-                image.load()
-                rgb = model_view(image)
-    except Image.DecompressionBombError as exc:  # over twice PIL's own limit: it will not even open the file
-        pixels = refused_pixels(exc)
-        return Decoded(position, None, skip_reason=f"too large: {pixels or 'over'} > {Image.MAX_IMAGE_PIXELS * 2} "
-                                                   f"pixels (PIL's limit for any image)")
-    except UnidentifiedImageError:
-        return Decoded(position, None, skip_reason="not an image")
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
-        return Decoded(position, None, skip_reason=f"corrupt or truncated image: {exc}")
-    return Decoded(position, preprocess(rgb), width, height)
-
+        image = decode_image(data, max_pixels)
+    except ImageTooLarge as exc:
+        if exc.by_pillow:  # over twice PIL's own limit: it would not even open the file
+            return Decoded(position, None, skip_reason=f"too large: {exc.pixels or 'over'} > {exc.limit} pixels "
+                                                       f"(PIL's limit for any image)")
+        return Decoded(position, None, exc.width, exc.height,
+                       f"too large: {exc.width}x{exc.height} > {exc.limit} pixels (raise --max-pixels)")
+    except ImageUnreadable as exc:
+        reason = "not an image" if exc.kind == "not an image" else f"corrupt or truncated image: {exc.detail}"
+        return Decoded(position, None, skip_reason=reason)
+    try:
+        pixels = preprocess(centre_cut(image.rgb))
+    except MemoryError:
+        raise
+    except Exception as exc:  # a decoded image the model's transforms cannot take (a degenerate size)
+        return Decoded(position, None, image.width, image.height, f"unusable for the model: {one_line(exc)}")
+    return Decoded(position, pixels, image.width, image.height)

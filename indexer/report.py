@@ -48,14 +48,18 @@ class JobSummary:
 
 
 def count_items(spec: str) -> int | None:
-    """How many items a source holds, when that is cheap to know (for the ETA); None otherwise."""
+    """How many items a source holds, when that is cheap to know (for the ETA); None otherwise (also when a
+    source is damaged: the job itself reports what it cannot read)."""
     kind = sources.describe(spec)
     if kind == "folder":
-        return sum(1 for _ in sources.image_files(Path(spec)))
+        return sum(1 for _ in sources.folder_entries(Path(spec)))  # unreadable subfolders are items too
     if kind == "parquet":
         path = Path(spec)
         files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        try:
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        except Exception:  # a footer that cannot be read: reported by the job as skipped
+            return None
     return None  # lists may carry comments and CSV headers; tar shards need a full read
 
 

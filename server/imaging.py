@@ -1,9 +1,13 @@
 """Query images from clients and thumbnails of stored documents, both with hard caps.
 
 Query images are untrusted bytes: sizes are checked before decoding (the header gives width and height),
-so a decompression bomb is refused without allocating its pixels. Thumbnails are made only from the
-``source`` the index itself stored for a document id; a client never names a path. A stored source that is
-a symlink leading out of its own folder, a remote URL or anything but a regular file is not served.
+so a decompression bomb is refused without allocating its pixels, and whatever a codec raises on hostile
+bytes is a 422 naming the field (the decoding is :func:`stair_search.images.decode_image`, the indexer's own).
+Thumbnails are made only from the ``source`` the index itself stored for a document id; a client never names
+a path. The stored source is read back as the job wrote it (:func:`stair_search.images.parse_source`: a file
+or a tar member, never one for the other; names that are not UTF-8 included). A stored source that is a
+symlink leading out of its own folder, a remote URL, anything but a regular file, or a tar that was cut or
+damaged after indexing is not served (404 with the reason, never a 500).
 """
 
 from __future__ import annotations
@@ -12,17 +16,32 @@ import base64
 import binascii
 import io
 import os
-import tarfile
 import urllib.parse
 import urllib.request
-import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from stair_search.images import refused_pixels, to_rgb
+from stair_search.images import (
+    DownloadTimedOut,
+    ImageTooLarge,
+    ImageUnreadable,
+    NotRead,
+    SourceLocation,
+    TooManyBytes,
+    decode_image,
+    download,
+    is_remote,
+    one_line,
+    parse_source,
+    read_file,
+    read_member,
+    readings,
+)
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+__all__ = ["ImageRejected", "decode_base64", "fetch_image_url", "is_remote", "open_query_image", "source_state",
+           "stored_image", "thumbnail_png"]
+MAX_SOURCE_BYTES = 256 * 1024 * 1024  # a stored file or tar member a thumbnail is made from (the indexer's cap)
 
 
 class ImageRejected(ValueError):
@@ -54,7 +73,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def fetch_image_url(url: str, hosts: tuple[str, ...], max_bytes: int, timeout_s: float) -> bytes:
-    """The bytes at ``url`` if image URLs are on and its host is allowed (the SSRF guard), under the caps."""
+    """The bytes at ``url`` if image URLs are on and its host is allowed (the SSRF guard), under the caps: at
+    most ``max_bytes``, and the whole download (not only each read) within ``timeout_s``."""
     if not hosts:
         raise ImageRejected(422, "'image_url' queries are off on this server; send the image itself, or start the "
                                  "server with --allow-image-url-host HOST")
@@ -64,75 +84,65 @@ def fetch_image_url(url: str, hosts: tuple[str, ...], max_bytes: int, timeout_s:
     if parsed.hostname.lower() not in {h.lower() for h in hosts}:
         raise ImageRejected(403, f"'image_url' host '{parsed.hostname}' is not allowed here (allowed: "
                                  f"{', '.join(hosts)})")
-    opener = urllib.request.build_opener(_NoRedirects())
     try:
-        with opener.open(urllib.request.Request(url, headers={"User-Agent": "stair-search"}), timeout=timeout_s) as r:
-            data = r.read(max_bytes + 1)
+        return download(url, max_bytes, timeout_s, timeout_s, handlers=[_NoRedirects()])
     except ImageRejected:
         raise
-    except TimeoutError as exc:
+    except DownloadTimedOut as exc:
         raise ImageRejected(504, f"'image_url' did not answer within {timeout_s} s") from exc
-    except (OSError, ValueError) as exc:  # URLError, HTTPError, connection errors
+    except TooManyBytes:
+        raise ImageRejected(413, f"'image_url' is more than the limit of {max_bytes} bytes") from None
+    except NotRead as exc:
         raise ImageRejected(422, f"'image_url' could not be fetched: {exc}") from None
-    if len(data) > max_bytes:
-        raise ImageRejected(413, f"'image_url' is more than the limit of {max_bytes} bytes")
-    return data
+    except (OSError, ValueError) as exc:  # a URL urllib cannot take
+        raise ImageRejected(422, f"'image_url' could not be fetched: {one_line(exc)}") from None
 
 
 def open_query_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
-    """Client image bytes -> an RGB PIL image, refusing oversized, malformed or non-image data."""
+    """Client image bytes -> an RGB PIL image, refusing oversized, malformed or non-image data (any codec's
+    exception included: 422)."""
     if not data:
         raise ImageRejected(422, f"'{field}' is empty")
     if len(data) > max_bytes:
         raise ImageRejected(413, f"'{field}' is {len(data)} bytes, more than the limit of {max_bytes}")
-    return _decode(io.BytesIO(data), max_pixels, field)
+    return _decode(data, max_pixels, field)
 
 
-def _decode(stream: io.BytesIO, max_pixels: int, what: str) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, what: str) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below decides
-            with Image.open(stream) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageRejected(413, f"'{what}' is {width}x{height} pixels, more than the limit of "
-                                             f"{max_pixels}; send a smaller image")
-                image.load()
-                return to_rgb(image).copy()
-    except ImageRejected:
-        raise
-    except Image.DecompressionBombError as exc:  # more than twice PIL's own limit: PIL will not even open it
-        pixels = refused_pixels(exc) or "more"
-        raise ImageRejected(413, f"'{what}' is {pixels} pixels, more than the limit of {max_pixels}; send a smaller "
+        return decode_image(data, max_pixels).rgb
+    except ImageTooLarge as exc:
+        size = f"{exc.width}x{exc.height} pixels" if exc.width else f"{exc.pixels or 'more'} pixels"
+        raise ImageRejected(413, f"'{what}' is {size}, more than the limit of {max_pixels}; send a smaller "
                                  f"image") from None
-    except _DECODE_ERRORS as exc:
-        raise ImageRejected(422, f"'{what}' is not a readable image ({type(exc).__name__}: {exc})") from exc
+    except ImageUnreadable as exc:
+        raise ImageRejected(422, f"'{what}' is not a readable image ({exc.detail or exc.kind})") from None
 
 
-def is_remote(source: str) -> bool:
-    """A stored source that is an http(s) URL (a URL-sourced collection): shown by the client, never fetched."""
-    return source.startswith(("http://", "https://"))
+def stored_image(source: str, max_pixels: int, max_bytes: int = MAX_SOURCE_BYTES) -> Image.Image:
+    """The image a document was indexed from, read from its stored ``source`` (a file or a tar member).
 
-
-def stored_image(source: str, max_pixels: int) -> Image.Image:
-    """The image a document was indexed from, read from its stored ``source`` (a file or ``file.tar#member``).
-
-    Raises FileNotFoundError with the reason when the source cannot or may not be served.
+    Raises FileNotFoundError with the reason (one line) when the source cannot or may not be served.
     """
-    if "://" in source:
-        raise FileNotFoundError("the stored source is remote; the server does not fetch remote images")
-    path, member = _split_source(source)
-    _check_local_file(path)
-    if member:
-        with tarfile.open(path) as tar:
-            info = tar.getmember(member)
-            if not info.isfile():
-                raise FileNotFoundError("the stored tar member is not a regular file")
-            data = tar.extractfile(info).read()  # type: ignore[union-attr]
-    else:
-        data = path.read_bytes()
     try:
-        return _decode(io.BytesIO(data), max_pixels, "stored image")
+        location = _local(source)
+        _check_local_file(Path(location.path))
+        if location.member:
+            data = read_member(location.path, location.member, max_bytes)
+        else:
+            data = read_file(location.path, max_bytes)
+    except FileNotFoundError:
+        raise
+    except NotRead as exc:  # a special file, over the cap, a cut or damaged tar, a member not in it
+        raise FileNotFoundError(f"the stored source cannot be read: {exc}") from None
+    except OSError as exc:  # permissions, a name longer than the system allows, an I/O error
+        raise FileNotFoundError(f"the stored source cannot be read: {exc.strerror or one_line(exc)}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a stored path holding a NUL byte, or anything else this one source raises
+        raise FileNotFoundError(f"the stored source cannot be read: {one_line(exc)}") from None
+    try:
+        return _decode(data, max_pixels, "stored image")
     except ImageRejected as exc:
         raise FileNotFoundError(str(exc)) from exc
 
@@ -144,16 +154,21 @@ def source_state(source: str) -> tuple[int, int, int, int] | None:
     its old thumbnail being served from the cache. None when there is no such local file.
     """
     try:
-        stat = os.lstat(_split_source(source)[0])
+        stat = os.lstat(_local(source).path)
     except (OSError, ValueError):
         return None
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _split_source(source: str) -> tuple[Path, str]:
-    """``/data/a.tar#img/1.png`` -> (tar path, member); a plain file -> (path, "")."""
-    path_text, _, member = source.partition("#") if ".tar#" in source else (source, "", "")
-    return Path(path_text), member
+def _local(source: str) -> SourceLocation:
+    """The local file or tar member a stored source names (as stored, or as an older index escaped a name that
+    is not UTF-8); FileNotFoundError for a remote or unreadable one."""
+    try:
+        location = parse_source(source)
+    except ValueError as exc:
+        raise FileNotFoundError(str(exc)) from None
+    found = readings(location)
+    return next((candidate for candidate in found if os.path.lexists(candidate.path)), found[0])
 
 
 def _check_local_file(path: Path) -> None:
@@ -161,11 +176,15 @@ def _check_local_file(path: Path) -> None:
     if not path.is_absolute():
         raise FileNotFoundError("the stored source is not an absolute path")
     if path.is_symlink():
-        target, folder = path.resolve(), path.parent.resolve()
+        try:
+            target, folder = path.resolve(), path.parent.resolve()
+        except RuntimeError:  # a loop of symlinks (Python 3.11 raises this, not OSError)
+            raise FileNotFoundError("the stored source is a loop of symlinks") from None
         if target.parent != folder and folder not in target.parents:
             raise FileNotFoundError("the stored source is a symlink that leads out of its folder")
     if not path.is_file():
-        raise FileNotFoundError("the stored source file is missing")
+        raise FileNotFoundError("the stored source is not a regular file (a FIFO, device, socket or folder)"
+                                if path.exists() else "the stored source file is missing")
     if not os.access(path, os.R_OK):
         raise FileNotFoundError("the stored source file is not readable")
 

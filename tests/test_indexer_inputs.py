@@ -257,3 +257,47 @@ def test_extreme_strips_are_cut_to_their_centre_before_the_model_resizes_them(ti
     cut = tiny_encoder.preprocess(banner)
     whole = tiny_encoder.model.preprocess(banner)
     assert float((cut - whole).abs().max()) < 1e-5
+
+
+def test_a_folder_is_numbered_in_the_order_it_always_was(tmp_path):
+    """A resumed job relies on the order: the walk that lists unreadable subfolders sorts as sorted(rglob) did."""
+    for name in ("a/x.png", "a/b/y.png", "a-b.png", "a.png", "B.png", "é.png", "a b/z.png", "_/w.png", "0.png",
+                 ".hidden/h.png", "a/.h.png", "noext"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png_bytes(draw_shape("red", "circle")))
+    (tmp_path / "link.png").symlink_to(tmp_path / "a")  # a symlink to a folder is an entry, not walked into
+    before = [p for p in sorted(tmp_path.rglob("*"))
+              if not any(part.startswith(".") for part in p.relative_to(tmp_path).parts)
+              and (p.is_file() or p.is_symlink())]
+    assert [i.path for i in iter_items(str(tmp_path))] == [str(p) for p in before]
+
+
+def test_fifos_and_sockets_named_like_images_are_listed_and_never_opened(tmp_path):
+    import socket
+
+    os.mkfifo(tmp_path / "fifo.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "sock.jpg"))
+    os.mkfifo(tmp_path / "no-suffix")  # not claimed to be an image: not sniffed (that would open it)
+    try:
+        items = list(iter_items(str(tmp_path)))
+        assert [i.id for i in items] == ["fifo.png", "sock.jpg"]
+        assert {decode(i, 0, identity).skip_reason for i in items} == {"not a regular file (a FIFO, device or socket)"}
+    finally:
+        server.close()
+
+
+def test_compressed_shards_and_link_members(tmp_path):
+    image = png_bytes(draw_shape("red", "circle"))
+    with tarfile.open(tmp_path / "s-0.tar.gz", "w:gz") as tar:
+        for name, data in (("a.png", image), ("a.txt", b"red")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    items = list(iter_items(str(tmp_path / "s-{0..0}.tar.gz")))  # no false "truncated": its end is checked unpacked
+    assert [(i.id, i.problem) for i in items] == [
+        ("s-0.tar.gz/a", None), ("s-0.tar.gz/b", "not a regular file (a symlink in the tar; links are not followed)")]
+    assert items[0].caption == "red" and items[0].source == f"{tmp_path / 's-0.tar.gz'}#a.png"

@@ -10,7 +10,9 @@ the job's part: spooling, the journal and resuming; everything about writing an 
 The source is checked (it exists, its columns are there) before the model loads or anything is written. A job
 that stops on an error keeps its spool only when the spool holds work to resume; otherwise its job folder is
 removed. The published manifest lists the keys of the jobs that built it, so running a finished job again
-says so and changes nothing.
+says so and changes nothing. A kill at any step of the publish is finished by the next run (any mutation of the
+index, in fact) before anything else (index/publish.py), and a full disk anywhere is one DiskFullError that says
+where, and that the same command resumes once there is space.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_w
 from indexer.report import JobProgress, JobSummary
 from indexer.sources import DEFAULT_MAX_BYTES, SourceOptions, check, iter_items
 from stair_search import DEFAULT_MODEL
+from stair_search.atomic import reporting_full_disk
 from stair_search.encode import Encoder
 from stair_search.index import DenseSpec, IndexLock, IndexReader, IndexWriter, Manifest, ShardInfo
 from stair_search.index.layout import MANIFEST
+from stair_search.index.publish import finish_interrupted_publish
 from stair_search.index.text import DEFAULT_TEXT_FIELDS
 
 RUNNERS = ("local", "ray")
@@ -112,7 +116,9 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
                 "limits": asdict(limits), "text_fields": list(text_fields) if text_fields else None}
     key = job_key(**identity)
     job_dir = JobDir(job_dir_for(out, key), identity)
-    with IndexLock(out, wait=wait) as lock:
+    with reporting_full_disk(out.parent, f"indexing into {out}", f"the job resumes from its spool, and the index at "
+                             f"{out} is as it was before this job."), IndexLock(out, wait=wait) as lock:
+        finish_interrupted_publish(out)  # a kill during an earlier publish (this job's or another's)
         journal = job_dir.read_journal() if resume else JournalState()
         if journal.complete and _published(out, journal):  # a kill came after publishing, before the cleanup
             return _finish(job_dir, journal, Manifest.load(out), started, 0, 0, out)
@@ -176,7 +182,7 @@ class _JobRun:
     def __init__(self, job: JobDir, state: JournalState, writer: IndexWriter):
         self.job, self.state, self.writer = job, state, writer
         spooled = list(job.pending_chunks(state))
-        self.seen_ids = set(job.shard_ids(state)) | {r.id for _, c in spooled for r in c.records}
+        self.seen_ids = set(job.shard_ids(state, writer.index_dir)) | {r.id for _, c in spooled for r in c.records}
         self.start = self.resumed_from = max([state.end, *(c.end for _, c in spooled)])
         self.next_seq = job.next_sequence(state)
         self.encoded_now = 0

@@ -11,8 +11,12 @@ Layout, next to the output index (``.{out}.job-<hash>``, same filesystem so rena
 Why this shape: encoding is the expensive step, so every encoded batch is on disk before the next one
 starts, and a restart re-encodes at most one batch. A chunk file exists completely or not at all (written
 to a temp name, fsync'd, renamed). Shards are written from whole chunks and only count once the journal
-lists them, so a half-written shard directory after a kill is simply removed. Items are consumed in the
-source's fixed order, so "every position below ``end``" identifies exactly what is done.
+lists them, so a half-written shard directory after a kill is simply removed, with every temporary file or
+folder (an interrupted Seismic build leaves a folder). Items are consumed in the source's fixed order, so
+"every position below ``end``" identifies exactly what is done. Publishing moves the journal's shards into the
+index (index/publish.py); a kill in the middle is finished by the next run before it reads this journal, and a
+shard is looked for in the index too when it has left the build folder. A finished job's folder is renamed
+aside before it is deleted, so a kill then leaves no half-deleted journal.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stair_search.atomic import atomic_path, atomic_write
+from stair_search.atomic import TEMP_SUFFIX, atomic_path, atomic_write, discard_dir, remove_path
 from stair_search.encode import EncodedBatch
 from stair_search.index import ShardInfo
 from stair_search.index.skipped import Skip
@@ -102,8 +106,10 @@ class JobDir:
             self._lock_file = None
 
     def remove(self) -> None:
+        """Delete the job's folder: renamed to ``.<index>.removing-<key>`` first (the index's next mutation sweeps
+        it if a kill comes), so a run after a kill never finds a journal without its spool or shards."""
         self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        discard_dir(self.path, self.path.name.replace(".job-", ".removing-", 1))
 
     def holds_work(self) -> bool:
         """Whether a restart would continue from here: encoded chunks spooled, or shards journaled."""
@@ -118,9 +124,10 @@ class JobDir:
             raise RuntimeError(f"Another indexing job is writing {self.path}; wait for it to finish.") from None
 
     def _remove_leftovers(self, state: JournalState) -> None:
-        """Temp files and shard directories the journal does not list are pieces of an interrupted write."""
-        for tmp in self.path.rglob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        """Temp files and folders, and shard directories the journal does not list, are pieces of an interrupted
+        write (deepest first: a temporary folder may hold temporary files)."""
+        for tmp in sorted(self.path.rglob(f"*{TEMP_SUFFIX}"), key=lambda p: len(p.parts), reverse=True):
+            remove_path(tmp)
         listed = {s.name for s in state.shards}
         shards_root = self.build_dir / "shards"
         if shards_root.is_dir():
@@ -177,11 +184,21 @@ class JobDir:
             if seq <= up_to:
                 path.unlink(missing_ok=True)
 
-    def shard_ids(self, state: JournalState) -> Iterator[str]:
+    def shard_ids(self, state: JournalState, index_dir: Path) -> Iterator[str]:
         """Ids of the documents inside the journal's shards (to refuse duplicates after a restart)."""
         for shard in state.shards:
-            with FeatureStore.open(store_path(shard.path(self.build_dir))) as store:  # a pre-v2 job's: parquet
+            with FeatureStore.open(store_path(self.shard_folder(shard, index_dir))) as store:  # pre-v2: parquet
                 yield from store.ids
+
+    def shard_folder(self, shard: ShardInfo, index_dir: Path) -> Path:
+        """Where a journaled shard is: the build folder, or the index when a publish moved it in (a job of an
+        earlier version, killed between its moves and its manifest, left it there)."""
+        for folder in (shard.path(self.build_dir), shard.path(index_dir)):
+            if folder.is_dir():
+                return folder
+        raise FileNotFoundError(f"The journal of {self.path} lists shard {shard.name}, which is neither in "
+                                f"{self.build_dir / 'shards'} nor in {index_dir / 'shards'}: run the same command "
+                                f"with --no-resume to index the source again.")
 
 
 def read_chunk(path: Path) -> Chunk:

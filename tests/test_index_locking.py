@@ -19,6 +19,7 @@ from indexer import IndexJob
 from stair_search.index import IndexReader, Manifest
 from stair_search.index.layout import TOMBSTONE_PREFIX
 from stair_search.index.lock import IndexLock, IndexLockedError, lock_path
+from stair_search.index.publish import INTENT_FILE
 from tests.test_indexer_jobs import (
     CLI,
     DEADLINE_S,
@@ -72,15 +73,16 @@ def start_cli(args: list[str], log: Path) -> subprocess.Popen:
 
 def assert_nothing_orphaned(out: Path) -> None:
     """Every shard folder is in the manifest, every tombstone file is the one its shard lists or the one that
-    list replaced (kept for readers of the previous version until the next mutation sweeps it), and nothing of a
-    mutation (build folder, lock file, temporary file) is left beside the index or in it."""
+    list replaced (retired, kept for readers of the previous version until a mutation after publish's
+    RETIRED_GRACE_S sweeps it), and nothing of a mutation (build folder, lock file, publish record, temporary file)
+    is left beside the index or in it."""
     manifest = Manifest.load(out)
     listed = {s.name: s for s in manifest.shards}
     assert {p.name for p in (out / "shards").iterdir()} == set(listed)
     for name, shard in listed.items():
         tombstones = {p.name for p in (out / "shards" / name).iterdir() if p.name.startswith(TOMBSTONE_PREFIX)}
         assert ({shard.deleted} if shard.deleted else set()) <= tombstones and len(tombstones) <= 2, name
-    assert not [p for p in out.rglob("*.tmp")]
+    assert not [p for p in out.rglob("*.tmp")] and not (out / INTENT_FILE).exists()
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 

@@ -571,11 +571,12 @@ def _open_image(path: Path):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from stair_search.atomic import DiskFullError
     from stair_search.index import IndexLockedError
     from stair_search.query.wordnet import WordNetMissing
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IndexLockedError,
-            ModuleNotFoundError, WordNetMissing)
+            ModuleNotFoundError, WordNetMissing, DiskFullError)
 
 
 def main(argv: list[str] | None = None) -> None:

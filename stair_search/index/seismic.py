@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from stair_search.atomic import atomic_dir, fsync
 
 ACCELERATED_DIR = "accelerated"
 SEISMIC_STEM = "seismic"  # Seismic appends ``.index.seismic``
@@ -62,34 +63,40 @@ def seismic_module():
 
 def build_seismic(sparse_dir: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
                       vocabulary_size: int, threads: int | None = None) -> bool:
-    """Write ``sparse_dir/accelerated`` from a shard's CSR; False (nothing written) without ``seismic``."""
+    """Write ``sparse_dir/accelerated`` from a shard's CSR; False (nothing written) without ``seismic``.
+
+    The folder is filled under a temporary name and swapped in whole (``atomic.atomic_dir``), its metadata file
+    last: a reader finds the previous folder or the new one (or none, and then Lucene answers), and a kill or a
+    full disk leaves only a ``.accelerated.<random>.tmp`` folder, which the next sweep removes."""
     seismic = seismic_module()
     if seismic is None:
         return False
-    folder = Path(sparse_dir) / ACCELERATED_DIR
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     indptr = np.asarray(indptr, dtype=np.int64)
-    rows = len(indptr) - 1
-    for name, array in zip(POSTING_FILES, postings(indptr, indices, values, vocabulary_size), strict=True):
-        np.save(tmp / f"{name}.npy", array)
-    with_tokens = int(np.count_nonzero(np.diff(indptr)))
-    if with_tokens:
-        dataset = seismic.SeismicDataset(dim=vocabulary_size)
-        dataset.add_documents_by_id([str(r) for r in range(rows)], np.asarray(indices, dtype=np.int64),
-                                    np.asarray(values, dtype=np.float32), indptr)
-        with _stdout_silenced():  # Seismic prints its build progress and configuration on stdout
-            index = seismic.SeismicIndex.build_from_dataset(
-                dataset, n_postings=N_POSTINGS, summary_energy=SUMMARY_ENERGY, num_threads=threads or 0)
-            index.save(str(tmp / SEISMIC_STEM))
-    meta = {"format": FORMAT, "rows": rows, "nnz": int(indptr[-1]), "with_tokens": with_tokens,
-            "vocabulary_size": vocabulary_size, "seismic": bool(with_tokens),
-            "settings": {"summary_energy": SUMMARY_ENERGY, "n_postings": N_POSTINGS}}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_dir(Path(sparse_dir) / ACCELERATED_DIR) as tmp:
+        for name, array in zip(POSTING_FILES, postings(indptr, indices, values, vocabulary_size), strict=True):
+            np.save(tmp / f"{name}.npy", array)
+        with_tokens = int(np.count_nonzero(np.diff(indptr)))
+        if with_tokens:
+            _build_seismic_index(seismic, tmp, indptr, indices, values, vocabulary_size, threads)
+        meta = {"format": FORMAT, "rows": len(indptr) - 1, "nnz": int(indptr[-1]), "with_tokens": with_tokens,
+                "vocabulary_size": vocabulary_size, "seismic": bool(with_tokens),
+                "settings": {"summary_energy": SUMMARY_ENERGY, "n_postings": N_POSTINGS}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for path in tmp.iterdir():
+            fsync(path)
     return True
+
+
+def _build_seismic_index(seismic, folder: Path, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                         vocabulary_size: int, threads: int | None) -> None:
+    """Seismic's own index of the rows that hold tokens, saved as ``folder/seismic.index.seismic``."""
+    dataset = seismic.SeismicDataset(dim=vocabulary_size)
+    dataset.add_documents_by_id([str(r) for r in range(len(indptr) - 1)], np.asarray(indices, dtype=np.int64),
+                                np.asarray(values, dtype=np.float32), indptr)
+    with _stdout_silenced():  # Seismic prints its build progress and configuration on stdout
+        index = seismic.SeismicIndex.build_from_dataset(
+            dataset, n_postings=N_POSTINGS, summary_energy=SUMMARY_ENERGY, num_threads=threads or 0)
+        index.save(str(folder / SEISMIC_STEM))
 
 
 @contextmanager

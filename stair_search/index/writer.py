@@ -2,13 +2,17 @@
 
 A writer takes the index's mutation lock (index/lock.py) before it reads the manifest and keeps it until the new
 manifest is in place, so concurrent mutations queue (``wait=True``) or stop at once naming the holder, and no
-mutation ever starts from a manifest another one is about to replace. Under the lock it first removes what an
-interrupted mutation left (layout.leftovers): shards no manifest lists, stray tombstones, temporary files.
+mutation ever starts from a manifest another one is about to replace. Under the lock it first finishes a publish
+that a kill interrupted (index/publish.py), then removes what interrupted mutations left and what no reader needs
+any more (layout.leftovers): shards no manifest lists (an overwrite's replaced shards among them), replaced
+tombstones, temporary files and folders.
 
 New shards are always built in a hidden sibling folder (or the job's own build folder) and become visible only
-at :meth:`IndexWriter.commit`: a new index is renamed into place whole, an append moves its shards in and then
-swaps the manifest. Deletes write fresh per-shard tombstone files that count only once the manifest names them.
-A reader therefore sees the previous complete index or the new one, never a mixture.
+at :meth:`IndexWriter.commit`, through one protocol for a new index, an append and an overwrite alike
+(index/publish.py): the shards are moved into the index folder under fresh names no manifest lists, then the
+manifest that names them replaces the old one in one rename. Deletes write fresh per-shard tombstone files that
+count only once the manifest names them. A reader therefore sees the previous complete index or the new one,
+never a mixture, and a kill at any step leaves one of the two at the path.
 
 One shard-cutting rule: whole batches are queued, and a shard is written as soon as ``shard_size`` documents are
 queued (so a shard holds up to ``shard_size + batch - 1`` documents; a resumed job cuts exactly where the first
@@ -17,7 +21,6 @@ run did, since it replays the same batches).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,24 +28,34 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from stair_search.atomic import atomic_path
+from stair_search.atomic import TEMP_SUFFIX, atomic_path, remove_path, reporting_full_disk
 from stair_search.index.dense import DenseShard, DenseSpec
 from stair_search.index.layout import (
     DENSE_FILE,
     FEATURES_FILE,
     MANIFEST,
+    SKIPPED_REPORT,
     SPARSE_DIR,
     building_dir,
     leftovers,
     read_tombstone,
-    retired_dir,
+    shard_dir,
     shard_name,
     stale_builds,
     tombstone_name,
 )
 from stair_search.index.lock import IndexLock
 from stair_search.index.manifest import Manifest, ModelRecord, ShardInfo
+from stair_search.index.publish import (
+    Move,
+    discarded_folders,
+    finish_interrupted_publish,
+    forget_retired,
+    in_grace,
+    publish,
+)
 from stair_search.index.seismic import build_seismic
 from stair_search.index.skipped import Skip, write_skipped_report
 from stair_search.index.sparse import CSR, DEFAULT_SCALE, available_cores, concat_csr, to_csr, write_sparse_shard
@@ -78,14 +91,15 @@ class IndexWriter:
         self.model, self.shard_size, self.dense_spec, self.threads = model, shard_size, dense_spec, threads
         self._own_lock = lock is None
         self.lock = (lock or IndexLock(self.index_dir, wait=wait)).acquire()
+        self._own_build = build_dir is None
+        self.build_dir = Path(build_dir) if build_dir else building_dir(self.index_dir)
         try:
+            finish_interrupted_publish(self.index_dir)
             self.manifest, self.appending = self._start(append, overwrite, scale, text_fields)
             self._remove_leftovers([s.name for s in resumed])
         except BaseException:
             self._release()
             raise
-        self._own_build = build_dir is None
-        self.build_dir = Path(build_dir) if build_dir else building_dir(self.index_dir)
         self.written: list[ShardInfo] = list(resumed)  # shards of this writer, not yet published
         self._pending: list[tuple[list[FeatureRecord], np.ndarray, CSR]] = []
         self._pending_count = 0  # documents in ``_pending``
@@ -109,14 +123,35 @@ class IndexWriter:
         return Manifest.new(self.model, scale, list(text_fields) if text_fields else None), False
 
     def _remove_leftovers(self, keep: Sequence[str]) -> None:
-        """Under the lock nobody else is mid-mutation: whatever an earlier writer left unpublished is stale."""
-        for folder in stale_builds(self.index_dir):
+        """Under the lock nobody else is mid-mutation: whatever is beside or in the index that the manifest on
+        disk does not name is stale (an earlier writer's build, a shard an overwrite replaced, a tombstone a delete
+        replaced, a temporary file or folder), except the shards ``keep`` names (a resumed job's)."""
+        for folder in [*stale_builds(self.index_dir), *discarded_folders(self.index_dir)]:
             shutil.rmtree(folder, ignore_errors=True)
-        if not self.appending:
+        listed = self._listed_on_disk()
+        if listed is None:
             return
-        listed = {s.name: s.deleted for s in self.manifest.shards}
+        kept = in_grace(self.index_dir)  # retired a moment ago: a reader may have just resolved them
         for path in list(leftovers(self.index_dir, listed, keep)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.relative_to(self.index_dir).as_posix() not in kept:
+                remove_path(path)
+        for name in listed:  # temporary files and folders deeper in a shard (sparse/.accelerated.*.tmp)
+            for path in sorted(shard_dir(self.index_dir, name).rglob(f"*{TEMP_SUFFIX}"), reverse=True):
+                remove_path(path)
+        forget_retired(self.index_dir)
+
+    def _listed_on_disk(self) -> dict[str, str | None] | None:
+        """Shard name -> tombstone of the manifest on disk ({} for a folder without one); None when there is no
+        folder, or its manifest cannot be read (an overwrite may replace a damaged index: nothing is swept)."""
+        if not self.index_dir.is_dir():
+            return None
+        if not (self.index_dir / MANIFEST).is_file():
+            return {}
+        try:
+            on_disk = self.manifest if self.appending else Manifest.load(self.index_dir)
+        except (ValueError, TypeError, KeyError):
+            return None
+        return {s.name: s.deleted for s in on_disk.shards}
 
     # ------------------------------------------------------------------------------------------ adding
 
@@ -149,12 +184,19 @@ class IndexWriter:
         records = [r for recs, _, _ in self._pending for r in recs]
         dense = np.concatenate([d for _, d, _ in self._pending])
         csr = concat_csr([c for _, _, c in self._pending])
-        name = shard_name(len(self.manifest.shards if self.appending else ()) + len(self.written))
+        name = self._fresh_name(len(self.manifest.shards if self.appending else ()) + len(self.written))
         shard = write_shard(self.build_dir, name, records, dense, csr, self._vocabulary(), self.dense_spec,
                             self.threads, self.manifest.text_fields)
         self.written.append(shard)
         self._pending, self._pending_count = [], 0
         return shard
+
+    def _fresh_name(self, position: int) -> str:
+        """A shard name no folder in the index or the build folder has (an overwrite's old shards stay a while)."""
+        while True:
+            name = shard_name(position)
+            if not (shard_dir(self.index_dir, name).exists() or shard_dir(self.build_dir, name).exists()):
+                return name
 
     def _vocabulary(self):
         if self.model is None:
@@ -192,48 +234,46 @@ class IndexWriter:
     # ------------------------------------------------------------------------------------------ publishing
 
     def commit(self, skipped: Sequence[Skip] = (), job: str | None = None) -> Manifest:
-        """Publish everything (the manifest last, atomically) and release the lock. ``skipped``: items a job could
-        not index, kept in the index's ``skipped.parquet``; ``job``: the key of the job that wrote them."""
+        """Publish everything (index/publish.py: the new shards moved in, then the manifest replaced in one rename)
+        and release the lock. ``skipped``: items a job could not index, kept in the index's ``skipped.parquet``;
+        ``job``: the key of the job that wrote them."""
         self.flush()
         if job and job not in self.manifest.jobs:
             self.manifest.jobs.append(job)
         try:
-            if self.appending:
-                self._publish_into_index(skipped)
-            else:
-                self._publish_new(skipped)
-            # The tombstones the new manifest no longer names stay until the next mutation sweeps them
-            # (layout.leftovers): a reader of the previous version (a cluster's shard replica opening it now) can
-            # still read its deletes.
+            self._publish(skipped)
+            if self._own_build:
+                shutil.rmtree(self.build_dir, ignore_errors=True)
             self.committed = True
             return self.manifest
         finally:
             self._release()
 
-    def _publish_new(self, skipped: Sequence[Skip]) -> None:
-        if not self.written:
+    def _publish(self, skipped: Sequence[Skip]) -> None:
+        """What the new manifest no longer names (shards an overwrite replaced, tombstones a delete replaced) is
+        retired, not removed: a reader that resolved the previous manifest a moment ago (a search, a cluster's
+        shard replica starting now) can still open it (see index/publish.py)."""
+        if not self.appending and not self.written:
             raise ValueError("No documents were added: nothing to index.")
-        self.manifest.shards = list(self.written)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        write_skipped_report(self.build_dir, skipped)
-        self.manifest.save(self.build_dir)
-        publish(self.build_dir, self.index_dir)
+        known = {s.name for s in self.manifest.shards} if self.appending else set()
+        new = [s for s in self.written if s.name not in known]  # known: published by an earlier, killed run
+        moves: list[Move] = [(s.path(self.build_dir), s.path(self.index_dir)) for s in new]
+        report_moves, removals = self._stage_report(skipped)
+        self.manifest.shards = [*(self.manifest.shards if self.appending else ()), *new]
+        if new or report_moves or removals or self._new_tombstones or not self.appending:
+            publish(self.index_dir, self.manifest.to_dict(), [*moves, *report_moves], removals)
 
-    def _publish_into_index(self, skipped: Sequence[Skip]) -> None:
-        known = {s.name for s in self.manifest.shards}
-        for shard in self.written:
-            built, target = shard.path(self.build_dir), shard.path(self.index_dir)
-            if built.exists():  # a resumed job's shard may have been moved in by a publish a kill interrupted
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(built, target)
-        if skipped:
-            write_skipped_report(self.index_dir, skipped, merge=True)
-        new = [s for s in self.written if s.name not in known]
-        if new or self._new_tombstones:
-            self.manifest.shards.extend(new)
-            self.manifest.save(self.index_dir)
-        if self._own_build:
-            shutil.rmtree(self.build_dir, ignore_errors=True)
+    def _stage_report(self, skipped: Sequence[Skip]) -> tuple[list[Move], list[Path]]:
+        """The index's next ``skipped.parquet``, written in the build folder to be moved in with the shards (an
+        append's keeps the earlier rows); an overwrite without skips drops the old report."""
+        target = self.index_dir / SKIPPED_REPORT
+        rows = [tuple(s) for s in skipped]
+        if rows and self.appending and target.is_file():
+            rows = [(r["id"], r["source"], r["reason"]) for r in pq.read_table(target).to_pylist()] + rows
+        if rows:
+            self.build_dir.mkdir(parents=True, exist_ok=True)
+            return [(write_skipped_report(self.build_dir, list(dict.fromkeys(rows))), target)], []
+        return [], [target] if not self.appending and target.exists() else []
 
     def abort(self) -> None:
         """Give up: nothing is published; this writer's unpublished files go (a job keeps its own build folder)."""
@@ -259,8 +299,10 @@ class IndexWriter:
 
 
 def delete_documents(index_dir: str | Path, ids: Iterable[str], wait: bool = False) -> DeleteResult:
-    """Delete documents by id (the writer's ``delete`` + ``commit``): the CLI's and ``IndexReader.delete``'s path."""
-    with IndexWriter(index_dir, wait=wait) as writer:
+    """Delete documents by id (the writer's ``delete`` + ``commit``): the CLI's and ``IndexReader.delete``'s path.
+    A full disk is one DiskFullError naming the index (nothing is deleted then)."""
+    with reporting_full_disk(index_dir, f"deleting from {index_dir}", "nothing was deleted."), \
+            IndexWriter(index_dir, wait=wait) as writer:
         result = writer.delete(ids)
         writer.commit()
     return result
@@ -283,17 +325,6 @@ def write_shard(root: Path, name: str, records: Sequence[FeatureRecord], dense: 
     shard.dense = index.spec.to_dict()
     write_features(folder / FEATURES_FILE, records)  # format 2: features.arrow + its memory-mapped arrays
     return shard
-
-
-def publish(build_dir: Path, index_dir: Path) -> None:
-    """Move a finished build into place; an existing index is swapped out, then removed."""
-    if not index_dir.exists():
-        os.replace(build_dir, index_dir)
-        return
-    retired = retired_dir(index_dir)
-    os.replace(index_dir, retired)
-    os.replace(build_dir, index_dir)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _live_rows_of(shard_dir: Path, ids: Sequence[str], dead: set[int]) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Serving on a Ray cluster (docs/cluster.md) against serving in one process, measured side by side in one run.
 
-Runs itself in a network namespace of its own with only loopback up (``unshare -n``; root), starts a head and two
-worker nodes with ``ray.cluster_utils.Cluster`` and serves synthetic indexes of the default model's shapes
+Runs itself in network and PID namespaces of its own with only loopback up (``unshare -n -p``; root), starts a
+head and two worker nodes with ``ray.cluster_utils.Cluster`` and serves synthetic indexes of the default model's shapes
 (``router_latency.build``: unit dense vectors, trained-like sparse vectors, local features) both ways:
 
 - **overhead**: the same queries over HTTP to ``stair-search serve`` in this process (uvicorn) and to the cluster
@@ -39,14 +39,16 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--fanout-docs", type=int, default=16_000)
     parser.add_argument("--fanout", default="1,4,16", help="shard counts of the fan-out measurement (each shard is a "
-                        "replica process: about 0.6 GB each when it opens Lucene, see docs/cluster.md)")
+                        "replica process: about 0.3 GB each, see docs/cluster.md)")
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
     if os.environ.get("STAIR_NETNS") != "1":  # again, inside a namespace that has loopback only
-        os.execvp("unshare", ["unshare", "-n", "sh", "-c", 'ip link set lo up && STAIR_NETNS=1 exec "$0" "$@"',
+        # and a PID namespace: every Ray process ends with this one, however it ends
+        os.execvp("unshare", ["unshare", "-n", "-p", "-f", "--mount-proc", "sh", "-c",
+                              'ip link set lo up && STAIR_NETNS=1 exec "$0" "$@"',
                               sys.executable, *sys.argv])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -171,7 +171,12 @@ class ShardServer:
             partial = shard_dir.with_name(shard_dir.name + f".copying-{os.getpid()}")
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(info.path(index_dir), partial)
-            os.replace(partial, shard_dir)
+            try:
+                os.replace(partial, shard_dir)
+            except OSError:  # another replica on this node copied it first: use that copy
+                shutil.rmtree(partial, ignore_errors=True)
+                if not shard_dir.is_dir():
+                    raise
         return target
 
 

@@ -19,11 +19,13 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.cluster_run import ready, wait_for  # noqa: E402  (this file runs as a script)
+
 PLACEHOLDER_INDEX = "/shared/indexes/photos"
 SERVE_MAX_S = 300.0
 DELETE_MAX_S = 120.0
@@ -102,22 +104,6 @@ def searches(spec: dict[str, Any], serve: subprocess.Popen | None) -> dict[str, 
 
 def ids(answer: dict) -> list[str]:
     return [hit["id"] for hit in answer.get("hits", [])]
-
-
-def ready(client: Any) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except Exception:  # the proxy is not listening yet
-        return False
-
-
-def wait_for(check, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Serving on a Ray cluster (server/cluster.py): a head and three worker nodes started by the test itself
 (``ray.cluster_utils.Cluster``, separate raylets) inside a network namespace of its own with only loopback up, so no
 traffic leaves 127.0.0.1 and no other Ray cluster can be joined. The scenarios run in tests/cluster_run.py; this
-test builds the index and the inputs, runs it under ``unshare -n`` and checks what it reports:
+test builds the index and the inputs, runs it under ``unshare -n -p`` and checks what it reports:
 
 - every mode, filters, paging, like, vectors (one long enough for Lucene inside a replica), a batch, feedback and
   each reranker answer exactly as in-process serving of the same three-shard index (deleted documents included);
@@ -35,19 +35,21 @@ pytest.importorskip("ray.serve")
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8765
 COLOURS = ("red", "green", "blue", "yellow")
+# Network and PID namespaces of the run's own: only loopback up, and every Ray process ends with the run
+UNSHARE = ["unshare", "-n", "-p", "-f", "--mount-proc"]
 
 
 def can_unshare() -> bool:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    return subprocess.run([*UNSHARE, "true"], capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_encoder, tiny_config_path) -> dict:
     if not can_unshare():
-        pytest.skip("needs a network namespace of its own (unshare -n: root, or user namespaces) so Ray binds "
-                    "loopback only")
+        pytest.skip("needs network and PID namespaces of its own (unshare -n -p: root, or user namespaces) so "
+                    "Ray binds loopback only")
     work = tmp_path_factory.mktemp("cluster")
     items = [(c, s, bg) for bg in BACKGROUNDS for c in COLOURS for s in SHAPES]
     index = build_index(work / "index", tiny_encoder, items, 8, DELETED)
@@ -64,7 +66,7 @@ def report(tmp_path_factory, tiny_encoder, tiny_config_path) -> dict:
             "append_source": str(append_source(work)), "appended_id": "new-0", "delete_id": "green-square-white",
             "images": str(draw_images(work / "images", 10)[0].parent)}
     (work / "spec.json").write_text(json.dumps(spec))
-    done = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"',
+    done = subprocess.run([*UNSHARE, "sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"',
                            sys.executable, str(ROOT / "tests" / "cluster_run.py"), str(work / "spec.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500,
                           env=os.environ | {"HOME": str(work)})  # Ray's generated token goes to $HOME/.ray

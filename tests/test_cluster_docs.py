@@ -22,7 +22,7 @@ from server.app import create_app
 from server.settings import ServerSettings
 from stair_search.index import Manifest
 from tests.cluster_run import without_times
-from tests.test_cluster import can_unshare
+from tests.test_cluster import UNSHARE, can_unshare
 from tests.test_golden import BACKGROUNDS, SHAPES, build_index, differences
 
 pytest.importorskip("ray.serve")
@@ -35,8 +35,7 @@ DELETE = "green-square-white"
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_encoder) -> dict:
-    if not can_unshare() or subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "true"],
-                                           capture_output=True).returncode != 0:
+    if not can_unshare():
         pytest.skip("needs network and PID namespaces of its own (unshare -n -p: root, or user namespaces)")
     work = tmp_path_factory.mktemp("cluster_docs")
     items = [(c, s, bg) for bg in BACKGROUNDS for c in ("red", "green", "blue") for s in SHAPES]
@@ -48,7 +47,7 @@ def report(tmp_path_factory, tiny_encoder) -> dict:
         spec = {"index": str(index), "copies": str(work / "copies"), "ray_tmp": ray_tmp, "home": str(work),
                 "bodies": BODIES, "delete_id": DELETE, "out": str(work / "report.json")}
         (work / "spec.json").write_text(json.dumps(spec))
-        done = subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "sh", "-c",
+        done = subprocess.run([*UNSHARE, "sh", "-c",
                                'ip link set lo up && exec "$0" "$1" "$2"', sys.executable,
                                str(ROOT / "tests" / "cluster_docs_run.py"), str(work / "spec.json")],
                               cwd=ROOT, capture_output=True, text=True, timeout=900)

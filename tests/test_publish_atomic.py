@@ -133,7 +133,7 @@ with open(log, "w") as f:
             record = {"error": "".join(traceback.format_exception_only(type(exc), exc)).strip()}
         f.write(json.dumps(record) + "\n")
         f.flush()
-        time.sleep(0.03)  # leave the cores to the commands under test
+        time.sleep(0.05)  # leave the cores to the commands under test
 '''
 
 
@@ -301,7 +301,7 @@ OVERWRITE_KILLS = [  # (where an overwrite is killed, which version the path the
 def overwrite_killed_at_every_step(chain: Chain) -> int:
     """Each overwrite step killed, then rerun (by the command line or in this process); returns the kills."""
     for case, (hook, holds) in enumerate(OVERWRITE_KILLS, start=1):
-        source, new = chain.source(f"ov{case}", 6)
+        source, new = chain.source(f"ov{case}", 5)
         chain.versions.append(new)
         prepare_unpublished(source, chain.out, chain.encoder, overwrite=True)
         killed = chain.index(source, "--overwrite", [hook], f"ov{case}-kill")
@@ -318,13 +318,13 @@ def overwrite_killed_at_every_step(chain: Chain) -> int:
 
 def rerun_killed_while_it_finishes_the_publish(chain: Chain) -> int:
     """An overwrite killed once its intent is written, then its rerun killed while it carries that publish out
-    (both shards moved in, no manifest yet); the third run ends it. Each step is slowed (0.3 s) so that the reader
+    (both shards moved in, no manifest yet); the third run ends it. Each step is slowed (0.2 s) so that the reader
     lands between steps."""
-    source, new = chain.source("again", 6)
+    source, new = chain.source("again", 5)
     chain.versions.append(new)
     prepare_unpublished(source, chain.out, chain.encoder, overwrite=True)
-    slow = [{"target": "stair_search.index.publish:move_in", "do": "sleep", "seconds": 0.3},
-            {"target": "stair_search.index.publish:write_manifest", "do": "sleep", "seconds": 0.3}]
+    slow = [{"target": "stair_search.index.publish:move_in", "do": "sleep", "seconds": 0.2},
+            {"target": "stair_search.index.publish:write_manifest", "do": "sleep", "seconds": 0.2}]
     for attempt, hook in enumerate([kill("os:replace", "after", INTENT_FILE),
                                     kill("stair_search.index.publish:move_in", "after", nth=2)]):
         killed = chain.index(source, "--overwrite", [*slow, hook], f"again-{attempt}")

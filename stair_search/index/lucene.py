@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stair_search.index.files import DamagedIndexError
-from stair_search.index.jvm import java_class
+from stair_search.index.jvm import java_class, start_jvm
 
 Hit = tuple[int, float]  # (Lucene document id as the shard's row, score)
 
@@ -34,6 +34,7 @@ def _hits(found) -> list[Hit]:
 def lucene_errors(folder: Path) -> Iterator[None]:
     """Java's error for a damaged Lucene folder (a truncated file, a missing segments file) as one
     DamagedIndexError naming the folder, instead of a page of Java stack."""
+    start_jvm()  # before jnius is imported: importing it starts a JVM without Anserini's jar
     from jnius import JavaException
 
     try:

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from indexer.decode import DEFAULT_MAX_PIXELS, DecodeLimits
+from indexer.embeddings import EmbeddingSource, check_embeddings_model, collection_bank, embedding_chunks, open_source
 from indexer.journal import Chunk, JobDir, JournalState, job_dir_for, job_key
 from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
 from indexer.report import JobProgress, JobSummary
-from indexer.sources import DEFAULT_MAX_BYTES, SourceOptions, check, iter_items
+from indexer.sources import DEFAULT_MAX_BYTES, Item, SourceOptions, check, iter_items
 from stair_search import DEFAULT_MODEL
 from stair_search.atomic import reporting_full_disk
 from stair_search.encode import Encoder
@@ -55,7 +56,9 @@ class IndexJob:
     to publish: another mutation of ``out`` makes it stop at once naming the holder, or with ``wait`` queue
     behind it. ``max_pixels`` / ``max_bytes`` cap what one image may cost to decode (larger ones are skipped as
     too large). ``text_fields``: what the text route (BM25) indexes, ``"caption"`` and metadata field names
-    (None or empty: no text route).
+    (None or empty: no text route). ``embeddings``: ``source`` holds image embeddings computed elsewhere
+    (indexer/embeddings.py: a clip-retrieval / LAION folder, a parquet of ids and vectors, a .npy with its ids;
+    ``vector_column`` names a parquet's vector column), indexed without decoding an image.
     """
 
     source: str | Path
@@ -78,6 +81,8 @@ class IndexJob:
     max_bytes: int = DEFAULT_MAX_BYTES
     wait: bool = False
     text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS
+    embeddings: bool = False
+    vector_column: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -101,7 +106,9 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
 
         require_ray()
     source, out, options, text_fields = job.source, job.out, job.options, job.text_fields
-    check(str(source), options)
+    embedded = open_source(source, options, job.vector_column) if job.embeddings else None
+    if embedded is None:
+        check(str(source), options)
     started = time.perf_counter()
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
@@ -114,6 +121,9 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
     identity = {"source": os.path.abspath(str(source)), "out": os.path.abspath(out), "options": asdict(options),
                 "model": encoder.fingerprint, "shard_size": shard_size, "dense": dense, "append": append,
                 "limits": asdict(limits), "text_fields": list(text_fields) if text_fields else None}
+    if embedded is not None:  # an image job's key is unchanged
+        check_embeddings_model(embedded, encoder, job.model)
+        identity["embeddings"] = {"vector_column": job.vector_column}
     key = job_key(**identity)
     job_dir = JobDir(job_dir_for(out, key), identity)
     with reporting_full_disk(out.parent, f"indexing into {out}", f"the job resumes from its spool, and the index at "
@@ -133,8 +143,11 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
                 job_run = _JobRun(job_dir, state, writer)
                 if not state.complete:
                     existing = set(IndexReader(out).ids()) if writer.appending else set()
-                    _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner, ray_address,
-                                   limits, existing, progress)
+                    if embedded is not None:
+                        _index_embeddings(job_run, embedded, encoder, batch_size, existing, progress)
+                    else:
+                        _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner,
+                                       ray_address, limits, existing, progress)
                 _check_something_usable(job_dir, state, source)
                 manifest = writer.commit(state.skipped, job=key)
             except BaseException:
@@ -155,6 +168,26 @@ def _encode_source(job_run: _JobRun, source: str, options: SourceOptions, encode
             job_run.add(chunk)
             bar.advance_to(chunk.end)
     job_run.finish()
+
+
+def _index_embeddings(job_run: _JobRun, embedded: EmbeddingSource, encoder: Encoder, batch_size: int,
+                      existing: set[str], progress: bool | None) -> None:
+    """The embeddings source's items as chunks (no decode, no image tower), its calibration in the manifest."""
+    bank, calibration = collection_bank(encoder, embedded)
+    job_run.writer.manifest.calibration = job_run.writer.manifest.calibration or calibration
+    builder_args = {"batch_size": batch_size, "seen_ids": job_run.seen_ids, "vocabulary": encoder.model.vocabulary,
+                    "scale": job_run.writer.manifest.scale}
+    chunks = embedding_chunks(embedded, job_run.start, existing, bank, encoder.model.config.image_top_k, builder_args,
+                              _skip_reason)
+    with JobProgress(embedded.spec, job_run.start, progress) as bar:
+        for chunk in chunks:
+            job_run.add(chunk)
+            bar.advance_to(chunk.end)
+    job_run.finish()
+
+
+def _skip_reason(item: Item, existing: set[str]) -> str | None:
+    return item.problem or (ALREADY_INDEXED if item.id in existing else None)
 
 
 def _chunks(runner: str, items: Iterator[NumberedItem], encoder: Encoder, builder_args: dict, workers: int | None,

@@ -94,6 +94,11 @@ def index(
                                                               "more bytes as too large [default: 256 MiB].")] = None,
     wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
                                             "stopping.")] = False,
+    embeddings: Annotated[bool, typer.Option(help="SOURCE holds image embeddings computed elsewhere (a "
+                                                  "clip-retrieval/LAION folder, a parquet of ids and vectors, a "
+                                                  ".npy with its ids): indexed without decoding an image.")] = False,
+    vector_column: Annotated[str | None, typer.Option(help="--embeddings: the parquet's list<float> column.")]
+    = None,
 ) -> None:
     """Index images; unreadable ones are skipped and counted by reason (skipped.parquet in the index)."""
     import indexer
@@ -106,7 +111,8 @@ def index(
     job = indexer.IndexJob(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
                            shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
                            runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
-                           text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None, **limits)
+                           text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None,
+                           embeddings=embeddings, vector_column=vector_column, **limits)
     summary = indexer.run(job)
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")

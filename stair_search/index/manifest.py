@@ -82,6 +82,11 @@ class Manifest:
     # What the text route (BM25, index/text.py) indexes: "caption" and metadata field names; None for an index
     # built without it (every index from before it existed).
     text_fields: list[str] | None = None
+    # How the training-free concept vectors were calibrated: None (the model's reference photos, models/concepts.py)
+    # or, for an index built from embeddings computed elsewhere (indexer/embeddings.py), {"calibrated_on":
+    # "collection embeddings", "sample": N, "sample_sha256", "local_features": false}: its documents have none.
+    # Left out of the file while None, so every other index reads as before.
+    calibration: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -93,6 +98,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["count"] = self.count
+        if data["calibration"] is None:  # only an index built from embeddings records one
+            del data["calibration"]
         return data
 
     @classmethod
@@ -160,6 +167,7 @@ _MANIFEST_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "model": ((dict,), True), "vocabulary": ((str,), True), "vocabulary_sha256": ((str,), True),
     "scale": (_NUMBER, True), "embed_dim": ((int,), True), "num_local": ((int,), True), "shards": ((list,), False),
     "sparse": ((str,), False), "jobs": ((list,), False), "text_fields": ((list, _NONE), False),
+    "calibration": ((dict, _NONE), False),
     "format_version": ((int,), False), "created": ((str,), False), "count": ((int,), False)}
 _SHARD_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "name": ((str,), True), "count": ((int,), True), "dense": ((dict,), True), "deleted": ((str, _NONE), False),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 RERANKERS = ("bsap", "ssp", "comclip", "s3")
+NEEDS_LOCAL = ("ssp", "comclip")  # read the candidates' stored local (patch) features
 
 
 def make_reranker(name: str, **knobs: Any):
@@ -35,3 +36,14 @@ def check_names(names) -> list[str]:
     if unknown:
         raise ValueError(f"unknown reranker(s) {unknown}; choose from {', '.join(RERANKERS)}")
     return list(dict.fromkeys(names))
+
+
+def check_local_features(names, calibration: dict[str, Any] | None) -> None:
+    """Refuse, in one line, rerankers that read local features on an index whose documents have none (built from
+    embeddings computed elsewhere: the manifest's ``calibration`` says ``local_features: false``)."""
+    if calibration is None or calibration.get("local_features", True):
+        return
+    refused = [n for n in ([names] if isinstance(names, str) else names) if n in NEEDS_LOCAL]
+    if refused:
+        raise ValueError(f"reranker(s) {', '.join(refused)} read local image features, and this index was built "
+                         f"from embeddings without them; use bsap or s3, or index the images")

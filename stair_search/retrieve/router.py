@@ -41,7 +41,7 @@ from stair_search.encode import Encoder
 from stair_search.index import Candidate, IndexReader, ShardQuery
 from stair_search.query.filters import Filter
 from stair_search.query.weights import QUERY_WEIGHTS, idf_table, lookup_query
-from stair_search.rerank import make_reranker
+from stair_search.rerank import check_local_features, make_reranker
 from stair_search.rerank.base import RerankInput
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 from stair_search.retrieve.plan import Plan, plan_query, plan_vectors
@@ -187,6 +187,7 @@ class QueryRouter:
         config = self.encoder.model.config
         plan = plan_query(request, has_text=self.index.has_text, default_depth=self.depth,
                           keyword_alpha=config.keyword_alpha, feedback_docs=config.feedback_docs)
+        check_local_features(request.rerank, getattr(getattr(self.index, "manifest", None), "calibration", None))
         text, k, offset = request.text, request.k, request.offset
         phrases = self._embed_phrases([p for name in plan.rerank for p in self.rerankers[name].phrases(text)])
         flt = self.index.check_filter(request.filters) if request.filters else None

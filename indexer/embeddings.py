@@ -15,6 +15,9 @@ the job's, unchanged. Three layouts are read:
 - a parquet file or folder with an id column and a ``list<float>`` vector column;
 - ``vectors.npy`` with its ids in ``vectors.txt`` (one a line) or row-aligned metadata in ``vectors.parquet``.
 
+What ``stair-search export`` writes is the second layout with a ``sparse`` map column: its sparse vectors are
+taken as they are (whatever model made them), so indexing an export gives the same index back.
+
 The sparse vectors are concept vectors calibrated on an evenly spaced sample of the collection's own embeddings
 (:func:`collection_bank`): the text tower embeds the concept words, the image tower never runs.
 """
@@ -22,6 +25,7 @@ The sparse vectors are concept vectors calibrated on an evenly spaced sample of 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,11 +51,12 @@ from stair_search.vectors import EncodedBatch
 CALIBRATION_SAMPLE = 10_000  # embeddings of the collection that calibrate its concept vectors (evenly spaced)
 NOT_FINITE = "embedding has NaN or infinite values"
 ZERO = "embedding is all zeros"
-PATH_COLUMNS = ("image_path", "url", "path")  # clip-retrieval's folder inference, LAION, a plain table
+PATH_COLUMNS = ("image_path", "url", "path", "source")  # clip-retrieval's folder inference, LAION, a plain table
 ID_COLUMNS = ("id", "key")
 CAPTION_COLUMNS = ("caption", "text")
 VECTOR_COLUMNS = ("embedding", "vector", "img_emb", "emb")
 CALIBRATED_ON = "collection embeddings"
+SPARSE_COLUMN = "sparse"  # an export's {word-piece: weight} map column
 _PART = re.compile(r"_(\d+)\.(npy|parquet)$")
 
 __all__ = ["CALIBRATED_ON", "EmbeddingError", "EmbeddingSource", "check_embeddings_model", "collection_bank",
@@ -81,6 +86,7 @@ class EmbeddingSource:
     rows: tuple[int, ...]
     width: int
     options: SourceOptions
+    sparse: bool = False  # every part has a ``sparse`` map column (an export): taken as is, no concept vectors
 
     @property
     def count(self) -> int:
@@ -95,16 +101,17 @@ class EmbeddingSource:
         column = pq.read_table(part.vectors, columns=[part.column]).column(part.column).combine_chunks()
         return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(column), -1)
 
-    def items(self, start: int = 0) -> Iterator[tuple[Item, np.ndarray | None]]:
-        """Every row from position ``start`` on as an item (a ``problem`` when its vector is unusable) and its unit
-        float32 vector (None when unusable)."""
+    def items(self, start: int = 0) -> Iterator[tuple[Item, np.ndarray | None, dict[str, float] | None]]:
+        """Every row from position ``start`` on as an item (a ``problem`` when its vector is unusable), its unit
+        float32 vector (None when unusable) and its given sparse vector (None unless the source has them)."""
         offset = 0
         for part, rows in zip(self.parts, self.rows, strict=True):
             if offset + rows > start:
                 yield from self._part_items(part, max(0, start - offset))
             offset += rows
 
-    def _part_items(self, part: Part, first: int) -> Iterator[tuple[Item, np.ndarray | None]]:
+    def _part_items(self, part: Part, first: int
+                    ) -> Iterator[tuple[Item, np.ndarray | None, dict[str, float] | None]]:
         vectors = self.vectors(part)
         records = _records(part)
         step = 4096
@@ -114,8 +121,9 @@ class EmbeddingSource:
             for offset, (vector, norm) in enumerate(zip(block, norms, strict=True)):
                 row = begin + offset
                 problem = NOT_FINITE if not np.isfinite(norm) else ZERO if norm == 0 else None
-                item = _item(records[row], part, row, self.options, problem)
-                yield item, None if problem else vector / norm
+                record = records[row]
+                given = dict(record.pop(SPARSE_COLUMN) or ()) if self.sparse else None
+                yield _item(record, part, row, self.options, problem), None if problem else vector / norm, given
 
     def sample(self, size: int = CALIBRATION_SAMPLE) -> np.ndarray:
         """Up to ``size`` usable unit vectors, evenly spaced over the whole collection (the same on every run)."""
@@ -156,7 +164,8 @@ def open_source(spec: str | Path, options: SourceOptions | None = None,
     if len(widths) > 1:
         raise EmbeddingError(f"{spec}: parts have different widths {sorted(widths)}; every vector must come from "
                              f"the same model")
-    return EmbeddingSource(str(spec), tuple(parts), tuple(rows), widths.pop(), options)
+    return EmbeddingSource(str(spec), tuple(parts), tuple(rows), widths.pop(), options,
+                           all(_has_sparse(part) for part in parts))
 
 
 def check_embeddings_model(source: EmbeddingSource, encoder: Any, model: str) -> None:
@@ -166,7 +175,7 @@ def check_embeddings_model(source: EmbeddingSource, encoder: Any, model: str) ->
     if source.width != width:
         raise EmbeddingError(f"{source.spec}: the embeddings are {source.width}-wide but model {model} embeds "
                              f"{width}; index them with the model (and --pretrained tag) that computed them")
-    if encoder.sparse_source not in ("concepts", "none"):
+    if not source.sparse and encoder.sparse_source not in ("concepts", "none"):
         raise EmbeddingError(f"model {model} writes sparse vectors with trained heads on the images "
                              f"({encoder.sparse_source}), which embeddings cannot give; index embeddings with the "
                              f"open_clip model that computed them (its sparse vectors are concept vectors)")
@@ -182,6 +191,16 @@ def _parts(path: Path, vector_column: str | None) -> list[Part]:
         raise EmbeddingError(f"{path}: not an embeddings source; give a folder with img_emb/ and metadata/ "
                              f"(clip-retrieval, LAION), a .parquet of ids and vectors, or a .npy with its ids")
     return [Part(f, None, column=_vector_column(f, vector_column)) for f in files]
+
+
+def _has_sparse(part: Part) -> bool:
+    if part.column is None:
+        return False
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(part.vectors)
+    return SPARSE_COLUMN in schema.names and pa.types.is_map(schema.field(SPARSE_COLUMN).type)
 
 
 def _numbered(folder: Path, suffix: str) -> dict[int, Path]:
@@ -286,7 +305,22 @@ def _item(record: dict[str, Any], part: Part, row: int, options: SourceOptions, 
             *CAPTION_COLUMNS}
     keep = options.metadata_columns or [k for k in record if k not in used]
     metadata = {k: plain_metadata(record.get(k)) for k in keep if record.get(k) is not None}
+    metadata.update(_exported_metadata(metadata.pop("metadata", None)))
     return Item(id=doc_id, source=source, caption=str(caption or ""), metadata=metadata, problem=problem)
+
+
+def _exported_metadata(value: Any) -> dict[str, Any]:
+    """An export's ``metadata`` column (JSON text of an object) as fields; anything else as the field it is."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+    return {"metadata": value}
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -308,9 +342,11 @@ def concept_texts(encoder: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def collection_bank(encoder: Any, source: EmbeddingSource,
-                    size: int = CALIBRATION_SAMPLE) -> tuple[ConceptBank, dict[str, Any]]:
+                    size: int = CALIBRATION_SAMPLE) -> tuple[ConceptBank | None, dict[str, Any]]:
     """The concept bank calibrated on a sample of the collection's own embeddings, and what the manifest records
-    of it (how many, and a digest of the sample)."""
+    of it (how many, and a digest of the sample); no bank for a source that gives its sparse vectors."""
+    if source.sparse:
+        return None, {"calibrated_on": "the source's own sparse vectors", "local_features": False}
     sample = source.sample(size)
     if not len(sample):
         raise EmbeddingError(f"{source.spec}: no usable embedding (every sampled row is NaN or zero)")
@@ -323,21 +359,22 @@ def collection_bank(encoder: Any, source: EmbeddingSource,
 # ---------------------------------------------------------------------------------------------- chunks
 
 
-def embedding_chunks(source: EmbeddingSource, start: int, existing: set[str], bank: ConceptBank, top_k: int,
+def embedding_chunks(source: EmbeddingSource, start: int, existing: set[str], bank: ConceptBank | None, top_k: int,
                      builder_args: dict[str, Any], skip_reason: Callable[[Item, set[str]], str | None]
                      ) -> Iterator[Chunk]:
     """The source's items from position ``start`` on, batched into chunks as the image pipeline's: dense = the
-    unit embedding, sparse = its concept vector; no decode, no model."""
+    unit embedding, sparse = its concept vector (or the source's own); no decode, no model."""
 
-    def encode(vectors: list[np.ndarray]) -> EncodedBatch:
-        dense = np.stack(vectors).astype(np.float32)
-        return EncodedBatch(dense=dense, sparse=bank.image_vectors(dense, top_k))
+    def encode(payloads: list[tuple[np.ndarray, dict[str, float] | None]]) -> EncodedBatch:
+        dense = np.stack([vector for vector, _ in payloads]).astype(np.float32)
+        given = [sparse or {} for _, sparse in payloads]
+        return EncodedBatch(dense=dense, sparse=given if bank is None else bank.image_vectors(dense, top_k))
 
     builder = ChunkBuilder(encode=encode, **builder_args)
     position = start - 1
-    for position, (item, vector) in enumerate(source.items(start), start):
+    for position, (item, vector, given) in enumerate(source.items(start), start):
         width, height = _size(item.metadata)
-        chunk = builder.add(position, item, skip_reason(item, existing), width, height, vector)
+        chunk = builder.add(position, item, skip_reason(item, existing), width, height, (vector, given))
         if chunk is not None:
             yield chunk
     if (chunk := builder.flush(position + 1)) is not None:

@@ -25,6 +25,7 @@ from indexer.embeddings import NOT_FINITE, ZERO, collection_bank, open_source
 from stair_search.cli import app
 from stair_search.encode import Encoder
 from stair_search.index import IndexReader, Manifest
+from stair_search.index.export import export
 from stair_search.models import create_model
 from stair_search.models.checkpoint import text_fingerprint
 from stair_search.models.concepts import PROMPTS, concept_ids, save_concept_texts, texts_cache_name
@@ -138,6 +139,18 @@ def test_a_clip_retrieval_folder_indexes_as_its_images_do(clip_spec, photos, tmp
         QueryRouter(reader, encoder).search(SearchRequest(text="a red circle", rerank=("ssp",), k=3))
     text_hits = QueryRouter(reader, encoder).search(SearchRequest(text="triangle", mode="text", k=9)).hits
     assert {Path(h.source).stem.split("-")[1] for h in text_hits} == {"triangle"}  # captions: the text route
+    export(from_images, tmp_path / "export.parquet")  # export, then index the export: the same documents back
+    again = tmp_path / "again-index"
+    indexer.run(IndexJob(tmp_path / "export.parquet", again, model=str(clip_spec), embeddings=True),
+                encoder=encoder, progress=False)
+    first, second = IndexReader(from_images), IndexReader(again)
+    assert sorted(first.ids()) == sorted(second.ids())
+    for doc_id in first.ids():
+        a, b = first.find(doc_id), second.find(doc_id)
+        assert first.sparse_vectors([a]) == second.sparse_vectors([b])
+        np.testing.assert_allclose(first.vectors([a]), second.vectors([b]), atol=1e-6)
+        fields = ("id", "source", "caption", "metadata")
+        assert [first.documents([a])[0][f] for f in fields] == [second.documents([b])[0][f] for f in fields]
 
 
 def test_bad_rows_are_skipped_and_reported_and_urls_are_sources(clip_spec, tmp_path):
@@ -157,16 +170,19 @@ def test_bad_rows_are_skipped_and_reported_and_urls_are_sources(clip_spec, tmp_p
     assert {(s["id"], s["reason"]) for s in skipped} == {("000000003", NOT_FINITE), ("000000007", ZERO)}
 
 
-def test_a_parquet_of_ids_and_vectors_and_an_npy_with_its_ids(clip_spec, tmp_path):
+def test_a_parquet_of_ids_and_vectors_then_an_npy_with_its_ids_appended(clip_spec, tmp_path):
     vectors = np.random.default_rng(1).normal(size=(6, 32)).astype(np.float32)
     table = pa.table({"id": [f"d{i}" for i in range(6)], "embedding": pa.array(list(vectors), pa.list_(pa.float32()))})
     pq.write_table(table, tmp_path / "vectors.parquet")
-    np.save(tmp_path / "plain.npy", vectors)
-    (tmp_path / "plain.txt").write_text("".join(f"d{i}\n" for i in range(6)))
-    for source in ("vectors.parquet", "plain.npy"):
-        out = tmp_path / f"{source}.index"
-        indexer.run(IndexJob(tmp_path / source, out, model=str(clip_spec), embeddings=True), progress=False)
-        assert sorted(IndexReader(out).ids()) == [f"d{i}" for i in range(6)]
+    np.save(tmp_path / "plain.npy", vectors[:4])
+    (tmp_path / "plain.txt").write_text("".join(f"e{i}\n" for i in range(4)))
+    out = tmp_path / "index"
+    indexer.run(IndexJob(tmp_path / "vectors.parquet", out, model=str(clip_spec), embeddings=True), progress=False)
+    calibration = Manifest.load(out).calibration
+    indexer.run(IndexJob(tmp_path / "plain.npy", out, model=str(clip_spec), embeddings=True, append=True),
+                progress=False)
+    assert sorted(IndexReader(out).ids()) == [f"d{i}" for i in range(6)] + [f"e{i}" for i in range(4)]
+    assert Manifest.load(out).calibration == calibration  # the index's calibration is the first job's
 
 
 def test_width_mismatch_and_misaligned_rows_are_one_line(clip_spec, tmp_path, capsys):

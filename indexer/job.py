@@ -81,6 +81,7 @@ class IndexJob:
     max_bytes: int = DEFAULT_MAX_BYTES
     wait: bool = False
     text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS
+    merge: bool | None = None  # apply the index's merge policy once published (None: as its manifest says)
     embeddings: bool = False
     vector_column: str | None = None
 
@@ -137,7 +138,7 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
                               already_complete=True)
         with IndexWriter(out, encoder.record, append=append, overwrite=overwrite, shard_size=shard_size,
                          dense_spec=DenseSpec(dense) if dense else None, build_dir=job_dir.build_dir,
-                         resumed=journal.shards, lock=lock, text_fields=text_fields) as writer:
+                         resumed=journal.shards, lock=lock, text_fields=text_fields, merge=job.merge) as writer:
             state = job_dir.open(resume)
             try:
                 job_run = _JobRun(job_dir, state, writer)
@@ -149,12 +150,14 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
                         _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner,
                                        ray_address, limits, existing, progress)
                 _check_something_usable(job_dir, state, source)
-                manifest = writer.commit(state.skipped, job=key)
+                manifest = writer.commit(state.skipped, job=key, merge=False)
             except BaseException:
                 # keep a spool that holds work: the next run with the same arguments continues from it
                 job_dir.close() if job_dir.holds_work() else job_dir.remove()
                 raise
-    return _finish(job_dir, state, manifest, started, job_run.encoded_now, job_run.resumed_from, out)
+        summary = _finish(job_dir, state, manifest, started, job_run.encoded_now, job_run.resumed_from, out)
+        summary.manifest = writer.apply_policy()  # after the journal is gone: a rerun never looks for its shards
+    return summary
 
 
 def _encode_source(job_run: _JobRun, source: str, options: SourceOptions, encoder: Encoder, batch_size: int,

@@ -1,7 +1,8 @@
 """Open indexes by name and swap in newly published versions without dropping requests.
 
-Why a registry: an index directory changes under a running server when a job appends shards (the manifest
-is replaced atomically) or publishes a rebuild (the directory is renamed into place). The registry notices
+Why a registry: an index directory changes under a running server whenever a change is published (an append,
+an overwrite, a delete, a compaction or a merge: new shards moved in, then the manifest replaced atomically;
+the parts it replaced stay 120 s, index/publish.py). The registry notices
 the change (manifest inode, size or mtime), opens and warms the new version *beside* the old one, then swaps
 a pointer. Requests hold a lease on the version they started with, so an in-flight search finishes on the
 old files (open file handles and memory maps stay valid after a rename or delete on POSIX), and the old

@@ -78,6 +78,9 @@ def index(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (--runner ray; default: local).")]
     = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed job with the same arguments.")] = True,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Apply the index's merge policy once "
+                                                                        "published [default: as the index says: "
+                                                                        "on unless switched off].")] = None,
     id_column: Annotated[str | None, typer.Option(help="parquet/CSV column with document ids.")] = None,
     path_column: Annotated[str | None, typer.Option(help="parquet/CSV column with image paths or URLs.")] = None,
     bytes_column: Annotated[str | None, typer.Option(help="parquet column with encoded image bytes.")] = None,
@@ -113,7 +116,7 @@ def index(
                            runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
                            text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None,
                            embeddings=embeddings, vector_column=vector_column, **limits)
-    summary = indexer.run(job)
+    summary = indexer.run(replace(job, merge=merge))
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
     if summary.manifest.sparse in SPARSE_NOTES:
@@ -251,6 +254,39 @@ def delete(
     if result.unknown:
         typer.echo(f"not in the index (or deleted before): {', '.join(result.unknown)}", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def compact(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
+    shard_size: Annotated[int | None, typer.Option(min=1, help="Documents per shard at most [default: the merge "
+                                                              "policy's, else 100000].")] = None,
+    wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
+                                            "stopping.")] = False,
+) -> None:
+    """Merge shards into as few as the shard size allows and drop deleted documents from every part (one atomic
+    change: searches and servers keep answering)."""
+    from stair_search.index.compact import compact as compact_index
+
+    result = compact_index(index_dir, shard_size=shard_size, wait=wait)
+    typer.echo(f"{index_dir}: {result.describe()}")
+
+
+@app.command("merge-policy")
+def merge_policy(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index directory.")],
+    settings: Annotated[list[str] | None, typer.Argument(
+        metavar="[SETTING=VALUE...]", help="off | on | enabled=, tier_size=, floor=, deleted_fraction=, "
+                                           "shard_size= (none: print the policy).")] = None,
+    wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
+                                            "stopping.")] = False,
+) -> None:
+    """Print or set when the index merges its shards by itself after appends and deletes."""
+    from stair_search.index.compact import parse_policy, read_policy, set_merge_policy
+
+    policy = set_merge_policy(index_dir, parse_policy(settings, read_policy(index_dir)), wait) if settings \
+        else read_policy(index_dir)
+    typer.echo(json.dumps(policy.to_dict()))
 
 
 @app.command()

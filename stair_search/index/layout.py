@@ -12,8 +12,9 @@ Layout of an index directory::
 
 and beside it, in the parent folder: ``.<name>.lock`` (the mutation lock while one is held, index/lock.py),
 ``.<name>.building-*`` (a build not yet published) and ``.<name>.job-*`` (a resumable job, indexer/journal.py).
-Only what the manifest lists counts: anything else in the directory is a leftover of an interrupted mutation,
-which the next mutation removes (:func:`leftovers`).
+Only what the manifest lists counts: anything else in the directory is either a part a later manifest replaced
+(recorded in ``.retired.json``: kept 120 s for the readers that resolved it, then removed by the next mutation,
+index/publish.py) or a leftover of an interrupted mutation, which the next mutation removes (:func:`leftovers`).
 """
 
 from __future__ import annotations

@@ -87,6 +87,9 @@ class Manifest:
     # "collection embeddings", "sample": N, "sample_sha256", "local_features": false}: its documents have none.
     # Left out of the file while None, so every other index reads as before.
     calibration: dict[str, Any] | None = None
+    # When the writer merges shards by itself (index/merge.py MergePolicy.to_dict()); None: the defaults. Left
+    # out of the file while None, so an index that never set it reads as before.
+    merge_policy: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -98,6 +101,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["count"] = self.count
+        if data["merge_policy"] is None:
+            del data["merge_policy"]
         if data["calibration"] is None:  # only an index built from embeddings records one
             del data["calibration"]
         return data
@@ -168,6 +173,7 @@ _MANIFEST_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "scale": (_NUMBER, True), "embed_dim": ((int,), True), "num_local": ((int,), True), "shards": ((list,), False),
     "sparse": ((str,), False), "jobs": ((list,), False), "text_fields": ((list, _NONE), False),
     "calibration": ((dict, _NONE), False),
+    "merge_policy": ((dict, _NONE), False),
     "format_version": ((int,), False), "created": ((str,), False), "count": ((int,), False)}
 _SHARD_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "name": ((str,), True), "count": ((int,), True), "dense": ((dict,), True), "deleted": ((str, _NONE), False),

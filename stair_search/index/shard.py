@@ -36,6 +36,8 @@ ROUTES = ("sparse", "dense", "text")
 # A filtered dense search scores up to this many allowed rows of a shard exactly (their vectors read back);
 # beyond it, the shard's FAISS search over-fetches until k allowed rows are found.
 EXACT_FILTERED_ROWS = 50_000
+# A shard with deleted rows first asks its parts for k + min(deleted, this * k) rows (``_fetch_depth``).
+MAX_EXTRA_DEPTH = 1
 FILTERS_REMEMBERED = 8  # per shard: one request asks its shards up to three times with the same filter
 RowHits = list[tuple[int, float]]  # (row, score), best first
 Answer = dict[str, RowHits]  # route -> its hits
@@ -201,15 +203,17 @@ class LocalShard:
     def _sparse(self, query: Mapping[str, float], k: int, rows: np.ndarray | None) -> RowHits:
         if rows is not None:
             return [(h.row, h.score) for h in self.sparse.search_rows(query, rows, k)] if len(rows) else []
-        hits = self.sparse.batch_search([query], self._fetch_depth(k), 1)[0]
-        return [(h.row, h.score) for h in hits if h.row not in self.deleted]
+        return self._live(lambda n: [(h.row, h.score) for h in self.sparse.batch_search([query], n, 1)[0]], k)
 
     def _dense(self, query: np.ndarray, k: int, rows: np.ndarray | None) -> RowHits:
         if rows is not None:
             return self._dense_among(query, rows, k) if len(rows) else []
-        scores, found = self.dense.search(query[None, :], self._fetch_depth(k))
-        return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True)
-                if r >= 0 and int(r) not in self.deleted]
+
+        def search(n: int) -> RowHits:
+            scores, found = self.dense.search(query[None, :], n)
+            return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if r >= 0]
+
+        return self._live(search, k)
 
     def _text(self, text: str, k: int, rows: np.ndarray | None) -> RowHits:
         if self.text is None or (rows is not None and not len(rows)):
@@ -217,11 +221,28 @@ class LocalShard:
         search = self.text.search
         if rows is not None:
             return self._among(lambda n: search(text, n), rows, k)
-        return [h for h in search(text, self._fetch_depth(k)) if h[0] not in self.deleted]
+        return self._live(lambda n: search(text, n), k)
 
     def _fetch_depth(self, k: int) -> int:
-        """How many rows to ask a part for so that k live ones remain after dropping deleted rows."""
-        return k + len(self.deleted)
+        """How many rows to ask a part for first: k, and as many more as the shard has deleted rows, but never
+        more than MAX_EXTRA_DEPTH times k (a shard with 300,000 deleted rows asks for about k, not k + 300,000:
+        the rare query whose best hits are mostly deleted asks again, four times deeper, ``_live``)."""
+        return k + min(len(self.deleted), MAX_EXTRA_DEPTH * k)
+
+    def _live(self, search: Callable[[int], RowHits], k: int) -> RowHits:
+        """The best k live rows from a search over the whole shard (``search(n)``: its best n), asked for
+        ``_fetch_depth(k)`` first and four times more each round until k live ones are found or nothing more can
+        come: deletes are dropped as filters are (``_among``), so they no longer make every query deeper."""
+        if not self.deleted:
+            return search(k)
+        fetch = self._fetch_depth(k)
+        while True:
+            asked = min(fetch, self.info.count)
+            hits = search(asked)
+            kept = [(row, score) for row, score in hits if row not in self.deleted]
+            if len(kept) >= k or len(hits) < asked or asked >= self.info.count:
+                return kept[:k]
+            fetch *= 4
 
     def _filtered(self, flt: Filter) -> np.ndarray:
         """Rows that are not deleted and whose metadata the filter keeps, ascending: worked out once for the
@@ -255,7 +276,7 @@ class LocalShard:
     def _among(self, search: Callable[[int], RowHits], rows: np.ndarray, k: int) -> RowHits:
         """The top k of ``rows`` from a search over the whole shard (``search(n)``: its best n as (row, score)),
         asked for four times more each round until k of them are found or nothing more can come."""
-        allowed, fetch = set(np.asarray(rows).tolist()), k + len(self.deleted)
+        allowed, fetch = set(np.asarray(rows).tolist()), self._fetch_depth(k)
         while True:
             asked = min(fetch, self.info.count)
             hits = search(asked)

@@ -14,6 +14,10 @@ manifest that names them replaces the old one in one rename. Deletes write fresh
 count only once the manifest names them. A reader therefore sees the previous complete index or the new one,
 never a mixture, and a kill at any step leaves one of the two at the path.
 
+Shards are merged, and deleted rows dropped, through the same writer (index/merge.py): the live rows of a run
+of adjacent shards are added again and :meth:`IndexWriter.replace` makes the new shard take the run's place at
+the publish; after each append and delete the index's merge policy picks such runs by itself (``merge``).
+
 One shard-cutting rule: whole batches are queued, and a shard is written as soon as ``shard_size`` documents are
 queued (so a shard holds up to ``shard_size + batch - 1`` documents; a resumed job cuts exactly where the first
 run did, since it replays the same batches).
@@ -22,8 +26,9 @@ run did, since it replays the same batches).
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -48,6 +53,7 @@ from stair_search.index.layout import (
 )
 from stair_search.index.lock import IndexLock
 from stair_search.index.manifest import Manifest, ModelRecord, ShardInfo
+from stair_search.index.merge import MergePolicy, model_record, plan_policy, rewrite
 from stair_search.index.publish import (
     Move,
     discarded_folders,
@@ -78,17 +84,21 @@ class IndexWriter:
     ``overwrite`` replaces one. ``build_dir`` and ``resumed`` are for a resumable job: the folder its shards are
     built in, and the shards an earlier run of it already wrote (kept, not cleaned up).
     ``lock``: a lock the caller already holds (the job takes it before reading its journal).
+    ``merge``: apply the merge policy after publishing (index/merge.py); None: as the index's manifest says
+    (on unless it was switched off).
     """
 
     def __init__(self, index_dir: str | Path, model: ModelRecord | None = None, *, append: bool = False,
                  overwrite: bool = False, shard_size: int = 100_000, dense_spec: DenseSpec | None = None,
                  scale: float = DEFAULT_SCALE, threads: int | None = None, wait: bool = False,
                  text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS,
-                 build_dir: Path | None = None, resumed: Sequence[ShardInfo] = (), lock: IndexLock | None = None):
+                 build_dir: Path | None = None, resumed: Sequence[ShardInfo] = (), lock: IndexLock | None = None,
+                 merge: bool | None = None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.index_dir = Path(index_dir)
         self.model, self.shard_size, self.dense_spec, self.threads = model, shard_size, dense_spec, threads
+        self.merge = merge
         self._own_lock = lock is None
         self.lock = (lock or IndexLock(self.index_dir, wait=wait)).acquire()
         self._own_build = build_dir is None
@@ -104,6 +114,8 @@ class IndexWriter:
         self._pending: list[tuple[list[FeatureRecord], np.ndarray, CSR]] = []
         self._pending_count = 0  # documents in ``_pending``
         self._new_tombstones: list[Path] = []  # written by ``delete``: the manifest has changed
+        self._replacing: list[tuple[list[str], str | None]] = []  # (replaced shards, the shard in their place)
+        self.settings_changed = False  # set by the caller after changing the manifest's settings (merge_policy)
         self.committed = False
 
     # ------------------------------------------------------------------------------------------ opening
@@ -203,6 +215,20 @@ class IndexWriter:
             raise ValueError(f"{self.index_dir} was opened for deletes only: give the model record to add documents.")
         return self.model.vocabulary
 
+    def replace(self, names: Sequence[str]) -> ShardInfo | None:
+        """Write what was queued since the last shard as the one shard that takes the place of the adjacent
+        published shards ``names`` (in manifest order) at the publish; None (they just go) when nothing was."""
+        known = [s.name for s in self.manifest.shards]
+        if not self.appending or not names or not set(names) <= set(known):
+            raise ValueError(f"{self.index_dir}: only published shards can be replaced, got {list(names)}")
+        first = known.index(names[0])
+        if known[first:first + len(names)] != list(names):
+            raise ValueError(f"{self.index_dir}: shards {list(names)} are not adjacent in the manifest; only a run "
+                             f"of adjacent shards keeps every document's order when replaced by one.")
+        shard = self.flush()
+        self._replacing.append((list(names), shard.name if shard else None))
+        return shard
+
     # ------------------------------------------------------------------------------------------ deleting
 
     def delete(self, ids: Iterable[str]) -> DeleteResult:
@@ -233,10 +259,11 @@ class IndexWriter:
 
     # ------------------------------------------------------------------------------------------ publishing
 
-    def commit(self, skipped: Sequence[Skip] = (), job: str | None = None) -> Manifest:
+    def commit(self, skipped: Sequence[Skip] = (), job: str | None = None, merge: bool = True) -> Manifest:
         """Publish everything (index/publish.py: the new shards moved in, then the manifest replaced in one rename)
         and release the lock. ``skipped``: items a job could not index, kept in the index's ``skipped.parquet``;
-        ``job``: the key of the job that wrote them."""
+        ``job``: the key of the job that wrote them; ``merge``: apply the merge policy now (a job does it itself,
+        :meth:`apply_policy`, once its journal is gone)."""
         self.flush()
         if job and job not in self.manifest.jobs:
             self.manifest.jobs.append(job)
@@ -245,9 +272,28 @@ class IndexWriter:
             if self._own_build:
                 shutil.rmtree(self.build_dir, ignore_errors=True)
             self.committed = True
+            if merge:
+                self.apply_policy()
             return self.manifest
         finally:
             self._release()
+
+    def apply_policy(self) -> Manifest:
+        """After a commit that appended or deleted: the merges the index's policy asks for, as one more publish
+        under the same lock (the change itself is already published: a kill here leaves it, unmerged). Returns
+        the manifest published last. The caller holds the lock (``commit`` calls it before releasing its own)."""
+        policy = MergePolicy.from_dict(self.manifest.merge_policy)
+        wanted = self.merge if self.merge is not None else policy.enabled
+        if not (self.committed and wanted and (self.written or self._new_tombstones)):
+            return self.manifest
+        groups = plan_policy(self.manifest.shards, replace(policy, enabled=True), self.shard_size)
+        if not groups:
+            return self.manifest
+        with IndexWriter(self.index_dir, self.model or model_record(self.manifest), append=True,
+                         shard_size=sys.maxsize, threads=self.threads, lock=self.lock, merge=False) as merger:
+            rewrite(merger, groups)
+            self.manifest = merger.commit()
+        return self.manifest
 
     def _publish(self, skipped: Sequence[Skip]) -> None:
         """What the new manifest no longer names (shards an overwrite replaced, tombstones a delete replaced) is
@@ -259,9 +305,25 @@ class IndexWriter:
         new = [s for s in self.written if s.name not in known]  # known: published by an earlier, killed run
         moves: list[Move] = [(s.path(self.build_dir), s.path(self.index_dir)) for s in new]
         report_moves, removals = self._stage_report(skipped)
-        self.manifest.shards = [*(self.manifest.shards if self.appending else ()), *new]
-        if new or report_moves or removals or self._new_tombstones or not self.appending:
+        self.manifest.shards = self._shards_after(new)
+        if (new or report_moves or removals or self._new_tombstones or self._replacing or self.settings_changed
+                or not self.appending):
             publish(self.index_dir, self.manifest.to_dict(), [*moves, *report_moves], removals)
+
+    def _shards_after(self, new: Sequence[ShardInfo]) -> list[ShardInfo]:
+        """The published shards with each replaced run swapped for its new shard (in the run's place), then the
+        other new shards."""
+        by_name = {s.name: s for s in new}
+        first = {names[0]: by_name.get(name) if name else None for names, name in self._replacing}
+        gone = {n for names, _ in self._replacing for n in names}
+        placed = {name for _, name in self._replacing if name}
+        shards: list[ShardInfo] = []
+        for shard in self.manifest.shards if self.appending else ():
+            if first.get(shard.name) is not None:
+                shards.append(first[shard.name])
+            if shard.name not in gone:
+                shards.append(shard)
+        return [*shards, *(s for s in new if s.name not in placed)]
 
     def _stage_report(self, skipped: Sequence[Skip]) -> tuple[list[Move], list[Path]]:
         """The index's next ``skipped.parquet``, written in the build folder to be moved in with the shards (an

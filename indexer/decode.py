@@ -6,18 +6,27 @@ failed or stalled downloads, and any exception a codec raises on hostile bytes e
 with a ``skip_reason`` (the decoding itself is :func:`stair_search.images.decode_image`, which the service uses
 for query images too). CMYK, 16-bit, palette + transparency and animated images are converted (first frame).
 Only what is not the item's fault passes through: ``MemoryError``, Ctrl-C.
+
+A photo is decoded at the size the model needs, not at the camera's: the model's preprocessing only ever sees
+its input size (224 px for the default model), so a JPEG is decoded by DCT scaling to no less than twice that on
+its shortest side (:func:`model_side`; a 4000x3000 photo at 1000x750, a quarter of the work of a full decode),
+which the model's own resize then brings down as before. The same decode reads the photo's EXIF fields
+(``taken_at``, ``camera``, and with ``exif="gps"`` its position) into :attr:`Decoded.metadata`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from indexer.sources import DEFAULT_MAX_BYTES, OTHER_IMAGE_SUFFIXES, Item, NotRead, read_file, too_large
 from stair_search.images import (
+    EXIF_BASIC,
+    EXIF_CHOICES,
     FILE_URL,
+    HEIF_READABLE,
     ImageTooLarge,
     ImageUnreadable,
     centre_cut,
@@ -35,12 +44,22 @@ FETCH_DEADLINE_S = 120.0  # the whole download, however slowly the server sends
 FETCH_DEADLINE_ENV = "STAIR_SEARCH_FETCH_DEADLINE_S"  # sets FETCH_DEADLINE_S (seconds) for a job's workers
 
 
+HEIF_SUFFIXES = (".heic", ".heif")
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What one item may cost to decode: its bytes (files, downloads, tar members, parquet cells) and its pixels."""
+    """What one item may cost to decode: its bytes (files, downloads, tar members, parquet cells) and the pixels
+    actually decoded; and which EXIF fields a decode keeps (``exif``: none, basic = date and camera, gps = those
+    and the position; a job's ``--exif``)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    exif: str = EXIF_BASIC
+
+    def __post_init__(self) -> None:
+        if self.exif not in EXIF_CHOICES:
+            raise ValueError(f"exif must be one of {', '.join(EXIF_CHOICES)} (--exif), got {str(self.exif)[:40]!r}")
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -53,6 +72,7 @@ class Decoded:
     width: int = 0
     height: int = 0
     skip_reason: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # the photo's EXIF fields (stair_search.images)
 
 
 def fetch_deadline_s() -> float:
@@ -107,17 +127,35 @@ def decode(item: Item, position: int, preprocess: Callable, limits: DecodeLimits
         return Decoded(position, None, skip_reason=f"read failed: {one_line(exc)}")
     if not data:
         return Decoded(position, None, skip_reason="empty file")
-    decoded = _decode_bytes(data, position, preprocess, limits.max_pixels)
+    decoded = _decode_bytes(data, position, preprocess, limits)
     suffix = "." + (item.path or item.source).rsplit(".", 1)[-1].lower()
     if decoded.skip_reason == "not an image" and suffix in OTHER_IMAGE_SUFFIXES:
-        decoded.skip_reason = (f"unsupported image format ({suffix}): convert it to JPEG or PNG, or install a "
-                               f"Pillow plugin that reads it")
+        decoded.skip_reason = unsupported_format(suffix)
     return decoded
 
 
-def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: int) -> Decoded:
-    try:
-        image = decode_image(data, max_pixels)
+def unsupported_format(suffix: str) -> str:
+    """The skip reason of a file named like an image that no installed codec reads, with the fix."""
+    if suffix in HEIF_SUFFIXES and HEIF_READABLE:
+        return (f"unsupported image format ({suffix}): convert it to JPEG or PNG (pillow-heif, installed here, "
+                f"cannot read this file)")
+    plugin = "pip install pillow-heif" if suffix in HEIF_SUFFIXES else "install a Pillow plugin that reads it"
+    return f"unsupported image format ({suffix}): convert it to JPEG or PNG, or {plugin}"
+
+
+def model_side(preprocess: Callable) -> int:
+    """The largest side a model's preprocessing resizes or crops to (its input size: 224 for the default model),
+    read from its transforms' ``size``; 0 when it has none (then nothing is reduced while decoding)."""
+    sizes = [getattr(step, "size", None) for step in getattr(preprocess, "transforms", ())]
+    sides = [side for size in sizes for side in (size if isinstance(size, list | tuple) else [size])
+             if isinstance(side, int) and not isinstance(side, bool)]
+    return max(sides, default=0)
+
+
+def _decode_bytes(data: bytes, position: int, preprocess: Callable, limits: DecodeLimits) -> Decoded:
+    max_pixels = limits.max_pixels
+    try:  # at least twice the model's input on the shortest side: its own resize then sees a sharp image
+        image = decode_image(data, max_pixels, shortest=2 * model_side(preprocess), exif=limits.exif)
     except ImageTooLarge as exc:
         if exc.by_pillow:  # over twice PIL's own limit: it would not even open the file
             return Decoded(position, None, skip_reason=f"too large: {exc.pixels or 'over'} > {exc.limit} pixels "
@@ -133,4 +171,4 @@ def _decode_bytes(data: bytes, position: int, preprocess: Callable, max_pixels: 
         raise
     except Exception as exc:  # a decoded image the model's transforms cannot take (a degenerate size)
         return Decoded(position, None, image.width, image.height, f"unusable for the model: {one_line(exc)}")
-    return Decoded(position, pixels, image.width, image.height)
+    return Decoded(position, pixels, image.width, image.height, metadata=image.metadata)

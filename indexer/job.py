@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from indexer.decode import DEFAULT_MAX_PIXELS, DecodeLimits
+from indexer.decode import DEFAULT_MAX_PIXELS, EXIF_BASIC, DecodeLimits
 from indexer.embeddings import EmbeddingSource, check_embeddings_model, collection_bank, embedding_chunks, open_source
 from indexer.journal import Chunk, JobDir, JournalState, job_dir_for, job_key
 from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
@@ -58,7 +58,9 @@ class IndexJob:
     too large). ``text_fields``: what the text route (BM25) indexes, ``"caption"`` and metadata field names
     (None or empty: no text route). ``embeddings``: ``source`` holds image embeddings computed elsewhere
     (indexer/embeddings.py: a clip-retrieval / LAION folder, a parquet of ids and vectors, a .npy with its ids;
-    ``vector_column`` names a parquet's vector column), indexed without decoding an image.
+    ``vector_column`` names a parquet's vector column), indexed without decoding an image. ``exif``: the photo
+    fields read from EXIF into each document's metadata:
+    ``basic`` (``taken_at``, ``camera``), ``gps`` (those and ``latitude`` / ``longitude``) or ``none``.
     """
 
     source: str | Path
@@ -81,11 +83,13 @@ class IndexJob:
     max_bytes: int = DEFAULT_MAX_BYTES
     wait: bool = False
     text_fields: Sequence[str] | None = DEFAULT_TEXT_FIELDS
+    exif: str = EXIF_BASIC
     merge: bool | None = None  # apply the index's merge policy once published (None: as its manifest says)
     embeddings: bool = False
     vector_column: str | None = None
 
     def __post_init__(self) -> None:
+        DecodeLimits(exif=self.exif)  # a ValueError naming the choices before anything loads
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "options", self.options or SourceOptions())
         object.__setattr__(self, "text_fields", tuple(self.text_fields) if self.text_fields else None)
@@ -118,7 +122,7 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
                                                         job.overwrite)
     max_pixels, max_bytes, resume, wait = job.max_pixels, job.max_bytes, job.resume, job.wait
     workers, runner, ray_address = job.workers, job.runner, job.ray_address
-    limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
+    limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes, exif=job.exif)
     identity = {"source": os.path.abspath(str(source)), "out": os.path.abspath(out), "options": asdict(options),
                 "model": encoder.fingerprint, "shard_size": shard_size, "dense": dense, "append": append,
                 "limits": asdict(limits), "text_fields": list(text_fields) if text_fields else None}

@@ -181,8 +181,9 @@ class ChunkBuilder:
         self.skipped: list[Skip] = []
 
     def add(self, position: int, item: Item, skip_reason: str | None, width: int, height: int,
-            payload: Any) -> Chunk | None:
-        """Take one item; returns a chunk when a batch is full."""
+            payload: Any, found: dict[str, Any] | None = None) -> Chunk | None:
+        """Take one item; returns a chunk when a batch is full. ``found``: metadata the decode read from the image
+        (its EXIF fields), under the item's own (a source's column or sidecar of the same name wins)."""
         if skip_reason is None and item.id in self.seen_ids:
             skip_reason = DUPLICATE
         if skip_reason:
@@ -190,7 +191,7 @@ class ChunkBuilder:
             return None
         self.seen_ids.add(item.id)
         self.records.append(FeatureRecord(id=item.id, source=item.source, width=width, height=height,
-                                          caption=item.caption, metadata=item.metadata))
+                                          caption=item.caption, metadata={**(found or {}), **item.metadata}))
         self.payloads.append(payload)
         return self.flush(position + 1) if len(self.records) >= self.batch_size else None
 
@@ -222,7 +223,8 @@ def local_chunks(items: Iterable[NumberedItem], encoder: Encoder, builder_args: 
     with DecodePool(workers, encoder.model.preprocess, limits) as pool:
         for position, item, decoded in pool.map(items):
             end = position + 1
-            chunk = builder.add(position, item, decoded.skip_reason, decoded.width, decoded.height, decoded.pixels)
+            chunk = builder.add(position, item, decoded.skip_reason, decoded.width, decoded.height, decoded.pixels,
+                                decoded.metadata)
             if chunk is not None:
                 yield chunk
     if end is not None and (chunk := builder.flush(end)) is not None:

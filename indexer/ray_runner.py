@@ -2,7 +2,8 @@
 
 The encoder is put in Ray's object store once; a pool of actors (one per GPU when the cluster has GPUs,
 else one per ``CPU_ACTOR_CPUS`` CPUs) each hold the model, and each batch of items goes to the next actor,
-which decodes the bytes (the same :func:`indexer.decode.decode` as the local workers) and encodes them.
+which decodes the bytes (the same :func:`indexer.decode.decode` as the local workers: reduced to the model's
+need, EXIF fields read as the job asked) and encodes them.
 Results are taken back in source order and pass through the shared :class:`ChunkBuilder`, so the job spools,
 journals, resumes and writes shards exactly as with ``--runner local``: same ids, same vectors.
 
@@ -52,8 +53,8 @@ class EncodeActor:
                           self.encoder.model.preprocess, self.limits)
                    for position, source, path, data in zip(batch["position"], batch["source"], batch["path"],
                                                            batch["data"], strict=True)]
-        rows = [{"position": d.position, "skip_reason": d.skip_reason, "width": d.width, "height": d.height}
-                for d in decoded]
+        rows = [{"position": d.position, "skip_reason": d.skip_reason, "width": d.width, "height": d.height,
+                 "metadata": d.metadata} for d in decoded]
         good = [i for i, d in enumerate(decoded) if d.pixels is not None]
         if good:
             encoded = self.encoder.encode_pixels(torch.stack([decoded[i].pixels for i in good]))
@@ -156,6 +157,6 @@ def _take(builder: ChunkBuilder, batch: list[NumberedItem], ref: Any) -> Iterato
     for position, item, reason in batch:
         row = results.get(position, {})
         chunk = builder.add(position, item, reason or row.get("skip_reason"), row.get("width", 0),
-                            row.get("height", 0), row)
+                            row.get("height", 0), row, row.get("metadata"))
         if chunk is not None:
             yield chunk

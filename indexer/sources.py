@@ -48,15 +48,18 @@ __all__ = ["DEFAULT_MAX_BYTES", "IMAGE_SUFFIXES", "OTHER_IMAGE_SUFFIXES", "Folde
            "SourceOptions", "check", "describe", "expand_braces", "folder_entries", "image_files", "iter_items",
            "looks_like_image", "plain_metadata", "printable", "read_file", "too_large"]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+# HEIC/HEIF (what iPhones save) is read through pillow-heif, a dependency of the default install.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 # Image formats a folder may hold that PIL may not decode here (no plugin installed): listed, so that each one
-# is reported as skipped with the fix instead of being passed over in silence.
+# is reported as skipped with the fix instead of being passed over in silence (HEIC too, where pillow-heif has
+# no wheel).
 OTHER_IMAGE_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
                         ".rw2", ".raf"}
 MAX_CAPTION_BYTES = 64 * 1024  # a sidecar caption file longer than this is not a caption
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # one image file / tar member / bytes cell; read no further than this
 # Magic numbers of the formats PIL decodes most often: files without an image suffix are sniffed.
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1")  # an ISO-BMFF 'ftyp' of HEIF
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 # A CSV field may be this long (a long caption; Python's csv stops at 128 KiB); a longer one skips its record.
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
@@ -94,7 +97,8 @@ def looks_like_image(path: Path) -> bool:
             head = f.read(12)
     except OSError:
         return False
-    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    return (head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS))
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -8,6 +8,13 @@ a path. The stored source is read back as the job wrote it (:func:`stair_search.
 or a tar member, never one for the other; names that are not UTF-8 included). A stored source that is a
 symlink leading out of its own folder, a remote URL, anything but a regular file, or a tar that was cut or
 damaged after indexing is not served (404 with the reason, never a 500).
+
+Both are decoded at the size they are used at, not the camera's: a query image to at least
+:data:`~stair_search.images.QUERY_SIDE` on its shortest side (a JPEG by DCT scaling), so a 6000x4000 photo is
+reduced rather than refused (``max_image_pixels`` bounds the pixels actually decoded; a bomb that cannot be
+reduced, such as a huge PNG, is still refused from its header), and a thumbnail to twice its size, then
+resized. A photo's thumbnail is a JPEG (a tenth of a PNG's bytes, and the encode is cheaper); a drawing's (a
+PNG, GIF, ... source) or any image with transparency stays a PNG, whose edges JPEG would smear.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ import io
 import os
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from stair_search.images import (
+    QUERY_SIDE,
+    DecodedImage,
     DownloadTimedOut,
     ImageTooLarge,
     ImageUnreadable,
@@ -39,9 +49,11 @@ from stair_search.images import (
     readings,
 )
 
-__all__ = ["ImageRejected", "decode_base64", "fetch_image_url", "is_remote", "open_query_image", "source_state",
-           "stored_image", "thumbnail_png"]
+__all__ = ["ImageRejected", "Thumbnail", "decode_base64", "fetch_image_url", "is_remote", "make_thumbnail",
+           "open_query_image", "source_state", "stored_decode", "stored_image"]
 MAX_SOURCE_BYTES = 256 * 1024 * 1024  # a stored file or tar member a thumbnail is made from (the indexer's cap)
+PHOTO_FORMATS = frozenset({"JPEG", "MPO", "HEIF", "AVIF"})  # Pillow's names of camera formats: JPEG thumbnails
+JPEG_QUALITY = 85
 
 
 class ImageRejected(ValueError):
@@ -105,12 +117,12 @@ def open_query_image(data: bytes, max_bytes: int, max_pixels: int, field: str = 
         raise ImageRejected(422, f"'{field}' is empty")
     if len(data) > max_bytes:
         raise ImageRejected(413, f"'{field}' is {len(data)} bytes, more than the limit of {max_bytes}")
-    return _decode(data, max_pixels, field)
+    return _decode(data, max_pixels, field, shortest=QUERY_SIDE).rgb
 
 
-def _decode(data: bytes, max_pixels: int, what: str) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, what: str, shortest: int = 0, longest: int = 0) -> DecodedImage:
     try:
-        return decode_image(data, max_pixels).rgb
+        return decode_image(data, max_pixels, shortest=shortest, longest=longest)
     except ImageTooLarge as exc:
         size = f"{exc.width}x{exc.height} pixels" if exc.width else f"{exc.pixels or 'more'} pixels"
         raise ImageRejected(413, f"'{what}' is {size}, more than the limit of {max_pixels}; send a smaller "
@@ -120,10 +132,16 @@ def _decode(data: bytes, max_pixels: int, what: str) -> Image.Image:
 
 
 def stored_image(source: str, max_pixels: int, max_bytes: int = MAX_SOURCE_BYTES) -> Image.Image:
-    """The image a document was indexed from, read from its stored ``source`` (a file or a tar member).
+    """The image a document was indexed from, read from its stored ``source`` (a file or a tar member), in full.
 
     Raises FileNotFoundError with the reason (one line) when the source cannot or may not be served.
     """
+    return stored_decode(source, max_pixels, max_bytes).rgb
+
+
+def stored_decode(source: str, max_pixels: int, max_bytes: int = MAX_SOURCE_BYTES, longest: int = 0) -> DecodedImage:
+    """:func:`stored_image` with what the decode knows (format, transparency), decoded at a reduced size that
+    keeps at least ``longest`` pixels on its longest side (0: full size)."""
     try:
         location = _local(source)
         _check_local_file(Path(location.path))
@@ -142,7 +160,7 @@ def stored_image(source: str, max_pixels: int, max_bytes: int = MAX_SOURCE_BYTES
     except Exception as exc:  # a stored path holding a NUL byte, or anything else this one source raises
         raise FileNotFoundError(f"the stored source cannot be read: {one_line(exc)}") from None
     try:
-        return _decode(data, max_pixels, "stored image")
+        return _decode(data, max_pixels, "stored image", longest=longest)
     except ImageRejected as exc:
         raise FileNotFoundError(str(exc)) from exc
 
@@ -189,10 +207,22 @@ def _check_local_file(path: Path) -> None:
         raise FileNotFoundError("the stored source file is not readable")
 
 
-def thumbnail_png(image: Image.Image, size: int) -> bytes:
-    """Longest side at most ``size`` pixels, as PNG bytes (the image is re-encoded, never passed through)."""
-    image = image.copy()
+@dataclass(frozen=True)
+class Thumbnail:
+    data: bytes
+    media_type: str  # image/jpeg for photos, image/png for drawings and images with transparency
+
+
+def make_thumbnail(source: str, size: int, max_pixels: int) -> Thumbnail:
+    """The thumbnail of a stored source: longest side at most ``size`` pixels, decoded at no less than twice that
+    (a 12-megapixel JPEG at 1/8 for the default 128 px) and resized with LANCZOS; always re-encoded, never the
+    file's own bytes. FileNotFoundError (one line) when the source cannot or may not be served."""
+    decoded = stored_decode(source, max_pixels, longest=2 * size)
+    image = decoded.rgb  # this decode's own copy: resized in place
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
+    if decoded.format in PHOTO_FORMATS and not decoded.transparent:
+        image.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+        return Thumbnail(out.getvalue(), "image/jpeg")
     image.save(out, format="PNG", optimize=False)
-    return out.getvalue()
+    return Thumbnail(out.getvalue(), "image/png")

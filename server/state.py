@@ -1,7 +1,9 @@
 """ServiceState: what every route of one app shares, in one object (``app.state.service``), nothing process-wide.
 
 The index registry, the settings, the metrics, the search thread pool with its in-flight cap, the thumbnail
-cache (per app, keyed by index version and the source file's state, so a changed file is never served stale),
+cache (per app, keyed by index version and the source file's state, so a changed file is never served stale;
+a thumbnail's ETag is made from the same state, so a browser's revalidation is answered 304 from an ``lstat``
+without decoding anything),
 and :meth:`ServiceState.public`, which every error answer passes through: a served index is named by its
 served name, never by its folder (``/readyz`` needs no key, and a path tells a client where the files are).
 Routes reach it through :func:`service`, a FastAPI dependency.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +23,7 @@ from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request
 
-from server.imaging import is_remote, source_state, stored_image, thumbnail_png
+from server.imaging import Thumbnail, is_remote, make_thumbnail, source_state
 from server.limits import clip, require_api_key
 from server.metrics import Metrics
 from server.registry import IndexRegistry, IndexVersion
@@ -28,6 +31,7 @@ from server.settings import ServerSettings
 from stair_search.index import STORED_FIELDS
 
 THUMBNAIL_CACHE_SIZE = 2048
+THUMBNAIL_RECIPE = "lanczos/jpeg85-or-png/1"  # part of every ETag: a change of how thumbnails are made renews them
 MAX_DETAIL_CHARS = 1000  # an error answer's message; every echo of client input inside it is shorter still
 ID_CHARS = 100  # the most of a document id an error answer repeats
 # An absolute path left in a message (one not inside a served index): shown as its last part only.
@@ -86,18 +90,36 @@ class ServiceState:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def thumbnail(self, version: IndexVersion, row: dict, size: int) -> bytes:
+    def thumbnail(self, version: IndexVersion, row: dict, size: int) -> Thumbnail:
         source = row["source"]
         return self._thumbnails(version.name, version.number, row["id"], source, source_state(source), size)
 
     def _make_thumbnail(self, index: str, number: int, doc_id: str, source: str, state: tuple | None,
-                        size: int) -> bytes:
-        """PNG thumbnail (``index``, ``number`` and ``state`` are only cache keys)."""
+                        size: int) -> Thumbnail:
+        """JPEG or PNG thumbnail (``index``, ``number`` and ``state`` are only cache keys)."""
         try:
-            return thumbnail_png(stored_image(source, self.limits.max_source_pixels), size)
+            return make_thumbnail(source, size, self.limits.max_source_pixels)
         except (FileNotFoundError, KeyError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # not the file's path
             raise HTTPException(404, f"no thumbnail for '{clip(doc_id, ID_CHARS)}': {reason}") from exc
+
+
+def thumbnail_etag(source: str, size: int) -> str | None:
+    """A strong ETag for the thumbnail of ``source`` at ``size``: a digest of the source, its file's identity and
+    time, the size and the recipe (never the path itself); None when the source is no local file."""
+    state = source_state(source)
+    if state is None:
+        return None
+    digest = hashlib.sha256(repr((source, state, size, THUMBNAIL_RECIPE)).encode("utf-8", "surrogateescape"))
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (or is ``*``); weak comparison, as RFC 9110 asks."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 def service(request: Request) -> ServiceState:

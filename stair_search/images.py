@@ -9,7 +9,18 @@ Four things every caller needs to do the same way, so that a hostile file gets t
   loading or converting becomes one line naming the exception: a job skips that item, the service answers 4xx.
   Only ``MemoryError`` (and what is not an ``Exception``: Ctrl-C, exit) passes through, as a fault of the
   process rather than of the item.
+  A caller that needs fewer pixels than the file holds says so (``shortest`` / ``longest``): a JPEG is then
+  decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (PIL's ``Image.draft``), and a HEIC by one of
+  its embedded thumbnails when one is large enough, so a 12-megapixel photo costs a quarter of a full decode and
+  the model or the thumbnail still gets at least the pixels it asked for. ``max_pixels`` bounds the pixels
+  actually decoded, so a camera-sized JPEG is reduced rather than refused, while a bomb that cannot be reduced
+  (a PNG, any format without DCT scaling) is still refused from its header. HEIC/HEIF is read through
+  ``pillow-heif`` (registered here, so every caller of this module reads it).
 - **Normalising** (:func:`to_rgb`, :func:`model_view`): EXIF orientation, transparency on white, any mode to RGB.
+- **Photo metadata** (:func:`photo_metadata`): a photo's date taken, camera and (asked for only: a place is
+  personal data) its GPS position, from EXIF, as plain metadata fields. EXIF is written by every camera and
+  editor and trusted by none: a field of the wrong type, out of range, absurdly long or behind a damaged IFD is
+  left out, and nothing an EXIF block holds can stop a job.
 - **Reading bytes** (:func:`read_file`, :func:`read_member`, :func:`download`): regular files only (a FIFO is
   never opened, so it cannot block), at most ``max_bytes``, and a download has a total deadline, not only a
   timeout per read (a server that sends one byte every few seconds cannot hold a worker).
@@ -21,8 +32,10 @@ Four things every caller needs to do the same way, so that a hostile file gets t
 from __future__ import annotations
 
 import contextlib
+import datetime
 import http.client
 import io
+import math
 import os
 import re
 import socket
@@ -33,10 +46,23 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import BinaryIO
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+def _register_heif() -> bool:
+    """Let Pillow read HEIC/HEIF (what iPhones save by default) through pillow-heif; False where it is missing."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # a platform without its wheel: .heic files are skipped with the one-line fix
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_READABLE = _register_heif()
 
 BACKGROUND = (255, 255, 255)
 # A model's preprocessing resizes the shortest side to its input size and keeps the centre square, so a
@@ -44,6 +70,13 @@ BACKGROUND = (255, 255, 255)
 # the square the model sees lies inside that centre, so its pixels are the same.
 MAX_ASPECT = 8
 REASON_CHARS = 300  # an exception's text in a skip reason or an HTTP answer: one line, at most this long
+EXIF_NONE, EXIF_BASIC, EXIF_GPS = "none", "basic", "gps"  # which photo metadata a decode reads (photo_metadata)
+EXIF_CHOICES = (EXIF_NONE, EXIF_BASIC, EXIF_GPS)
+# A query image is decoded before the index (and so its model) is known: to at least this on its shortest side,
+# twice the largest input of the usual CLIP models (384 px), so every model's own resize still sees sharp pixels.
+QUERY_SIDE = 768
+LOCAL_MAX_PIXELS = 64_000_000  # a local file opened as a query (the indexer's default --max-pixels)
+LOCAL_MAX_BYTES = 256 * 1024 * 1024  # ... and its bytes (the indexer's default --max-bytes)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -70,9 +103,12 @@ class ImageTooLarge(ImageUnreadable):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    rgb: Image.Image  # loaded, detached from the bytes, RGB, EXIF orientation applied
-    width: int  # as the file declares it (before the orientation is applied)
+    rgb: Image.Image  # loaded, detached from the bytes, RGB, EXIF orientation applied (maybe reduced: see below)
+    width: int  # as the file declares it (before the orientation is applied and before any reduction)
     height: int
+    format: str | None = None  # Pillow's name of the file's format ("JPEG", "PNG", "HEIF", ...)
+    transparent: bool = False  # the file had an alpha channel or a transparent colour (composited on white)
+    metadata: dict[str, Any] = field(default_factory=dict)  # photo_metadata's fields, when they were asked for
 
 
 def one_line(exc: BaseException) -> str:
@@ -81,10 +117,14 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int, *, shortest: int = 0, longest: int = 0,
+                 exif: str = EXIF_NONE) -> DecodedImage:
     """Image bytes (any format Pillow reads; the first frame of an animation) -> :class:`DecodedImage`.
 
-    The size is checked from the header before any pixel is decoded, so a decompression bomb costs nothing.
+    ``shortest`` / ``longest``: the decoded image may be smaller than the file (see :func:`reduce_while_decoding`)
+    as long as its shortest side keeps ``shortest`` pixels and its longest ``longest`` (0: no reduction).
+    ``exif``: which :func:`photo_metadata` fields to read (``none``, ``basic`` or ``gps``).
+    The size is checked before any pixel is decoded, so a decompression bomb costs nothing.
     Raises :class:`ImageTooLarge` or :class:`ImageUnreadable`; never any codec's own exception.
     """
     try:
@@ -93,16 +133,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             # and warns of damaged metadata ("Corrupt EXIF data"): what decides is whether the pixels decode.
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageTooLarge(width, height, width * height, max_pixels)
-                if image.tell() != 0:  # never true after open; seek(0) itself raises in some plugins (SPIDER)
-                    image.seek(0)
-                image.load()
-                if image.size[0] * image.size[1] > max_pixels:  # a container whose frames differ from its header
-                    raise ImageTooLarge(*image.size, image.size[0] * image.size[1], max_pixels)
-                rgb = to_rgb(image)
-                return DecodedImage(rgb.copy() if rgb is image else rgb, width, height)
+                return _decode_open(image, max_pixels, shortest, longest, exif)
     except ImageUnreadable:
         raise
     except Image.DecompressionBombError as exc:  # over twice PIL's own limit: it will not even open the file
@@ -113,6 +144,43 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         raise
     except Exception as exc:  # any codec's error on bad data: truncated, corrupt, a variant it cannot read
         raise ImageUnreadable("corrupt", one_line(exc)) from None
+
+
+def _decode_open(image: Image.Image, max_pixels: int, shortest: int, longest: int, exif: str) -> DecodedImage:
+    """:func:`decode_image` of an opened file: reduce, check the pixels to be decoded, load, normalise."""
+    width, height = image.size
+    if image.tell() != 0:  # never true after open; seek(0) itself raises in some plugins (SPIDER)
+        image.seek(0)
+    if shortest or longest:
+        reduce_while_decoding(image, shortest, longest)
+    if image.size[0] * image.size[1] > max_pixels:  # what will be decoded: the header's size unless reduced
+        raise ImageTooLarge(width, height, image.size[0] * image.size[1], max_pixels)
+    image.load()
+    if image.size[0] * image.size[1] > max_pixels:  # a container whose frames differ from its header
+        raise ImageTooLarge(*image.size, image.size[0] * image.size[1], max_pixels)
+    metadata = photo_metadata(image, gps=exif == EXIF_GPS) if exif != EXIF_NONE else {}
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    rgb = to_rgb(image)
+    return DecodedImage(rgb.copy() if rgb is image else rgb, width, height, image.format, transparent, metadata)
+
+
+def open_local_image(path: str | os.PathLike[str], shortest: int = QUERY_SIDE) -> Image.Image:
+    """A local image file as a query (RGB, reduced while decoding to ``shortest``): OSError (missing, a FIFO, too
+    many bytes) or :class:`ImageUnreadable` (not an image, too many pixels) naming why."""
+    return decode_image(read_file(path, LOCAL_MAX_BYTES), LOCAL_MAX_PIXELS, shortest=shortest).rgb
+
+
+def reduce_while_decoding(image: Image.Image, shortest: int = 0, longest: int = 0) -> None:
+    """Ask ``image`` (opened, not loaded) to decode at a reduced size that keeps at least ``shortest`` pixels on
+    its shortest side and ``longest`` on its longest: a JPEG by DCT scaling (1/2, 1/4 or 1/8), a HEIC by an
+    embedded thumbnail at least that large; other formats (and files already small enough) are left as they
+    are. The EXIF orientation is applied afterwards as for a full decode (a rotation keeps both sides)."""
+    width, height = image.size
+    if not (shortest or longest) or min(width, height) < 2 * shortest or max(width, height) < 2 * longest:
+        return  # nothing asked for, or not even a 1/2 reduction would keep it
+    wide = width >= height
+    box = (max(shortest, longest if wide else 1, 1), max(shortest, 1 if wide else longest, 1))
+    image.draft(None, box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -161,6 +229,122 @@ def refused_pixels(error: Image.DecompressionBombError) -> int | None:
     words = [word.strip("(),") for word in str(error).split()]
     numbers = [int(word) for word in words if word.isdigit()]
     return numbers[0] if numbers else None
+
+
+# ---------------------------------------------------------------------------------------------- photo metadata
+
+_MAKE, _MODEL, _EXIF_IFD, _GPS_IFD = 0x010F, 0x0110, 0x8769, 0x8825
+_DATE_TAGS = ((0x9003, 0x9011), (0x9004, 0x9012))  # DateTimeOriginal + OffsetTimeOriginal, then ...Digitized
+_GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
+_EXIF_DATE = re.compile(r"(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
+_EXIF_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
+MAX_EXIF_TEXT = 64  # a camera make or model longer than this is not one
+
+
+def photo_metadata(image: Image.Image, gps: bool = False) -> dict[str, Any]:
+    """A photo's EXIF as plain metadata fields, each present only when its EXIF is sound:
+
+    - ``taken_at``: ISO 8601 text from DateTimeOriginal (else DateTimeDigitized), with its UTC offset when the
+      camera wrote one (``2019-06-01T10:00:00+02:00``): the local time of the photo, so text ranges such as
+      ``taken_at>=2019-06-01`` mean the day the photographer saw;
+    - ``camera``: make and model (``Canon EOS 5D``; the make once when the model repeats it);
+    - ``latitude`` / ``longitude``: signed decimal degrees, only with ``gps`` (a place is personal data).
+
+    Never raises for what the EXIF holds: a damaged block, a field of the wrong type or out of range, is left
+    out (only ``MemoryError`` passes)."""
+    try:
+        exif = image.getexif()
+    except MemoryError:
+        raise
+    except Exception:  # a damaged EXIF block: the photo is indexed without its fields
+        return {}
+    found = {"taken_at": _guarded(_taken_at, exif), "camera": _guarded(_camera, exif)}
+    if gps:
+        found.update(_guarded(_position, exif) or {})
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _guarded(read: Any, exif: Image.Exif) -> Any:
+    """``read(exif)``, or None whatever it raises (hostile EXIF: loops, wrong types, huge counts)."""
+    try:
+        return read(exif)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+
+
+def _taken_at(exif: Image.Exif) -> str | None:
+    sub = exif.get_ifd(_EXIF_IFD)
+    for date_tag, offset_tag in _DATE_TAGS:
+        taken = _exif_datetime(sub.get(date_tag))
+        if taken is not None:
+            return taken + (_exif_offset(sub.get(offset_tag)) or "")
+    return None
+
+
+def _exif_datetime(value: Any) -> str | None:
+    """``YYYY:MM:DD HH:MM:SS`` (a real date and time) -> ISO 8601 text without offset; None for anything else
+    (the all-zero date cameras write when their clock is unset included)."""
+    text = _exif_text(value)
+    match = _EXIF_DATE.fullmatch(text) if text else None
+    if not match:
+        return None
+    try:
+        return datetime.datetime(*(int(part) for part in match.groups())).isoformat()
+    except ValueError:  # month 13, 0000:00:00 00:00:00, ...
+        return None
+
+
+def _exif_offset(value: Any) -> str | None:
+    text = _exif_text(value)
+    match = _EXIF_OFFSET.fullmatch(text) if text else None
+    if not match or int(match.group(2)) > 14 or int(match.group(3)) >= 60:
+        return None
+    return text
+
+
+def _camera(exif: Image.Exif) -> str | None:
+    make, model = _exif_text(exif.get(_MAKE)), _exif_text(exif.get(_MODEL))
+    if make and model:
+        brand = make.split()[0].lower()  # "NIKON CORPORATION" + "NIKON D750" -> "NIKON D750"
+        return model if model.lower().startswith(brand) else f"{make} {model}"
+    return make or model
+
+
+def _exif_text(value: Any) -> str | None:
+    """An EXIF ASCII value as printable text (cut at its first NUL, surrounding spaces dropped), or None when it
+    is not text (bytes that are not ASCII included), holds control characters or is longer than
+    ``MAX_EXIF_TEXT``."""
+    if isinstance(value, bytes) and len(value) <= 4 * MAX_EXIF_TEXT and value.isascii():
+        value = value.decode("ascii")
+    if not isinstance(value, str) or len(value) > 4 * MAX_EXIF_TEXT:
+        return None
+    text = re.sub(" {2,}", " ", value.split("\x00", 1)[0].strip())  # ASCII in EXIF ends at its first NUL
+    return text if text and len(text) <= MAX_EXIF_TEXT and text.isprintable() else None
+
+
+def _position(exif: Image.Exif) -> dict[str, float] | None:
+    gps = exif.get_ifd(_GPS_IFD)
+    latitude = _degrees(gps.get(_GPS_LAT), gps.get(_GPS_LAT_REF), "N", "S", 90)
+    longitude = _degrees(gps.get(_GPS_LON), gps.get(_GPS_LON_REF), "E", "W", 180)
+    if latitude is None or longitude is None:
+        return None
+    return {"latitude": latitude, "longitude": longitude}
+
+
+def _degrees(value: Any, ref: Any, positive: str, negative: str, limit: float) -> float | None:
+    """EXIF (degrees, minutes, seconds) rationals and an N/S or E/W reference -> signed decimal degrees."""
+    ref = _exif_text(ref)
+    if ref not in (positive, negative) or not isinstance(value, tuple) or not 1 <= len(value) <= 3:
+        return None
+    parts = [float(part) for part in value]  # IFDRational, int or float; anything else raises (-> left out)
+    if not all(math.isfinite(part) and part >= 0 for part in parts) or any(part >= 60 for part in parts[1:]):
+        return None
+    degrees = sum(part / 60**i for i, part in enumerate(parts))
+    if degrees > limit:
+        return None
+    return round(-degrees if ref == negative else degrees, 6)
 
 
 # ---------------------------------------------------------------------------------------------- reading bytes

@@ -4,19 +4,24 @@ r"""``GET /documents/{id}`` and ``GET /thumbnails/{id}``: stored fields and thum
 An id may hold any character an indexing source gave it, newlines included: Starlette's ``path`` convertor
 (``.*``) stops at a newline, so the id segment is matched by the ``doc_id`` convertor registered here
 (``[\s\S]*``; a named addition to Starlette's table of convertors, changing none of its own).
+
+A thumbnail carries an ``ETag`` (the source file's identity and time, the size) and ``Cache-Control``; a
+request whose ``If-None-Match`` names the current ETag is answered 304 before anything is read or decoded.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import RedirectResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from server.imaging import is_remote
 from server.schemas import Document
-from server.state import State, authorized, find_document, thumbnail_url
+from server.state import State, authorized, etag_matches, find_document, thumbnail_etag, thumbnail_url
+
+THUMBNAIL_MAX_AGE_S = 300  # then the browser revalidates: a 304 from an lstat while the file is unchanged
 
 
 class DocumentIdConvertor(PathConvertor):
@@ -42,20 +47,33 @@ def document(state: State, doc_id: str, index: str | None = None) -> Document:
                     height=row["height"], thumbnail=thumbnail_url(version.name, row["id"], row["source"]))
 
 
-@router.get("/thumbnails/{doc_id:doc_id}", responses={200: {"content": {"image/png": {}}},
+@router.get("/thumbnails/{doc_id:doc_id}", responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
+                                                      304: {"description": "Unchanged since its ETag."},
                                                       307: {"description": "A URL-sourced document: its URL."}})
 def thumbnail(state: State, doc_id: str, index: str | None = None,
               size: Annotated[int | None, Query(ge=16, le=512, description="pixels (default: the server's setting)")]
-              = None) -> Response:
-    """A PNG thumbnail made from the image the index stored for this id; no client path is ever opened. A
-    URL-sourced document redirects to its stored URL (the server never fetches it)."""
+              = None, if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """A thumbnail made from the image the index stored for this id (JPEG for photos, PNG for drawings and
+    images with transparency); no client path is ever opened. A URL-sourced document redirects to its stored URL
+    (the server never fetches it)."""
+    size = size or state.settings.thumbnail_size
     version = state.checkout(index)
     try:
         row = find_document(version, doc_id)
         if is_remote(row["source"]):
             return RedirectResponse(row["source"], status_code=307, headers={"Cache-Control": "max-age=300"})
-        data = state.thumbnail(version, row, size or state.settings.thumbnail_size)
+        etag = thumbnail_etag(row["source"], size)
+        headers = _thumbnail_headers(state, etag)
+        if etag is not None and etag_matches(if_none_match, etag):
+            return Response(status_code=304, headers=headers)
+        made = state.thumbnail(version, row, size)
     finally:
         version.release()
-    return Response(data, media_type="image/png",
-                    headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})
+    return Response(made.data, media_type=made.media_type, headers=headers)
+
+
+def _thumbnail_headers(state: State, etag: str | None) -> dict[str, str]:
+    """Cache-Control (private when an API key guards the server: a shared cache must not hand it out), ETag."""
+    scope = "private, " if state.settings.api_key else ""
+    headers = {"Cache-Control": f"{scope}max-age={THUMBNAIL_MAX_AGE_S}", "X-Content-Type-Options": "nosniff"}
+    return headers | ({"ETag": etag} if etag else {})

@@ -221,17 +221,39 @@ function openDetail(hit) {
   $("detail-title").textContent = hit.caption || hit.id;
   const rows = [["id", hit.id], ["source", hit.source], ["rank", hit.rank], ["score", hit.score.toFixed(4)],
                 ...Object.entries(hit.parts).map(([route, score]) => [route, score.toFixed(4)]),
-                ...Object.entries(hit.metadata || {}).map(([key, value]) => [key, value])];
+                ...photoRows(hit.metadata || {}),
+                ...Object.entries(hit.metadata || {}).filter(([key]) => !PHOTO_FIELDS.includes(key))];
   $("detail-fields").replaceChildren(...rows.flatMap(([key, value]) => {
     const dd = document.createElement("dd");
     const text = typeof value === "string" ? value : JSON.stringify(value);
-    if (key === "source" && /^https?:\/\//i.test(text)) {
-      dd.append(Object.assign(document.createElement("a"), { href: text, textContent: text, rel: "noreferrer", target: "_blank" }));
+    const link = key === "source" && /^https?:\/\//i.test(text) ? text : key === "place" ? mapUrl(hit.metadata) : null;
+    if (link) {
+      dd.append(Object.assign(document.createElement("a"), { href: link, textContent: text, rel: "noreferrer", target: "_blank" }));
     } else dd.textContent = text;
     return [Object.assign(document.createElement("dt"), { textContent: key }), dd];
   }));
   $("detail-tokens").replaceChildren(...wordChips(hit, 64));
   $("detail").showModal();
+}
+
+// A photo's EXIF fields (taken_at, camera, latitude/longitude with --exif gps) come first, the place as one row
+// that links to a map (opened only when clicked: the page itself sends the position nowhere).
+const PHOTO_FIELDS = ["taken_at", "camera", "latitude", "longitude"];
+
+function photoRows(metadata) {
+  const rows = [];
+  if (typeof metadata.taken_at === "string") rows.push(["taken_at", metadata.taken_at]);
+  if (typeof metadata.camera === "string") rows.push(["camera", metadata.camera]);
+  if (typeof metadata.latitude === "number" && typeof metadata.longitude === "number") {
+    rows.push(["place", `${metadata.latitude.toFixed(5)}, ${metadata.longitude.toFixed(5)}`]);
+  }
+  const shown = new Set(rows.map(([key]) => (key === "place" ? ["latitude", "longitude"] : [key])).flat());
+  return [...rows, ...PHOTO_FIELDS.filter((key) => key in metadata && !shown.has(key)).map((key) => [key, metadata[key]])];
+}
+
+function mapUrl(metadata) {
+  const [lat, lon] = [metadata.latitude, metadata.longitude];
+  return `https://www.openstreetmap.org/?mlat=${lat}&mlon=${lon}#map=15/${lat}/${lon}`;
 }
 
 function findSimilar() {

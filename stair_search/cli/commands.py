@@ -91,12 +91,15 @@ def index(
     text_fields: Annotated[str, typer.Option(help="What the text route (BM25 keyword search) indexes, "
                                                   "comma-separated: caption and metadata field names; '' for no "
                                                   "text route.")] = "caption",
-    max_pixels: Annotated[int | None, typer.Option(min=1, help="Skip images with more pixels (width x height) as "
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="Skip images that decode to more pixels (width x "
+                                                               "height; a JPEG at the size it is reduced to) as "
                                                                "too large [default: 64000000].")] = None,
     max_bytes: Annotated[int | None, typer.Option(min=1, help="Skip image files, tar members and parquet cells of "
                                                               "more bytes as too large [default: 256 MiB].")] = None,
     wait: Annotated[bool, typer.Option(help="If another command is changing the index, wait for it instead of "
                                             "stopping.")] = False,
+    exif: Annotated[str, typer.Option(help="Photo fields kept from EXIF: basic (taken_at, camera), gps (those and "
+                                           "latitude, longitude: a place is personal data) or none.")] = "basic",
     embeddings: Annotated[bool, typer.Option(help="SOURCE holds image embeddings computed elsewhere (a "
                                                   "clip-retrieval/LAION folder, a parquet of ids and vectors, a "
                                                   ".npy with its ids): indexed without decoding an image.")] = False,
@@ -115,7 +118,7 @@ def index(
                            shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
                            runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
                            text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None,
-                           embeddings=embeddings, vector_column=vector_column, **limits)
+                           exif=exif, embeddings=embeddings, vector_column=vector_column, **limits)
     summary = indexer.run(replace(job, merge=merge))
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")
@@ -602,13 +605,11 @@ def classify(
 
 
 def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    from stair_search.images import ImageUnreadable, open_local_image
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+    try:  # a camera-sized photo is decoded at the size a model needs (DCT-scaled), EXIF orientation applied
+        return open_local_image(path)
+    except (OSError, ImageUnreadable) as exc:
         raise typer.BadParameter(f"cannot read image '{path}': {exc}") from exc
 
 

@@ -7,6 +7,11 @@ A filter maps metadata fields to conditions, all of which must hold:
 - an object of operators: ``eq``, ``any`` (a list), ``gt``, ``gte``, ``lt``, ``lte``
   (``{"year": {"gte": 2020, "lt": 2024}}``, ``{"taken": {"gte": "2023-01-01"}}``). Ranges compare numbers with
   numbers and text with text (ISO dates compare correctly as text); a value of another type never matches.
+  A date bound is compared at its own precision, so that a range of days means what it says: against a value
+  that is an ISO date or date-time (a photo's ``taken_at``, ``2019-06-30T18:05:00+02:00``), the bound
+  ``2019-06-30`` (or ``2019-06``, ``2019``, or the number 2019 as a year) stands for that whole day (month,
+  year): ``lte`` and ``gt`` include or exclude all of it, as ``gte`` and ``lt`` already did. A value's offset is
+  not converted: a photo's date is the local date it was taken.
 
 The CLI writes ``field=value``, ``field=a|b`` (any of), ``field>=x``, ``field>x``, ``field<=x``, ``field<x``,
 or a whole filter as JSON; values that read as JSON (numbers, true, false, null) are taken as such.
@@ -25,6 +30,9 @@ from typing import Any
 OPERATORS = ("eq", "any", "gt", "gte", "lt", "lte")
 _CLI = re.compile(r"^\s*([^=<>!\s][^=<>]*?)\s*(>=|<=|=|>|<)\s*(.*)$")
 _CLI_OPERATORS = {">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
+# An ISO date, or date and time, down to any precision (a bound), and the start of an ISO date (a value).
+_DATE_BOUND = re.compile(r"\d{4}(?:-\d{2}(?:-\d{2}(?:[T ]\d{2}(?::\d{2}(?::\d{2})?)?)?)?)?")
+_DATE_VALUE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::\d{2}(?::\d{2})?)?)?")
 _COMPARE = {"gt": lambda a, b: a > b, "gte": lambda a, b: a >= b, "lt": lambda a, b: a < b,
             "lte": lambda a, b: a <= b}
 
@@ -46,7 +54,7 @@ class Condition:
     def _holds_one(self, value: Any) -> bool:
         if self.values and not any(_same(value, wanted) for wanted in self.values):
             return False
-        return all(_comparable(value, bound) and _COMPARE[op](value, bound) for op, bound in self.bounds)
+        return all(_in_range(value, op, bound) for op, bound in self.bounds)
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,16 @@ def _same(value: Any, wanted: Any) -> bool:
     if isinstance(value, bool) or isinstance(wanted, bool):
         return value is wanted
     return value == wanted
+
+
+def _in_range(value: Any, op: str, bound: Any) -> bool:
+    """``value op bound``, a date value at the bound's precision (see the module docstring)."""
+    if isinstance(value, str) and _DATE_VALUE.match(value):
+        if isinstance(bound, int) and not isinstance(bound, bool) and 1000 <= bound <= 9999:
+            bound = str(bound)  # a year given as a number (taken_at>=2019)
+        if isinstance(bound, str) and _DATE_BOUND.fullmatch(bound):
+            value, bound = value[: len(bound)].replace(" ", "T"), bound.replace(" ", "T")
+    return _comparable(value, bound) and _COMPARE[op](value, bound)
 
 
 def _comparable(value: Any, bound: Any) -> bool:

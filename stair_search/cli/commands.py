@@ -487,9 +487,9 @@ def serve(
     cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser calls from this origin "
                                                           "(repeatable).")] = None,
     threads: Annotated[int, typer.Option(min=1, max=64, help="Search worker threads.")] = 8,
-    encode_threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads of the query encoder (1: no "
-                                                "oversubscribed cores under load; see benchmarks/encode_threads.py)"
-                                                )] = 1,
+    encode_threads: Annotated[int, typer.Option(min=1, max=64, help="threads of the query encoder, ONNX Runtime's "
+                                                "or torch's (1: no oversubscribed cores under load; see "
+                                                "benchmarks/encode_threads.py)")] = 1,
     batching: Annotated[bool, typer.Option(help="Gather concurrent searches' query encodes into shared forwards."
                                            )] = True,
     batch_wait_ms: Annotated[float, typer.Option(min=0, max=100, help="Under load, how long a forward waits for "
@@ -549,9 +549,9 @@ def serve(
     if cluster is not None:
         _serve_on_cluster(named, settings, cluster, replicas, copy_shards, shard_timeout, host, port, model)
         return
-    import torch
+    from stair_search.models.runtime import THREADS_ENV
 
-    torch.set_num_threads(encode_threads)  # this process serves: its encodes' thread policy (see the option)
+    os.environ[THREADS_ENV] = str(encode_threads)  # this process serves: its encodes' thread policy (the option)
     uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
 
 
@@ -575,6 +575,27 @@ def _serve_on_cluster(named: dict[str, Path], settings, address: str, replicas: 
     except KeyboardInterrupt:
         stop.set()
         typer.echo("stopped: the applications are deleted from the cluster")
+
+
+@app.command("fetch-model")
+def fetch_model(
+    model: Annotated[str, typer.Argument(help="open_clip model name, e.g. ViT-B-32 (open_clip.list_models()).")],
+    pretrained: Annotated[str | None, typer.Option(help="open_clip tag, e.g. laion2b_s34b_b79k.")] = None,
+    file: Annotated[Path | None, typer.Option(help="A checkpoint file of that tag you already have: copied into "
+                                                   "the cache (no network).")] = None,
+) -> None:
+    """Put an open_clip checkpoint into the cache once (the one step that downloads); index, search and serve then
+    find it there and never reach the network. The shipped models need nothing fetched."""
+    from stair_search.models.config import builtin_names
+    from stair_search.models.open_clip_weights import fetch
+
+    if model in builtin_names():
+        typer.echo(f"{model} ships with stair-search: nothing to fetch")
+        return
+    if pretrained is None:
+        raise typer.BadParameter("name the checkpoint: --pretrained TAG (e.g. laion2b_s34b_b79k for ViT-B-32)",
+                                 param_hint="--pretrained")
+    typer.echo(f"{model} {pretrained}: {fetch(model, pretrained, file)}")
 
 
 @app.command()

@@ -1,12 +1,27 @@
 """Model factory, STAIR heads and checkpoints (the word-piece vocabulary they emit over is
-``stair_search.vocabulary``)."""
+``stair_search.vocabulary``).
 
-from stair_search.models.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
-from stair_search.models.config import StairConfig, builtin_configs
-from stair_search.models.factory import DEFAULT_MODEL, builtin_models, create_model
-from stair_search.models.stair import StairModel, TowerOutput
+The names below are looked up on first use (PEP 562), not imported with the package: ``stair_search.models.config``
+and the torch-free query runtime (``models/query_runtime.py``) must be importable without torch, and importing any
+submodule runs this file first.
+"""
 
-__all__ = [
-    "DEFAULT_MODEL", "StairConfig", "StairModel", "TowerOutput", "builtin_configs", "builtin_models", "create_model",
-    "load_checkpoint", "model_fingerprint", "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from stair_search import DEFAULT_MODEL
+
+_HOMES = {"load_checkpoint": "checkpoint", "model_fingerprint": "checkpoint", "save_checkpoint": "checkpoint",
+          "StairConfig": "config", "builtin_configs": "config", "builtin_models": "factory",
+          "create_model": "factory", "StairModel": "stair", "TowerOutput": "stair"}
+
+__all__ = ["DEFAULT_MODEL", *sorted(_HOMES)]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'stair_search.models' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"stair_search.models.{home}"), name)

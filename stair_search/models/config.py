@@ -7,9 +7,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stair_search.vocabulary import DEFAULT_VOCABULARY
+import numpy as np
+
+from stair_search.vocabulary import DEFAULT_VOCABULARY, resolve_path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass
@@ -108,3 +111,20 @@ class StairConfig:
 def builtin_configs() -> list[str]:
     """Names of the StairConfigs that ship with the package."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def builtin_names() -> list[str]:
+    """Names of the models that ship with the package: a config JSON, trained weights, or both (torch-free: what
+    decides whether a model's queries run on ONNX Runtime without building it)."""
+    return sorted(set(builtin_configs()) | {p.stem for p in WEIGHTS_DIR.glob("*.pt")})
+
+
+def load_alignment(location: str, field: str, model: str) -> np.ndarray:
+    """A config's trained (D, D) float32 map (``concept_alignment`` / ``dense_alignment``: a ``pkg://`` or local
+    .npy), or an error naming the command that makes one."""
+    path = resolve_path(location)
+    if not path.is_file():
+        target = "concepts" if field == "concept_alignment" else "dense"
+        raise FileNotFoundError(f"{field} '{location}' of model {model} not found (looked at {path}); make one "
+                                f"with `stair-search align --target {target}` or remove the field.")
+    return np.load(path).astype(np.float32)

@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stair_search import DEFAULT_MODEL
 from stair_search.models.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
-from stair_search.models.config import CONFIG_DIR, StairConfig, builtin_configs
+from stair_search.models.config import (
+    CONFIG_DIR,
+    WEIGHTS_DIR,
+    StairConfig,
+    builtin_configs,
+    builtin_names,
+    load_alignment,
+)
 from stair_search.models.stair import StairModel
 from stair_search.vocabulary import Vocabulary, resolve_path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".stair")
 
 
@@ -70,7 +74,7 @@ def _from_checkpoint(path: str | Path, device: str | None) -> StairModel:
 
 def builtin_models() -> list[str]:
     """Names of the models that ship with the package: a config JSON, trained weights, or both."""
-    return sorted(set(builtin_configs()) | {p.stem for p in WEIGHTS_DIR.glob("*.pt")})
+    return builtin_names()
 
 
 def shipped_checkpoint(name: str) -> Path | None:
@@ -122,17 +126,6 @@ def build_model(config: StairConfig, image_weights: bool = True) -> StairModel:
     return model
 
 
-def load_alignment(location: str, field: str, model: str) -> np.ndarray:
-    """A config's trained (D, D) float32 map (``concept_alignment`` / ``dense_alignment``: a ``pkg://`` or local
-    .npy), or an error naming the command that makes one."""
-    path = resolve_path(location)
-    if not path.is_file():
-        target = "concepts" if field == "concept_alignment" else "dense"
-        raise FileNotFoundError(f"{field} '{location}' of model {model} not found (looked at {path}); make one "
-                                f"with `stair-search align --target {target}` or remove the field.")
-    return np.load(path).astype(np.float32)
-
-
 def _load_image_weights(model: StairModel) -> None:
     """The pretrained image network into open_clip's timm trunk (and its classifier into the ImageNet prior).
     With a prior, the learned projection starts at zero: the untrained model is then ConSE's zero-shot one."""
@@ -168,13 +161,8 @@ def _build_clip(config: StairConfig) -> tuple[torch.nn.Module, Any, Any]:
     import open_clip
 
     if isinstance(config.clip, str):
-        weights = _resolve_pretrained(config.clip, config.pretrained)
-        try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(config.clip, pretrained=weights)
-        except RuntimeError as exc:
-            if weights and not Path(weights).is_file():
-                raise FileNotFoundError(_missing_tag_message(config.clip, weights)) from exc
-            raise
+        weights, preprocessing = _resolve_pretrained(config.clip, config.pretrained)
+        clip, _, preprocess = open_clip.create_model_and_transforms(config.clip, pretrained=weights, **preprocessing)
         return clip, preprocess, open_clip.get_tokenizer(config.clip)
 
     model_cfg = _resolve_model_cfg(config.clip)
@@ -217,23 +205,14 @@ def _existing_file(path: str) -> str:
     return str(resolved)
 
 
-def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
-    """A local file stays a file; a tag is left to open_clip, which finds it in the Hugging Face cache."""
+def _resolve_pretrained(model_name: str, pretrained: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The checkpoint file open_clip loads and its preprocessing arguments: a local file stays a file (open_clip's
+    defaults); a tag is its cached file with the tag's preprocessing (models/open_clip_weights.py: never the
+    network; not cached is one FileNotFoundError naming ``stair-search fetch-model``)."""
     if pretrained is None:
-        return None
-    import open_clip
+        return None, {}
+    from stair_search.models.open_clip_weights import cached_weights, tag_config
 
-    if pretrained in open_clip.list_pretrained_tags_by_model(model_name):
-        return pretrained
-    return _existing_file(pretrained)
-
-
-def _missing_tag_message(model_name: str, tag: str) -> str:
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-    )
-    return (
-        f"open_clip weights '{tag}' for {model_name} are not available offline: they were looked up in the "
-        f"Hugging Face cache {cache}. Download them once where the network is reachable (or copy that "
-        f"cache folder here), or pass a local checkpoint file as pretrained."
-    )
+    if tag_config(model_name, pretrained) is not None:
+        return cached_weights(model_name, pretrained)
+    return _existing_file(pretrained), {}

@@ -38,10 +38,19 @@ class ImageNetPrior(nn.Module):
         """ConSE embedding, scaled by the learned weight: (..., C) -> (..., D)."""
         return self.dense_weight * (self.probabilities(features) @ self.class_embeddings)
 
-    def sparse(self, features: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """(B, C) -> (B, V): each word-piece of a class name gets the summed probability of its classes."""
+    def sparse(self, features: torch.Tensor, vocab_size: int, exportable: bool = False) -> torch.Tensor:
+        """(B, C) -> (B, V): each word-piece of a class name gets the summed probability of its classes.
+        ``exportable``: one ``scatter_add`` (ONNX ScatterElements with add) instead of an ``index_add_`` per name
+        position, which the ONNX exporter writes as a scatter that keeps one of two classes sharing a word."""
         probs = self.probabilities(features)
         out = probs.new_zeros((probs.shape[0], vocab_size))
+        if exportable:
+            ids = self.class_tokens.T.reshape(-1)  # position-major, the order the loop below adds in
+            valid = ids >= 0
+            classes = torch.arange(self.class_tokens.shape[0], device=ids.device).repeat(self.class_tokens.shape[1])
+            chosen = probs[:, classes[valid]]
+            out = out.scatter_add(1, ids[valid].expand(probs.shape[0], -1), chosen)
+            return torch.relu(self.sparse_weight) * out
         for column in range(self.class_tokens.shape[1]):
             ids = self.class_tokens[:, column]
             valid = ids >= 0

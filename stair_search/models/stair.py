@@ -137,10 +137,11 @@ class StairModel(nn.Module):
         ``local=False`` skips the prior's per-position part of the local features (training never reads it)."""
         return self.image_output(self.tower.tail(stem_out), local)
 
-    def image_output(self, features: ImageFeatures, with_local: bool = True) -> TowerOutput:
-        """Dense, sparse and local outputs from the tower's features (what an accelerated tower hands back)."""
+    def image_output(self, features: ImageFeatures, with_local: bool = True, exportable: bool = False) -> TowerOutput:
+        """Dense, sparse and local outputs from the tower's features (what an accelerated tower hands back);
+        ``exportable``: in ops the ONNX exporter writes exactly (models/query_export.py)."""
         dense, local = self.image_dense(features, with_local)
-        sparse, keep = self.image_sparse(self.image_head(features.head_tokens), features.features)
+        sparse, keep = self.image_sparse(self.image_head(features.head_tokens), features.features, exportable)
         return TowerOutput(dense=dense, sparse=sparse, local=local, grid=features.grid, keep=keep)
 
     def image_dense(self, features: ImageFeatures, with_local: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,8 +168,8 @@ class StairModel(nn.Module):
                              f"dense`).")
         self.dense_map = matrix.float()
 
-    def image_sparse(self, head_weights: torch.Tensor,
-                     features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def image_sparse(self, head_weights: torch.Tensor, features: torch.Tensor | None = None,
+                     exportable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, V) sparse weights of the image side from its head's (B, V) output and the pooled network features the
         trust gate and the prior read, and (B, V) the tokens kept past the top-k cut (or None): the part of
         :meth:`image_output` that heads-only training runs on cached tower features."""
@@ -177,7 +178,7 @@ class StairModel(nn.Module):
             sparse = self.trust(features) * sparse
         if self.image_prior is None:
             return sparse, None
-        prior = self.image_prior.sparse(features, sparse.shape[1])
+        prior = self.image_prior.sparse(features, sparse.shape[1], exportable)
         return sparse + prior, prior >= PRIOR_KEEP
 
     def floor_query(self, sparse: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -228,6 +229,11 @@ class StairModel(nn.Module):
         for row, text in enumerate(texts):
             mask[row, self.vocabulary.token_ids(text)] = True
         return mask.to(self.image_head.bias.device)
+
+    def text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) pooled text embedding (not normalised) and (B, L', C) the tower's per-token features, the ones the
+        text head reads (what a query export traces: models/query_export.py)."""
+        return self._text_tokens(token_ids)
 
     def _text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         text = getattr(self.clip, "text", None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stair_search.models.runtime import RUNTIMES, onnx_trunk
+from stair_search.models.runtime import RUNTIMES, export_onnx, onnx_session
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -229,17 +232,28 @@ class TimmTower(ImageTower):
     def tail(self, stem_out: torch.Tensor) -> ImageFeatures:
         return self.from_feature_map(self.feature_map(stem_out))
 
-    def from_feature_map(self, fmap: torch.Tensor) -> ImageFeatures:
-        """Everything after the trunk's last feature map: pooled features, grid tokens and their projections."""
+    def from_feature_map(self, fmap: torch.Tensor, exportable: bool = False) -> ImageFeatures:
+        """Everything after the trunk's last feature map: pooled features, grid tokens and their projections.
+        ``exportable``: pool the 2x2 grid with :func:`grid_pool` (ONNX has no adaptive pooling over uneven bins,
+        such as 7 -> 2) instead of torch's own kernel; the same bins, summed in another order (~1e-7)."""
         trunk, head = self.network.trunk, self.network.head
         pooled_features = trunk.forward_head(fmap, pre_logits=True)
         norm = getattr(getattr(trunk, "head", None), "norm", None)
         grid_map = norm(fmap) if isinstance(norm, nn.Module) else fmap
         tokens = _grid_tokens(grid_map)
-        quadrants = _grid_tokens(F.adaptive_avg_pool2d(grid_map, 2))
+        quadrants = grid_pool(grid_map, 2) if exportable else _grid_tokens(F.adaptive_avg_pool2d(grid_map, 2))
         head_tokens = torch.cat([pooled_features[:, None], quadrants], dim=1)
         return ImageFeatures(head(pooled_features), head_tokens, tokens, head(tokens), (fmap.shape[2], fmap.shape[3]),
                              features=pooled_features)
+
+
+def grid_pool(fmap: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, size * size, C): ``adaptive_avg_pool2d``'s bins (start ``floor(i * H / size)``, end
+    ``ceil((i + 1) * H / size)``), row-major, as slices and means that the ONNX exporter can write."""
+    height, width = int(fmap.shape[2]), int(fmap.shape[3])
+    rows = [(i * height // size, -(-(i + 1) * height // size)) for i in range(size)]
+    cols = [(j * width // size, -(-(j + 1) * width // size)) for j in range(size)]
+    return torch.stack([fmap[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for r0, r1 in rows for c0, c1 in cols], dim=1)
 
 
 # torch's CPU trunk in batches of 4: at 224 px the largest activation of 4 images (EfficientNet-Lite0's first
@@ -255,6 +269,40 @@ def torch_trunk(trunk: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(pixels: torch.Tensor) -> torch.Tensor:
         return torch.cat([trunk.forward_features(part.contiguous(memory_format=torch.channels_last))
                           for part in pixels.split(TRUNK_MICRO_BATCH)]).contiguous()
+
+    return run
+
+
+class TrunkFeatures(nn.Module):
+    """A timm trunk's feature map as the module's output (what the exporter traces)."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(pixels)
+
+
+def onnx_trunk(trunk: nn.Module, example: torch.Tensor,
+               threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``trunk.forward_features`` (an eval-mode timm CNN) as an ONNX Runtime session on CPU (models/runtime.py), or
+    None where onnxruntime is missing or the trunk does not export. ``example``: a (B, 3, H, W) CPU batch; the batch
+    and the image size stay dynamic. ``threads``: the session's intra-op threads (default torch's current count)."""
+    try:
+        import onnxruntime  # noqa: F401 - only whether it is installed
+    except ImportError:
+        return None
+    try:
+        graph = export_onnx(TrunkFeatures(trunk), (example,), ["pixels"], ["features"],
+                            {"pixels": {0: "batch", 2: "height", 3: "width"}})
+    except Exception as error:  # an optional speed-up: any export failure means "keep torch"
+        log.warning("the image trunk did not export to ONNX (%s); encoding with torch instead", error)
+        return None
+    session = onnx_session(graph, threads or torch.get_num_threads())
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"pixels": pixels.float().contiguous().numpy()})[0])
 
     return run
 

@@ -13,7 +13,7 @@ response carries, so a user can see why a query went where it went.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
@@ -29,8 +29,19 @@ KEYWORD_MAX_WORDS = 3  # "red car", "grinning face": a few words and no function
 # own (StairConfig.keyword_alpha). Tuned for stair-tiny on the emoji val split (test concepts unseen): sparse
 # alone lost to every hybrid there (tag nDCG@10 19.4 vs 29.3 at 0.7).
 KEYWORD_ALPHA = 0.7
-NO_SPARSE_TOKENS = ("none of the query's word-pieces is one the model emits, so the sparse route matches "
-                    "nothing")
+# Why a text query's sparse vector came out empty (the router says which: ``QueryRouter._no_sparse_cause``).
+NOT_EMITTED = "none of the query's word-pieces is one the model emits"
+NO_WORDS = "the query has no word the sparse route searches by (function words and punctuation only)"
+TEXT_ROUTE = "the captions' text route"
+RRF_NAME = "fused by rank (RRF)"
+
+
+def not_indexed(words: list[str], filtered: bool = False) -> str:
+    """The cause when the model emits the query's words but no indexed document (``filtered``: that passes the
+    filters) carries any of them."""
+    quoted = ", ".join(f"'{word}'" for word in words)
+    which = "no indexed document that passes the filters" if filtered else "no indexed document"
+    return f"{which} carries the query's {'word' if len(words) == 1 else 'words'} {quoted}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Decision:
     alpha: float | None = None
     note: str | None = None  # what the user should know about this query's result (e.g. an empty sparse route)
     feedback: int = 0  # top fused hits the dense query is moved toward before the final fusion (0: none)
+    # What the rule read in the query ("keyword-like query (2 word(s), ...)"): the reason names it, then what ran
+    basis: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         chosen = {"fusion": self.fusion, "alpha": self.alpha} if self.fusion else {}
@@ -77,19 +90,26 @@ def decide(text: str | None, image: Image.Image | None, keyword_alpha: float = K
                         f"relational phrase ({subject!r} {predicate} {obj!r}): hybrid + compositional reranker")
     tokens = words(text)
     if len(tokens) <= KEYWORD_MAX_WORDS and not FILLER_WORDS.intersection(tokens):
-        return Decision("hybrid", (), f"keyword-like query ({len(tokens)} word(s), no function words): "
-                        f"hybrid, sparse weight {keyword_alpha}", fusion="convex", alpha=keyword_alpha,
-                        feedback=feedback_docs)
-    return Decision("hybrid", (), f"descriptive query ({len(tokens)} words)", feedback=feedback_docs)
+        basis = f"keyword-like query ({len(tokens)} word(s), no function words)"
+        return Decision("hybrid", (), f"{basis}: hybrid, sparse weight {keyword_alpha}", fusion="convex",
+                        alpha=keyword_alpha, feedback=feedback_docs, basis=basis)
+    basis = f"descriptive query ({len(tokens)} words)"
+    return Decision("hybrid", (), basis, feedback=feedback_docs, basis=basis)
 
 
-def without_sparse(decision: Decision, chosen_by_auto: bool) -> Decision:
-    """A text query with an empty sparse vector (its words are none the model learnt to emit): ``auto`` goes
-    dense instead of searching a route that cannot match; a requested mode runs as asked, with a note."""
+def without_sparse(decision: Decision, chosen_by_auto: bool, cause: str = NOT_EMITTED,
+                   text_route: bool = False) -> Decision:
+    """A text query with an empty sparse vector (``cause``: why; its words are none the model emits, or none an
+    indexed document carries): ``auto`` goes dense (with ``text_route``: dense and the text route) instead of
+    searching a route that cannot match, and its reason names that alone; a requested mode runs as asked, with a
+    note."""
     if chosen_by_auto:
-        return replace(decision, mode="dense", fusion=None, alpha=None, feedback=0,
-                       note=f"{NO_SPARSE_TOKENS}: dense only")
-    return replace(decision, note=f"{NO_SPARSE_TOKENS}: try mode dense, hybrid or auto")
+        ran = f"dense and {TEXT_ROUTE}, {RRF_NAME}" if text_route else "dense"
+        reason = f"{decision.basis}: {ran}" if decision.basis else decision.reason
+        return replace(decision, mode="dense", fusion=None, alpha=None, feedback=0, reason=reason,
+                       note=f"{cause}, so the sparse route was left out: "
+                            f"{f'dense and {TEXT_ROUTE} only' if text_route else 'dense only'}")
+    return replace(decision, note=f"{cause}, so the sparse route matches nothing: try mode dense, hybrid or auto")
 
 
 @dataclass(frozen=True)
@@ -126,14 +146,15 @@ class Plan:
         """The response's fusion: None for a single route."""
         return self.fusion if len(self.routes) > 1 else None
 
-    def without_sparse(self) -> Plan:
-        """The plan once the text query's sparse vector came out empty (no word-piece the model emits): ``auto``
-        drops the sparse route, a requested mode runs as asked with a note (:func:`without_sparse`)."""
+    def without_sparse(self, cause: str = NOT_EMITTED) -> Plan:
+        """The plan once the text query's sparse vector came out empty (``cause``: why): ``auto`` drops the sparse
+        route, a requested mode runs as asked with a note (:func:`without_sparse`)."""
         if self.decision.mode not in ("sparse", "hybrid"):
             return self
         by_auto = self.request.mode == "auto"
         routes = tuple(r for r in self.routes if r != "sparse") if by_auto else self.routes
-        return replace(self, decision=without_sparse(self.decision, chosen_by_auto=by_auto), routes=routes)
+        decision = without_sparse(self.decision, by_auto, cause, text_route="text" in routes)
+        return replace(self, decision=decision, routes=routes)
 
 
 def plan_query(request: SearchRequest, *, has_text: bool, default_depth: int, keyword_alpha: float,
@@ -170,9 +191,10 @@ def plan_query(request: SearchRequest, *, has_text: bool, default_depth: int, ke
     routes = (ROUTES_OF[decision.mode] if decision.mode != "text" else ()) + (("text",) if text_query else ())
     if text_query and len(routes) > 1:
         fusion = "rrf"  # BM25 scores share no scale with the other routes': fuse by rank
-        if decision.fusion not in (None, "rrf"):  # auto's own weighting does not apply: the decision says so
+        if decision.fusion not in (None, "rrf"):  # auto's own weighting does not apply: the reason says what runs
+            ran = f"{decision.mode} and {TEXT_ROUTE}, {RRF_NAME}"
             decision = replace(decision, fusion="rrf", alpha=None,
-                               reason=f"{decision.reason}; with the captions' text route: fused by rank (RRF)")
+                               reason=f"{decision.basis}: {ran}" if decision.basis else f"{decision.reason}; {ran}")
     return Plan(request, decision, routes, fusion, alpha, request.depth or default_depth, text_query)
 
 

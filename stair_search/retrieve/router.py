@@ -29,12 +29,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from stair_search.encode import Encoder
@@ -44,7 +43,7 @@ from stair_search.query.weights import QUERY_WEIGHTS, idf_table, lookup_query
 from stair_search.rerank import check_local_features, make_reranker
 from stair_search.rerank.base import RerankInput
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
-from stair_search.retrieve.plan import Plan, plan_query, plan_vectors
+from stair_search.retrieve.plan import NO_WORDS, NOT_EMITTED, Plan, not_indexed, plan_query, plan_vectors
 from stair_search.retrieve.request import SearchRequest
 from stair_search.vectors import EncodedBatch, unit
 
@@ -97,7 +96,7 @@ class _Query:
     dense: np.ndarray  # (1, D), or (1, 0) when no dense route or reranker needs it
     sparse: dict[str, float]
     expanded: dict[str, str] = field(default_factory=dict)
-    early: Future | None = None  # the sparse route, already running (idf weights)
+    early: dict[str, tuple[Future, int]] = field(default_factory=dict)  # route -> (its list, running; its fetch)
 
 
 def open_router(index_dir: str | Path, model: str | None = None, depth: int = 100,
@@ -123,7 +122,7 @@ class QueryRouter:
         index.manifest.check_model(encoder.record)
         if query_weights not in QUERY_WEIGHTS:
             raise ValueError(f"query_weights must be one of {QUERY_WEIGHTS}, got '{query_weights}'")
-        grounded = bool(encoder.model.config.ground_text)
+        grounded = bool(encoder.config.ground_text)
         if query_weights == "auto":
             query_weights = "idf" if grounded else "model"
         if query_weights == "idf" and not grounded:
@@ -131,10 +130,10 @@ class QueryRouter:
                              f"its own words); {encoder.name} is not: use 'model'")
         self.index, self.encoder, self.depth, self.query_weights = index, encoder, depth, query_weights
         self._idf: np.ndarray | None = None
+        self._emitted: np.ndarray | None = None  # (V,) bool: the word-pieces the model's heads may emit
         # idf weights: the sparse route of a text query runs on this pool while the tower embeds the query
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparse-route")
-        with torch.no_grad():  # BSAP's temperature: read once, outside autograd
-            self.logit_scale = float(encoder.model.logit_scale)
+        self.logit_scale = encoder.logit_scale  # BSAP's temperature, read once
         self.rerankers = {name: make_reranker(name, **(reranker_knobs or {}).get(name, {}))
                           for name in ("bsap", "ssp", "comclip", "s3")}
         self._phrases: dict[str, np.ndarray] = {}  # phrase -> unit embedding; auxiliary prompts stay cached
@@ -184,7 +183,7 @@ class QueryRouter:
         return self._search_encoded(request)
 
     def _search_encoded(self, request: SearchRequest) -> SearchResponse:
-        config = self.encoder.model.config
+        config = self.encoder.config
         plan = plan_query(request, has_text=self.index.has_text, default_depth=self.depth,
                           keyword_alpha=config.keyword_alpha, feedback_docs=config.feedback_docs)
         check_local_features(request.rerank, getattr(getattr(self.index, "manifest", None), "calibration", None))
@@ -192,11 +191,12 @@ class QueryRouter:
         phrases = self._embed_phrases([p for name in plan.rerank for p in self.rerankers[name].phrases(text)])
         flt = self.index.check_filter(request.filters) if request.filters else None
         missing: list[str] | None = [] if request.partial else None
+        early = self._early_text(plan, flt, k + offset, missing)
         query = self._encode(plan, flt, missing)
         if text and not query.sparse:
-            plan = plan.without_sparse()
+            plan = plan.without_sparse(self._no_sparse_cause(text))
         fetched = plan.fetch(k + offset)
-        lists = self._first_stage(plan, query, flt, fetched, missing)
+        lists = self._first_stage(plan, query, flt, fetched, missing, early)
         fused = self._fuse(lists, plan, fetched)
         feedback = plan.decision.feedback
         if feedback and "dense" in lists and fused:
@@ -204,17 +204,54 @@ class QueryRouter:
             fused = self._fuse(lists, plan, fetched)
         if plan.rerank:
             fused = self._rerank(fused, plan.depth, list(plan.rerank), query.dense[0], text, phrases)
-        info = plan.decision.to_dict() | ({"expanded": query.expanded} if query.expanded else {})
-        if plan.text_query:
-            info["text"] = True
-        elif plan.decision.mode == "text":
-            info["note"] = "this index has no text route (built before it, or its documents have no captions)"
+        info = self._decision(plan, query, lists, flt)
         stood_for = self.index.vocabulary.piece_words(text) if text and query.sparse else {}
         query_words = {t: w for t, w in stood_for.items() if t in query.sparse}
         hits = self._describe(fused[offset : offset + k], query.sparse, request.explain, first_rank=offset + 1,
                               text=plan.text_query, query_words=query_words)
         return SearchResponse(mode=plan.label, fusion=plan.fused_by, hits=hits, query_tokens=query.sparse,
                               decision=info, query_words=query_words, missing_shards=sorted(set(missing or ())))
+
+    def _decision(self, plan: Plan, query: _Query, lists: Mapping[str, list[Candidate]],
+                  flt: Filter | None) -> dict[str, Any]:
+        """What the response says of the plan that ran: its decision, S^3's expansion, the text route, and a note
+        when a route could not answer (no text route; a sparse query no indexed document matches)."""
+        info = plan.decision.to_dict() | ({"expanded": query.expanded} if query.expanded else {})
+        if plan.text_query:
+            info["text"] = True
+        elif plan.decision.mode == "text":
+            info["note"] = "this index has no text route (built before it, or its documents have no captions)"
+        grounded = self.encoder.config.ground_text  # its sparse query holds the query's own words only
+        if grounded and "sparse" in lists and not lists["sparse"] and query.sparse and "note" not in info:
+            info["note"] = f"{not_indexed(list(query.sparse), filtered=flt is not None)}, so the sparse route " \
+                           f"matched nothing"
+        return info
+
+    def _no_sparse_cause(self, text: str) -> str:
+        """Why ``text``'s sparse vector came out empty: it has no word to search by, the model emits none of its
+        word-pieces, the model gives them no weight, or (idf weights) no indexed document carries them."""
+        vocabulary = self.index.vocabulary
+        idf = self.query_weights == "idf"
+        pieces = vocabulary.first_word_pieces(text) if idf else vocabulary.token_ids(text)
+        if not pieces:
+            return NO_WORDS
+        if self._emitted is None:
+            self._emitted = np.zeros(len(vocabulary), bool)
+            self._emitted[vocabulary.emit_ids(self.encoder.config.emit_tokens)] = True
+        emitted = [vocabulary.tokens[p] for p in dict.fromkeys(pieces) if self._emitted[p]]
+        if not emitted:
+            return NOT_EMITTED
+        return not_indexed(emitted) if idf else "the model gives none of the query's word-pieces any weight"
+
+    def _early_text(self, plan: Plan, flt: Filter | None, wanted: int, missing: list[str] | None
+                    ) -> dict[str, tuple[Future, int]]:
+        """The text route (BM25 over the captions) started on this router's pool before the query is encoded: it
+        needs no vectors, and its first call may start the JVM, which then overlaps the encode."""
+        if "text" not in plan.routes:
+            return {}
+        fetch = plan.fetch(wanted)
+        return {"text": (self._pool.submit(self.index.search, ShardQuery(fetch, text=plan.text_query, filter=flt),
+                                           missing), fetch)}
 
     def _encode(self, plan: Plan, flt: Filter | None, missing: list[str] | None) -> _Query:
         """Encode the query once. With idf query weights, a text query's sparse vector is the index's lookup and
@@ -224,26 +261,33 @@ class QueryRouter:
         need_dense = "dense" in plan.routes or bool(plan.rerank)
         if self.query_weights == "idf" and text and request.image is None:  # the lookup first; the tower for dense
             sparse, expanded = self._expand(self._lookup(text), text, mode, plan.rerank)
-            early = None
+            early = {}
             if "sparse" in plan.routes and sparse and need_dense:
-                early = self._pool.submit(self.index.search, ShardQuery(plan.fetch(request.k + request.offset),
-                                                                        sparse=sparse, filter=flt), missing)
+                fetch = plan.fetch(request.k + request.offset)
+                early["sparse"] = (self._pool.submit(self.index.search, ShardQuery(fetch, sparse=sparse, filter=flt),
+                                                     missing), fetch)
             dense = self.encoder.embed_texts([text]) if need_dense else np.zeros((1, 0), np.float32)
             return _Query(dense, sparse, expanded, early)
         encoded = self.encode_query(text, request.image)
         sparse, expanded = self._expand(encoded.sparse[0], text, mode, plan.rerank)
         return _Query(encoded.dense, sparse, expanded)
 
-    def _first_stage(self, plan: Plan, query: _Query, flt: Filter | None, fetch: int, missing: list[str] | None
-                     ) -> dict[str, list[Candidate]]:
-        """Each route's candidates, from one query to every shard (the sparse route's may be running already)."""
-        early = query.early
-        routes = tuple(r for r in plan.routes if not (early and r == "sparse"))
-        asked = ShardQuery(fetch, sparse=query.sparse if "sparse" in routes else None,
-                           dense=query.dense[0] if "dense" in routes else None,
-                           text=plan.text_query if "text" in routes else None, filter=flt)
+    def _first_stage(self, plan: Plan, query: _Query, flt: Filter | None, fetch: int, missing: list[str] | None,
+                     early_text: Mapping[str, tuple[Future, int]]) -> dict[str, list[Candidate]]:
+        """Each route's candidates, from one query to every shard (the sparse and text routes' may be running
+        already), in the shards' route order (fusion reads it: ties keep the first list's order, convex weighs the
+        first route by alpha)."""
+        early = {route: future for route, (future, asked) in (query.early | dict(early_text)).items()
+                 if route in plan.routes and asked == fetch}
+        routes = tuple(r for r in plan.routes if r not in early)
+        full = ShardQuery(fetch, sparse=query.sparse if "sparse" in plan.routes else None,
+                          dense=query.dense[0] if "dense" in plan.routes else None,
+                          text=plan.text_query if "text" in plan.routes else None, filter=flt)
+        asked = replace(full, **{route: None for route in ("sparse", "dense", "text") if route not in routes})
         lists = self.index.search(asked, missing) if asked.routes() else {}
-        return early.result() | lists if early is not None else lists
+        for future in early.values():
+            lists |= future.result()
+        return {route: lists[route] for route in full.routes() if route in lists}
 
     def _more_like(self, request: SearchRequest) -> SearchResponse:
         """Documents like a stored one: its own dense and sparse vectors as the query, itself left out."""

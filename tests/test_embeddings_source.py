@@ -137,6 +137,9 @@ def test_a_clip_retrieval_folder_indexes_as_its_images_do(clip_spec, photos, tmp
             document["metadata"], str) else document["metadata"] == {"shade": rows[row]["shade"]}
     with pytest.raises(ValueError, match="ssp read local image features, and this index was built from embeddings"):
         QueryRouter(reader, encoder).search(SearchRequest(text="a red circle", rerank=("ssp",), k=3))
+    for request in (SearchRequest(text="a red circle", rerank=("bsap",), k=3),  # no local features needed
+                    SearchRequest(text="a red circle to the left of a blue square", mode="auto", k=3)):
+        assert len(QueryRouter(reader, encoder).search(request).hits) == 3
     text_hits = QueryRouter(reader, encoder).search(SearchRequest(text="triangle", mode="text", k=9)).hits
     assert {Path(h.source).stem.split("-")[1] for h in text_hits} == {"triangle"}  # captions: the text route
     export(from_images, tmp_path / "export.parquet")  # export, then index the export: the same documents back

@@ -149,7 +149,9 @@ class IndexReader:
         vectors = np.zeros((n, dim), np.float32)
         local, where = np.zeros((n, m, dim), np.float16), np.zeros((n, m, 2), np.float16)
         for positions, (v, f, p) in self._per_shard(candidates, lambda shard, rows: shard.features(rows)):
-            vectors[positions], local[positions], where[positions] = v, f, p
+            vectors[positions] = v
+            if f.shape[1:] == local.shape[1:]:  # a shard without local features (built from embeddings): zeros
+                local[positions], where[positions] = f, p
         return vectors, local, where
 
     def describe(self, candidates: Sequence[Candidate], columns: Sequence[str],

@@ -27,7 +27,7 @@ follow, in fused order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +40,7 @@ from stair_search.encode import Encoder
 from stair_search.index import Candidate, IndexReader, ShardQuery
 from stair_search.query.filters import Filter
 from stair_search.query.weights import QUERY_WEIGHTS, idf_table, lookup_query
-from stair_search.rerank import check_local_features, make_reranker
+from stair_search.rerank import RERANKERS, check_local_features, make_reranker
 from stair_search.rerank.base import RerankInput
 from stair_search.retrieve.fusion import RRF_K, Fused, convex, rrf
 from stair_search.retrieve.plan import NO_WORDS, NOT_EMITTED, Plan, not_indexed, plan_query, plan_vectors
@@ -134,8 +134,7 @@ class QueryRouter:
         # idf weights: the sparse route of a text query runs on this pool while the tower embeds the query
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparse-route")
         self.logit_scale = encoder.logit_scale  # BSAP's temperature, read once
-        self.rerankers = {name: make_reranker(name, **(reranker_knobs or {}).get(name, {}))
-                          for name in ("bsap", "ssp", "comclip", "s3")}
+        self.rerankers = _Rerankers(reranker_knobs or {})
         self._phrases: dict[str, np.ndarray] = {}  # phrase -> unit embedding; auxiliary prompts stay cached
         self._lock = threading.Lock()
 
@@ -335,9 +334,9 @@ class QueryRouter:
     def _expand(self, query_sparse: dict[str, float], text: str | None, mode: str, names: Sequence[str]
                 ) -> tuple[dict[str, float], dict[str, str]]:
         """S^3 query expansion on the sparse route (synonym tokens, down-weighted), when S^3 is enabled."""
-        s3 = self.rerankers["s3"]
-        if "s3" not in names or not text or mode not in ("sparse", "hybrid") or not s3.expansion:
+        if "s3" not in names or not text or mode not in ("sparse", "hybrid") or not self.rerankers["s3"].expansion:
             return query_sparse, {}
+        s3 = self.rerankers["s3"]
         from stair_search.query.expand import expand_sparse
 
         return expand_sparse(query_sparse, text, self.index.vocabulary, s3.expansion, source=s3.source)
@@ -428,6 +427,29 @@ class QueryRouter:
                                   parts=f.parts, matched=matched, text_matched=text_matched,
                                   matched_words={t: w for t, w in (query_words or {}).items() if t in (matched or {})}))
         return hits
+
+
+class _Rerankers(Mapping[str, Any]):
+    """The rerankers by name, each built on first use with its knobs: a search that reranks nothing imports none
+    of their modules (S^3's brings scipy's graph routines: ~0.3 s of a CLI search)."""
+
+    def __init__(self, knobs: Mapping[str, Mapping[str, Any]]):
+        self._knobs, self._built = knobs, {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._built:
+                if name not in RERANKERS:
+                    raise KeyError(name)
+                self._built[name] = make_reranker(name, **self._knobs.get(name, {}))
+            return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(RERANKERS)
+
+    def __len__(self) -> int:
+        return len(RERANKERS)
 
 
 def _candidates(fused: Sequence[Fused]) -> list[Candidate]:

@@ -83,3 +83,18 @@ def png_header(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A config for an open_clip CLIP (the tiny test shapes) whose weights are a local open_clip checkpoint file in
+    ``folder`` (no STAIR heads): what a user who brings a real CLIP checkpoint passes, in miniature."""
+    import open_clip
+    import torch
+
+    weights = folder / "open_clip_model.pt"
+    torch.save({"state_dict": open_clip.CLIP(**TINY_CONFIG["clip"]).state_dict()}, weights)
+    config = {key: value for key, value in TINY_CONFIG.items() if key != "sparse"}
+    config.update(name="tiny-clip", pretrained=str(weights))
+    path = folder / "tiny-clip.json"
+    path.write_text(json.dumps(config))
+    return path

@@ -25,7 +25,7 @@ from stair_search.models import create_model
 from stair_search.models.checkpoint import dense_fingerprint
 from stair_search.models.concepts import query_vector, reference_images
 from stair_search.retrieve import QueryRouter, SearchRequest
-from tests.conftest import TINY_CONFIG, draw_shape, sample_photo
+from tests.conftest import draw_shape, sample_photo, save_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,17 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def foreign_clip(tmp_path_factory) -> Path:
     """A config for an open_clip CLIP with its weights in a local open_clip checkpoint file, no STAIR heads."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    clip = open_clip.CLIP(**TINY_CONFIG["clip"])
-    weights = folder / "open_clip_model.pt"
-    torch.save({"state_dict": clip.state_dict()}, weights)
-    config = {key: value for key, value in TINY_CONFIG.items() if key != "sparse"}
-    config.update(name="tiny-clip", pretrained=str(weights))
-    path = folder / "tiny-clip.json"
-    path.write_text(json.dumps(config))
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(autouse=True)

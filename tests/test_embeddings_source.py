@@ -32,7 +32,7 @@ from stair_search.models.concepts import PROMPTS, concept_ids, save_concept_text
 from stair_search.paths import concepts_dir
 from stair_search.retrieve import QueryRouter, SearchRequest
 from stair_search.vectors import unit
-from tests.conftest import TINY_CONFIG, draw_shape
+from tests.conftest import draw_shape, save_tiny_clip
 from tests.test_cli_errors import cli_error
 from tests.test_indexer_jobs import CLI, JOB_ENV, REPO_ROOT, job_dir_of, wait_for
 
@@ -43,17 +43,8 @@ SHAPES = [(c, s) for c in ("red", "blue", "green") for s in ("circle", "square",
 @pytest.fixture(scope="module")
 def clip_spec(tmp_path_factory) -> Path:
     """A config for an open_clip CLIP whose weights are a local open_clip checkpoint file (no STAIR heads)."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    weights = folder / "open_clip_model.pt"
-    torch.save({"state_dict": open_clip.CLIP(**TINY_CONFIG["clip"]).state_dict()}, weights)
-    config = {key: value for key, value in TINY_CONFIG.items() if key != "sparse"}
-    config.update(name="tiny-clip", pretrained=str(weights))
-    path = folder / "tiny-clip.json"
-    path.write_text(json.dumps(config))
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,10 @@ on the bytes, which the copies share).
   images/s, and its ratio to the bound that decode and encode sharing the same cores allow,
   ``1 / (1/decode + 1/encode)`` (target >= 0.8; and >= 4x the 5.0 images/s of issue 38);
 - **cold thumbnail** of a 12 MP JPEG (the server's ``make_thumbnail``, 128 px, never cached here): p50 ms, and
-  the same for the way it was made before (full decode, LANCZOS, PNG) (target <= 40 ms).
+  the same for the way it was made before (full decode, LANCZOS, PNG) (target <= 40 ms);
+- **CPU time** per image of the decode (one process, one torch thread), of the encoder (all its threads) and of
+  a thumbnail (its thread): what other processes on a shared machine barely change, and the rates an idle
+  machine of this many cores gives from them (``cores / CPU s``; the bound ``cores / (decode + encode CPU s)``).
 
     python benchmarks/photo_indexing.py [--images 240] [--distinct 12] [--model stair-lite-4] [--repeats 2]
 
@@ -38,7 +41,7 @@ from PIL import Image
 
 import indexer
 from indexer import IndexJob
-from indexer.decode import DecodeLimits
+from indexer.decode import DecodeLimits, decode
 from indexer.pipeline import DecodePool, default_workers
 from indexer.sources import Item
 from server.imaging import make_thumbnail, stored_image
@@ -115,14 +118,40 @@ def job_rate(encoder: Encoder, folder: Path, out: Path, workers: int) -> float:
     return summary.indexed / seconds
 
 
-def thumbnail_ms(paths: list[Path], make: Callable[[str], bytes]) -> float:
-    """p50 ms of a cold thumbnail (each file once: nothing is cached between them)."""
-    times = []
+def thumbnail_ms(paths: list[Path], make: Callable[[str], bytes]) -> tuple[float, float]:
+    """p50 ms of a cold thumbnail (each file once: nothing is cached between them), wall and this thread's CPU."""
+    walls, cpus = [], []
     for path in paths:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         make(file_source(str(path)))
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        walls.append(1000 * (time.perf_counter() - start))
+        cpus.append(1000 * (time.thread_time() - cpu))
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def decode_cpu_ms(paths: list[Path], preprocess: Callable) -> float:
+    """CPU ms per image of reading, decoding and preprocessing in this process on one torch thread (a worker's
+    setting), median over ``paths``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpus = []
+        for path in paths:
+            cpu = time.process_time()
+            decode(Item(id=path.name, source=str(path), path=str(path)), 0, preprocess)
+            cpus.append(1000 * (time.process_time() - cpu))
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(cpus)
+
+
+def encode_cpu_ms(encoder: Encoder, pixels: list[torch.Tensor]) -> float:
+    """CPU ms per image of the encoder on decoded tensors, all its threads counted."""
+    stacked = torch.stack(pixels)
+    cpu = time.process_time()
+    for first in range(0, len(stacked), encoder.batch_size):
+        encoder.encode_pixels(stacked[first : first + encoder.batch_size])
+    return 1000 * (time.process_time() - cpu) / len(stacked)
 
 
 def thumbnail_before(source: str) -> bytes:
@@ -147,10 +176,16 @@ def one_round(encoder: Encoder, paths: list[Path], folder: Path, work: Path, wor
     shutil.rmtree(out)
     print(f"  whole job              {rates['job']:.1f} images/s ({load()})", flush=True)
     sample = paths[: min(len(paths), 24)]
-    rates["thumb"] = thumbnail_ms(sample, lambda s: make_thumbnail(s, THUMBNAIL_SIZE, 64_000_000).data)
-    rates["thumb_before"] = thumbnail_ms(sample, thumbnail_before)
-    print(f"  cold thumbnail p50     {rates['thumb']:.1f} ms (before: {rates['thumb_before']:.1f} ms) ({load()})",
-          flush=True)
+    rates["thumb"], rates["thumb_cpu"] = thumbnail_ms(sample,
+                                                      lambda s: make_thumbnail(s, THUMBNAIL_SIZE, 64_000_000).data)
+    rates["thumb_before"], rates["thumb_before_cpu"] = thumbnail_ms(sample, thumbnail_before)
+    print(f"  cold thumbnail p50     {rates['thumb']:.1f} ms, CPU {rates['thumb_cpu']:.1f} ms (before: "
+          f"{rates['thumb_before']:.1f} ms, CPU {rates['thumb_before_cpu']:.1f} ms) ({load()})", flush=True)
+    rates["decode_cpu"] = decode_cpu_ms(sample, encoder.model.preprocess)
+    rates["decode_full_cpu"] = decode_cpu_ms(sample, FullDecode(encoder.model.preprocess))
+    rates["encode_cpu"] = encode_cpu_ms(encoder, pixels)
+    print(f"  CPU ms per image       decode {rates['decode_cpu']:.1f} (full: {rates['decode_full_cpu']:.1f}), "
+          f"encode {rates['encode_cpu']:.1f} ({load()})", flush=True)
     return rates
 
 
@@ -180,10 +215,10 @@ def main() -> None:
             rounds.append(one_round(encoder, paths, work / "photos", work, workers))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report({key: statistics.median(r[key] for r in rounds) for key in rounds[0]}, args.repeats)
+    report({key: statistics.median(r[key] for r in rounds) for key in rounds[0]}, args.repeats, workers)
 
 
-def report(m: dict[str, float], repeats: int) -> None:
+def report(m: dict[str, float], repeats: int, workers: int) -> None:
     bound = 1 / (1 / m["decode"] + 1 / m["encode"])
     print(f"\nmedians of {repeats} rounds\n")
     print("| figure | value | target |\n|---|---|---|")
@@ -195,6 +230,17 @@ def report(m: dict[str, float], repeats: int) -> None:
     print(f"| whole job / bound | {m['job'] / bound:.2f} | >= 0.8 |")
     print(f"| cold thumbnail p50, 12 MP JPEG (ms) | {m['thumb']:.1f} | <= 40 |")
     print(f"| cold thumbnail p50, as before: full decode + PNG (ms) | {m['thumb_before']:.1f} | |")
+    cores = os.cpu_count() or 1
+    print(f"\nCPU time per image, and the rates {cores} idle cores give from it ({workers} decode workers)\n")
+    print("| figure | CPU ms | idle-machine figure |\n|---|---|---|")
+    print(f"| decode, reduced | {m['decode_cpu']:.1f} | {min(workers, cores) * 1000 / m['decode_cpu']:.1f} images/s |")
+    print(f"| decode, full (before) | {m['decode_full_cpu']:.1f} | "
+          f"{min(workers, cores) * 1000 / m['decode_full_cpu']:.1f} images/s |")
+    print(f"| encoder | {m['encode_cpu']:.1f} | {cores * 1000 / m['encode_cpu']:.1f} images/s |")
+    print(f"| bound: decode + encode on the same cores | {m['decode_cpu'] + m['encode_cpu']:.1f} | "
+          f"{cores * 1000 / (m['decode_cpu'] + m['encode_cpu']):.1f} images/s |")
+    print(f"| cold thumbnail (p50) | {m['thumb_cpu']:.1f} | {m['thumb_cpu']:.1f} ms |")
+    print(f"| cold thumbnail as before (p50) | {m['thumb_before_cpu']:.1f} | {m['thumb_before_cpu']:.1f} ms |")
 
 
 if __name__ == "__main__":

@@ -397,8 +397,12 @@ def read_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     with open_regular(path) as (f, info):
         if info.st_size > max_bytes:
             raise too_large(info.st_size, max_bytes)
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # it grew while being read
+        # read(n) allocates n bytes first: ask for the file's size (+1 to see growth), not for the cap (a 256 MiB
+        # buffer per image cost 2 ms of a 12 MP photo's 40 ms thumbnail)
+        data = f.read(info.st_size + 1)
+        if len(data) > info.st_size:  # it grew while being read: the rest, up to the cap
+            data += f.read(max_bytes + 1 - len(data))
+    if len(data) > max_bytes:  # it grew past the cap while being read
         raise too_large(None, max_bytes)
     return data
 

@@ -53,12 +53,14 @@ class ImpactSearcher:
         with lucene_errors(self.folder):
             self._object = java_class("io.anserini.search.SimpleImpactSearcher")(str(folder))
             self.num_docs = int(self._object.get_total_num_docs())
+        # the classes every query builds, resolved once (not per query on the search path)
+        self._map, self._integer = java_class("java.util.HashMap"), java_class("java.lang.Integer")
+        self._list = java_class("java.util.ArrayList")
 
     def _query(self, impacts: Mapping[str, int]):
-        query = java_class("java.util.HashMap")()
-        integer = java_class("java.lang.Integer")
+        query = self._map()
         for term, impact in impacts.items():
-            query.put(term, integer(int(impact)))
+            query.put(term, self._integer(int(impact)))
         return query
 
     def search(self, impacts: Mapping[str, int], k: int) -> list[Hit]:
@@ -67,7 +69,7 @@ class ImpactSearcher:
 
     def batch_search(self, queries: Sequence[Mapping[str, int]], k: int, threads: int) -> list[list[Hit]]:
         """Several queries at once on Anserini's own thread pool; answers in the queries' order."""
-        queries_list, ids = java_class("java.util.ArrayList")(), java_class("java.util.ArrayList")()
+        queries_list, ids = self._list(), self._list()
         for i, impacts in enumerate(queries):
             queries_list.add(self._query(impacts))
             ids.add(str(i))

@@ -1,13 +1,15 @@
 """Queries without torch (issue 40), before and after, side by side in one run: the CLI ``search`` wall time (text
 and image), the server's start, first query and memory, and the query encode p50 of torch against ONNX Runtime.
 
-"Before" is the torch path, forced with ``STAIR_QUERY_RUNTIME=torch`` (the model built with torch, as every query
-ran until now); "after" is the default (the shipped model's query bundle on ONNX Runtime). Both run on the same
-index, built here from scikit-image's sample photos (a few with captions, so ``auto`` adds the text route) with
-the default model, unless ``--index`` names one. Rounds alternate the two sides, so a slow spell of a shared
-machine hits both alike; medians are printed.
+Three sides: "before issue 40" is the code of the last commit before it (``--before``, extracted with ``git
+archive`` into a temporary folder and run from there: torch queries, and the text route through Pyserini's Python
+packages); "torch queries" is this code with the torch path forced (``STAIR_QUERY_RUNTIME=torch``: the model built
+with torch); "after" is this code as shipped (the query bundle on ONNX Runtime, the text route through Anserini's
+Java classes directly). All run on the same index, built here from scikit-image's sample photos (a few with
+captions, so ``auto`` adds the text route) with the default model, unless ``--index`` names one. Rounds alternate
+the sides, so a slow spell of a shared machine hits all alike; medians are printed.
 
-    python benchmarks/cli_startup.py [--index DIR] [--rounds 5] [--encode-rounds 60]
+    python benchmarks/cli_startup.py [--index DIR] [--rounds 5] [--encode-rounds 60] [--before REV|""]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,8 @@ from PIL import Image
 from stair_search import DEFAULT_MODEL
 from stair_search.data.photos import sample_dir
 
-SIDES = {"before (torch)": "torch", "after (ONNX Runtime)": "auto"}
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "1046a43"  # the last commit before issue 40's work (81999ba is its first)
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg",
           "hubble_deep_field.jpg", "color.png", "logo.png", "immunohistochemistry.png")
 CAPTIONS = {"chelsea.png": "a cat sitting on a rug", "coffee.png": "a cup of coffee",
@@ -51,31 +55,54 @@ def build_index(work: Path) -> Path:
             shutil.copy(sample_dir() / name, folder / name)
     for name, caption in CAPTIONS.items():
         (folder / name).with_suffix(".txt").write_text(caption)
-    subprocess.run([*CLI, "index", str(folder), "--out", str(work / "index"), "--workers", "0"], check=True)
+    subprocess.run([*CLI, "index", str(folder), "--out", str(work / "index"), "--workers", "0"], check=True, cwd=ROOT)
     return work / "index"
 
 
-def env_for(runtime: str) -> dict[str, str]:
-    return {**os.environ, "STAIR_QUERY_RUNTIME": runtime}
+@dataclass(frozen=True)
+class Side:
+    """One side of the comparison: the query runtime asked for and the source tree the processes run from."""
+
+    runtime: str
+    root: Path = ROOT
+
+    def run(self, args: list[str], **options) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], env=self.env(), cwd=self.root, **options)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "STAIR_QUERY_RUNTIME": self.runtime}
 
 
-def cli_seconds(index: Path, runtime: str, args: list[str]) -> float:
+def extract(revision: str, work: Path) -> Path:
+    """This repository's files at ``revision``, in a folder of ``work`` (``python -m`` there imports its packages)."""
+    folder = work / f"tree-{revision}"
+    folder.mkdir()
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def sides(before: str, work: Path) -> dict[str, Side]:
+    found = {f"before issue 40 ({before})": Side("torch", extract(before, work))} if before else {}
+    return found | {"torch queries (this code)": Side("torch"), "after (ONNX Runtime)": Side("auto")}
+
+
+def cli_seconds(index: Path, side: Side, args: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run([*CLI, "search", str(index), *args, "-k", "5", "--json"], env=env_for(runtime), check=True,
-                   capture_output=True)
+    side.run(["search", str(index), *args, "-k", "5", "--json"], check=True, capture_output=True)
     return time.perf_counter() - started
 
 
-def cli_table(index: Path, rounds: int) -> dict[str, dict[str, float]]:
+def cli_table(index: Path, compared: dict[str, Side], rounds: int) -> dict[str, dict[str, float]]:
     """Median wall seconds of a CLI search per side and query kind (a fresh process each: what a user waits)."""
     photo = str(sample_dir() / QUERY_IMAGE)
     kinds = {"text (auto: + text route)": [TEXT], "text, --mode hybrid (no Lucene)": [TEXT, "--mode", "hybrid"],
              "image": ["--image", photo]}
-    times: dict[str, dict[str, list[float]]] = {side: {kind: [] for kind in kinds} for side in SIDES}
+    times: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in kinds} for name in compared}
     for _ in range(rounds):
-        for side, runtime in SIDES.items():
+        for name, side in compared.items():
             for kind, args in kinds.items():
-                times[side][kind].append(cli_seconds(index, runtime, args))
+                times[name][kind].append(cli_seconds(index, side, args))
     return {side: {kind: statistics.median(v) for kind, v in by_kind.items()} for side, by_kind in times.items()}
 
 
@@ -115,12 +142,12 @@ def wait_ready(port: int, server: subprocess.Popen, timeout: float = 300) -> Non
     raise TimeoutError("the server did not get ready")
 
 
-def serve_figures(index: Path, runtime: str) -> dict[str, float]:
+def serve_figures(index: Path, side: Side) -> dict[str, float]:
     """Seconds to ready, the first text and image queries' seconds, and the process's RSS after each."""
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen([*CLI, "serve", str(index), "--port", str(port), "--log-level", "warning"],
-                              env=env_for(runtime), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=side.env(), cwd=side.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, server)
         ready = time.perf_counter() - started
@@ -190,18 +217,22 @@ def main() -> None:
     parser.add_argument("--index", type=Path, default=None, help="an index built with the default model")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--encode-rounds", type=int, default=60)
+    parser.add_argument("--before", default=BEFORE, help="the revision whose code is the 'before' side ('': none)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cli-startup-"))
-    index = args.index or build_index(work)
-    for runtime in SIDES.values():  # compiled bytecode, the bundle (exported once), the concept bank
-        cli_seconds(index, runtime, [TEXT])
-        cli_seconds(index, runtime, ["--image", str(sample_dir() / QUERY_IMAGE)])
-    print(markdown(f"CLI search wall time, median of {args.rounds} (s)", cli_table(index, args.rounds)), flush=True)
-    served = {side: serve_figures(index, runtime) for side, runtime in SIDES.items()}
-    print(markdown("Server: start, first queries, memory", served), flush=True)
-    print(markdown(f"Query encode p50, 1 thread, {args.encode_rounds} rounds (ms)", encode_p50(args.encode_rounds),
-                   digits=3), flush=True)
-    if args.index is None:
+    try:
+        index = args.index or build_index(work)
+        compared = sides(args.before, work)
+        for side in compared.values():  # compiled bytecode, the bundle (exported once), the concept bank
+            cli_seconds(index, side, [TEXT])
+            cli_seconds(index, side, ["--image", str(sample_dir() / QUERY_IMAGE)])
+        print(markdown(f"CLI search wall time, median of {args.rounds} (s)", cli_table(index, compared, args.rounds)),
+              flush=True)
+        served = {name: serve_figures(index, side) for name, side in compared.items()}
+        print(markdown("Server: start, first queries, memory", served), flush=True)
+        print(markdown(f"Query encode p50, 1 thread, {args.encode_rounds} rounds (ms)",
+                       encode_p50(args.encode_rounds), digits=3), flush=True)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -2,10 +2,15 @@
 
 Why a third route: users search the words they wrote ("Lesotho", "name badge"), which neither the model's
 sparse vector nor its embedding is guaranteed to carry. The text goes through Anserini's default analyzer
-(lower case, stop words, Porter stemming) into ``shards/<name>/text/``, written and searched through Pyserini
+(lower case, stop words, Porter stemming) into ``shards/<name>/text/``, written and searched through Anserini
 like the impact index, with document vectors stored so that a hit can say which of the query's words it
 matched. A shard none of whose documents has text gets no text index, and an index built before this route
 has none at all: its searches simply have no ``text`` route.
+
+The read side calls Anserini's Java classes from Pyserini's jar directly (the analyzer Pyserini's
+``get_lucene_analyzer()`` builds, ``AnalyzerUtils.analyze``, ``IndexReaderUtils.getDocumentVector``), as
+``lucene.py`` does for searching: importing Pyserini's Python packages for these three calls cost a query
+process seconds of imports (pandas, Pyserini's prebuilt-index tables), and the same calls give the same words.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stair_search.index.jvm import JAVA_CALLS, import_pyserini, java_class
+from stair_search.index.jvm import JAVA_CALLS, java_class
 from stair_search.index.lucene import BM25Searcher, lucene_errors
 
 TEXT_DIR = "text"
+STEMMER = "porter"  # Anserini's default English analyzer, as Pyserini's get_lucene_analyzer() builds it
 DEFAULT_TEXT_FIELDS = ("caption",)  # what a new index's text route holds unless the job names metadata fields
 MAX_TEXT_CHARS = 20_000  # per document: a caption, not a book
 
@@ -65,7 +71,7 @@ class TextShard:
 
     def __init__(self, folder: Path, count: int):
         self.folder, self.count = Path(folder), count
-        self._searcher = self._reader = self._analyzer = None
+        self._searcher = self._reader = self._analyzer = self._analyze = self._vector = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -76,11 +82,12 @@ class TextShard:
         if self._searcher is None:
             with self._lock, JAVA_CALLS:
                 if self._searcher is None:
-                    index = import_pyserini("pyserini.index.lucene")
-                    analysis = import_pyserini("pyserini.analysis")
                     with lucene_errors(self.folder):
-                        self._reader = index.LuceneIndexReader(str(self.folder))
-                    self._analyzer = analysis.Analyzer(analysis.get_lucene_analyzer())
+                        self._reader = java_class("io.anserini.index.IndexReaderUtils").getReader(str(self.folder))
+                    self._analyzer = java_class("io.anserini.analysis.DefaultEnglishAnalyzer").newStemmingInstance(
+                        STEMMER)
+                    self._analyze = java_class("io.anserini.analysis.AnalyzerUtils").analyze
+                    self._vector = java_class("io.anserini.index.IndexReaderUtils").getDocumentVector
                     self._searcher = BM25Searcher(self.folder)
 
     def search(self, text: str, k: int) -> list[tuple[int, float]]:
@@ -95,17 +102,30 @@ class TextShard:
         """The query's words as the index holds them (analyzed: lower case, no stop words, stemmed)."""
         self.open()
         with JAVA_CALLS:
-            return list(dict.fromkeys(self._analyzer.analyze(text or "")))
+            return list(dict.fromkeys(self._analyze(self._analyzer, text or "").toArray()))
 
     def matched(self, row: int, text: str) -> dict[str, int]:
         """The query's analyzed words that document ``row`` holds, with their counts in it."""
-        self.open()
+        terms = self.terms(text)
         with JAVA_CALLS:
-            vector = self._reader.get_document_vector(str(row)) or {}
-            return {term: int(vector[term]) for term in self.terms(text) if term in vector}
+            vector = self._document_vector(row)
+            counts = {term: vector.get(term) for term in terms} if vector is not None else {}
+        return {term: int(count) for term, count in counts.items() if count is not None}
+
+    def _document_vector(self, row: int):
+        """Document ``row``'s {word: count} Java map; None for a row the index does not hold, or (as Pyserini's
+        reader answers) for a document whose vector Lucene cannot give."""
+        from jnius import JavaException  # the JVM is up: open() started it
+
+        try:
+            return self._vector(self._reader, str(row))
+        except JavaException:
+            return None
 
     def close(self) -> None:
         with self._lock, JAVA_CALLS:
             if self._searcher is not None:
                 self._searcher.close()
-            self._searcher = self._reader = self._analyzer = None
+                self._reader.close()
+                self._analyzer.close()
+            self._searcher = self._reader = self._analyzer = self._analyze = self._vector = None

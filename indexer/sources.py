@@ -44,9 +44,10 @@ from stair_search.images import (
     too_large,
 )
 
-__all__ = ["DEFAULT_MAX_BYTES", "IMAGE_SUFFIXES", "OTHER_IMAGE_SUFFIXES", "FolderEntry", "Item", "NotRead",
-           "SourceOptions", "check", "describe", "expand_braces", "folder_entries", "image_files", "iter_items",
-           "looks_like_image", "plain_metadata", "printable", "read_file", "too_large"]
+__all__ = ["DEFAULT_MAX_BYTES", "FILE_FIELDS", "IMAGE_SUFFIXES", "OTHER_IMAGE_SUFFIXES", "FolderEntry", "Item",
+           "NotRead", "SourceOptions", "check", "describe", "expand_braces", "file_metadata",
+           "folder_entries", "image_files", "iter_items", "looks_like_image", "plain_metadata", "printable",
+           "read_file", "too_large"]
 
 # HEIC/HEIF (what iPhones save) is read through pillow-heif, a dependency of the default install.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
@@ -55,6 +56,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 # no wheel).
 OTHER_IMAGE_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
                         ".rw2", ".raf"}
+FILE_FIELDS = ("folder", "size", "modified")  # a folder source's metadata of each file (file_metadata)
 MAX_CAPTION_BYTES = 64 * 1024  # a sidecar caption file longer than this is not a caption
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # one image file / tar member / bytes cell; read no further than this
 # Magic numbers of the formats PIL decodes most often: files without an image suffix are sniffed.
@@ -271,7 +273,25 @@ def _folder(spec: str, options: SourceOptions, max_bytes: int) -> Iterator[Item]
             item.path, item.problem = None, entry.problem
         else:
             item.caption = _sidecar_caption(path)
+            item.metadata = file_metadata(path, root)
         yield item
+
+
+def file_metadata(path: Path, root: Path) -> dict[str, Any]:
+    """A folder source's metadata of one file: ``folder`` (its folder relative to the source and every folder
+    above it, so that ``folder=Pets`` keeps ``Pets/cat.jpg`` and ``Pets/Cats/tom.jpg``; ``.`` for the source's
+    own files), ``size`` in bytes and ``modified`` (UTC, ISO 8601 to the second, so date filters and
+    :mod:`indexer.sync`'s change check both read it). A file that cannot be stat'ed gets ``folder`` only: the
+    decoder reports it."""
+    parts = path.relative_to(root).parts[:-1]
+    metadata: dict[str, Any] = {"folder": ["/".join(printable(p) for p in parts[: i + 1])
+                                           for i in range(len(parts))] or ["."]}
+    try:
+        stat = path.stat()
+    except OSError:
+        return metadata
+    modified = datetime.datetime.fromtimestamp(int(stat.st_mtime), datetime.UTC)
+    return {**metadata, "size": int(stat.st_size), "modified": modified.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _sidecar_caption(image: Path) -> str:

@@ -26,11 +26,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.endpoints import documents, operations, page, search
+from server.errors import error_answer
 from server.imaging import ImageRejected
 from server.limits import BodySizeLimit
 from server.metrics import MetricsMiddleware
 from server.registry import IndexRegistry
-from server.requests import validation_answer
 from server.schemas import BatchSearchRequest, ClassifyRequest, SearchRequest
 from server.settings import ServerSettings
 from server.state import ServiceState
@@ -87,36 +87,22 @@ def create_app(indexes: IndexRegistry | Mapping[str, str | Path], settings: Serv
 
 
 def add_error_handlers(app: FastAPI, state: ServiceState) -> None:
-    """Every error the routes raise, as bounded JSON: no index folder, no long echo of what the client sent."""
+    """Every error the routes raise, as bounded JSON (server/errors.py): no index folder, no long echo of what the
+    client sent. Validation errors (query parameters: FastAPI's check; bodies: server/requests.py) are one line
+    naming the field; a damaged index file is a 503 naming the file, and the server and its other indexes go on;
+    a cluster shard none of whose copies answers is a 503, never a silently smaller answer."""
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        """Query parameters (FastAPI's check) and bodies (server/requests.py): one line naming the field."""
-        return JSONResponse(validation_answer(exc.errors()), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code in (204, 304) or exc.status_code < 200:
+    async def answer(_: Request, exc: Exception) -> Response:
+        if isinstance(exc, StarletteHTTPException) and (exc.status_code in (204, 304) or exc.status_code < 200):
             return Response(status_code=exc.status_code, headers=exc.headers)
-        return JSONResponse({"detail": state.public(str(exc.detail))}, status_code=exc.status_code,
-                            headers=exc.headers)
+        known = error_answer(exc, state.public)
+        if known is None:
+            raise exc
+        status, body, headers = known
+        return JSONResponse(body, status_code=status, headers=headers or None)
 
-    @app.exception_handler(ImageRejected)
-    async def image_rejected(_: Request, exc: ImageRejected) -> JSONResponse:
-        return JSONResponse({"detail": state.public(str(exc))}, status_code=exc.status)
-
-    @app.exception_handler(DamagedIndexError)
-    async def damaged_index(_: Request, exc: DamagedIndexError) -> JSONResponse:
-        """An index file damaged or changed under the server: that index answers 503 naming the file (the
-        message names the shard and the file), the server and its other indexes go on."""
-        return JSONResponse({"detail": state.public(str(exc), any_path=True)}, status_code=503)
-
-    @app.exception_handler(ShardUnavailable)
-    async def shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
-        """A cluster shard none of whose copies answers: never a silently smaller answer."""
-        return JSONResponse({"detail": state.public(f"{exc}; retry later, or ask for a partial answer with "
-                                                    f"\"partial\": true"),
-                             "missing_shards": [exc.shard]}, status_code=503)
+    for kind in (RequestValidationError, StarletteHTTPException, ImageRejected, DamagedIndexError, ShardUnavailable):
+        app.add_exception_handler(kind, answer)
 
 
 def openapi_document(app: FastAPI) -> dict:

@@ -176,8 +176,27 @@ class BatchSearchRequest(BaseModel):
     requests: list[SearchRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class BatchRequests(BaseModel):
+    """A batch as it is parsed: the envelope checked, each search left raw, so that a search the schema refuses
+    is that search's own 422 (:class:`BatchSearchRequest` is what the API documents)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchError(BaseModel):
+    """A search of a batch that failed: the status and the body it would have had on its own."""
+
+    status: int = Field(description="The HTTP status this search alone would have answered with.")
+    detail: str
+    errors: list[dict[str, Any]] | None = Field(None, description="Validation errors, as a 422 lists them.")
+    missing_shards: list[str] | None = None
+
+
 class BatchSearchResult(BaseModel):
-    results: list[SearchResult]
+    results: list[SearchResult | BatchError] = Field(description="One per search, in order: its result, or "
+                                                     "its error (a failed search fails only itself).")
 
 
 class ClassifyRequest(BaseModel):

@@ -30,7 +30,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from indexer.decode import DecodeLimits, decode
-from indexer.sources import Item
+from indexer.sources import FILE_FIELDS, Item
 from server import IndexRegistry, ServerSettings, create_app
 from server.imaging import make_thumbnail, open_query_image, stored_decode
 from stair_search.cli import app
@@ -235,15 +235,21 @@ def test_heic_photos_are_indexed_and_found(library, library_index, tiny_encoder,
 
 # --------------------------------------------------------------------------------------------------- EXIF
 
+def exif(document: dict) -> dict:
+    """A document's metadata read from its EXIF: without the folder source's own fields (folder, size, modified)."""
+    return {k: v for k, v in document["metadata"].items() if k not in FILE_FIELDS}
+
+
 def test_exif_fields_are_stored_as_metadata(documents):
-    assert documents["paris.jpg"]["metadata"] == {"taken_at": "2019-06-15T18:05:00+02:00",
+    assert exif(documents["paris.jpg"]) == {"taken_at": "2019-06-15T18:05:00+02:00",
                                                   "camera": "Canon EOS 5D Mark IV",
                                                   "latitude": 48.85837, "longitude": 2.294481}
     assert documents["paris.jpg"]["width"] == 4000  # as the file declares it, not as it was decoded
-    assert documents["rome.jpg"]["metadata"] == {"taken_at": "2019-07-02T09:30:00", "camera": "NIKON D750",
+    assert exif(documents["rome.jpg"]) == {"taken_at": "2019-07-02T09:30:00", "camera": "NIKON D750",
                                                  "latitude": 41.89021, "longitude": 12.492231}
-    assert documents["old.jpg"]["metadata"] == {"taken_at": "2018-12-24T20:00:00-05:00", "camera": "Apple iPhone 12"}
-    assert documents["circle.png"]["metadata"] == {}
+    assert exif(documents["old.jpg"]) == {"taken_at": "2018-12-24T20:00:00-05:00", "camera": "Apple iPhone 12"}
+    assert exif(documents["circle.png"]) == {}
+    assert documents["circle.png"]["metadata"]["folder"] == ["."]
 
 
 def test_gps_is_kept_only_when_asked_for(library):
@@ -259,7 +265,7 @@ def test_gps_is_kept_only_when_asked_for(library):
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_exif_leaves_its_field_out_and_never_stops_a_job(documents, library, name):
     expected = HOSTILE[name][1]
-    assert documents[name]["metadata"] == expected  # indexed, with only the sound fields
+    assert exif(documents[name]) == expected  # indexed, with only the sound fields
     decoded = decode(Item(id=name, source=name, data=(library["folder"] / name).read_bytes()), 0,
                      lambda image: image, DecodeLimits(exif="gps"))
     assert decoded.skip_reason is None and decoded.metadata == expected

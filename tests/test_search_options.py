@@ -181,9 +181,16 @@ def test_http_takes_like_vector_sparse_and_batches(registry_client, router):
     single = registry_client.post("/search", json={"query": "a red circle", "mode": "dense", "k": 2}).json()
     assert [[h["id"] for h in r["hits"]] for r in batch["results"]] == [
         [h["id"] for h in single["hits"]], [h["id"] for h in like["hits"][:2]], ["doc-007", "doc-150"]]
-    failing = registry_client.post("/search/batch", json={"requests": [{"query": "red", "mode": "dense"},
-                                                                       {"like": "nope"}]})
-    assert failing.status_code == 404
+    failing = registry_client.post("/search/batch", json={"requests": [
+        {"query": "red", "mode": "dense"}, {"like": "nope"}, {"query": "red", "filters": {"nope": 1}},
+        {"query": "red", "k": -5}, {"query": "red", "index": "absent"}, {"query": "red", "mode": "dense", "k": 1}]})
+    assert failing.status_code == 200  # each search fails alone, with what it would have answered alone
+    results = failing.json()["results"]
+    assert [r.get("status") for r in results] == [None, 404, 422, 422, 404, None]
+    assert results[1]["detail"] == registry_client.post("/search", json={"like": "nope"}).json()["detail"]
+    assert results[2]["detail"].startswith("filters: unknown filter field(s) ['nope']")
+    assert results[3]["detail"].startswith("field 'k'") and results[3]["errors"][0]["loc"] == ["body", "k"]
+    assert [h["id"] for h in results[5]["hits"]] == [h["id"] for h in results[0]["hits"][:1]]
     assert registry_client.post("/search", json={"query": "red", "mode": "dense"}).status_code == 200  # no lease lost
 
 

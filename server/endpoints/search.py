@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import ValidationError
 
+from server.errors import error_answer
 from server.imaging import decode_base64, fetch_image_url, open_query_image
 from server.metrics import Metrics
 from server.registry import IndexVersion
-from server.requests import body_doc, parse_body
+from server.requests import as_request_error, body_doc, parse_body
 from server.schemas import (
-    BatchSearchRequest,
+    BatchError,
+    BatchRequests,
     BatchSearchResult,
     ClassifyRequest,
     ClassifyResult,
@@ -24,7 +28,7 @@ from server.schemas import (
     SearchRequest,
     SearchResult,
 )
-from server.state import State, authorized, document_url, no_document, thumbnail_url
+from server.state import ServiceState, State, authorized, document_url, no_document, thumbnail_url
 from stair_search.index import DamagedIndexError
 from stair_search.query.filters import FilterError
 from stair_search.query.wordnet import WordNetMissing
@@ -58,36 +62,79 @@ async def search(state: State, request: Request) -> SearchResult:
 @router.post("/search/batch", response_model=BatchSearchResult,
              openapi_extra={"requestBody": body_doc("BatchSearchRequest", multipart=False)})
 async def search_batch(state: State, request: Request) -> BatchSearchResult:
-    """Up to 32 searches (each a /search JSON body) in one request, answered in order, on one worker."""
-    limits = state.limits
-    body, _ = await parse_body(request, BatchSearchRequest, limits.max_image_bytes, multipart=False)
-    if any(r.image_url is not None for r in body.requests):
-        raise HTTPException(422, "a batch takes images as base64 'image' only; send image_url queries to /search")
-    images = [open_query_image(decode_base64(r.image, limits.max_image_bytes), limits.max_image_bytes,
-                               limits.max_image_pixels) if r.image else None for r in body.requests]
+    """Up to 32 searches (each a /search JSON body) in one request, answered in order, on one worker. A search
+    that fails (a field the schema refuses, an unknown index or filter field, a bad image) gets its own error in
+    its place, with the status and detail it would have had alone; the others get their hits."""
+    body, _ = await parse_body(request, BatchRequests, state.limits.max_image_bytes, multipart=False)
+    prepared = [_prepared(state, raw) for raw in body.requests]
     state.refuse_when_busy("search")
-    versions: list[IndexVersion] = []
+    leased: list[Leased | BatchError] = []
     try:
-        for request in body.requests:
-            versions.append(state.checkout(request.index))
+        for item in prepared:
+            leased.append(item if isinstance(item, BatchError) else _leased(state, *item))
     except BaseException:
-        for version in versions:
-            version.release()
+        _release(leased)
         raise
 
     def run() -> BatchSearchResult:
-        pending = list(zip(versions, body.requests, images, strict=True))
-        results = []
+        results: list[SearchResult | BatchError] = []
         try:
-            while pending:
-                version, request, image = pending.pop(0)
-                results.append(run_search(version, request, image, state.metrics))  # releases its version
+            while leased:
+                item = leased.pop(0)
+                if isinstance(item, BatchError):
+                    results.append(item)
+                    continue
+                try:
+                    results.append(run_search(*item, state.metrics))  # releases its version
+                except Exception as exc:  # batch_error re-raises what is not the client's
+                    results.append(batch_error(exc, state))
         finally:
-            for version, _, _ in pending:  # a failed search: the leases of those after it
-                version.release()
+            _release(leased)  # a search failing with a bug: the leases of those after it
         return BatchSearchResult(results=results)
 
     return await state.run_limited(run, "search")
+
+
+Leased = tuple[IndexVersion, SearchRequest, Any]  # a batch's search, ready: its index version, body and image
+
+
+def _prepared(state: ServiceState, raw: Any) -> tuple[SearchRequest, Any] | BatchError:
+    """One raw search of a batch -> its validated body and decoded image, or its error."""
+    limits = state.limits
+    try:
+        try:
+            search = SearchRequest.model_validate_json(json.dumps(raw))  # JSON mode, as /search validates
+        except ValidationError as exc:
+            raise as_request_error(exc) from None
+        if search.image_url is not None:
+            raise HTTPException(422, "a batch takes images as base64 'image' only; send image_url queries to /search")
+        image = open_query_image(decode_base64(search.image, limits.max_image_bytes), limits.max_image_bytes,
+                                 limits.max_image_pixels) if search.image else None
+    except Exception as exc:  # batch_error re-raises what is not the client's
+        return batch_error(exc, state)
+    return search, image
+
+
+def _leased(state: ServiceState, search: SearchRequest, image: Any) -> Leased | BatchError:
+    try:
+        return state.checkout(search.index), search, image
+    except HTTPException as exc:  # no such index, or not loaded
+        return batch_error(exc, state)
+
+
+def _release(items: list[Leased | BatchError]) -> None:
+    for item in items:
+        if not isinstance(item, BatchError):
+            item[0].release()
+
+
+def batch_error(exc: Exception, state: ServiceState) -> BatchError:
+    """A batch's failed search as its place in the answer (server/errors.py); an error that is a bug re-raised."""
+    known = error_answer(exc, state.public)
+    if known is None:
+        raise exc
+    status, body, _ = known
+    return BatchError(status=status, **body)
 
 
 @router.post("/classify", response_model=ClassifyResult, openapi_extra={"requestBody": body_doc("ClassifyRequest")})

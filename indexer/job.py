@@ -27,10 +27,11 @@ import torch
 
 from indexer.decode import DEFAULT_MAX_PIXELS, EXIF_BASIC, DecodeLimits
 from indexer.embeddings import EmbeddingSource, check_embeddings_model, collection_bank, embedding_chunks, open_source
-from indexer.journal import Chunk, JobDir, JournalState, job_dir_for, job_key
+from indexer.journal import Chunk, JobDir, JournalState, Skip, job_dir_for, job_key
 from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
 from indexer.report import JobProgress, JobSummary
 from indexer.sources import DEFAULT_MAX_BYTES, Item, SourceOptions, check, iter_items
+from indexer.sync import SyncPlan, plan_sync
 from stair_search import DEFAULT_MODEL
 from stair_search.atomic import reporting_full_disk
 from stair_search.encode import Encoder
@@ -61,6 +62,8 @@ class IndexJob:
     ``vector_column`` names a parquet's vector column), indexed without decoding an image. ``exif``: the photo
     fields read from EXIF into each document's metadata:
     ``basic`` (``taken_at``, ``camera``), ``gps`` (those and ``latitude`` / ``longitude``) or ``none``.
+    ``sync``: make the index match the source in one published version (indexer/sync.py: new items indexed,
+    gone ones deleted, changed ones indexed again under their ids; nothing published when nothing changed).
     """
 
     source: str | Path
@@ -87,6 +90,7 @@ class IndexJob:
     merge: bool | None = None  # apply the index's merge policy once published (None: as its manifest says)
     embeddings: bool = False
     vector_column: str | None = None
+    sync: bool = False
 
     def __post_init__(self) -> None:
         DecodeLimits(exif=self.exif)  # a ValueError naming the choices before anything loads
@@ -100,6 +104,9 @@ class IndexJob:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be 0 (decode in the job's process) or more, got {self.workers}")
+        if self.sync and (self.overwrite or self.embeddings or self.options.hash_ids):
+            raise ValueError("sync keeps an index in step with an image source by id: it does not combine with "
+                             "overwrite, embeddings or hash_ids (drop those options)")
 
 
 def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None = None) -> JobSummary:
@@ -129,6 +136,9 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
     if embedded is not None:  # an image job's key is unchanged
         check_embeddings_model(embedded, encoder, job.model)
         identity["embeddings"] = {"vector_column": job.vector_column}
+    if job.sync:
+        identity["sync"] = True
+        append = True  # onto the index when there is one; a new index otherwise
     key = job_key(**identity)
     job_dir = JobDir(job_dir_for(out, key), identity)
     with reporting_full_disk(out.parent, f"indexing into {out}", f"the job resumes from its spool, and the index at "
@@ -136,10 +146,17 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
         finish_interrupted_publish(out)  # a kill during an earlier publish (this job's or another's)
         journal = job_dir.read_journal() if resume else JournalState()
         if journal.complete and _published(out, journal):  # a kill came after publishing, before the cleanup
-            return _finish(job_dir, journal, Manifest.load(out), started, 0, 0, out)
+            summary = _finish(job_dir, journal, Manifest.load(out), started, 0, 0, out)
+            summary.finished_earlier_run = True
+            summary.skipped = _problems(summary.skipped) if job.sync else summary.skipped
+            return summary
         if resume and not (append or overwrite) and _built_by(out, key):
             return JobSummary(manifest=Manifest.load(out), indexed=0, seconds=time.perf_counter() - started,
                               already_complete=True)
+        plan = plan_sync(str(source), options, out, max_bytes) if job.sync else None
+        if plan is not None and plan.nothing_to_do and (out / MANIFEST).is_file() and not job_dir.holds_work():
+            return JobSummary(manifest=Manifest.load(out), indexed=0, seconds=time.perf_counter() - started,
+                              sync=plan)
         with IndexWriter(out, encoder.record, append=append, overwrite=overwrite, shard_size=shard_size,
                          dense_spec=DenseSpec(dense) if dense else None, build_dir=job_dir.build_dir,
                          resumed=journal.shards, lock=lock, text_fields=text_fields, merge=job.merge) as writer:
@@ -147,19 +164,25 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
             try:
                 job_run = _JobRun(job_dir, state, writer)
                 if not state.complete:
-                    existing = set(IndexReader(out).ids()) if writer.appending else set()
+                    existing = set(plan.unchanged) if plan else set(IndexReader(out).ids()) if writer.appending \
+                        else set()
                     if embedded is not None:
                         _index_embeddings(job_run, embedded, encoder, batch_size, existing, progress)
                     else:
                         _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner,
                                        ray_address, limits, existing, progress)
-                _check_something_usable(job_dir, state, source)
-                manifest = writer.commit(state.skipped, job=key, merge=False)
+                if plan is None:
+                    manifest = _commit(writer, job_dir, state, source, key)
+                else:
+                    manifest = _commit_sync(writer, state, plan, key)
             except BaseException:
                 # keep a spool that holds work: the next run with the same arguments continues from it
                 job_dir.close() if job_dir.holds_work() else job_dir.remove()
                 raise
         summary = _finish(job_dir, state, manifest, started, job_run.encoded_now, job_run.resumed_from, out)
+        summary.sync = plan
+        if plan is not None:
+            summary.skipped = _problems(state.skipped)
         summary.manifest = writer.apply_policy()  # after the journal is gone: a rerun never looks for its shards
     return summary
 
@@ -260,6 +283,29 @@ class _JobRun:
         self.job.write_journal(self.state)
         self.job.drop_chunks(self.state.last_chunk)
         self.pending = []
+
+
+def _commit(writer: IndexWriter, job_dir: JobDir, state: JournalState, source: str | Path, key: str) -> Manifest:
+    _check_something_usable(job_dir, state, source)
+    return writer.commit(state.skipped, job=key, merge=False)
+
+
+def _commit_sync(writer: IndexWriter, state: JournalState, plan: SyncPlan, key: str) -> Manifest:
+    """The sync's deletions with its new shards, in one published version; its report says what is unreadable
+    now (the unchanged items it skipped are not problems)."""
+    if plan.deletions and not plan.unchanged and not state.shards:
+        raise ValueError(f"the source holds no readable image now, and a sync would delete all {len(plan.deletions)} "
+                         f"documents of the index: check the source is mounted and readable (or delete them with "
+                         f"`stair-search delete`, or rebuild with --overwrite)")
+    if plan.deletions:
+        writer.delete(plan.deletions)
+    if not writer.appending and not state.shards:
+        raise ValueError(f"Nothing to index: {len(state.skipped)} item(s) found, none readable.")
+    return writer.commit(_problems(state.skipped), job=key, merge=False, keep_report=False)
+
+
+def _problems(skipped: Sequence[Skip]) -> list[Skip]:
+    return [s for s in skipped if s[2] != ALREADY_INDEXED]
 
 
 def _check_something_usable(job: JobDir, state: JournalState, source: str | Path) -> None:

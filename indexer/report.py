@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from indexer import sources
+from indexer.sync import SyncPlan
 from stair_search.index import Manifest
 from stair_search.index.skipped import Skip
 
@@ -28,6 +29,8 @@ class JobSummary:
     resumed_from: int = 0  # source position this run started at (0: a fresh job)
     report: Path | None = None  # where skipped.parquet was written
     already_complete: bool = False  # this same job (source, options, model) had already built the index
+    sync: SyncPlan | None = None  # what a sync found changed (indexer/sync.py)
+    finished_earlier_run: bool = False  # an earlier run of this job was stopped after publishing: cleaned up now
 
     def reasons(self) -> Counter:
         """Skips by reason; details after a colon (an exception text) are folded into their kind."""
@@ -37,10 +40,16 @@ class JobSummary:
         if self.already_complete:
             return ("already complete: this job (same source, options and model) built the index; nothing to do "
                     "(--append adds new images, --overwrite rebuilds)")
+        if self.sync is not None and self.sync.nothing_to_do:
+            return f"{self.sync.describe()}: the index is in step with the source, nothing published"
         rate = self.encoded_now / max(self.seconds, 1e-9)
         text = f"indexed {self.indexed} in {self.seconds:.1f} s ({rate:.1f} images/s)"
+        if self.sync is not None:
+            text = f"{self.sync.describe()}; {text}"
         if self.resumed_from:
             text += f", resumed at item {self.resumed_from}"
+        if self.finished_earlier_run:
+            text += " (by an earlier run of this command, stopped before it had cleaned up: finished now)"
         if self.skipped:
             text += f", skipped {len(self.skipped)}: " + ", ".join(f"{n} {r}" for r, n in self.reasons().items())
             text += f" (listed in {self.report})" if self.report else ""

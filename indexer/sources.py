@@ -88,6 +88,7 @@ class SourceOptions:
     caption_column: str | None = None
     metadata_columns: Sequence[str] = ()
     hash_ids: bool = False  # id = sha1 of the image bytes (same image twice -> one document)
+    checksum: bool = False  # metadata "sha1" = sha1 of the image bytes (what a --checksum sync compares)
 
 
 def looks_like_image(path: Path) -> bool:
@@ -192,10 +193,12 @@ def iter_items(spec: str, options: SourceOptions | None = None, max_bytes: int =
     kind = describe(spec)
     readers = {"folder": _folder, "parquet": _parquet, "webdataset": _webdataset, "list": _list}
     items = readers[kind](spec, options, max_bytes)
-    return _hashed(items, max_bytes) if options.hash_ids else items
+    return _hashed(items, max_bytes, options) if options.hash_ids or options.checksum else items
 
 
-def _hashed(items: Iterator[Item], max_bytes: int) -> Iterator[Item]:
+def _hashed(items: Iterator[Item], max_bytes: int, options: SourceOptions) -> Iterator[Item]:
+    """The SHA-1 of each item's image bytes as its id (``hash_ids``) and/or its ``sha1`` metadata field
+    (``checksum``: what ``--sync --checksum`` compares)."""
     for item in items:
         data = item.data
         if item.problem is None and data is None and item.path:
@@ -205,7 +208,11 @@ def _hashed(items: Iterator[Item], max_bytes: int) -> Iterator[Item]:
                 yield item  # the decoder reports why it cannot be read
                 continue
         if data is not None:
-            item.id = hashlib.sha1(data).hexdigest()
+            digest = hashlib.sha1(data).hexdigest()
+            if options.hash_ids:
+                item.id = digest
+            if options.checksum:
+                item.metadata = {**item.metadata, "sha1": digest}
         yield item
 
 

@@ -73,6 +73,11 @@ def index(
     append: Annotated[bool, typer.Option(help="Add new shards to an existing index.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (default min(4, cores); 0: inline).")]
+    sync: Annotated[bool, typer.Option(help="Make the index match SOURCE in one version: index new images, delete "
+                                            "those gone, index changed ones again (a folder's by size and "
+                                            "modification time).")] = False,
+    checksum: Annotated[bool, typer.Option(help="Record each image's SHA-1 (metadata 'sha1'); --sync compares it "
+                                                "instead of size and time (reads every file).")] = False,
     = None,
     runner: Annotated[str, typer.Option(help="local | ray")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (--runner ray; default: local).")]
@@ -112,13 +117,13 @@ def index(
 
     options = SourceOptions(id_column=id_column, path_column=path_column, bytes_column=bytes_column,
                             caption_column=caption_column, metadata_columns=tuple(metadata_column or ()),
-                            hash_ids=hash_ids)
+                            hash_ids=hash_ids, checksum=checksum)
     limits = {k: v for k, v in {"max_pixels": max_pixels, "max_bytes": max_bytes}.items() if v}
     job = indexer.IndexJob(source, out, model=model, pretrained=pretrained, batch_size=batch_size,
                            shard_size=shard_size, dense=dense, append=append, overwrite=overwrite, workers=workers,
                            runner=runner, ray_address=ray_address, resume=resume, options=options, wait=wait,
                            text_fields=[f.strip() for f in text_fields.split(",") if f.strip()] or None,
-                           exif=exif, embeddings=embeddings, vector_column=vector_column, **limits)
+                           exif=exif, embeddings=embeddings, vector_column=vector_column, sync=sync, **limits)
     summary = indexer.run(replace(job, merge=merge))
     typer.echo(f"{out}: {summary.describe()}; the index holds {summary.manifest.count} documents in "
                f"{len(summary.manifest.shards)} shard(s)")

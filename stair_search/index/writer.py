@@ -259,16 +259,18 @@ class IndexWriter:
 
     # ------------------------------------------------------------------------------------------ publishing
 
-    def commit(self, skipped: Sequence[Skip] = (), job: str | None = None, merge: bool = True) -> Manifest:
+    def commit(self, skipped: Sequence[Skip] = (), job: str | None = None, merge: bool = True,
+               keep_report: bool = True) -> Manifest:
         """Publish everything (index/publish.py: the new shards moved in, then the manifest replaced in one rename)
-        and release the lock. ``skipped``: items a job could not index, kept in the index's ``skipped.parquet``;
-        ``job``: the key of the job that wrote them; ``merge``: apply the merge policy now (a job does it itself,
-        :meth:`apply_policy`, once its journal is gone)."""
+        and release the lock. ``skipped``: items a job could not index, kept in the index's ``skipped.parquet``
+        (after its earlier rows; ``keep_report=False``: in their place, as a sync's report says what is unreadable
+        now); ``job``: the key of the job that wrote them; ``merge``: apply the merge policy now (a job does it
+        itself, :meth:`apply_policy`, once its journal is gone)."""
         self.flush()
         if job and job not in self.manifest.jobs:
             self.manifest.jobs.append(job)
         try:
-            self._publish(skipped)
+            self._publish(skipped, keep_report)
             if self._own_build:
                 shutil.rmtree(self.build_dir, ignore_errors=True)
             self.committed = True
@@ -295,7 +297,7 @@ class IndexWriter:
             self.manifest = merger.commit()
         return self.manifest
 
-    def _publish(self, skipped: Sequence[Skip]) -> None:
+    def _publish(self, skipped: Sequence[Skip], keep_report: bool = True) -> None:
         """What the new manifest no longer names (shards an overwrite replaced, tombstones a delete replaced) is
         retired, not removed: a reader that resolved the previous manifest a moment ago (a search, a cluster's
         shard replica starting now) can still open it (see index/publish.py)."""
@@ -304,7 +306,7 @@ class IndexWriter:
         known = {s.name for s in self.manifest.shards} if self.appending else set()
         new = [s for s in self.written if s.name not in known]  # known: published by an earlier, killed run
         moves: list[Move] = [(s.path(self.build_dir), s.path(self.index_dir)) for s in new]
-        report_moves, removals = self._stage_report(skipped)
+        report_moves, removals = self._stage_report(skipped, keep_report)
         self.manifest.shards = self._shards_after(new)
         if (new or report_moves or removals or self._new_tombstones or self._replacing or self.settings_changed
                 or not self.appending):
@@ -325,17 +327,20 @@ class IndexWriter:
                 shards.append(shard)
         return [*shards, *(s for s in new if s.name not in placed)]
 
-    def _stage_report(self, skipped: Sequence[Skip]) -> tuple[list[Move], list[Path]]:
+    def _stage_report(self, skipped: Sequence[Skip], keep_report: bool) -> tuple[list[Move], list[Path]]:
         """The index's next ``skipped.parquet``, written in the build folder to be moved in with the shards (an
-        append's keeps the earlier rows); an overwrite without skips drops the old report."""
+        append's keeps the earlier rows unless ``keep_report`` is off); an overwrite (or a sync) without skips
+        drops the old report, and a report that would not change is not written again."""
         target = self.index_dir / SKIPPED_REPORT
-        rows = [tuple(s) for s in skipped]
-        if rows and self.appending and target.is_file():
-            rows = [(r["id"], r["source"], r["reason"]) for r in pq.read_table(target).to_pylist()] + rows
+        earlier = [(r["id"], r["source"], r["reason"]) for r in pq.read_table(target).to_pylist()] \
+            if self.appending and target.is_file() else []
+        rows = list(dict.fromkeys([*(earlier if keep_report else []), *(tuple(s) for s in skipped)]))
+        if self.appending and rows == earlier:
+            return [], []
         if rows:
             self.build_dir.mkdir(parents=True, exist_ok=True)
-            return [(write_skipped_report(self.build_dir, list(dict.fromkeys(rows))), target)], []
-        return [], [target] if not self.appending and target.exists() else []
+            return [(write_skipped_report(self.build_dir, rows), target)], []
+        return [], [target] if target.exists() else []
 
     def abort(self) -> None:
         """Give up: nothing is published; this writer's unpublished files go (a job keeps its own build folder)."""

@@ -505,10 +505,10 @@ def serve(
                                                    "published index (0: never).")] = 2.0,
     model: Annotated[str | None, typer.Option(help="Override the model recorded in the index.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
-    max_body_bytes: Annotated[int | None, typer.Option(help="Largest request body; 413 above (default 8 MiB).")]
+    max_body_bytes: Annotated[int | None, typer.Option(help="Largest request body; 413 above (default 34 MiB).")]
     = None,
     max_image_bytes: Annotated[int | None, typer.Option(help="Largest query image after base64 decoding; 413 above "
-                                                        "(default 5 MiB).")] = None,
+                                                        "(default 24 MiB).")] = None,
     max_image_pixels: Annotated[int | None, typer.Option(help="Largest query image width x height; 413 above "
                                                          "(default 16000000).")] = None,
     search_timeout: Annotated[float | None, typer.Option(help="Seconds before a search answers 504 (default 20).")]

@@ -48,14 +48,16 @@ class FileIdentity:
     def check(self, owner: str) -> None:
         """Raise FileChangedError (naming ``owner``, e.g. the shard, and the file) if the file changed."""
         try:
-            now = FileIdentity.of(self.path)
+            now = os.stat(self.path)  # compared field by field: this runs before every read of every map
         except OSError as exc:
             raise FileChangedError(f"{owner}: {self.path.name} is gone since it was opened ({exc.strerror}); "
                                    f"restore the index's files or publish it again") from None
-        if now != self:
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (self.device, self.inode, self.size,
+                                                                      self.modified_ns):
             raise FileChangedError(f"{owner}: {self.path.name} changed in place since it was opened (size "
-                                   f"{now.size} bytes, was {self.size}); restore the file or publish the index "
-                                   f"again (stair-search index ... --overwrite); nothing of it is read until then")
+                                   f"{now.st_size} bytes, was {self.size}); restore the file or publish the "
+                                   f"index again (stair-search index ... --overwrite); nothing of it is read "
+                                   f"until then")
 
 
 def identities(paths: list[Path]) -> list[FileIdentity]:

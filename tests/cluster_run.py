@@ -294,8 +294,9 @@ def update_under_load(remote: Any, spec: dict) -> dict:
 
     options = SourceOptions(id_column="id", path_column="image_path", caption_column="caption",
                             metadata_columns=("colour", "shape", "background", "n"))
+    # merge=False: a new shard to roll out (the merge policy would merge the index's shards, smaller than its floor)
     job = indexer.IndexJob(spec["append_source"], spec["index"], model=spec["model"], append=True, workers=0,
-                           options=options)
+                           options=options, merge=False)
     indexer.run(job, progress=False)
     deleted = delete_documents(spec["index"], [spec["delete_id"]]).deleted
     swapped = wait_for(lambda: remote.post("/search", json={"like": spec["appended_id"]}).status_code == 200

@@ -28,6 +28,7 @@ from stair_search.index.compact import (
     read_policy,
     set_merge_policy,
 )
+from stair_search.index.dense import DenseShard, DenseSpec
 from stair_search.index.layout import MANIFEST, TOMBSTONE_PREFIX
 from stair_search.index.manifest import ShardInfo
 from stair_search.index.publish import INTENT_FILE
@@ -179,17 +180,19 @@ def synthetic(encoder: Any, prefix: str, count: int, seed: int) -> tuple[list[Fe
     return records, dense, to_csr(sparse, record.vocabulary, DEFAULT_SCALE)
 
 
-def append(out: Path, encoder: Any, prefix: str, count: int, seed: int, merge: bool | None = None) -> Manifest:
+def append(out: Path, encoder: Any, prefix: str, count: int, seed: int, merge: bool | None = None,
+           dense_spec: DenseSpec | None = None) -> Manifest:
     records, dense, csr = synthetic(encoder, prefix, count, seed)
-    with IndexWriter(out, encoder.record, append=True, text_fields=None, merge=merge) as writer:
+    with IndexWriter(out, encoder.record, append=True, text_fields=None, merge=merge,
+                     dense_spec=dense_spec) as writer:
         writer.add_quantised(records, dense, csr)
         return writer.commit()
 
 
-def test_thirty_small_appends_stay_within_a_few_shards(tmp_path, tiny_encoder):
+def test_thirty_small_appends_stay_one_shard_below_the_floor(tmp_path, tiny_encoder):
     out = tmp_path / "index"
     counts = [len(append(out, tiny_encoder, f"a{n}-", 3, n).shards) for n in range(30)]
-    assert max(counts) <= MergePolicy().tier_size and counts[-1] <= 3, counts
+    assert counts == [1] * 30, counts  # below the floor (2,000 documents): each append merged into the one shard
     manifest = Manifest.load(out)
     assert manifest.count == 90 and sum(s.count for s in manifest.shards) == 90
     with IndexReader(out) as index:
@@ -201,7 +204,7 @@ def test_thirty_small_appends_stay_within_a_few_shards(tmp_path, tiny_encoder):
     assert len(append(out, tiny_encoder, "c-", 3, 200).shards) == counts[-1] + 4
     assert not read_policy(out).enabled and Manifest.load(out).merge_policy["enabled"] is False
     set_merge_policy(out, parse_policy(["on", "min_deleted=1"], read_policy(out)))
-    assert len(append(out, tiny_encoder, "d-", 3, 300).shards) <= 3  # on again: the next append merges
+    assert len(append(out, tiny_encoder, "d-", 3, 300).shards) == 1  # on again: the next append merges them all
 
 
 def test_a_shard_past_the_deleted_fraction_is_rewritten_by_the_next_delete(tmp_path, tiny_encoder):
@@ -226,10 +229,18 @@ def test_plans_keep_runs_adjacent_and_within_the_shard_size():
     assert plan_compaction(shards(10, 10), 10) == []  # full shards without deletes stay
     assert plan_compaction(shards(10, 10, deleted=1), 10) == [[0], [1]]
     policy = MergePolicy(tier_size=3, floor=10)
+    # below the floor (after an append): every adjacent pair, until one shard is left or the next would pass it
     assert plan_policy(shards(3, 3, 3), policy, 100) == [[0, 1, 2]]
-    assert plan_policy(shards(3, 3), policy, 100) == []
-    assert plan_policy(shards(50, 3, 3, 3), policy, 100) == [[1, 2, 3]]  # tiers: the big shard is left alone
-    assert plan_policy(shards(3, 3, 3), policy, 8) == []  # would not fit the shard size
+    assert plan_policy(shards(3, 3), policy, 100) == [[0, 1]]
+    assert plan_policy(shards(8, 3, 3), policy, 100) == [[0, 1, 2]]  # 3+3 is 6, still below: then 8+6
+    assert plan_policy(shards(12, 3, 3), policy, 100) == [[1, 2]]  # a shard past the floor is left alone
+    assert plan_policy(shards(50, 3, 3, 3), policy, 100) == [[1, 2, 3]]  # the big shard is left alone
+    assert plan_policy(shards(3, 3, 3), policy, 8) == [[1, 2]]  # only as much as fits the shard size
+    # after a delete alone: tier_size adjacent shards of one tier (below 10, 10..29, 30..89, ...), as after appends
+    assert plan_policy(shards(3, 3), policy, 100, appended=False) == []
+    assert plan_policy(shards(3, 3, 3), policy, 100, appended=False) == [[0, 1, 2]]
+    assert plan_policy(shards(12, 12, 12), policy, 100, appended=False) == [[0, 1, 2]]
+    assert plan_policy(shards(12, 12, 40), policy, 100) == []
     assert plan_policy(shards(3, 3, 3), MergePolicy(enabled=False), 100) == []
     with pytest.raises(ValueError, match="unknown setting"):
         MergePolicy.from_dict({"tiers": 3})
@@ -240,10 +251,11 @@ def test_plans_keep_runs_adjacent_and_within_the_shard_size():
 # ------------------------------------------------------------------------------------------------ deletes
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_a_deleted_heavy_shard_returns_k_live_documents_without_a_deeper_first_ask(tmp_path, tiny_encoder,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, kind):
     out = tmp_path / "index"
-    append(out, tiny_encoder, "d", 200, 5, merge=False)
+    append(out, tiny_encoder, "d", 200, 5, merge=False, dense_spec=DenseSpec(kind))
     records, dense, _ = synthetic(tiny_encoder, "d", 200, 5)
     query = dense[0]
     order = np.argsort(-(dense @ query), kind="stable")
@@ -251,14 +263,18 @@ def test_a_deleted_heavy_shard_returns_k_live_documents_without_a_deeper_first_a
     set_merge_policy(out, MergePolicy(enabled=False))
     assert len(delete_documents(out, doomed).deleted) == 150
     live = [i for i in order if records[i].id not in set(doomed)]
-    asked: list[int] = []
+    asked: list[tuple[int, int]] = []  # (rows the searched FAISS index holds, rows asked of it)
+    search = DenseShard.search
+    monkeypatch.setattr(DenseShard, "search",
+                        lambda self, q, n: (asked.append((self.ntotal, n)), search(self, q, n))[1])
     with IndexReader(out) as index:
-        shard = index._shards[0]
-        search = shard.dense.search
-        monkeypatch.setattr(shard.dense, "search", lambda q, n: (asked.append(n), search(q, n))[1])
         hits = index.search(ShardQuery(10, dense=query))["dense"]
         assert [d["id"] for d in index.documents(hits, ["id"])] == [records[i].id for i in live[:10]]
-        assert asked[0] <= 20 and len(asked) > 1, asked  # k + at most k first, deeper only while too few are live
+        if kind == "flat":  # searched through a copy without the deleted rows: k asked of 50 rows, once
+            assert asked == [(50, 10)], asked
+        else:  # HNSW keeps them: k + at most k first, deeper only while too few are live
+            assert asked[0] == (200, 20) and len(asked) > 1, asked
+        assert np.allclose(index.vectors(hits), dense[live[:10]], atol=1e-6)
         filtered = index.search(ShardQuery(10, dense=query, filter=index.check_filter({"even": True})))["dense"]
         assert [d["id"] for d in index.documents(filtered, ["id"])] == [
             records[i].id for i in live if i % 2 == 0][:10]
@@ -266,3 +282,28 @@ def test_a_deleted_heavy_shard_returns_k_live_documents_without_a_deeper_first_a
         assert len(sparse) == 10 and all(d is not None for d in index.documents(sparse, ["id"]))
     tombstones = list(out.glob(f"shards/*/{TOMBSTONE_PREFIX}*"))
     assert len(tombstones) == 1
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_a_dense_index_without_some_rows_searches_and_reads_the_others_by_their_own_numbers(kind):
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((700, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    full = DenseShard.build(vectors, DenseSpec(kind, {"nlist": 4, "m": 4, "nbits": 4, "nprobe": 4}
+                                                if kind == "ivfpq" else {}))
+    assert full.spec.kind == kind
+    dropped = np.sort(rng.choice(700, 300, replace=False))
+    kept = np.setdiff1d(np.arange(700), dropped)
+    copy = full.without(dropped)
+    assert copy is not None and copy.ntotal == 400 and full.ntotal == 700  # the index it came from is unchanged
+    queries = vectors[:5] + 0.1 * rng.standard_normal((5, 16)).astype(np.float32)
+    scores, rows = copy.search(queries, 10)
+    all_scores, all_rows = full.search(queries, 700)
+    for q in range(5):  # the full index's ranking with the dropped rows taken out
+        keep = np.isin(all_rows[q], kept)
+        assert rows[q].tolist() == all_rows[q][keep][:10].tolist()
+        assert np.allclose(scores[q], all_scores[q][keep][:10], atol=1e-5)
+    assert np.allclose(copy.reconstruct(kept[:20]), full.reconstruct(kept[:20]), atol=1e-6)
+    with pytest.raises((ValueError, RuntimeError)):
+        copy.reconstruct(dropped[:1])
+    assert DenseShard.build(vectors, DenseSpec("hnsw")).without(dropped) is None  # no removal from its graph

@@ -547,7 +547,8 @@ def test_cli_append_adds_new_images_and_delete_removes_them_from_every_part(tmp_
     built = runner.invoke(app, ["index", str(first), "--out", str(out), *model])
     assert built.exit_code == 0, built.output
     shards_before = len(Manifest.load(out).shards)
-    appended = runner.invoke(app, ["index", str(second), "--out", str(out), "--append", *model])
+    # --no-merge: the merge policy would merge two shards this small into one (tests/test_compaction.py)
+    appended = runner.invoke(app, ["index", str(second), "--out", str(out), "--append", "--no-merge", *model])
     assert appended.exit_code == 0, appended.output
     assert "indexed 4" in appended.output and "1 already in the index" in appended.output  # the end summary
     assert "images/s" in appended.output and "the index holds 10 documents" in appended.output
@@ -648,7 +649,9 @@ def test_an_index_built_before_store_format_2_still_reads_filters_appends_delete
         assert [doc["id"] for doc in index.documents(hits, ["id"])] == [ids[2], ids[4]]
 
     draw_images(tmp_path / "new", 3, prefix="new-", skip=6)
-    indexer.run(IndexJob(tmp_path / "new", out, workers=0, append=True), encoder=tiny_encoder, progress=False)
+    # merge=False: the merge policy would rewrite the old shard in the new format (tests/test_compaction.py)
+    indexer.run(IndexJob(tmp_path / "new", out, workers=0, append=True, merge=False), encoder=tiny_encoder,
+                progress=False)
     kinds = sorted(store_path(shard.path(out)).name for shard in Manifest.load(out).shards)
     assert kinds == [FEATURES_FILE, LEGACY_FEATURES_FILE]
     with IndexReader(out) as index:

@@ -19,12 +19,20 @@ the live documents, as in an index built at once from them.
 * ``compact.compact`` (``stair-search compact INDEX``): every shard with deleted rows is rewritten and adjacent
   shards are packed into as few as ``shard_size`` allows.
 * :class:`MergePolicy`, applied by the writer after each append and delete: tiered, in the spirit of Lucene's
-  LogMergePolicy: shards are put in tiers by their live size (all below ``floor`` documents in tier 0, then one
-  tier per factor ``tier_size``), and ``tier_size`` adjacent shards of one tier are merged whenever their sum
-  fits ``shard_size``; a shard whose deleted fraction passes ``deleted_fraction`` is rewritten (once it holds
-  ``min_deleted`` deleted rows: a few cost a query almost nothing, ``shard._live``). The number of
-  shards then grows with the logarithm of the index's size, and each document is rewritten a logarithmic number
-  of times. Stored in the manifest (``merge_policy``), switched off with ``enabled: false``.
+  TieredMergePolicy and its floor segment size. Every shard below ``floor`` live documents counts as
+  floor-sized: after an append, adjacent ones are merged into one as soon as there are two (so an index stays
+  one shard until it passes the floor, and holds at most one shard below the floor after the larger ones; a
+  delete alone does not, see ``plan_policy``). Above the floor, one tier
+  per factor ``tier_size``, and ``tier_size`` adjacent shards of one tier are merged whenever their sum fits
+  ``shard_size``. A shard whose deleted fraction passes ``deleted_fraction`` is rewritten (once it holds
+  ``min_deleted`` deleted rows: a few cost a query almost nothing, ``shard._live``). Why a floor: a query costs
+  every shard a fixed ~0.2 ms on the sparse route (Seismic's call and the exact re-scoring) and ~0.03 ms on the
+  dense one whatever its size, about what 2,000 more documents cost it (``benchmarks/index_lifecycle.py``), so
+  shards smaller than that are what makes an appended index slow; rewriting a small shard costs little, so they
+  are merged at once (like Lucene, below the floor an append rewrites the small shard it joins: up to ``floor``
+  documents, about a second).
+  Above it the number of shards grows with the logarithm of the index's size, and each document is rewritten a
+  logarithmic number of times. Stored in the manifest (``merge_policy``), switched off with ``enabled: false``.
 
 IVF-PQ shards are re-trained on their decoded vectors when rewritten (flat and HNSW hold exact vectors).
 """
@@ -55,8 +63,8 @@ class MergePolicy:
     """When the writer merges shards by itself (see the module docstring); ``shard_size`` None: the writer's."""
 
     enabled: bool = True
-    tier_size: int = 5  # this many adjacent shards of one tier are merged into one
-    floor: int = 1_000  # shards with fewer live documents are all one tier (the smallest)
+    tier_size: int = 5  # this many adjacent shards of one tier above the floor are merged into one
+    floor: int = 2_000  # shards with fewer live documents count as floor-sized: two adjacent ones are merged
     deleted_fraction: float = 0.35  # a shard with more of its rows deleted is rewritten ...
     min_deleted: int = 100  # ... once it holds this many deleted rows (a few cost less than a rewrite)
     shard_size: int | None = None
@@ -90,25 +98,40 @@ class MergePolicy:
 Group = list[int]  # positions of adjacent shards in the manifest, rewritten as one
 
 
-def plan_policy(shards: Sequence[ShardInfo], policy: MergePolicy, shard_size: int) -> list[Group]:
-    """The runs of adjacent shards the policy rewrites now (each run becomes one shard); [] when none or off."""
+def plan_policy(shards: Sequence[ShardInfo], policy: MergePolicy, shard_size: int,
+                appended: bool = True) -> list[Group]:
+    """The runs of adjacent shards the policy rewrites now (each run becomes one shard); [] when none or off.
+    ``appended``: the change just published added shards; only then are shards below the floor merged (a delete
+    alone leaves an index built small on purpose, ``--shard-size 8`` for a cluster's fan-out, as it is: the
+    index does not record the shard size it was built with, and a delete's writer knows none)."""
     if not policy.enabled:
         return []
     limit = policy.shard_size or shard_size
     groups: list[Group] = [[i] for i in range(len(shards))]
     live = [shards[i].live for i in range(len(shards))]
-    merged = True
-    while merged:  # merge the last qualifying run first (appends arrive at the end), until none is left
-        merged = False
-        for start in range(len(groups) - policy.tier_size, -1, -1):
-            run = range(start, start + policy.tier_size)
-            sizes = [live[i] for i in run]
-            if len({policy.tier(s) for s in sizes}) == 1 and sum(sizes) <= limit:
-                groups[start:start + policy.tier_size] = [[p for i in run for p in groups[i]]]
-                live[start:start + policy.tier_size] = [sum(sizes)]
-                merged = True
-                break
+    while True:  # merge the last qualifying run first (appends arrive at the end), until none is left
+        found = _last_run(live, policy, limit, appended)
+        if found is None:
+            break
+        start, width = found
+        run = range(start, start + width)
+        groups[start:start + width] = [[p for i in run for p in groups[i]]]
+        live[start:start + width] = [sum(live[i] for i in run)]
     return [g for g in groups if len(g) > 1 or _too_deleted(shards[g[0]], policy)]
+
+
+def _last_run(live: Sequence[int], policy: MergePolicy, limit: int, floor: bool) -> tuple[int, int] | None:
+    """(start, length) of the last run the policy merges: two adjacent shards below the floor (they count as
+    floor-sized; ``floor``: looked for), else ``tier_size`` adjacent shards of one tier; None when no such run
+    fits ``limit``."""
+    for start in range(len(live) - 2, -1, -1) if floor else ():
+        if live[start] < policy.floor and live[start + 1] < policy.floor and live[start] + live[start + 1] <= limit:
+            return start, 2
+    for start in range(len(live) - policy.tier_size, -1, -1):
+        sizes = live[start:start + policy.tier_size]
+        if len({policy.tier(s) for s in sizes}) == 1 and sum(sizes) <= limit:
+            return start, policy.tier_size
+    return None
 
 
 def plan_compaction(shards: Sequence[ShardInfo], shard_size: int) -> list[Group]:

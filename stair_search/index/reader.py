@@ -9,9 +9,10 @@ manifest promises is there (a deleted file is a clear error, never a silently sm
 loads its parts lazily and thread-safely (``warm`` opens everything now; ``close`` releases what was opened).
 
 Deleted documents (tombstones, written by ``writer.IndexWriter.delete``) stay in the shard files: each shard
-drops them from its parts' answers, asking again deeper only when too few live rows remain (``shard._live``), so a
-search still returns k live documents without every query paying for the deleted rows; compaction and the merge
-policy (``merge.py``) drop them from the files.
+drops them from its parts' answers, asking again deeper only when too few live rows remain (``shard._live``), and
+searches a flat or IVF-PQ dense index through a copy in memory without them (``DenseShard.without``: those scan
+every row they hold), so a search still returns k live documents without every query paying for the deleted
+rows; compaction and the merge policy (``merge.py``) drop them from the files.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ class LocalShard:
         self._files: dict[str, list[FileIdentity]] = {}  # part -> its mapped files as they were opened
         self._lock = threading.RLock()  # re-entrant: one part may open another (metadata reads the store)
         self._filter_rows: dict[Filter, np.ndarray] = {}  # the last few filters' rows (``_filtered``)
+        self._searched: tuple[DenseShard, bool] | None = None  # this view's dense searcher (``_dense_searcher``)
 
     @classmethod
     def open(cls, index_dir: Path, manifest: Manifest, info: ShardInfo, vocabulary: Vocabulary) -> LocalShard:
@@ -178,6 +179,7 @@ class LocalShard:
         view.dir, view.info, view.vocabulary, view.scale = self.dir, info, self.vocabulary, self.scale
         view.deleted = frozenset(read_tombstone(tombstones or self.dir, info.deleted, info.name).tolist())
         view._parts, view._files, view._lock, view._filter_rows = self._parts, self._files, self._lock, {}
+        view._searched = None  # its own deleted rows: its own copy without them
         return view
 
     # ---------------------------------------------------------------------------------------------- searching
@@ -208,12 +210,41 @@ class LocalShard:
     def _dense(self, query: np.ndarray, k: int, rows: np.ndarray | None) -> RowHits:
         if rows is not None:
             return self._dense_among(query, rows, k) if len(rows) else []
+        dense, live_only = self._dense_searcher()
 
         def search(n: int) -> RowHits:
-            scores, found = self.dense.search(query[None, :], n)
+            scores, found = dense.search(query[None, :], n)
             return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if r >= 0]
 
-        return self._live(search, k)
+        return search(k) if live_only else self._live(search, k)
+
+    def _dense_searcher(self) -> tuple[DenseShard, bool]:
+        """The dense index this view's searches read, and whether it leaves the deleted rows out already. With
+        deleted rows, flat and IVF-PQ are read through a copy in memory without them (``DenseShard.without``,
+        made once per view from the file: the shard's own index is then not held), so a query scans the live
+        rows only, as in the compacted shard; HNSW (no removal from its graph) skips them as filters do."""
+        if not self.deleted:
+            return self.dense, True
+        with self._lock:
+            if self._searched is None:
+                self._searched = self._without_deleted()
+            return self._searched
+
+    def _without_deleted(self) -> tuple[DenseShard, bool]:
+        if self.info.dense.get("kind") == "hnsw":
+            return self.dense, False
+        full = self._parts.get("dense") or self._checked(
+            DenseShard.load(self.dir / DENSE_FILE, DenseSpec.from_dict(self.info.dense)))
+        live = full.without(np.fromiter(sorted(self.deleted), dtype=np.int64, count=len(self.deleted)))
+        return (live, True) if live is not None else (self.dense, False)
+
+    def _stored_vectors(self, rows: Sequence[int] | np.ndarray, live: bool = False) -> np.ndarray:
+        """Stored vectors of ``rows``: from this view's copy when it holds them all (live rows; ``live``: known
+        to be), else the shard's own index (opened then)."""
+        dense, live_only = self._dense_searcher()
+        if live_only and (live or not any(row in self.deleted for row in rows)):
+            return dense.reconstruct(np.asarray(rows, dtype=np.int64))
+        return self.dense.reconstruct(np.asarray(rows, dtype=np.int64))
 
     def _text(self, text: str, k: int, rows: np.ndarray | None) -> RowHits:
         if self.text is None or (rows is not None and not len(rows)):
@@ -263,12 +294,13 @@ class LocalShard:
         """The top k of ``rows`` (live) for one query: exact over their stored vectors when there are few of
         them, else the index's own search asked for more and more until k of them are found."""
         if len(rows) <= EXACT_FILTERED_ROWS:
-            scores = self.dense.reconstruct(rows) @ query
+            scores = self._stored_vectors(rows, live=True) @ query
             top = np.argsort(-scores, kind="stable")[:k]
             return [(int(rows[i]), float(scores[i])) for i in top]
+        dense = self._dense_searcher()[0]
 
         def search(n: int) -> RowHits:
-            scores, found = self.dense.search(query[None, :], n)
+            scores, found = dense.search(query[None, :], n)
             return [(int(r), float(sc)) for sc, r in zip(scores[0], found[0], strict=True) if r >= 0]
 
         return self._among(search, rows, k)
@@ -297,7 +329,7 @@ class LocalShard:
         return [None if row in self.deleted else next(found) for row in rows]
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
-        return self.dense.reconstruct(list(rows))
+        return self._stored_vectors(list(rows))
 
     def sparse_vectors(self, rows: Sequence[int]) -> list[dict[str, float]]:
         return [self.sparse.document_vector(row) for row in rows]
@@ -395,7 +427,7 @@ class LocalShard:
     def warm(self) -> None:
         """Open every part now (the feature store, FAISS, the sparse searcher that will answer: the in-process
         Seismic one, else Lucene; and the text route's searcher), so that the first request pays nothing."""
-        _ = self.store, self.dense
+        _ = self.store, self._dense_searcher()
         if self.sparse.seismic() is None:
             self.sparse.open_searcher()
         if self.text is not None:
@@ -406,6 +438,7 @@ class LocalShard:
             parts = dict(self._parts)
             self._parts.clear()  # in place: the views made by with_deletes share them
             self._files.clear()
+            self._searched = None
         for part in parts.values():
             if hasattr(part, "close"):
                 part.close()

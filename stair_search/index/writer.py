@@ -288,7 +288,8 @@ class IndexWriter:
         wanted = self.merge if self.merge is not None else policy.enabled
         if not (self.committed and wanted and (self.written or self._new_tombstones)):
             return self.manifest
-        groups = plan_policy(self.manifest.shards, replace(policy, enabled=True), self.shard_size)
+        groups = plan_policy(self.manifest.shards, replace(policy, enabled=True), self.shard_size,
+                             appended=bool(self.written))
         if not groups:
             return self.manifest
         with IndexWriter(self.index_dir, self.model or model_record(self.manifest), append=True,

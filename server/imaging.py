@@ -49,8 +49,8 @@ from stair_search.images import (
     readings,
 )
 
-__all__ = ["ImageRejected", "Thumbnail", "decode_base64", "fetch_image_url", "is_remote", "make_thumbnail",
-           "open_query_image", "source_state", "stored_decode", "stored_image"]
+__all__ = ["ImageRejected", "Thumbnail", "decode_base64", "fetch_image_url", "full_image", "is_remote",
+           "make_thumbnail", "open_query_image", "source_state", "stored_decode", "stored_image"]
 MAX_SOURCE_BYTES = 256 * 1024 * 1024  # a stored file or tar member a thumbnail is made from (the indexer's cap)
 PHOTO_FORMATS = frozenset({"JPEG", "MPO", "HEIF", "AVIF"})  # Pillow's names of camera formats: JPEG thumbnails
 JPEG_QUALITY = 85
@@ -220,6 +220,19 @@ def make_thumbnail(source: str, size: int, max_pixels: int) -> Thumbnail:
     decoded = stored_decode(source, max_pixels, longest=2 * size)
     image = decoded.rgb  # this decode's own copy: resized in place
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return _encoded(decoded, image)
+
+
+def full_image(source: str, max_pixels: int) -> Thumbnail:
+    """The stored image at its own size (the "original" a detail view links to), re-encoded as a thumbnail is:
+    the pixels, never the file's own bytes (a stored file is served only as an image). FileNotFoundError (one
+    line) when the source cannot or may not be served."""
+    decoded = stored_decode(source, max_pixels)
+    return _encoded(decoded, decoded.rgb)
+
+
+def _encoded(decoded: DecodedImage, image: Image.Image) -> Thumbnail:
+    """JPEG for a photo without transparency, PNG for the rest."""
     out = io.BytesIO()
     if decoded.format in PHOTO_FORMATS and not decoded.transparent:
         image.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=False)

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request
 
-from server.imaging import Thumbnail, is_remote, make_thumbnail, source_state
+from server.imaging import Thumbnail, full_image, is_remote, make_thumbnail, source_state
 from server.limits import clip, require_api_key
 from server.metrics import Metrics
 from server.registry import IndexRegistry, IndexVersion
@@ -94,14 +94,23 @@ class ServiceState:
         source = row["source"]
         return self._thumbnails(version.name, version.number, row["id"], source, source_state(source), size)
 
+    def full_image(self, row: dict) -> Thumbnail:
+        """The document's stored image at its own size, re-encoded (not cached: one is up to the source pixel cap)."""
+        return self._served(row["id"], "image", lambda: full_image(row["source"], self.limits.max_source_pixels))
+
     def _make_thumbnail(self, index: str, number: int, doc_id: str, source: str, state: tuple | None,
                         size: int) -> Thumbnail:
         """JPEG or PNG thumbnail (``index``, ``number`` and ``state`` are only cache keys)."""
+        return self._served(doc_id, "thumbnail", lambda: make_thumbnail(source, size, self.limits.max_source_pixels))
+
+    @staticmethod
+    def _served(doc_id: str, what: str, make: Callable[[], Thumbnail]) -> Thumbnail:
+        """``make()``, or a 404 naming the document and the reason (never the file's path)."""
         try:
-            return make_thumbnail(source, size, self.limits.max_source_pixels)
+            return make()
         except (FileNotFoundError, KeyError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # not the file's path
-            raise HTTPException(404, f"no thumbnail for '{clip(doc_id, ID_CHARS)}': {reason}") from exc
+            raise HTTPException(404, f"no {what} for '{clip(doc_id, ID_CHARS)}': {reason}") from exc
 
 
 def thumbnail_etag(source: str, size: int) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import os
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import indexer
 from indexer import IndexJob
@@ -361,3 +363,70 @@ def test_feedback_set_on_the_page_refines_the_query_and_stays_in_the_url(page, s
     search_on(page, "a red circle", "hybrid", 12)
     wait_for_hits(page, plain)
     assert "feedback" not in parse_qs(urlsplit(page.url).query)
+
+
+def drop_image(page, image) -> None:
+    """Drop ``image`` on the search box, as a user drags a file onto it."""
+    data = base64.b64encode(png_bytes(image)).decode()
+    page.evaluate("""data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "query.png", { type: "image/png" }));
+        const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true });
+        document.getElementById("dropzone").dispatchEvent(drop);
+    }""", data)
+
+
+def wait_for_status(page, start: str) -> None:
+    page.wait_for_function("start => document.getElementById('status').textContent.startsWith(start)", arg=start,
+                           timeout=10000)
+
+
+def test_an_image_dropped_with_text_in_the_box_says_it_searches_both(page, shapes_router):
+    """The image and the box's text are searched together (the text refines the image's vectors and searches the
+    captions): the status names both, not "image query" alone, and says how to search by the image alone."""
+    search_on(page, "a red circle", "auto", 4)
+    wait_for_status(page, "4 hits for “a red circle” in ")
+    shape = draw_shape("yellow", "triangle")
+    expected = shapes_router.search(SearchRequest(text="a red circle", image=shape, mode="auto", k=4))
+    drop_image(page, shape)
+    try:
+        wait_for_status(page, "4 hits for the image")
+        wait_for_hits(page, [h.id for h in expected.hits])
+        status = page.text_content("#status")
+        assert status.startswith("4 hits for the image and the text “a red circle” in "), status
+        assert f"mode {expected.mode}" in status and expected.mode == "dense+text"
+        assert "clear the text box to search by the image alone" in status
+    finally:
+        page.click("#clear-image")
+    page.fill("#query", "")
+    drop_image(page, shape)
+    try:
+        alone = shapes_router.search(SearchRequest(image=shape, mode="auto", k=4))
+        wait_for_status(page, "4 hits for the image in ")
+        wait_for_hits(page, [h.id for h in alone.hits])
+        assert page.text_content("#status").startswith("4 hits for the image in "), page.text_content("#status")
+        assert "clear the text box" not in page.text_content("#status")
+    finally:
+        page.click("#clear-image")
+
+
+def test_the_detail_view_links_to_the_image_at_its_own_size(page, registry, shapes_router):
+    search_on(page, "a blue square", "dense", 3)
+    first = shapes_router.search(SearchRequest(text="a blue square", mode="dense", k=3)).hits[0]
+    page.wait_for_function("id => document.querySelector('.hit')?.dataset.id === id", arg=first.id)
+    page.click(".hit:first-child")
+    page.wait_for_selector("#detail[open]")
+    link = page.get_attribute("#detail-original", "href")
+    page.keyboard.press("Escape")
+    assert link == f"/images/{first.id.replace('/', '%2F')}?index=shapes"
+    with TestClient(create_app(registry, ServerSettings(reload_interval_s=0))) as client:
+        served = client.get(link)
+        document = client.get(f"/documents/{first.id.replace('/', '%2F')}", params={"index": "shapes"}).json()
+        assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(served.content)) as image:
+            assert image.size == (document["width"], document["height"])  # not a 512-px thumbnail: its own size
+        assert client.get(link, headers={"If-None-Match": served.headers["etag"]}).status_code == 304
+        assert client.get("/images/linked%2Foutside", params={"index": "shapes"}).status_code == 404  # as thumbnails
+        remote = client.get("/images/web%2Fred-circle", params={"index": "remote"}, follow_redirects=False)
+        assert remote.status_code == 307 and remote.headers["location"].endswith("/red-circle.png")

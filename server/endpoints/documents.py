@@ -1,11 +1,12 @@
-r"""``GET /documents/{id}`` and ``GET /thumbnails/{id}``: stored fields and thumbnails, looked up by id only
-(no client path is ever opened).
+r"""``GET /documents/{id}``, ``GET /thumbnails/{id}`` and ``GET /images/{id}``: stored fields, thumbnails and the
+stored image at its own size (the original a detail view links to), looked up by id only (no client path is ever
+opened; an image is always re-encoded from its pixels, never the file's own bytes).
 
 An id may hold any character an indexing source gave it, newlines included: Starlette's ``path`` convertor
 (``.*``) stops at a newline, so the id segment is matched by the ``doc_id`` convertor registered here
 (``[\s\S]*``; a named addition to Starlette's table of convertors, changing none of its own).
 
-A thumbnail carries an ``ETag`` (the source file's identity and time, the size) and ``Cache-Control``; a
+A thumbnail or image carries an ``ETag`` (the source file's identity and time, the size) and ``Cache-Control``; a
 request whose ``If-None-Match`` names the current ETag is answered 304 before anything is read or decoded.
 """
 
@@ -22,6 +23,7 @@ from server.schemas import Document
 from server.state import State, authorized, etag_matches, find_document, thumbnail_etag, thumbnail_url
 
 THUMBNAIL_MAX_AGE_S = 300  # then the browser revalidates: a 304 from an lstat while the file is unchanged
+FULL_SIZE = 0  # the ETag's size of an image served at its own size
 
 
 class DocumentIdConvertor(PathConvertor):
@@ -67,6 +69,28 @@ def thumbnail(state: State, doc_id: str, index: str | None = None,
         if etag is not None and etag_matches(if_none_match, etag):
             return Response(status_code=304, headers=headers)
         made = state.thumbnail(version, row, size)
+    finally:
+        version.release()
+    return Response(made.data, media_type=made.media_type, headers=headers)
+
+
+@router.get("/images/{doc_id:doc_id}", responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
+                                                  304: {"description": "Unchanged since its ETag."},
+                                                  307: {"description": "A URL-sourced document: its URL."}})
+def image(state: State, doc_id: str, index: str | None = None,
+          if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """The image the index stored for this id at its own size (up to the server's source pixel cap), re-encoded
+    as its thumbnail is (JPEG for photos, PNG otherwise); a URL-sourced document redirects to its stored URL."""
+    version = state.checkout(index)
+    try:
+        row = find_document(version, doc_id)
+        if is_remote(row["source"]):
+            return RedirectResponse(row["source"], status_code=307, headers={"Cache-Control": "max-age=300"})
+        etag = thumbnail_etag(row["source"], FULL_SIZE)
+        headers = _thumbnail_headers(state, etag)
+        if etag is not None and etag_matches(if_none_match, etag):
+            return Response(status_code=304, headers=headers)
+        made = state.full_image(row)
     finally:
         version.release()
     return Response(made.data, media_type=made.media_type, headers=headers)

@@ -1,5 +1,7 @@
 // The search page: a text box, index / mode / reranker choices, drag-and-drop image queries, and a grid of hits
-// with their scores and matched words. A hit opens a detail view with "Find similar". The query, mode, index
+// with their scores and matched words. The status line names what was searched (the image and the text in the
+// box together, when both are there). A hit opens a detail view with a link to the stored image at its own size
+// and "Find similar". The query, mode, index
 // and k live in the page's URL (/?q=...&mode=...&index=...&k=..., or like=<id>), so a search can be shared,
 // reloaded and stepped through with Back. Thumbnails of local sources come from this server (with the API key
 // header when one is set); URL-sourced documents are shown by the browser loading their URL, without the key.
@@ -130,11 +132,12 @@ async function search(event, fromHistory = false) {
   if (query.image && !query.like) form.append("image", query.image);
   if (!fromHistory) rememberInUrl();
   const seq = ++searchSeq;
-  $("status").textContent = "Searching…";
+  const what = searchedFor(fields, Boolean(query.image && !query.like));
+  $("status").textContent = `Searching ${what}…`;
   try {
     const result = await api("/search", { method: "POST", body: form });
     if (seq !== searchSeq) return;
-    render(result);
+    render(result, what, Boolean(query.image && fields.query));
   } catch (error) {
     if (seq !== searchSeq) return;
     $("status").innerHTML = "";
@@ -144,13 +147,22 @@ async function search(event, fromHistory = false) {
   }
 }
 
+// What a search sends, in words: an image with text in the box searches both (the text refines the image's
+// vectors and, where the index has captions, searches them too), and the status says so.
+function searchedFor(fields, withImage) {
+  if (fields.like) return `documents like “${query.like.caption || fields.like}”`;
+  if (withImage && fields.query) return `the image and the text “${fields.query}”`;
+  return withImage ? "the image" : `“${fields.query}”`;
+}
+
 // ------------------------------------------------------------------------------------------------ results
 
-function render(result) {
+function render(result, what, imageAndText) {
   const decision = result.decision || {};
   const reason = decision.reason ? ` — ${decision.reason}` : "";
-  $("status").textContent = `${result.hits.length} hits in ${result.took_ms.toFixed(1)} ms, mode ${result.mode}` +
-    (result.fusion ? ` (${result.fusion})` : "") + reason;
+  const alone = imageAndText ? " (clear the text box to search by the image alone)" : "";
+  $("status").textContent = `${result.hits.length} hits for ${what} in ${result.took_ms.toFixed(1)} ms, mode ` +
+    `${result.mode}` + (result.fusion ? ` (${result.fusion})` : "") + reason + alone;
   $("note").textContent = decision.note || "";
   $("note").hidden = !decision.note;
   $("results").replaceChildren(...result.hits.map(card));
@@ -233,7 +245,27 @@ function openDetail(hit) {
     return [Object.assign(document.createElement("dt"), { textContent: key }), dd];
   }));
   $("detail-tokens").replaceChildren(...wordChips(hit, 64));
+  $("detail-original").href = originalUrl(hit);
   $("detail").showModal();
+}
+
+// The stored image at its own size: /images/<id> for a local source (re-encoded by the server, as thumbnails
+// are), the URL itself for a URL-sourced document.
+function originalUrl(hit) {
+  return hit.thumbnail.startsWith("/thumbnails/") ? "/images/" + hit.thumbnail.slice("/thumbnails/".length) : hit.source;
+}
+
+async function openOriginal(event) {
+  // With an API key the link cannot carry the header: fetch it with the key and open what came back.
+  const headers = apiHeaders();
+  const url = $("detail-original").href;
+  if (!Object.keys(headers).length || isRemote(url)) return;
+  event.preventDefault();
+  const opened = window.open("", "_blank");
+  const response = await fetch(url, { headers });
+  if (!response.ok) { if (opened) opened.close(); return; }
+  const blob = URL.createObjectURL(await response.blob());
+  if (opened) opened.location = blob; else location.assign(blob);
 }
 
 // A photo's EXIF fields (taken_at, camera, latitude/longitude with --exif gps) come first, the place as one row
@@ -282,6 +314,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("clear-image").addEventListener("click", clearImage);
   $("clear-like").addEventListener("click", () => setLike(null));
   $("find-similar").addEventListener("click", findSimilar);
+  $("detail-original").addEventListener("click", openOriginal);
   $("index").addEventListener("change", describeIndex);
   $("api-key").addEventListener("change", (e) => { sessionStorage.setItem("stair-api-key", e.target.value); loadInfo(); });
   window.addEventListener("popstate", () => { clearImage(); if (stateFromUrl()) search(null, true); });

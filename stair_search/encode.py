@@ -242,7 +242,12 @@ class Encoder:
         if not aligned:
             return self._bank(None)
         if self._concepts is None:
-            self._concepts = self._bank(self.concept_alignment())
+            alignment = self.concept_alignment()
+            if not self._bank_path(alignment).is_file():  # one line, so a slow first run is not a mystery
+                log.warning("building %s's concept bank once (its vocabulary's words through the text tower, and "
+                            "their calibration: a minute or more on a CPU, ~190 MB in %s); later runs read it",
+                            self.name, self._bank_path(alignment).parent)
+            self._concepts = self._bank(alignment)
         return self._concepts
 
     def _dense_fingerprint(self) -> str:

@@ -7,6 +7,7 @@ stair-lite's own dense towers stand for a pretrained one whose words can be chec
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -105,15 +106,25 @@ def test_training_free_vectors_are_the_same_in_two_processes_and_read_back_from_
     assert cache[0].stat().st_mtime_ns == built  # the second process read the bank, it did not rebuild it
 
 
-def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreign_clip, tmp_path, monkeypatch):
-    """What a server does when it loads a model: a first image query must not wait for the bank's build."""
+def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreign_clip, tmp_path, monkeypatch,
+                                                                          caplog):
+    """What a server does when it loads a model: a first image query must not wait for the bank's build. The build
+    says so in one line (a first run with an empty data folder is otherwise slow without a word); reading the bank
+    back says nothing."""
     monkeypatch.setenv("STAIR_DATA", str(tmp_path / "empty-cache"))
     encoder = Encoder(create_model(str(foreign_clip), device="cpu"), batch_size=8)
-    encoder.warm()
+    with caplog.at_level(logging.WARNING, logger="stair_search.encode"):
+        encoder.warm()
+    said = [r.getMessage() for r in caplog.records if "concept bank" in r.getMessage()]
+    assert len(said) == 1 and "once" in said[0] and str(tmp_path / "empty-cache" / "concepts") in said[0]
     cache = banks(tmp_path / "empty-cache" / "concepts")
     assert len(cache) == 1
     built = cache[0].stat().st_mtime_ns
-    assert encoder.encode_images([draw_shape("red", "circle")]).sparse[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stair_search.encode"):
+        assert encoder.encode_images([draw_shape("red", "circle")]).sparse[0]
+        Encoder(create_model(str(foreign_clip), device="cpu"), batch_size=8).concepts()
+    assert [r for r in caplog.records if "concept bank" in r.getMessage()] == []
     assert cache[0].stat().st_mtime_ns == built and len(banks(cache[0].parent)) == 1
 
 

@@ -10,6 +10,7 @@ ends the command with one line on stderr and exit status 1 (:func:`main`); ``--d
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ SPARSE_NOTES = {  # what a user is told when an index's sparse vectors do not co
     "none": "this index has no sparse vectors: sparse search finds nothing; use --mode dense",
 }
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Sparse (STAIR / Lucene) + dense (FAISS) image search.")
 
 
@@ -298,11 +299,23 @@ def merge_policy(
 
 
 @app.command()
-def info(index_dir: Annotated[Path, typer.Argument(metavar="INDEX")]) -> None:
-    """Print an index's manifest."""
+def info(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX")],
+    skipped: Annotated[int, typer.Option(min=0, help="How many of the items indexing skipped to list on stderr, "
+                                         "with their reasons (all of them: INDEX/skipped.parquet).")] = 5,
+) -> None:
+    """Print an index's manifest (stdout, JSON) and what indexing skipped (stderr: the count, the first few)."""
     from stair_search.index import Manifest
+    from stair_search.index.layout import SKIPPED_REPORT
+    from stair_search.index.skipped import read_skipped_report
 
     typer.echo(json.dumps(Manifest.load(index_dir).to_dict(), indent=2))
+    count, first = read_skipped_report(index_dir, skipped)
+    if count:
+        shown = "" if not first else ":" if len(first) == count else f"; the first {len(first)}:"
+        typer.echo(f"skipped {count} item{'s' if count != 1 else ''} ({index_dir / SKIPPED_REPORT}){shown}", err=True)
+        for item, source, reason in first:
+            typer.echo(f"  {item}: {reason} ({source})" if source != item else f"  {item}: {reason}", err=True)
 
 
 @app.command()
@@ -529,6 +542,8 @@ def serve(
 ) -> None:
     """Serve indexes over HTTP: search API (OpenAPI at /docs) and a search page at /; with --cluster, every
     shard a replicated Ray Serve deployment."""
+    if cluster is None:
+        check_port_free(host, port)  # before seconds of loading, not after them
     import uvicorn
 
     from server.app import create_app
@@ -558,6 +573,28 @@ def serve(
 
     os.environ[THREADS_ENV] = str(encode_threads)  # this process serves: its encodes' thread policy (the option)
     uvicorn.run(create_app(named, settings, model=model), host=host, port=port, log_level=log_level)
+
+
+class CannotListen(RuntimeError):
+    """``serve`` cannot listen where it was asked (a port taken, an unknown host); the message names it and the fix."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (SO_REUSEADDR: a port in TIME_WAIT is free) and let it go again."""
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on --host {host}: {exc.strerror}; give an address of this machine") from None
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CannotListen(f"cannot listen on {host}:{port} ({exc.strerror}): another server holds the port; "
+                               f"stop it or serve on another one with --port N") from None
 
 
 def _serve_on_cluster(named: dict[str, Path], settings, address: str, replicas: int, copy_to: str | None,
@@ -645,7 +682,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from stair_search.query.wordnet import WordNetMissing
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IndexLockedError,
-            ModuleNotFoundError, WordNetMissing, DiskFullError)
+            ModuleNotFoundError, WordNetMissing, DiskFullError, CannotListen)
+
+
+def _whole_short_helps() -> None:
+    """Each command's line in ``stair-search --help``: its docstring's first paragraph, wrapped (click would cut it
+    at the terminal's width with "...")."""
+    for command in app.registered_commands:
+        if command.short_help is None and command.callback is not None:
+            command.short_help = " ".join(inspect.getdoc(command.callback).split("\n\n")[0].split())
+
+
+_whole_short_helps()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -654,6 +702,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("STAIR_SEARCH_DEBUG", "") not in ("", "0")
     if args[:1] == ["--debug"]:
         debug, args = True, args[1:]
+    if not args:  # the commands listed on stdout, exit status 2 (a command is missing), as click does it
+        args, missing = ["--help"], True
+    else:
+        missing = False
     try:
         code = app(args=args, prog_name="stair-search", standalone_mode=False)
     except typer.Exit as stop:  # --help and typer.Exit
@@ -673,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _one_line(str(exc) or type(exc).__name__)
         code = 1
-    raise SystemExit(code if isinstance(code, int) else 0)
+    raise SystemExit(2 if missing else code if isinstance(code, int) else 0)
 
 
 def _one_line(message: str) -> None:

@@ -28,3 +28,17 @@ def write_skipped_report(folder: Path, skipped: Sequence[Skip], merge: bool = Fa
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def read_skipped_report(folder: Path, first: int) -> tuple[int, list[Skip]]:
+    """How many items ``folder/skipped.parquet`` lists and its ``first`` of them (0 and none without a report),
+    read without loading a long report whole."""
+    path = Path(folder) / SKIPPED_REPORT
+    if not path.is_file():
+        return 0, []
+    report = pq.ParquetFile(path)
+    rows: list[Skip] = []
+    for batch in report.iter_batches(batch_size=max(1, first), columns=SKIPPED_SCHEMA.names):
+        rows = [(r["id"], r["source"], r["reason"]) for r in batch.to_pylist()[:first]]
+        break
+    return report.metadata.num_rows, rows

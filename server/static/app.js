@@ -269,8 +269,10 @@ async function openOriginal(event) {
 }
 
 // A photo's EXIF fields (taken_at, camera, latitude/longitude with --exif gps) come first, the place as one row
-// that links to a map (opened only when clicked: the page itself sends the position nowhere).
-const PHOTO_FIELDS = ["taken_at", "camera", "latitude", "longitude"];
+// that links to a map (opened only when clicked: the page itself sends the position nowhere); then a folder
+// source's own fields: the folder it is in (the last of `folder`, which lists the folders above it too, for
+// filters), its size and modification time.
+const PHOTO_FIELDS = ["taken_at", "camera", "latitude", "longitude", "folder", "size", "modified"];
 
 function photoRows(metadata) {
   const rows = [];
@@ -279,6 +281,9 @@ function photoRows(metadata) {
   if (typeof metadata.latitude === "number" && typeof metadata.longitude === "number") {
     rows.push(["place", `${metadata.latitude.toFixed(5)}, ${metadata.longitude.toFixed(5)}`]);
   }
+  if (Array.isArray(metadata.folder) && metadata.folder.length) rows.push(["folder", metadata.folder.at(-1)]);
+  if (typeof metadata.size === "number") rows.push(["size", `${(metadata.size / 1e6).toFixed(1)} MB`]);
+  if (typeof metadata.modified === "string") rows.push(["modified", metadata.modified]);
   const shown = new Set(rows.map(([key]) => (key === "place" ? ["latitude", "longitude"] : [key])).flat());
   return [...rows, ...PHOTO_FIELDS.filter((key) => key in metadata && !shown.has(key)).map((key) => [key, metadata[key]])];
 }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from indexer.journal import Chunk
 from indexer.pipeline import ChunkBuilder
 from indexer.sources import Item, SourceOptions, plain_metadata
 from stair_search.images import file_source
+from stair_search.index.sparse import index_dtype, quantise
+from stair_search.index.writer import IndexWriter
 from stair_search.models.concepts import (
     ConceptBank,
     calibrated,
@@ -49,6 +52,7 @@ from stair_search.models.concepts import (
 from stair_search.vectors import EncodedBatch
 
 CALIBRATION_SAMPLE = 10_000  # embeddings of the collection that calibrate its concept vectors (evenly spaced)
+BLOCK_ROWS = 4096  # rows read at once (vectors and their metadata)
 NOT_FINITE = "embedding has NaN or infinite values"
 ZERO = "embedding is all zeros"
 PATH_COLUMNS = ("image_path", "url", "path", "source")  # clip-retrieval's folder inference, LAION, a plain table
@@ -56,11 +60,14 @@ ID_COLUMNS = ("id", "key")
 CAPTION_COLUMNS = ("caption", "text")
 VECTOR_COLUMNS = ("embedding", "vector", "img_emb", "emb")
 CALIBRATED_ON = "collection embeddings"
+CALIBRATION_FILE = "calibration.npz"  # the index's calibration (ConceptBank.save_calibration), beside its manifest
 SPARSE_COLUMN = "sparse"  # an export's {word-piece: weight} map column
 _PART = re.compile(r"_(\d+)\.(npy|parquet)$")
+log = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATED_ON", "EmbeddingError", "EmbeddingSource", "check_embeddings_model", "collection_bank",
-           "embedding_chunks", "open_source"]
+__all__ = ["CALIBRATED_ON", "CALIBRATION_FILE", "EmbeddingError", "EmbeddingSource", "check_embeddings_model",
+           "collection_bank", "embedding_chunks", "image_tower_released", "index_bank", "open_source",
+           "release_image_tower"]
 
 
 class EmbeddingError(ValueError):
@@ -92,15 +99,6 @@ class EmbeddingSource:
     def count(self) -> int:
         return sum(self.rows)
 
-    def vectors(self, part: Part) -> np.ndarray:
-        """(rows, width) float32 vectors of ``part`` (an .npy part memory-mapped)."""
-        if part.column is None:
-            return np.load(part.vectors, mmap_mode="r")
-        import pyarrow.parquet as pq
-
-        column = pq.read_table(part.vectors, columns=[part.column]).column(part.column).combine_chunks()
-        return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(column), -1)
-
     def items(self, start: int = 0) -> Iterator[tuple[Item, np.ndarray | None, dict[str, float] | None]]:
         """Every row from position ``start`` on as an item (a ``problem`` when its vector is unusable), its unit
         float32 vector (None when unusable) and its given sparse vector (None unless the source has them)."""
@@ -112,32 +110,87 @@ class EmbeddingSource:
 
     def _part_items(self, part: Part, first: int
                     ) -> Iterator[tuple[Item, np.ndarray | None, dict[str, float] | None]]:
-        vectors = self.vectors(part)
-        records = _records(part)
-        step = 4096
-        for begin in range(first, len(vectors), step):
-            block = np.asarray(vectors[begin : begin + step], np.float32)
+        for begin, block, records in blocks(part, first):
             norms = np.linalg.norm(block, axis=1)
-            for offset, (vector, norm) in enumerate(zip(block, norms, strict=True)):
-                row = begin + offset
+            units = block / np.where(norms > 0, norms, 1.0)[:, None]
+            for offset, (record, norm) in enumerate(zip(records, norms.tolist(), strict=True)):
                 problem = NOT_FINITE if not np.isfinite(norm) else ZERO if norm == 0 else None
-                record = records[row]
                 given = dict(record.pop(SPARSE_COLUMN) or ()) if self.sparse else None
-                yield _item(record, part, row, self.options, problem), None if problem else vector / norm, given
+                yield (_item(record, part, begin + offset, self.options, problem),
+                       None if problem else units[offset], given)
 
     def sample(self, size: int = CALIBRATION_SAMPLE) -> np.ndarray:
-        """Up to ``size`` usable unit vectors, evenly spaced over the whole collection (the same on every run)."""
+        """Up to ``size`` usable unit vectors, evenly spaced over the whole collection (the same on every run),
+        read a block at a time."""
         wanted = np.unique(np.linspace(0, self.count - 1, min(size, self.count)).round().astype(np.int64))
         chosen, offset = [], 0
         for part, rows in zip(self.parts, self.rows, strict=True):
             inside = wanted[(wanted >= offset) & (wanted < offset + rows)] - offset
             if len(inside):
-                block = np.asarray(self.vectors(part)[inside], np.float64)
-                norms = np.linalg.norm(block, axis=1)
-                good = np.isfinite(norms) & (norms > 0)
-                chosen.append(block[good] / norms[good, None])
+                chosen.extend(_picked(part, inside))
             offset += rows
-        return np.concatenate(chosen) if chosen else np.zeros((0, self.width))
+        if not chosen:
+            return np.zeros((0, self.width))
+        block = np.concatenate(chosen)
+        norms = np.linalg.norm(block, axis=1)
+        good = np.isfinite(norms) & (norms > 0)
+        return block[good] / norms[good, None]
+
+
+def blocks(part: Part, first: int = 0) -> Iterator[tuple[int, np.ndarray, list[dict[str, Any]]]]:
+    """``part`` from row ``first`` on as (first row, float32 vectors, table rows) blocks of at most
+    :data:`BLOCK_ROWS`: an .npy part memory-mapped, a parquet read batch by batch, so memory holds a block, never
+    a part (a LAION part or a single parquet may be the whole collection)."""
+    if part.column is None and part.table is None:  # ids in a text file
+        ids = part.ids.read_text(encoding="utf-8").splitlines() if part.ids else []
+        vectors = np.load(part.vectors, mmap_mode="r")
+        for begin in range(first, len(vectors), BLOCK_ROWS):
+            end = min(begin + BLOCK_ROWS, len(vectors))
+            yield begin, np.asarray(vectors[begin:end], np.float32), [{"id": i} for i in ids[begin:end]]
+        return
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(part.table or part.vectors)
+    mapped = np.load(part.vectors, mmap_mode="r") if part.column is None else None
+    begin = 0
+    for batch in table.iter_batches(batch_size=BLOCK_ROWS):
+        end = begin + batch.num_rows
+        if end > first:
+            skip = max(0, first - begin)
+            batch = batch.slice(skip)
+            if mapped is not None:
+                vectors = np.asarray(mapped[begin + skip : end], np.float32)
+            else:
+                vectors = _list_matrix(batch.column(part.column))
+                batch = batch.drop_columns([part.column])
+            yield begin + skip, vectors, batch.to_pylist()
+        begin = end
+
+
+def _picked(part: Part, rows: np.ndarray) -> list[np.ndarray]:
+    """The float64 vectors of ``part`` at ``rows`` (sorted): an .npy part indexed in place, a parquet column read
+    only in the row groups that hold them."""
+    if part.column is None:
+        return [np.asarray(np.load(part.vectors, mmap_mode="r")[rows], np.float64)]
+    import pyarrow.parquet as pq
+
+    file, out, begin = pq.ParquetFile(part.vectors), [], 0
+    for group in range(file.metadata.num_row_groups):
+        end = begin + file.metadata.row_group(group).num_rows
+        inside = rows[(rows >= begin) & (rows < end)] - begin
+        if len(inside):
+            column = file.read_row_group(group, columns=[part.column]).column(0).combine_chunks()
+            out.append(np.asarray(_list_matrix(column.take(inside)), np.float64))
+        begin = end
+    return out
+
+
+def _list_matrix(column: Any) -> np.ndarray:
+    """A parquet list<float> column (chunked or not) as a (rows, width) float32 matrix."""
+    if hasattr(column, "combine_chunks"):
+        column = column.combine_chunks()
+    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32)
+    return values.reshape(len(column), -1) if len(column) else values.reshape(0, 0)
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -277,17 +330,6 @@ def _table_rows(part: Part) -> int | None:
 # ---------------------------------------------------------------------------------------------- rows -> items
 
 
-def _records(part: Part) -> list[dict[str, Any]]:
-    """The part's table rows as dicts (vector column left out)."""
-    if part.ids is not None:
-        return [{"id": line} for line in part.ids.read_text(encoding="utf-8").splitlines()]
-    import pyarrow.parquet as pq
-
-    file = part.table or part.vectors
-    names = [n for n in pq.read_schema(file).names if n != part.column]
-    return pq.read_table(file, columns=names).to_pylist()
-
-
 def _first(record: dict[str, Any], given: str | None, names: Sequence[str]) -> Any:
     if given is not None:
         return record.get(given)
@@ -295,6 +337,9 @@ def _first(record: dict[str, Any], given: str | None, names: Sequence[str]) -> A
 
 
 def _item(record: dict[str, Any], part: Part, row: int, options: SourceOptions, problem: str | None) -> Item:
+    """The row as an item; its ``width`` and ``height`` columns, when both are whole numbers, are taken out of the
+    row first (the item's ``size``)."""
+    size = _size(record)
     location = _first(record, options.path_column, PATH_COLUMNS)
     location = str(location) if location not in (None, "") else None
     given_id = _first(record, options.id_column, ID_COLUMNS)
@@ -306,7 +351,15 @@ def _item(record: dict[str, Any], part: Part, row: int, options: SourceOptions, 
     keep = options.metadata_columns or [k for k in record if k not in used]
     metadata = {k: plain_metadata(record.get(k)) for k in keep if record.get(k) is not None}
     metadata.update(_exported_metadata(metadata.pop("metadata", None)))
-    return Item(id=doc_id, source=source, caption=str(caption or ""), metadata=metadata, problem=problem)
+    return SizedItem(id=doc_id, source=source, caption=str(caption or ""), metadata=metadata, problem=problem,
+                     size=size)
+
+
+@dataclass
+class SizedItem(Item):
+    """An item with the image size its source gave ((0, 0): unknown)."""
+
+    size: tuple[int, int] = (0, 0)
 
 
 def _exported_metadata(value: Any) -> dict[str, Any]:
@@ -353,7 +406,59 @@ def collection_bank(encoder: Any, source: EmbeddingSource,
     bank = calibrated(*concept_texts(encoder), encoder.model.vocabulary, sample, encoder.concept_alignment())
     digest = hashlib.sha256(np.ascontiguousarray(sample).tobytes()).hexdigest()[:16]
     return bank, {"calibrated_on": CALIBRATED_ON, "sample": len(sample), "sample_sha256": digest,
-                  "local_features": False}
+                  "local_features": False, "file": CALIBRATION_FILE}
+
+
+def index_bank(encoder: Any, source: EmbeddingSource, writer: IndexWriter) -> ConceptBank | None:
+    """The concept bank this job's documents are written with, so that an index has one calibration:
+
+    - a source that gives its sparse vectors (an export): none;
+    - an append onto an index calibrated on its collection: that calibration, read from the index's
+      :data:`CALIBRATION_FILE` (an append's own sample is not used);
+    - an append onto an index built from images (no calibration record): the model's own bank, calibrated on the
+      reference photos as image indexing is;
+    - otherwise (a new index, an overwrite) a calibration on the source's sample
+      (:func:`collection_bank`), recorded in the manifest and published with the shards in
+      :data:`CALIBRATION_FILE`.
+    """
+    recorded = writer.manifest.calibration if writer.appending else None
+    if source.sparse:
+        bank, record = collection_bank(encoder, source)
+        writer.manifest.calibration = recorded or record
+        return bank
+    if writer.appending and recorded is None:
+        return encoder.concepts()
+    if recorded is not None and recorded.get("file"):
+        path = writer.index_dir / recorded["file"]
+        bank = ConceptBank.from_calibration(path, *concept_texts(encoder), encoder.model.vocabulary,
+                                            encoder.concept_alignment())
+        if bank is None:
+            raise EmbeddingError(f"{path}: the index's calibration is missing or of other concept words; rebuild "
+                                 f"the index with --overwrite (the append cannot be calibrated as it was)")
+        return bank
+    bank, record = collection_bank(encoder, source)
+    if recorded is not None:  # an index of an earlier version recorded no file: calibrated on this sample
+        log.warning("%s records no calibration file; this append is calibrated on its own sample", writer.index_dir)
+        return bank
+    writer.build_dir.mkdir(parents=True, exist_ok=True)
+    writer.stage_file(bank.save_calibration(writer.build_dir / CALIBRATION_FILE), CALIBRATION_FILE)
+    writer.manifest.calibration = record
+    return bank
+
+
+def release_image_tower(encoder: Any) -> None:
+    """Free the image tower's weights of an encoder that will never encode an image (a job indexing embeddings
+    that built its own encoder): its parameters move to PyTorch's ``meta`` device, which holds shapes and no
+    memory, so the job holds the text tower alone (for ViT-B-32 ~350 MB less; ViT-H-14 ~2.5 GB). The fingerprint
+    the index records is taken first (it hashes every weight); the text tower's (the concept words' cache key)
+    hashes no image weight. An image encoded with it afterwards fails on the meta device."""
+    _ = encoder.fingerprint, encoder.record
+    encoder.model.clip.visual.to("meta")
+
+
+def image_tower_released(encoder: Any) -> bool:
+    """Whether ``encoder``'s model holds no image tower weight (every one on the ``meta`` device)."""
+    return all(p.device.type == "meta" for p in encoder.model.clip.visual.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- chunks
@@ -364,16 +469,10 @@ def embedding_chunks(source: EmbeddingSource, start: int, existing: set[str], ba
                      ) -> Iterator[Chunk]:
     """The source's items from position ``start`` on, batched into chunks as the image pipeline's: dense = the
     unit embedding, sparse = its concept vector (or the source's own); no decode, no model."""
-
-    def encode(payloads: list[tuple[np.ndarray, dict[str, float] | None]]) -> EncodedBatch:
-        dense = np.stack([vector for vector, _ in payloads]).astype(np.float32)
-        given = [sparse or {} for _, sparse in payloads]
-        return EncodedBatch(dense=dense, sparse=given if bank is None else bank.image_vectors(dense, top_k))
-
-    builder = ChunkBuilder(encode=encode, **builder_args)
+    builder = _EmbeddingBatches(bank, top_k, **builder_args)
     position = start - 1
     for position, (item, vector, given) in enumerate(source.items(start), start):
-        width, height = _size(item.metadata)
+        width, height = item.size
         chunk = builder.add(position, item, skip_reason(item, existing), width, height, (vector, given))
         if chunk is not None:
             yield chunk
@@ -381,8 +480,40 @@ def embedding_chunks(source: EmbeddingSource, start: int, existing: set[str], ba
         yield chunk
 
 
-def _size(metadata: dict[str, Any]) -> tuple[int, int]:
-    width, height = metadata.get("width"), metadata.get("height")
-    if isinstance(width, int) and isinstance(height, int) and not isinstance(width, bool):
+class _EmbeddingBatches(ChunkBuilder):
+    """The image pipeline's batching, with each batch's concept vectors made as the index's CSR at once
+    (:meth:`ConceptBank.image_csr`: the same impacts as ``to_csr`` of :meth:`ConceptBank.image_vectors`, without
+    a dict per document, which cost more than scoring them); a source's own sparse vectors go through ``to_csr``."""
+
+    def __init__(self, bank: ConceptBank | None, top_k: int, **builder_args: Any):
+        super().__init__(encode=self._encode, **builder_args)
+        self.bank, self.top_k = bank, top_k
+
+    def _encode(self, payloads: list[tuple[np.ndarray, dict[str, float] | None]]) -> EncodedBatch:
+        dense = np.stack([vector for vector, _ in payloads]).astype(np.float32)
+        return EncodedBatch(dense=dense, sparse=[sparse or {} for _, sparse in payloads])
+
+    def flush(self, end: int) -> Chunk | None:
+        if self.bank is None or not self.records:
+            return super().flush(end)
+        chunk = Chunk(end=end, records=self.records, skipped=self.skipped)
+        dense = np.stack([vector for vector, _ in self.payloads]).astype(np.float32)
+        chunk.encoded = EncodedBatch(dense=dense, sparse=[{} for _ in self.records])  # as a spooled chunk reads
+        indptr, tokens, weights = self.bank.image_csr(dense, self.top_k)
+        chunk.csr = indptr, tokens.astype(index_dtype(len(self.vocabulary))), quantise(weights, self.scale)
+        self.records, self.payloads, self.skipped = [], [], []
+        return chunk
+
+
+SIZE_COLUMNS = ("width", "height")  # LAION's image size columns, and an export's: the documents' own size
+
+
+def _size(record: dict[str, Any]) -> tuple[int, int]:
+    """The image's width and height when the row gives both as whole numbers (then taken out of the row: they
+    are the document's own fields, as image indexing stores them, not metadata), else (0, 0) (unknown)."""
+    width, height = record.get("width"), record.get("height")
+    if type(width) is int and type(height) is int:
+        for name in SIZE_COLUMNS:
+            record.pop(name)
         return width, height
     return 0, 0

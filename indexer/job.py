@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from indexer.decode import DEFAULT_MAX_PIXELS, EXIF_BASIC, DecodeLimits
-from indexer.embeddings import EmbeddingSource, check_embeddings_model, collection_bank, embedding_chunks, open_source
+from indexer.embeddings import (
+    EmbeddingSource,
+    check_embeddings_model,
+    embedding_chunks,
+    index_bank,
+    open_source,
+    release_image_tower,
+)
 from indexer.journal import Chunk, JobDir, JournalState, Skip, job_dir_for, job_key
 from indexer.pipeline import NumberedItem, check_not_reimporting_main, default_workers, local_chunks
 from indexer.report import JobProgress, JobSummary
@@ -124,6 +131,7 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
     started = time.perf_counter()
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
+    own_encoder = encoder is None  # an embeddings job frees the image tower of an encoder it built (never a caller's)
     encoder = encoder or Encoder(job.model, batch_size=job.batch_size, device=job.device, pretrained=job.pretrained)
     batch_size, shard_size, dense, append, overwrite = (job.batch_size, job.shard_size, job.dense, job.append,
                                                         job.overwrite)
@@ -167,7 +175,7 @@ def run(job: IndexJob, *, encoder: Encoder | None = None, progress: bool | None 
                     existing = set(plan.unchanged) if plan else set(IndexReader(out).ids()) if writer.appending \
                         else set()
                     if embedded is not None:
-                        _index_embeddings(job_run, embedded, encoder, batch_size, existing, progress)
+                        _index_embeddings(job_run, embedded, encoder, batch_size, existing, progress, own_encoder)
                     else:
                         _encode_source(job_run, str(source), options, encoder, batch_size, workers, runner,
                                        ray_address, limits, existing, progress)
@@ -201,10 +209,12 @@ def _encode_source(job_run: _JobRun, source: str, options: SourceOptions, encode
 
 
 def _index_embeddings(job_run: _JobRun, embedded: EmbeddingSource, encoder: Encoder, batch_size: int,
-                      existing: set[str], progress: bool | None) -> None:
-    """The embeddings source's items as chunks (no decode, no image tower), its calibration in the manifest."""
-    bank, calibration = collection_bank(encoder, embedded)
-    job_run.writer.manifest.calibration = job_run.writer.manifest.calibration or calibration
+                      existing: set[str], progress: bool | None, release: bool) -> None:
+    """The embeddings source's items as chunks (no decode; the image tower never runs, and once the bank is made
+    it is freed when ``release``), its calibration in the manifest."""
+    bank = index_bank(encoder, embedded, job_run.writer)
+    if release:
+        release_image_tower(encoder)
     builder_args = {"batch_size": batch_size, "seen_ids": job_run.seen_ids, "vocabulary": encoder.model.vocabulary,
                     "scale": job_run.writer.manifest.scale}
     chunks = embedding_chunks(embedded, job_run.start, existing, bank, encoder.model.config.image_top_k, builder_args,

@@ -21,14 +21,29 @@ from typer.testing import CliRunner
 
 import indexer
 from indexer import IndexJob
-from indexer.embeddings import NOT_FINITE, ZERO, collection_bank, open_source
+from indexer.embeddings import (
+    NOT_FINITE,
+    ZERO,
+    collection_bank,
+    image_tower_released,
+    open_source,
+    release_image_tower,
+)
 from stair_search.cli import app
 from stair_search.encode import Encoder
 from stair_search.index import IndexReader, Manifest
 from stair_search.index.export import export
 from stair_search.models import create_model
 from stair_search.models.checkpoint import text_fingerprint
-from stair_search.models.concepts import PROMPTS, concept_ids, save_concept_texts, texts_cache_name
+from stair_search.models.concepts import (
+    MIN_Z,
+    PROMPTS,
+    Z_SCALE,
+    concept_ids,
+    save_concept_texts,
+    texts_cache_name,
+    top_columns,
+)
 from stair_search.paths import concepts_dir
 from stair_search.retrieve import QueryRouter, SearchRequest
 from stair_search.vectors import unit
@@ -116,6 +131,17 @@ def test_a_clip_retrieval_folder_indexes_as_its_images_do(clip_spec, photos, tmp
     stored = np.concatenate([np.load(folder / "img_emb" / f"img_emb_{n}.npy").astype(np.float32) for n in range(3)])
     top_k = encoder.model.config.image_top_k
     expected = bank.image_vectors(stored / np.linalg.norm(stored, axis=1, keepdims=True), top_k)
+    indptr, tokens, weights = bank.image_csr(stored / np.linalg.norm(stored, axis=1, keepdims=True), top_k)
+    z = bank.z_scores(stored / np.linalg.norm(stored, axis=1, keepdims=True))  # float64, every concept
+    for row, vector in enumerate(expected):  # float32 scoring picks the words a float64 full sort picks
+        best = [c for c in np.argsort(-z[row], kind="stable")[:top_k] if z[row, c] >= MIN_Z]
+        assert list(vector) == [encoder.model.vocabulary.tokens[bank.token_ids[c]] for c in best]
+        np.testing.assert_allclose(list(vector.values()), z[row, best] / Z_SCALE, atol=1e-5)
+    for row, vector in enumerate(expected):  # what the job writes (CSR, no dicts): the same words and weights
+        words = tokens[indptr[row] : indptr[row + 1]]
+        assert words.tolist() == sorted(words.tolist())
+        named = [encoder.model.vocabulary.tokens[t] for t in words]
+        assert dict(zip(named, weights[indptr[row] : indptr[row + 1]].tolist(), strict=True)) == vector
     for row, path in enumerate(paths):
         candidate = reader.find(str(path))
         assert candidate is not None
@@ -143,8 +169,9 @@ def test_a_clip_retrieval_folder_indexes_as_its_images_do(clip_spec, photos, tmp
         a, b = first.find(doc_id), second.find(doc_id)
         assert first.sparse_vectors([a]) == second.sparse_vectors([b])
         np.testing.assert_allclose(first.vectors([a]), second.vectors([b]), atol=1e-6)
-        fields = ("id", "source", "caption", "metadata")
+        fields = ("id", "source", "caption", "metadata", "width", "height")
         assert [first.documents([a])[0][f] for f in fields] == [second.documents([b])[0][f] for f in fields]
+        assert first.documents([a])[0]["width"] > 0  # the image's size came back, not 0 (unknown)
 
 
 def test_bad_rows_are_skipped_and_reported_and_urls_are_sources(clip_spec, tmp_path):
@@ -173,10 +200,43 @@ def test_a_parquet_of_ids_and_vectors_then_an_npy_with_its_ids_appended(clip_spe
     out = tmp_path / "index"
     indexer.run(IndexJob(tmp_path / "vectors.parquet", out, model=str(clip_spec), embeddings=True), progress=False)
     calibration = Manifest.load(out).calibration
+    assert (out / calibration["file"]).is_file()
     indexer.run(IndexJob(tmp_path / "plain.npy", out, model=str(clip_spec), embeddings=True, append=True),
                 progress=False)
-    assert sorted(IndexReader(out).ids()) == [f"d{i}" for i in range(6)] + [f"e{i}" for i in range(4)]
+    reader = IndexReader(out)
+    assert sorted(reader.ids()) == [f"d{i}" for i in range(6)] + [f"e{i}" for i in range(4)]
     assert Manifest.load(out).calibration == calibration  # the index's calibration is the first job's
+    encoder = Encoder(str(clip_spec))
+    units = vectors[:4] / np.linalg.norm(vectors[:4], axis=1, keepdims=True)
+    top_k = encoder.model.config.image_top_k
+    indexed_as = collection_bank(encoder, open_source(tmp_path / "vectors.parquet"))[0].image_vectors(units, top_k)
+    own_sample = collection_bank(encoder, open_source(tmp_path / "plain.npy"))[0].image_vectors(units, top_k)
+    assert indexed_as != own_sample  # the two calibrations differ, so the check below tells them apart
+    appended = reader.sparse_vectors([reader.find(f"e{i}") for i in range(4)])
+    for got, want in zip(appended, indexed_as, strict=True):  # the append is calibrated as the index was
+        assert set(got) == set(want) and all(abs(got[k] - want[k]) < 0.01 for k in got)
+    hits = QueryRouter(reader, encoder).search(SearchRequest(text="a photo", mode="dense", k=3)).hits
+    assert len(hits) == 3  # built by jobs that freed their image tower: the index records the full model
+
+
+def test_a_job_s_encoder_holds_no_image_tower_weights_and_writes_the_same_vectors(clip_spec, tmp_path):
+    vectors = np.random.default_rng(4).normal(size=(5, 32)).astype(np.float32)
+    table = pa.table({"id": [f"d{i}" for i in range(5)], "embedding": pa.array(list(vectors), pa.list_(pa.float32()))})
+    pq.write_table(table, tmp_path / "vectors.parquet")
+    full, text_side = Encoder(str(clip_spec)), Encoder(str(clip_spec))
+    release_image_tower(text_side)
+    assert image_tower_released(text_side) and not image_tower_released(full)
+    assert text_side.fingerprint == full.fingerprint and text_side.record.embed_dim == full.record.embed_dim
+    np.testing.assert_array_equal(text_side.embed_texts(["a red circle"]), full.embed_texts(["a red circle"]))
+    with pytest.raises((NotImplementedError, RuntimeError)):  # it cannot encode an image any more
+        text_side.encode_images([draw_shape("red", "circle")])
+    for encoder, out in ((full, tmp_path / "full"), (text_side, tmp_path / "text-side")):
+        indexer.run(IndexJob(tmp_path / "vectors.parquet", out, model=str(clip_spec), embeddings=True),
+                    encoder=encoder, progress=False)
+    a, b = IndexReader(tmp_path / "full"), IndexReader(tmp_path / "text-side")
+    rows_a, rows_b = [a.find(f"d{i}") for i in range(5)], [b.find(f"d{i}") for i in range(5)]
+    assert a.sparse_vectors(rows_a) == b.sparse_vectors(rows_b)
+    np.testing.assert_array_equal(a.vectors(rows_a), b.vectors(rows_b))
 
 
 def test_width_mismatch_and_misaligned_rows_are_one_line(clip_spec, tmp_path, capsys):
@@ -220,3 +280,21 @@ def test_a_job_killed_mid_run_resumes_without_losing_or_repeating_documents(clip
     ids = IndexReader(out).ids()
     assert len(ids) == len(set(ids)) == count
     assert job_dir_of(out) is None
+
+
+def test_top_columns_are_a_full_sort_s_top_k_above_the_floor():
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        rows, width, k = int(rng.integers(1, 30)), int(rng.integers(1, 2500)), int(rng.integers(1, 80))
+        scores = (rng.normal(size=(rows, width)) * rng.uniform(0.3, 3)).astype(np.float32)
+        if trial % 3 == 0:
+            scores = np.round(scores, 1)  # ties: the lower column first
+        floor = float(rng.choice([-9.0, 1.0, 2.5]))
+        counts, columns, values = top_columns(scores, k, floor)
+        at = 0
+        for row in range(rows):
+            ranked = sorted(range(width), key=lambda c: (-scores[row, c], c))[:k]
+            want = [c for c in ranked if scores[row, c] >= floor]
+            assert columns[at : at + counts[row]].tolist() == want
+            assert values[at : at + counts[row]].tolist() == scores[row, want].tolist()
+            at += counts[row]

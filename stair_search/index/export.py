@@ -1,7 +1,7 @@
 """``stair-search export``: an index's documents and vectors as one parquet file (or the dense matrix as .npy).
 
-What clip-retrieval users get from ``inference``: ids, sources, captions, metadata, the dense embedding and the
-sparse ``{word-piece: weight}`` vector of every live document, read back from the index rather than computed
+What clip-retrieval users get from ``inference``: ids, sources, captions, metadata, image sizes, the dense embedding
+and the sparse ``{word-piece: weight}`` vector of every live document, read back from the index rather than computed
 again. The index is walked ``batch_size`` documents at a time (:meth:`IndexReader.live`) and each batch is written
 before the next is read, so memory stays bounded however large the index is; the output appears under its
 name only when complete (``atomic_path``). Dense vectors of an IVF-PQ index are its PQ approximation.
@@ -26,6 +26,7 @@ TEXT_FIELDS = ("id", "source", "caption")
 def schema(dim: int) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("source", pa.string()), ("caption", pa.string()),
                       ("metadata", pa.string()),  # JSON text, as stored
+                      ("width", pa.int32()), ("height", pa.int32()),  # the image's size (0: unknown)
                       ("dense", pa.list_(pa.float32(), dim)),
                       ("sparse", pa.map_(pa.string(), pa.float32()))])
 
@@ -46,8 +47,8 @@ def _parquet(index: IndexReader, out: Path, batch_size: int) -> int:
     table_schema = schema(index.manifest.embed_dim)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, table_schema) as writer:
         for batch in index.live(batch_size):
-            rows = index.documents(batch, [*TEXT_FIELDS, "metadata"])
-            columns = {name: [row[name] for row in rows] for name in TEXT_FIELDS}
+            rows = index.documents(batch, [*TEXT_FIELDS, "metadata", "width", "height"])
+            columns = {name: [row[name] for row in rows] for name in (*TEXT_FIELDS, "width", "height")}
             columns["metadata"] = [json.dumps(row["metadata"] or {}, ensure_ascii=False) for row in rows]
             columns["dense"] = list(index.vectors(batch))
             columns["sparse"] = [list(vector.items()) for vector in index.sparse_vectors(batch)]

@@ -115,6 +115,7 @@ class IndexWriter:
         self._pending_count = 0  # documents in ``_pending``
         self._new_tombstones: list[Path] = []  # written by ``delete``: the manifest has changed
         self._replacing: list[tuple[list[str], str | None]] = []  # (replaced shards, the shard in their place)
+        self._staged: list[Move] = []  # files published into the index folder with the shards (stage_file)
         self.settings_changed = False  # set by the caller after changing the manifest's settings (merge_policy)
         self.committed = False
 
@@ -229,6 +230,11 @@ class IndexWriter:
         self._replacing.append((list(names), shard.name if shard else None))
         return shard
 
+    def stage_file(self, path: Path, name: str) -> None:
+        """Publish the file ``path`` (written in the build folder) as ``name`` in the index folder at the commit,
+        in the one atomic publish with the shards and the manifest that names it."""
+        self._staged.append((Path(path), self.index_dir / name))
+
     # ------------------------------------------------------------------------------------------ deleting
 
     def delete(self, ids: Iterable[str]) -> DeleteResult:
@@ -306,11 +312,11 @@ class IndexWriter:
             raise ValueError("No documents were added: nothing to index.")
         known = {s.name for s in self.manifest.shards} if self.appending else set()
         new = [s for s in self.written if s.name not in known]  # known: published by an earlier, killed run
-        moves: list[Move] = [(s.path(self.build_dir), s.path(self.index_dir)) for s in new]
+        moves: list[Move] = [*((s.path(self.build_dir), s.path(self.index_dir)) for s in new), *self._staged]
         report_moves, removals = self._stage_report(skipped, keep_report)
         self.manifest.shards = self._shards_after(new)
-        if (new or report_moves or removals or self._new_tombstones or self._replacing or self.settings_changed
-                or not self.appending):
+        if (new or self._staged or report_moves or removals or self._new_tombstones or self._replacing
+                or self.settings_changed or not self.appending):
             publish(self.index_dir, self.manifest.to_dict(), [*moves, *report_moves], removals)
 
     def _shards_after(self, new: Sequence[ShardInfo]) -> list[ShardInfo]:

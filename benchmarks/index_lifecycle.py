@@ -7,17 +7,22 @@ in one run, on synthetic documents (random unit dense vectors of ``--dim``; spar
 word-pieces drawn from a Zipf-like pool of the real vocabulary; no text route, no model: the first stage alone).
 
 1. Four indexes of the same ``--appends`` x ``--per-append`` documents: appended with the policy off, appended
-   with it on (the default), the first one compacted, and built at once. Each answers the same ``--queries``
-   queries (a stored document's 12 strongest word-pieces, and its dense vector plus noise), k=10, through
-   ``IndexReader.search``, the indexes interleaved query by query: p50/p95 per route (sparse, dense, hybrid = both
-   routes at once) and the ratio to the built-at-once index.
+   with it on (the default), the first one compacted, and built at once; and the policy's index after one more
+   append (``policy+1``: its worst case, a small shard beside a full one, with ``--per-append`` more documents).
+   Each answers the same ``--queries`` queries (a stored document's 12 strongest word-pieces, and its dense vector
+   plus noise), k=10, through ``IndexReader.search``, the indexes interleaved query by query: p50/p95 per route
+   (sparse, dense, hybrid = both routes at once) and the ratio to the built-at-once index. The appends' total
+   time with the policy and without it (what the policy's merges cost the writes).
 2. ``--large`` documents (one shard), ``--deleted`` of them deleted (the policy off, so they stay): p50 and bytes
-   on disk before and after ``compact`` (a copy compacted, both measured interleaved); compaction's documents per
-   second and peak memory (its own process, ``ru_maxrss``: the JVM that builds the Lucene indexes included).
+   on disk before and after ``compact`` (a copy compacted, both measured interleaved), the dense index kind each
+   holds (``choose_spec``: HNSW from 100,000 rows, flat below) and what opening each costs (``warm``: a shard with
+   deleted rows copies its flat dense index without them); compaction's documents per second and peak memory
+   (its own process, ``ru_maxrss``: the JVM that builds the Lucene indexes included).
 
 Run it with ``OMP_NUM_THREADS=1`` on a shared machine (FAISS's OpenMP threads spin otherwise).
 
     python benchmarks/index_lifecycle.py [--appends 100] [--per-append 20] [--large 20000] [--deleted 0.3]
+    python benchmarks/index_lifecycle.py --skip-lifecycle --large 100000   # part 2 alone
 """
 
 from __future__ import annotations
@@ -91,28 +96,36 @@ ROUTES = {"sparse": lambda q: ShardQuery(K, sparse=q.sparse), "dense": lambda q:
           "hybrid": lambda q: q}
 
 
-def latencies(paths: dict[str, Path], asked: list[ShardQuery]) -> dict[str, dict[str, tuple[float, float]]]:
+def latencies(paths: dict[str, Path], asked: list[ShardQuery]) -> dict[str, dict[str, Any]]:
     """p50 / p95 in ms per index and route, the indexes interleaved query by query (their order rotating), so
-    that whatever else the machine does weighs on each alike; after one warm-up pass."""
+    that whatever else the machine does weighs on each alike; after one warm-up pass. ``cpu``: the p50 of the
+    process's CPU time per query (``OMP_NUM_THREADS=1``: one thread searches), which the other processes of a
+    shared machine barely change. ``warm_s``: opening every part of the index (``IndexReader.warm``)."""
     readers = {name: IndexReader(path) for name, path in paths.items()}
     times: dict[str, dict[str, list[float]]] = {name: {route: [] for route in ROUTES} for name in paths}
+    cpu: dict[str, dict[str, list[float]]] = {name: {route: [] for route in ROUTES} for name in paths}
+    warm: dict[str, float] = {}
     names = list(paths)
     try:
-        for reader in readers.values():
+        for name, reader in readers.items():
+            started = time.perf_counter()
             reader.warm()
+            warm[name] = round(time.perf_counter() - started, 3)
             for query in asked[:20]:
                 for make in ROUTES.values():
                     reader.search(make(query))
         for n, query in enumerate(asked):
             for route, make in ROUTES.items():
                 for name in names[n % len(names):] + names[:n % len(names)]:
-                    started = time.perf_counter()
+                    started, used = time.perf_counter(), time.process_time()
                     readers[name].search(make(query))
                     times[name][route].append((time.perf_counter() - started) * 1000)
+                    cpu[name][route].append((time.process_time() - used) * 1000)
     finally:
         for reader in readers.values():
             reader.close()
-    return {name: {route: (float(np.percentile(t, 50)), float(np.percentile(t, 95))) for route, t in found.items()}
+    return {name: {"warm_s": warm[name], "cpu": {route: float(np.percentile(t, 50)) for route, t in cpu[name].items()},
+                   **{route: (float(np.percentile(t, 50)), float(np.percentile(t, 95))) for route, t in found.items()}}
             for name, found in times.items()}
 
 
@@ -125,10 +138,14 @@ def shards_of(out: Path) -> int:
         return index.shard_count
 
 
+def dense_kinds(out: Path) -> list[str]:
+    return [shard["dense"]["kind"] for shard in json.loads((out / "manifest.json").read_text())["shards"]]
+
+
 def lifecycle(root: Path, record: ModelRecord, args: argparse.Namespace) -> dict[str, Any]:
-    """Part 1: four indexes of the same documents."""
+    """Part 1: four indexes of the same documents, and the policy's after one more append."""
     total = args.appends * args.per_append
-    folders = {name: root / name for name in ("appended", "policy", "compacted", "at_once")}
+    folders = {name: root / name for name in ("appended", "policy", "policy+1", "compacted", "at_once")}
     started = time.perf_counter()
     for n in range(args.appends):
         add(folders["appended"], record, n * args.per_append, args.per_append, args, merge=False)
@@ -137,6 +154,8 @@ def lifecycle(root: Path, record: ModelRecord, args: argparse.Namespace) -> dict
     for n in range(args.appends):
         add(folders["policy"], record, n * args.per_append, args.per_append, args, merge=True)
     policy_s = time.perf_counter() - started
+    shutil.copytree(folders["policy"], folders["policy+1"])
+    add(folders["policy+1"], record, total, args.per_append, args, merge=True)
     shutil.copytree(folders["appended"], folders["compacted"])
     compact(folders["compacted"])
     add(folders["at_once"], record, 0, total, args, merge=False)
@@ -168,6 +187,7 @@ def deleted_heavy(root: Path, record: ModelRecord, args: argparse.Namespace) -> 
     delete_documents(out, doomed)
     compacted = root / "large_compacted"
     shutil.copytree(out, compacted)
+    print(f"part 2: {args.large} documents built, {len(doomed)} deleted; compacting", file=sys.stderr, flush=True)
     child = subprocess.run([sys.executable, "-c", COMPACT_CHILD, str(compacted)], check=True, capture_output=True,
                            text=True)
     run = json.loads(child.stdout.strip().splitlines()[-1])
@@ -176,32 +196,47 @@ def deleted_heavy(root: Path, record: ModelRecord, args: argparse.Namespace) -> 
         if leftover.name not in listed:
             shutil.rmtree(leftover)
     measured = latencies({"before": out, "after": compacted}, asked)
-    before = {"bytes": disk_bytes(out), **measured["before"]}
-    after = {"bytes": disk_bytes(compacted), **measured["after"]}
+    before = {"bytes": disk_bytes(out), "dense_kind": dense_kinds(out), **measured["before"]}
+    after = {"bytes": disk_bytes(compacted), "dense_kind": dense_kinds(compacted), **measured["after"]}
     return {"documents": args.large, "deleted": len(doomed), "before": before, "after": after,
             "compaction_docs_per_s": round(run["documents"] / run["seconds"], 1),
             "compaction_s": round(run["seconds"], 1), "compaction_peak_rss_mib": round(run["peak_rss_mib"], 1)}
 
 
 def report(results: dict[str, Any]) -> None:
-    part = results["lifecycle"]
+    print(f"\n{args_line(results)}")
+    if "lifecycle" in results:
+        report_lifecycle(results["lifecycle"])
+    report_deleted(results["deleted_heavy"])
+
+
+def report_lifecycle(part: dict[str, Any]) -> None:
     base = part["rows"]["at_once"]
-    print(f"\n{part['documents']} documents: {args_line(results)}")
+    print(f"\n{part['documents']} documents:")
     print(f"{'index':<11}{'shards':>7}" + "".join(f"{r + ' p50/p95 ms':>24}{'x':>6}" for r in ("sparse", "dense",
                                                                                                   "hybrid")))
     for name, row in part["rows"].items():
         cells = "".join(f"{row[r][0]:>11.2f} / {row[r][1]:>8.2f}{row[r][0] / base[r][0]:>8.2f}"
                         for r in ("sparse", "dense", "hybrid"))
         print(f"{name:<11}{row['shards']:>7}{cells}")
+    print("CPU time p50 ms (x the built-at-once index): " + "; ".join(
+        f"{name} " + " ".join(f"{row['cpu'][r]:.2f} ({row['cpu'][r] / base['cpu'][r]:.2f})"
+                              for r in ("sparse", "dense", "hybrid")) for name, row in part["rows"].items()))
     print(f"appends: {part['append_s']} s without the policy, {part['append_with_policy_s']} s with it")
-    heavy = results["deleted_heavy"]
+
+
+def report_deleted(heavy: dict[str, Any]) -> None:
     print(f"\n{heavy['documents']} documents, {heavy['deleted']} deleted, one shard:")
     for name in ("before", "after"):
         row = heavy[name]
-        print(f"  {name:<7} {row['bytes'] / 2**20:8.1f} MiB  " + "  ".join(
-            f"{r} {row[r][0]:.2f}/{row[r][1]:.2f} ms" for r in ("sparse", "dense", "hybrid")))
+        routes = "  ".join(f"{r} {row[r][0]:.2f}/{row[r][1]:.2f} ms" for r in ("sparse", "dense", "hybrid"))
+        print(f"  {name:<7} {row['bytes'] / 2**20:8.1f} MiB  dense {'/'.join(row['dense_kind'])}  "
+              f"warm {row['warm_s']} s  {routes}")
     ratio = {r: heavy["before"][r][0] / heavy["after"][r][0] for r in ("sparse", "dense", "hybrid")}
     print(f"  p50 before / after: {json.dumps({r: round(v, 2) for r, v in ratio.items()})}")
+    cpu = {r: heavy["before"]["cpu"][r] / heavy["after"]["cpu"][r] for r in ("sparse", "dense", "hybrid")}
+    print(f"  CPU time p50 before / after: {json.dumps({r: round(v, 2) for r, v in cpu.items()})} (ms before: "
+          f"{json.dumps({r: round(v, 2) for r, v in heavy['before']['cpu'].items()})})")
     print(f"  compaction: {heavy['compaction_docs_per_s']} documents/s ({heavy['compaction_s']} s), "
           f"peak RSS {heavy['compaction_peak_rss_mib']} MiB")
 
@@ -220,13 +255,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-lifecycle", action="store_true", help="part 2 alone")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     record = model(args.dim)
     with tempfile.TemporaryDirectory(prefix="lifecycle-") as tmp:
-        results = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
-                   "lifecycle": lifecycle(Path(tmp), record, args),
-                   "deleted_heavy": deleted_heavy(Path(tmp), record, args)}
+        results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "json"}}
+        if not args.skip_lifecycle:
+            results["lifecycle"] = lifecycle(Path(tmp), record, args)
+        results["deleted_heavy"] = deleted_heavy(Path(tmp), record, args)
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

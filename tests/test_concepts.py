@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -31,18 +33,54 @@ from tests.conftest import draw_shape, sample_photo, save_tiny_clip
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# A process of its own encodes the images named after the config: prints their sparse vectors as JSON
+ENCODE_IN_A_PROCESS = ("import json, sys; from PIL import Image; from stair_search.encode import Encoder; "
+                       "e = Encoder(sys.argv[1]); images = [Image.open(p).convert('RGB') for p in sys.argv[2:]]; "
+                       "print(json.dumps(e.encode_images(images).sparse))")
+
+
+class FirstRun(NamedTuple):
+    """What a first process left in an empty data folder: the sparse vectors it printed, the images it encoded."""
+
+    home: Path
+    vectors: list[dict[str, float]]
+    images: list[Path]
+    banks: list[Path]  # the concept bank files in the folder once it had run
+    texts: list[Path]  # the word embedding files
+
+
 @pytest.fixture(scope="module")
 def foreign_clip(tmp_path_factory) -> Path:
     """A config for an open_clip CLIP with its weights in a local open_clip checkpoint file, no STAIR heads."""
     return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
+@pytest.fixture(scope="module")
+def first_run(foreign_clip, tmp_path_factory) -> FirstRun:
+    """The tiny CLIP's concept bank built from nothing by a process of its own, as a user's first run builds it
+    (its ~21k words through the text tower, then their calibration), while it encodes two drawn shapes. The
+    module's tests read that bank back: building it again in each would cost tens of seconds on 2 cores."""
+    folder = tmp_path_factory.mktemp("two-shapes")
+    images = [folder / f"{i}.png" for i in range(2)]
+    draw_shape("green", "triangle").save(images[0])
+    draw_shape("yellow", "circle", background="black").save(images[1])
+    home = tmp_path_factory.mktemp("stair-data")
+    done = subprocess.run([sys.executable, "-c", ENCODE_IN_A_PROCESS, str(foreign_clip), *map(str, images)],
+                          env={**os.environ, "STAIR_DATA": str(home)}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = list((home / "concepts").glob("*.npz"))
+    return FirstRun(home, json.loads(done.stdout), images, banks(home / "concepts"),
+                    [path for path in written if path.name.startswith("texts-")])
+
+
 @pytest.fixture(autouse=True)
-def data_home(request, tmp_path_factory, monkeypatch):
-    """The throwaway tiny CLIP's banks go to the session's folder, not the user's data cache; the shipped models'
-    bank is the shared one (built once per machine, ~100 s on 2 cores, and reused by the other tests)."""
+def data_home(request, monkeypatch):
+    """The throwaway tiny CLIP's banks go to the folder of its first run (``first_run``), not the user's data
+    cache; the shipped models' bank is the shared one (built once per machine, ~100 s on 2 cores, and reused by
+    the other tests)."""
     if "foreign_clip" in request.fixturenames:
-        monkeypatch.setenv("STAIR_DATA", str(tmp_path_factory.getbasetemp() / "stair-data"))
+        monkeypatch.setenv("STAIR_DATA", str(request.getfixturevalue("first_run").home))
 
 
 def test_a_model_without_trained_heads_never_writes_random_sparse_vectors(foreign_clip, tmp_path):
@@ -88,29 +126,28 @@ def banks(folder: Path) -> list[Path]:
     return [path for path in folder.glob("*.npz") if not path.name.startswith("texts-")]
 
 
-def test_training_free_vectors_are_the_same_in_two_processes_and_read_back_from_the_cache(foreign_clip, tmp_path):
-    images = [draw_shape("green", "triangle"), draw_shape("yellow", "circle", background="black")]
-    for i, image in enumerate(images):
-        image.save(tmp_path / f"{i}.png")
-    code = ("import json, sys; from PIL import Image; from stair_search.encode import Encoder; "
-            "e = Encoder(sys.argv[1]); "
-            "print(json.dumps(e.encode_images([Image.open(p).convert('RGB') for p in sys.argv[2:]]).sparse))")
-    args = [sys.executable, "-c", code, str(foreign_clip), *(str(tmp_path / f"{i}.png") for i in range(2))]
-    env = {**os.environ, "STAIR_DATA": str(tmp_path / "fresh-cache")}
-    first = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
-    cache = banks(tmp_path / "fresh-cache" / "concepts")
-    assert len(cache) == 1 and len(list(cache[0].parent.glob("texts-*.npz"))) == 1  # the bank, its words
-    built = cache[0].stat().st_mtime_ns
-    second = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
-    assert json.loads(first.stdout) == json.loads(second.stdout) and json.loads(first.stdout)[0]
-    assert cache[0].stat().st_mtime_ns == built  # the second process read the bank, it did not rebuild it
+def test_training_free_vectors_are_the_same_in_two_processes_and_read_back_from_the_cache(foreign_clip, first_run):
+    """The first process (``first_run``) built the bank and its words in an empty folder; a second one reads the
+    bank back, never rebuilding it, and writes the same vectors."""
+    assert len(first_run.banks) == 1 and len(first_run.texts) == 1  # what the first process wrote: the bank, its words
+    built = first_run.banks[0].stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", ENCODE_IN_A_PROCESS, str(foreign_clip), *map(str, first_run.images)],
+                            env={**os.environ, "STAIR_DATA": str(first_run.home)}, cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(second.stdout) == first_run.vectors and first_run.vectors[0]
+    assert first_run.banks[0].stat().st_mtime_ns == built  # the second process read the bank, it did not rebuild it
 
 
-def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreign_clip, tmp_path, monkeypatch,
-                                                                          caplog):
+def test_warming_an_encoder_makes_its_concept_bank_before_the_first_image(foreign_clip, first_run, tmp_path,
+                                                                          monkeypatch, caplog):
     """What a server does when it loads a model: a first image query must not wait for the bank's build. The build
     says so in one line (a first run with an empty data folder is otherwise slow without a word); reading the bank
-    back says nothing."""
+    back says nothing. The data folder holds no bank, only the words' embeddings of the first run (the text
+    tower's part, cached apart: ``first_run`` built them from nothing), so the build here is the calibration."""
+    (tmp_path / "empty-cache" / "concepts").mkdir(parents=True)
+    for words in first_run.texts:
+        shutil.copy2(words, tmp_path / "empty-cache" / "concepts" / words.name)
     monkeypatch.setenv("STAIR_DATA", str(tmp_path / "empty-cache"))
     encoder = Encoder(create_model(str(foreign_clip), device="cpu"), batch_size=8)
     with caplog.at_level(logging.WARNING, logger="stair_search.encode"):

@@ -41,6 +41,7 @@ def main(spec_path: str) -> None:
     report: dict[str, Any] = {}
     started = time.monotonic()
     cluster, ray = start_cluster()
+    report["step_s"] = {"cluster": round(time.monotonic() - started, 1)}  # where a slow run spends its time
     try:
         run_scenarios(spec, cluster, report)
     finally:
@@ -86,7 +87,9 @@ def run_scenarios(spec: dict[str, Any], cluster: Any, report: dict[str, Any]) ->
                 "update": lambda: update_under_load(remote, spec),
             }
             for name, step in steps.items():
+                begun = time.monotonic()
                 report[name] = step()
+                report["step_s"][name] = round(time.monotonic() - begun, 1)
                 Path(spec["out"]).write_text(json.dumps(report, indent=1, default=str))  # what ran so far
     finally:
         driver.send_signal(signal.SIGINT)
@@ -94,7 +97,9 @@ def run_scenarios(spec: dict[str, Any], cluster: Any, report: dict[str, Any]) ->
             report["driver"] = driver.communicate(timeout=60)[0][-3000:]
         except subprocess.TimeoutExpired:
             driver.kill()
+    begun = time.monotonic()
     report["ray_indexing"] = ray_indexing(spec, cluster)
+    report["step_s"]["ray_indexing"] = round(time.monotonic() - begun, 1)
 
 
 def start_driver(spec: dict[str, Any], address: str) -> subprocess.Popen:

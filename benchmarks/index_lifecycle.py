@@ -97,15 +97,18 @@ ROUTES = {"sparse": lambda q: ShardQuery(K, sparse=q.sparse), "dense": lambda q:
 
 
 def latencies(paths: dict[str, Path], asked: list[ShardQuery]) -> dict[str, dict[str, Any]]:
-    """p50 / p95 in ms per index and route, the indexes interleaved query by query (their order rotating), so
-    that whatever else the machine does weighs on each alike; after one warm-up pass. ``cpu``: the p50 of the
+    """p50 / p95 in ms per index and route, the indexes interleaved query by query, in a new random order each
+    time, so that whatever else the machine does weighs on each alike (a rotating order kept one index always
+    right after the 100-shard one, whose query leaves the caches cold: 1.3-1.4x for one shard of the same
+    documents as the built-at-once index, in CPU time too); after one warm-up pass. ``cpu``: the p50 of the
     process's CPU time per query (``OMP_NUM_THREADS=1``: one thread searches), which the other processes of a
-    shared machine barely change. ``warm_s``: opening every part of the index (``IndexReader.warm``)."""
+    shared machine change less than the wall time. ``warm_s``: opening every part of the index
+    (``IndexReader.warm``)."""
     readers = {name: IndexReader(path) for name, path in paths.items()}
     times: dict[str, dict[str, list[float]]] = {name: {route: [] for route in ROUTES} for name in paths}
     cpu: dict[str, dict[str, list[float]]] = {name: {route: [] for route in ROUTES} for name in paths}
     warm: dict[str, float] = {}
-    names = list(paths)
+    names, shuffle = list(paths), np.random.default_rng(0).permutation
     try:
         for name, reader in readers.items():
             started = time.perf_counter()
@@ -114,9 +117,9 @@ def latencies(paths: dict[str, Path], asked: list[ShardQuery]) -> dict[str, dict
             for query in asked[:20]:
                 for make in ROUTES.values():
                     reader.search(make(query))
-        for n, query in enumerate(asked):
+        for query in asked:
             for route, make in ROUTES.items():
-                for name in names[n % len(names):] + names[:n % len(names)]:
+                for name in (names[i] for i in shuffle(len(names))):
                     started, used = time.perf_counter(), time.process_time()
                     readers[name].search(make(query))
                     times[name][route].append((time.perf_counter() - started) * 1000)

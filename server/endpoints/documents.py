@@ -12,15 +12,17 @@ request whose ``If-None-Match`` names the current ETag is answered 304 before an
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import RedirectResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from server.imaging import is_remote
+from server.imaging import Thumbnail, is_remote
+from server.registry import IndexVersion
 from server.schemas import Document
-from server.state import State, authorized, etag_matches, find_document, thumbnail_etag, thumbnail_url
+from server.state import ServiceState, State, authorized, etag_matches, find_document, thumbnail_etag, thumbnail_url
 
 THUMBNAIL_MAX_AGE_S = 300  # then the browser revalidates: a 304 from an lstat while the file is unchanged
 FULL_SIZE = 0  # the ETag's size of an image served at its own size
@@ -59,19 +61,8 @@ def thumbnail(state: State, doc_id: str, index: str | None = None,
     images with transparency); no client path is ever opened. A URL-sourced document redirects to its stored URL
     (the server never fetches it)."""
     size = size or state.settings.thumbnail_size
-    version = state.checkout(index)
-    try:
-        row = find_document(version, doc_id)
-        if is_remote(row["source"]):
-            return RedirectResponse(row["source"], status_code=307, headers={"Cache-Control": "max-age=300"})
-        etag = thumbnail_etag(row["source"], size)
-        headers = _thumbnail_headers(state, etag)
-        if etag is not None and etag_matches(if_none_match, etag):
-            return Response(status_code=304, headers=headers)
-        made = state.thumbnail(version, row, size)
-    finally:
-        version.release()
-    return Response(made.data, media_type=made.media_type, headers=headers)
+    return _image_answer(state, doc_id, index, if_none_match, size,
+                         lambda version, row: state.thumbnail(version, row, size))
 
 
 @router.get("/images/{doc_id:doc_id}", responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
@@ -81,16 +72,23 @@ def image(state: State, doc_id: str, index: str | None = None,
           if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The image the index stored for this id at its own size (up to the server's source pixel cap), re-encoded
     as its thumbnail is (JPEG for photos, PNG otherwise); a URL-sourced document redirects to its stored URL."""
+    return _image_answer(state, doc_id, index, if_none_match, FULL_SIZE, lambda _, row: state.full_image(row))
+
+
+def _image_answer(state: ServiceState, doc_id: str, index: str | None, if_none_match: str | None, size: int,
+                  make: Callable[[IndexVersion, dict[str, Any]], Thumbnail]) -> Response:
+    """The one path of /thumbnails and /images: the document by id, a 307 to a URL source, a 304 for a matching
+    ETag before anything is decoded, else ``make``'s image with the cache headers."""
     version = state.checkout(index)
     try:
         row = find_document(version, doc_id)
         if is_remote(row["source"]):
             return RedirectResponse(row["source"], status_code=307, headers={"Cache-Control": "max-age=300"})
-        etag = thumbnail_etag(row["source"], FULL_SIZE)
+        etag = thumbnail_etag(row["source"], size)
         headers = _thumbnail_headers(state, etag)
         if etag is not None and etag_matches(if_none_match, etag):
             return Response(status_code=304, headers=headers)
-        made = state.full_image(row)
+        made = make(version, row)
     finally:
         version.release()
     return Response(made.data, media_type=made.media_type, headers=headers)

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -87,23 +88,30 @@ def sides(before: str, work: Path) -> dict[str, Side]:
     return found | {"torch queries (this code)": Side("torch"), "after (ONNX Runtime)": Side("auto")}
 
 
-def cli_seconds(index: Path, side: Side, args: list[str]) -> float:
+def cli_seconds(index: Path, side: Side, args: list[str]) -> tuple[float, float]:
+    """Wall seconds of one CLI search, and the CPU seconds (user + system, every thread, the JVM's included) it
+    used: the figure a shared machine's other jobs barely change."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     side.run(["search", str(index), *args, "-k", "5", "--json"], check=True, capture_output=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def cli_table(index: Path, compared: dict[str, Side], rounds: int) -> dict[str, dict[str, float]]:
-    """Median wall seconds of a CLI search per side and query kind (a fresh process each: what a user waits)."""
+def cli_table(index: Path, compared: dict[str, Side], rounds: int) -> tuple[dict[str, dict[str, float]], ...]:
+    """Median wall and CPU seconds of a CLI search per side and query kind (a fresh process each: what a user
+    waits, and what it costs the machine)."""
     photo = str(sample_dir() / QUERY_IMAGE)
     kinds = {"text (auto: + text route)": [TEXT], "text, --mode hybrid (no Lucene)": [TEXT, "--mode", "hybrid"],
              "image": ["--image", photo]}
-    times: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in kinds} for name in compared}
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {name: {kind: [] for kind in kinds} for name in compared}
     for _ in range(rounds):
         for name, side in compared.items():
             for kind, args in kinds.items():
                 times[name][kind].append(cli_seconds(index, side, args))
-    return {side: {kind: statistics.median(v) for kind, v in by_kind.items()} for side, by_kind in times.items()}
+    return tuple({side: {kind: statistics.median(t[i] for t in v) for kind, v in by_kind.items()}
+                  for side, by_kind in times.items()} for i in (0, 1))
 
 
 def free_port() -> int:
@@ -223,15 +231,18 @@ def main() -> None:
     try:
         index = args.index or build_index(work)
         compared = sides(args.before, work)
+        print(f"load average at the start: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} cores", flush=True)
         for side in compared.values():  # compiled bytecode, the bundle (exported once), the concept bank
             cli_seconds(index, side, [TEXT])
             cli_seconds(index, side, ["--image", str(sample_dir() / QUERY_IMAGE)])
-        print(markdown(f"CLI search wall time, median of {args.rounds} (s)", cli_table(index, compared, args.rounds)),
-              flush=True)
+        wall, cpu = cli_table(index, compared, args.rounds)
+        print(markdown(f"CLI search wall time, median of {args.rounds} (s)", wall), flush=True)
+        print(markdown(f"CLI search CPU time (user + system), median of {args.rounds} (s)", cpu), flush=True)
         served = {name: serve_figures(index, side) for name, side in compared.items()}
         print(markdown("Server: start, first queries, memory", served), flush=True)
         print(markdown(f"Query encode p50, 1 thread, {args.encode_rounds} rounds (ms)",
                        encode_p50(args.encode_rounds), digits=3), flush=True)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

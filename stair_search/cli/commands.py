@@ -73,12 +73,12 @@ def index(
     dense: Annotated[str | None, typer.Option(help="flat | hnsw | ivfpq (default: by size)")] = None,
     append: Annotated[bool, typer.Option(help="Add new shards to an existing index.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (default min(4, cores); 0: inline).")]
     sync: Annotated[bool, typer.Option(help="Make the index match SOURCE in one version: index new images, delete "
                                             "those gone, index changed ones again (a folder's by size and "
                                             "modification time).")] = False,
     checksum: Annotated[bool, typer.Option(help="Record each image's SHA-1 (metadata 'sha1'); --sync compares it "
                                                 "instead of size and time (reads every file).")] = False,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode processes (default min(4, cores); 0: inline).")]
     = None,
     runner: Annotated[str, typer.Option(help="local | ray")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (--runner ray; default: local).")]

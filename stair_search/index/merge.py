@@ -20,19 +20,20 @@ the live documents, as in an index built at once from them.
   shards are packed into as few as ``shard_size`` allows.
 * :class:`MergePolicy`, applied by the writer after each append and delete: tiered, in the spirit of Lucene's
   TieredMergePolicy and its floor segment size. Every shard below ``floor`` live documents counts as
-  floor-sized: after an append, adjacent ones are merged into one as soon as there are two (so an index stays
-  one shard until it passes the floor, and holds at most one shard below the floor after the larger ones; a
-  delete alone does not, see ``plan_policy``). Above the floor, one tier
-  per factor ``tier_size``, and ``tier_size`` adjacent shards of one tier are merged whenever their sum fits
-  ``shard_size``. A shard whose deleted fraction passes ``deleted_fraction`` is rewritten (once it holds
-  ``min_deleted`` deleted rows: a few cost a query almost nothing, ``shard._live``). Why a floor: a query costs
-  every shard a fixed ~0.2 ms on the sparse route (Seismic's call and the exact re-scoring) and ~0.03 ms on the
-  dense one whatever its size, about what 2,000 more documents cost it (``benchmarks/index_lifecycle.py``), so
-  shards smaller than that are what makes an appended index slow; rewriting a small shard costs little, so they
-  are merged at once (like Lucene, below the floor an append rewrites the small shard it joins: up to ``floor``
-  documents, about a second).
-  Above it the number of shards grows with the logarithm of the index's size, and each document is rewritten a
-  logarithmic number of times. Stored in the manifest (``merge_policy``), switched off with ``enabled: false``.
+  floor-sized: after an append, two adjacent ones are merged into one (so an index stays one shard until it
+  passes the floor, then holds at most one shard below it, after the larger ones; a delete alone merges none of
+  them, see ``plan_policy``). Above the floor, one tier per factor ``tier_size``, and ``tier_size`` adjacent
+  shards of one tier are merged whenever their sum fits ``shard_size``: the number of shards grows with the
+  logarithm of the index's size, and each document is rewritten a logarithmic number of times. A shard whose
+  deleted fraction passes ``deleted_fraction`` is rewritten (once it holds ``min_deleted`` deleted rows: a few
+  cost a query almost nothing, ``shard._live``). Stored in the manifest (``merge_policy``), switched off with
+  ``enabled: false``.
+
+  Why a floor: a query costs every shard a fixed ~0.2 ms on the sparse route (Seismic's call and the exact
+  re-scoring) and ~0.03 ms on the dense one whatever its size, about what 2,000 more documents cost it
+  (``benchmarks/index_lifecycle.py``), so shards smaller than that are what made an appended index slow.
+  Rewriting a small shard costs little, so they are merged at once; the price, as in Lucene, is that below the
+  floor an append rewrites the small shard it joins (up to ``floor`` documents, about a second).
 
 IVF-PQ shards are re-trained on their decoded vectors when rewritten (flat and HNSW hold exact vectors).
 """
@@ -66,7 +67,7 @@ class MergePolicy:
     tier_size: int = 5  # this many adjacent shards of one tier above the floor are merged into one
     floor: int = 2_000  # shards with fewer live documents count as floor-sized: two adjacent ones are merged
     # a shard with more of its rows deleted is rewritten ... (its deleted rows stay in Seismic's posting lists: a
-    # 30%-deleted shard's sparse route costs 1.25-1.3x the compacted one's, 20% about 1.15x)
+    # 30%-deleted shard's sparse route costs 1.2-1.3x the compacted one's, a 20%-deleted one's 1.1x)
     deleted_fraction: float = 0.2
     min_deleted: int = 100  # ... once it holds this many deleted rows (a few cost less than a rewrite)
     shard_size: int | None = None

@@ -4,32 +4,36 @@ and query latency on the index it built, in one run.
 Why: the point of ``--embeddings`` is to index at the speed of matrix products and Lucene instead of decoding and
 encoding images; this says how close the whole job comes (target >= 2,000 documents/s) and where the time goes:
 
-- reading: the clip-retrieval folder walked into items (npy parts memory-mapped, metadata parquet, unit-normalise),
-  measured as a pass of its own;
+- reading: the clip-retrieval folder walked into items (npy parts memory-mapped, metadata parquet read a block at
+  a time, unit-normalise), measured as a pass of its own;
 - concept vectors: the collection's calibration (a 10,000-embedding sample) and each batch's concept vectors;
 - Lucene (impact index of the sparse vectors, and the captions' BM25 index), FAISS (HNSW or IVF-PQ), the feature
   store: timed inside the job's one writer;
 - peak resident memory of the process (``ru_maxrss``), and query p50 for sparse / dense / hybrid text queries.
 
-    python benchmarks/embeddings_indexing.py [--count 100000] [--dense hnsw ivfpq] [--work /tmp/emb-bench]
+    python benchmarks/embeddings_indexing.py [--count 100000] [--dense hnsw ivfpq] [--shard-size N] [--work DIR]
 
 The embeddings are synthetic: 512-d, clustered around 2,000 random centres (so FAISS and the concept vectors see
 structure), float16 parts of 50,000 rows like LAION's, with url, caption, key and similarity columns. The model is
 an open_clip CLIP of 512-d with random weights saved locally (its text tower embeds the concept words once, cached
 in the work folder; speed does not depend on the weights).
 
-One run on this 2-core machine (7 December 2026, shared: the process got about a third of a core), 100,000
-embeddings (1M did not fit the time), IVF-PQ, one shard: 1,114 s, 90 documents/s (target 2,000: not met);
-calibration 24 s, concept vectors 492 s, seismic 314 s, FAISS 230 s, Lucene impact 18 s, BM25 11 s, feature
-store 1 s, the rest 25 s; reading 3.2 s as a pass of its own; peak RSS 6.4 GiB (one 100k-document shard in
-memory until written); query p50 sparse 114 / dense 65 / hybrid 143 ms. The HNSW job of that run was stopped for
-time; at 20,000 embeddings HNSW took 149 s (134 documents/s). See docs/indexing.md.
+Runs on this 2-core machine (7 December 2026, shared with other jobs: the 1-minute load average is printed at the
+start and the end of each job, and CPU seconds beside wall seconds), one shard:
+1,000,000 embeddings, IVF-PQ (load 3.3 -> 5.7): 1,434 s, 697 documents/s (target 2,000: not met), 1.28 ms of CPU
+per document; wall (CPU) s: calibration 4.6 (4.7), concept vectors 511 (450), seismic 586 (599), FAISS 212 (117),
+Lucene impact 41 (44), BM25 26 (20), feature store 5.8 (5.0), the rest 47 (36); reading 11.6 s as a pass of its
+own; peak RSS 13.9 GiB (one 1M-document shard); query p50 sparse 96.7 / dense 52.1 / hybrid 29.4 ms (text
+encode 6.2). 100,000 embeddings (load 11.6 -> 6.9): IVF-PQ 341 s, 294 documents/s, 1.93 ms CPU per document
+(before this version: 1,114 s, 90 documents/s); HNSW 1,037 s, 96 documents/s (its build 267 s of CPU); peak RSS
+3.4 GiB. Seismic is the largest cost now (0.6 ms CPU per document). See docs/indexing.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -91,22 +95,29 @@ def write_embeddings(folder: Path, count: int, seed: int = 0) -> Path:
 
 
 class Timers:
-    """Wraps named functions in their modules and sums the seconds spent in each."""
+    """Wraps named functions in their modules and sums the wall seconds and the process's CPU seconds (all its
+    threads: BLAS, FAISS, the JVM) spent in each; on a shared machine the CPU time is the steadier figure."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
 
     def wrap(self, owner: Any, attribute: str, label: str) -> None:
         inner = getattr(owner, attribute)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             try:
                 return inner(*args, **kwargs)
             finally:
                 self.seconds[label] += time.perf_counter() - started
+                self.cpu[label] += time.process_time() - cpu
 
         setattr(owner, attribute, timed)
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.cpu.clear()
 
 
 def install_timers() -> Timers:
@@ -116,8 +127,8 @@ def install_timers() -> Timers:
     from stair_search.models.concepts import ConceptBank
 
     timers = Timers()
-    timers.wrap(job, "collection_bank", "calibration (10,000-embedding sample)")
-    timers.wrap(ConceptBank, "image_vectors", "concept vectors")
+    timers.wrap(job, "index_bank", "calibration (10,000-embedding sample)")
+    timers.wrap(ConceptBank, "image_csr", "concept vectors")
     timers.wrap(writer, "write_sparse_shard", "Lucene impact (sparse)")
     timers.wrap(writer, "build_seismic", "seismic (sparse, optional)")
     timers.wrap(writer, "build_text_index", "Lucene BM25 (captions)")
@@ -140,10 +151,17 @@ def query_p50(out: Path, spec: Path, queries: int = 60) -> dict[str, float]:
     from stair_search.index import IndexReader
     from stair_search.retrieve import QueryRouter, SearchRequest
 
-    router = QueryRouter(IndexReader(out), Encoder(str(spec)))
+    encoder = Encoder(str(spec))
+    router = QueryRouter(IndexReader(out), encoder)
     rng = np.random.default_rng(1)
     texts = [f"a {WORDS[a]} and a {WORDS[b]}" for a, b in rng.integers(0, len(WORDS), (queries, 2))]
-    result = {}
+    encoder.encode_texts(texts[:1])
+    times = []
+    for text in texts:  # what every mode's p50 includes: the query's text encode (torch, for this model)
+        started = time.perf_counter()
+        encoder.encode_texts([text])
+        times.append(time.perf_counter() - started)
+    result = {"text_encode": round(1000 * statistics.median(times), 1)}
     for mode in ("sparse", "dense", "hybrid"):
         router.search(SearchRequest(text=texts[0], mode=mode, k=10))  # warm
         times = []
@@ -155,18 +173,26 @@ def query_p50(out: Path, spec: Path, queries: int = 60) -> dict[str, float]:
     return result
 
 
-def run_job(folder: Path, out: Path, spec: Path, dense: str, count: int, timers: Timers) -> dict[str, Any]:
+def run_job(folder: Path, out: Path, spec: Path, dense: str, count: int, shard_size: int,
+            timers: Timers) -> dict[str, Any]:
     import indexer
     from indexer import IndexJob
 
-    timers.seconds.clear()
-    started = time.perf_counter()
+    timers.clear()
+    load = os.getloadavg()[0]
+    started, cpu = time.perf_counter(), time.process_time()
     summary = indexer.run(IndexJob(folder, out, model=str(spec), embeddings=True, batch_size=2048,
-                                   dense=dense, overwrite=out.exists()), progress=False)
-    seconds = time.perf_counter() - started
-    timers.seconds["other (items, spool, journal, CSR, publish)"] = seconds - sum(timers.seconds.values())
-    return {"dense": dense, "documents": summary.indexed, "seconds": round(seconds, 1),
-            "documents_per_s": round(count / seconds), "steps_s": {k: round(v, 1) for k, v in timers.seconds.items()}}
+                                   shard_size=shard_size, dense=dense, overwrite=out.exists()), progress=False)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    other = "other (items, spool, journal, publish)"
+    timers.seconds[other] = seconds - sum(timers.seconds.values())
+    timers.cpu[other] = cpu - sum(timers.cpu.values())
+    return {"dense": dense, "documents": summary.indexed, "shards": len(summary.manifest.shards),
+            "seconds": round(seconds, 1), "documents_per_s": round(count / seconds),
+            "cpu_s": round(cpu, 1), "cpu_ms_per_document": round(1000 * cpu / count, 3),
+            "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],  # at the start and the end
+            "steps_s": {k: round(v, 1) for k, v in timers.seconds.items()},
+            "steps_cpu_s": {k: round(v, 1) for k, v in timers.cpu.items()}}
 
 
 def warm(spec: Path, work: Path) -> float:
@@ -184,9 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--dense", nargs="+", default=["hnsw", "ivfpq"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/emb-bench"))
+    parser.add_argument("--shard-size", type=int, default=None, help="documents per shard (default: all in one)")
     args = parser.parse_args(argv)
-    import os
-
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("STAIR_DATA", str(args.work / "data"))
     spec = model_spec(args.work)
@@ -198,10 +223,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["jobs"] = []
     for dense in args.dense:
         out = args.work / f"index-{args.count}-{dense}"
-        report["jobs"].append(run_job(folder, out, spec, dense, args.count, timers))
+        report["jobs"].append(run_job(folder, out, spec, dense, args.count, args.shard_size or args.count, timers))
         report["jobs"][-1]["query_p50_ms"] = query_p50(out, spec)
         print(json.dumps(report["jobs"][-1]), flush=True)  # each job's figures as soon as they are known
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    report["cores"] = os.cpu_count()
     print(json.dumps(report, indent=2))
     return report
 

@@ -185,14 +185,7 @@ def test_dropping_an_image_searches_with_it(page):
     page.fill("#k", "4")
     page.select_option("#index", "shapes")
     page.select_option("#mode", "dense")
-    data = base64.b64encode(png_bytes(draw_shape("yellow", "triangle"))).decode()
-    page.evaluate("""data => {
-        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
-        const transfer = new DataTransfer();
-        transfer.items.add(new File([bytes], "query.png", { type: "image/png" }));
-        const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true });
-        document.getElementById("dropzone").dispatchEvent(drop);
-    }""", data)
+    drop_image(page, draw_shape("yellow", "triangle"))
     page.wait_for_function("() => document.querySelector('.hit')?.dataset.id === 'yellow/triangle'")
     wait_for_thumbnails(page, 4)
     assert "yellow/triangle" not in missing_thumbnails(page)

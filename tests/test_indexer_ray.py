@@ -3,7 +3,9 @@ runner.
 
 The Ray job runs in its own process, as `stair-search index --runner ray` does: in one long-lived process,
 Lucene calls after a ray.init + ray.shutdown crashed it with SIGSEGV (the JVM handles SIGSEGV itself for its
-null checks, and Ray installs and restores signal handlers around its lifetime)."""
+null checks, and Ray installs and restores signal handlers around its lifetime). It starts a Ray instance of its own
+(``address="local"``): a bare ``ray.init()`` joins the cluster /tmp/ray names as the latest, such as one another
+test or process on this machine is running."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import sys
 import ray
 import indexer
 from indexer import IndexJob
-ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, never another's
 job = IndexJob(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=4, shard_size=8, workers=0, runner="ray")
 summary = indexer.run(job, progress=False)
 print(summary.describe())

@@ -51,8 +51,11 @@ class FirstRun(NamedTuple):
 
 @pytest.fixture(scope="module")
 def foreign_clip(tmp_path_factory) -> Path:
-    """A config for an open_clip CLIP with its weights in a local open_clip checkpoint file, no STAIR heads."""
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+    """A config for an open_clip CLIP with its weights in a local open_clip checkpoint file, no STAIR heads: the
+    same weights in every run, whatever ran before in this process (the alignment tests' margins depend on them)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,11 @@ system-test-deps:
 lint: install-test system-test-deps
 	$(BIN)/ruff check .
 
+# Two pytest workers (pytest-xdist; a file's tests stay in one worker, so its module fixtures are built once),
+# then the Ray cluster tests alone: they check serving under load, and share the cores with no other test.
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not cluster" --durations=15
+	$(BIN)/python -m pytest -q -m cluster --durations=5
 
 bench: install
 	$(BIN)/python benchmarks/encoder_throughput.py

@@ -32,6 +32,7 @@ from tests.test_golden import BACKGROUNDS, DELETED, SHAPES, build_index, differe
 from tests.test_indexer_jobs import draw_images
 
 pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.cluster  # make test runs these alone, after the rest: they check serving under load
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8765
 COLOURS = ("red", "green", "blue", "yellow")

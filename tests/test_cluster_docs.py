@@ -26,6 +26,7 @@ from tests.test_cluster import UNSHARE, can_unshare
 from tests.test_golden import BACKGROUNDS, SHAPES, build_index, differences
 
 pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.cluster  # make test runs these alone, after the rest: they check serving under load
 ROOT = Path(__file__).resolve().parents[1]
 BODIES = [{"query": "green square", "mode": "hybrid", "k": 6}, {"query": "pot", "mode": "sparse", "k": 5},
           {"query": "square", "mode": "text", "k": 4}, {"query": "a red circle", "mode": "dense", "k": 5,
